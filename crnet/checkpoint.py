@@ -1,0 +1,54 @@
+"""Checkpoint files: written atomically (temporary file, then rename), read with weights_only=True."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from crnet.config import ModelConfig
+from crnet.errors import CheckpointError
+from crnet.model.crnet import CRNet, build_model
+
+FORMAT = "crnet-checkpoint-1"
+
+
+def save_atomic(state: dict, path: str | Path) -> Path:
+    """torch.save to a temporary sibling, fsync, then rename over `path`: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as file:
+        torch.save({"format": FORMAT, **state}, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    return path
+
+
+def load(path: str | Path) -> dict:
+    """A checkpoint dict; CheckpointError when the file is missing, corrupt or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt zips and foreign pickles raise many different types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a crnet checkpoint")
+    return state
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> CRNet:
+    """The model stored in a checkpoint, in eval mode."""
+    state = load(path)
+    try:
+        model = build_model(ModelConfig.from_dict(state["model_config"]))
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{path} does not match its model config: {reason}") from None
+    return model.to(device).eval()

@@ -1,0 +1,237 @@
+"""`crnet` command line: synth, train, eval, demo. User errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from crnet.errors import CRNetError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="CRNet few-shot segmentation: train, evaluate, demo.",
+)
+
+DEFAULT_DATA = Path.home() / ".cache" / "crnet" / "synthetic"
+DataOption = Annotated[
+    Path | None, typer.Option("--data", help="VOC-layout root (default: the built-in benchmark)")
+]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
+
+
+def data_root(path: Path | None) -> Path:
+    """The given root, or the built-in benchmark (generated on first use)."""
+    if path is not None:
+        return path
+    from crnet.data import synthetic
+
+    typer.echo(f"using the built-in benchmark at {DEFAULT_DATA}", err=True)
+    return synthetic.ensure(DEFAULT_DATA)
+
+
+def write_json(values: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2) + "\n")
+    typer.echo(f"wrote {path}", err=True)
+
+
+@app.command()
+def synth(
+    root: Annotated[Path, typer.Argument(help="where to write the benchmark")] = DEFAULT_DATA,
+    seed: int = 0,
+    train_per_class: int = 120,
+    val_per_class: int = 60,
+    image_size: int = 128,
+) -> None:
+    """Generate the built-in few-shot benchmark (20 classes, 4 folds, VOC layout)."""
+    from crnet.data import synthetic
+
+    synthetic.ensure(
+        root, seed=seed, train_per_class=train_per_class, val_per_class=val_per_class, image_size=image_size
+    )
+    typer.echo(f"benchmark ready at {root}")
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="run directory: last.pt, model.pt, metrics.jsonl")],
+    preset: Annotated[str, typer.Option(help="model preset: tiny or r50")] = "tiny",
+    data: DataOption = None,
+    fold: int = 0,
+    steps: int = 2000,
+    batch_size: int = 8,
+    lr: float = 2.5e-3,
+    seed: int = 0,
+    checkpoint_every: int = 200,
+    workers: int = 1,
+    backbone_weights: Annotated[
+        Path | None, typer.Option(help="torchvision resnet50 state-dict file")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
+    device: DeviceOption = "auto",
+    progress: ProgressOption = True,
+) -> None:
+    """Episodic training on the base classes of a fold (DDP when launched by torchrun)."""
+    from crnet.config import TrainConfig
+    from crnet.config import preset as model_preset
+    from crnet.device import resolve_device
+    from crnet.train import train as run_training
+
+    try:
+        model_config = model_preset(preset)
+    except ValueError as error:
+        raise CRNetError(str(error)) from None
+    config = TrainConfig(
+        fold=fold,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        workers=workers,
+    )
+    if model_config.name == "r50" and backbone_weights is None:
+        typer.echo("warning: r50 without --backbone-weights freezes a randomly initialised trunk", err=True)
+    resolved = resolve_device(device)
+    final = run_training(
+        model_config,
+        config,
+        data_root(data),
+        out,
+        backbone_weights=backbone_weights,
+        resume=resume,
+        device=None if device == "auto" else str(resolved),
+        progress=progress,
+    )
+    typer.echo(f"saved {final}")
+
+
+@app.command("eval")
+def evaluate_command(
+    checkpoint: Annotated[Path, typer.Argument(help="model checkpoint (model.pt or last.pt)")],
+    data: DataOption = None,
+    fold: int | None = typer.Option(None, help="fold to test (default: the fold it was trained on)"),
+    shots: int = 1,
+    strategy: Annotated[str, typer.Option(help="k-shot strategy: average or finetune")] = "average",
+    episodes: int = 1000,
+    seed: int = 0,
+    iterations: int | None = typer.Option(None, help="refinement iterations (default: the model's T)"),
+    batch_size: int = 16,
+    finetune_steps: int = 10,
+    finetune_lr: float = 1e-3,
+    baseline: Annotated[bool, typer.Option(help="also run the training-free prototype baseline")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="where to write the results")] = None,
+    device: DeviceOption = "auto",
+    progress: ProgressOption = True,
+) -> None:
+    """mIoU and FB-IoU on the novel classes of a fold, on fixed seeded episodes."""
+    from crnet import checkpoint as checkpoints
+    from crnet.device import resolve_device
+    from crnet.evaluate import CRNetPredictor, PrototypeBaseline, evaluate
+
+    resolved = resolve_device(device)
+    model = checkpoints.load_model(checkpoint, resolved)
+    stored = checkpoints.load(checkpoint).get("train_config", {})
+    fold = stored.get("fold", 0) if fold is None else fold
+    root = data_root(data)
+    common = dict(
+        fold=fold,
+        shots=shots,
+        input_size=model.config.input_size,
+        episodes=episodes,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    predictor = CRNetPredictor(model, resolved, strategy, iterations, finetune_steps, finetune_lr)
+    results = [
+        {"method": "crnet", "strategy": strategy if shots > 1 else "-", **evaluate(predictor, root, **common)}
+    ]
+    if baseline:
+        import torch
+
+        from crnet.model.crnet import build_model
+
+        torch.manual_seed(0)
+        untrained = build_model(model.config).to(resolved)
+        results.append(
+            {
+                "method": "prototype baseline (untrained)",
+                "strategy": "average" if shots > 1 else "-",
+                **evaluate(PrototypeBaseline(untrained, resolved), root, **common),
+            }
+        )
+    print_results(results)
+    suffix = f"fold{fold}_{shots}shot" + (f"_{strategy}" if shots > 1 else "")
+    write_json(
+        {"checkpoint": str(checkpoint), "data": str(root), "results": results},
+        json_out or checkpoint.parent / f"eval_{suffix}.json",
+    )
+
+
+def print_results(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="few-shot segmentation (novel classes)")
+    for column in ("method", "fold", "shots", "k-shot", "episodes", "mIoU", "FB-IoU", "seconds"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in results:
+        table.add_row(
+            r["method"],
+            str(r["fold"]),
+            str(r["shots"]),
+            r["strategy"],
+            str(r["episodes"]),
+            f"{r['miou']:.1f}",
+            f"{r['fbiou']:.1f}",
+            f"{r['seconds']:.0f}",
+        )
+    Console().print(table)
+
+
+@app.command()
+def demo(
+    checkpoint: Annotated[Path, typer.Option(help="trained tiny model; trained here when missing")] = Path(
+        "checkpoints/tiny_fold0.pt"
+    ),
+    out: Annotated[Path, typer.Option(help="where results, pictures and a fresh training run go")] = Path(
+        "runs/demo"
+    ),
+    data: DataOption = None,
+    episodes: int = 1000,
+    device: DeviceOption = "auto",
+    progress: ProgressOption = True,
+) -> None:
+    """Built-in benchmark end to end: trained tiny model, fold-0 evaluation, episode pictures, table."""
+    from crnet.demo import run_demo
+    from crnet.device import resolve_device
+
+    results, picture = run_demo(checkpoint, out, data_root(data), episodes, resolve_device(device), progress)
+    print_results(results)
+    typer.echo(f"episodes drawn in {picture}")
+
+
+def main() -> None:
+    try:
+        app()
+    except CRNetError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except OSError as error:  # unwritable output directories, full disks
+        typer.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Model and training configuration: frozen dataclasses and named presets.
+
+`r50` is the paper's model (ResNet-50, 321x321 input, 256 feature channels). `tiny` keeps the architecture
+but narrows the encoder and shrinks the input so that it trains on two CPU cores in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str
+    input_size: int  # square input side; features are at output stride 8
+    width: int  # ResNet base width: 64 is ResNet-50
+    blocks: tuple[int, int, int]  # bottleneck blocks in layer1..layer3
+    channels: int  # feature channels after the encoder neck and in every head module
+    aspp_dilations: tuple[int, int, int] = (6, 12, 18)
+    iterations: int = 5  # refinement iterations T at test time
+    dropout: float = 0.5
+    train_backbone: bool = False  # False: ResNet through layer3 frozen, BatchNorm in eval mode
+
+    def replace(self, **changes) -> ModelConfig:
+        """A copy with some fields changed; unknown field names raise TypeError."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the feature map for the configured input (stem /4, layer2 /2, layer3 dilated)."""
+        side = (self.input_size + 1) // 2  # conv1, stride 2, padding 3
+        side = (side + 1) // 2  # max-pool, stride 2, padding 1
+        return (side + 1) // 2  # layer2, stride 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        values = dict(values)
+        for key in ("blocks", "aspp_dilations"):
+            values[key] = tuple(values[key])
+        return cls(**values)
+
+
+R50 = ModelConfig(name="r50", input_size=321, width=64, blocks=(3, 4, 6), channels=256)
+# Trained from scratch (no ImageNet weights exist for this width), so its backbone is trainable.
+TINY = ModelConfig(name="tiny", input_size=129, width=16, blocks=(3, 4, 6), channels=64, train_backbone=True)
+
+
+def preset(name: str) -> ModelConfig:
+    """The named model preset: "r50" (the paper) or "tiny" (CPU-sized)."""
+    match name:
+        case "r50":
+            return R50
+        case "tiny":
+            return TINY
+    raise ValueError(f"unknown preset {name!r}; choose 'r50' or 'tiny'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    fold: int = 0
+    shots: int = 1
+    steps: int = 2000
+    batch_size: int = 8  # episodes per step (per process under DDP)
+    lr: float = 2.5e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    reset_probability: float = 0.3  # chance that the cached previous prediction is replaced by zeros
+    flip: bool = True  # random horizontal flips
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 200
+    workers: int = 1
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        return cls(**values)

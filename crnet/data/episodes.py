@@ -1,0 +1,170 @@
+"""Few-shot episodes: which images form an episode, and the tensors a model sees.
+
+An episode is (class c, query image, k support images of c); masks are binary for c with the ignore label
+kept: 1 = class c, 0 = anything else, 255 = ignore. Episode i depends only on (seed, i), so a fixed test set
+is the same for every model and a resumed training run draws the same episodes it would have drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from crnet.config import IMAGENET_MEAN, IMAGENET_STD
+from crnet.data.pascal import IGNORE_LABEL, VOCTree
+from crnet.errors import DataError
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    class_id: int
+    query: str
+    supports: tuple[str, ...]
+    query_flip: bool = False
+    support_flips: tuple[bool, ...] = ()
+
+
+class SampleIndex:
+    """The (image, class) pairs of a split restricted to some classes, grouped by class."""
+
+    def __init__(self, tree: VOCTree, split: str, classes: Sequence[int], min_pixels: int = 1):
+        self.pairs = tree.samples(split, tuple(classes), min_pixels)
+        self.position = {pair: i for i, pair in enumerate(self.pairs)}
+        self.images = {c: [image for image, pc in self.pairs if pc == c] for c in classes}
+        thin = [c for c, images in self.images.items() if len(images) < 2]
+        if thin:
+            raise DataError(
+                f"{tree.root} ({split}) has fewer than 2 images of classes {thin}: "
+                "an episode needs a query and a different support"
+            )
+
+    def draw(
+        self,
+        rng: np.random.Generator,
+        class_id: int,
+        shots: int,
+        query: str | None = None,
+        flips: bool = False,
+    ) -> EpisodeSpec:
+        images = self.images[class_id]
+        if query is None:
+            query = images[rng.integers(len(images))]
+        others = [image for image in images if image != query]
+        chosen = rng.choice(len(others), size=shots, replace=len(others) < shots)
+        supports = tuple(others[i] for i in chosen)
+        flip = rng.random(shots + 1) < 0.5 if flips else np.zeros(shots + 1, dtype=bool)
+        return EpisodeSpec(class_id, query, supports, bool(flip[0]), tuple(bool(f) for f in flip[1:]))
+
+
+def fixed_episodes(index: SampleIndex, shots: int, count: int = 1000, seed: int = 0) -> list[EpisodeSpec]:
+    """The fixed evaluation episodes: query (image, class) pairs drawn uniformly, then k other supports."""
+    episodes = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        query, class_id = index.pairs[rng.integers(len(index.pairs))]
+        episodes.append(index.draw(rng, class_id, shots, query=query))
+    return episodes
+
+
+class TrainingEpisodes(Sequence):
+    """An unbounded stream of training episodes: class uniform over the base classes, random flips."""
+
+    def __init__(self, index: SampleIndex, shots: int, seed: int, flips: bool = True, length: int = 2**62):
+        self.index, self.shots, self.seed, self.flips, self.length = index, shots, seed, flips, length
+        self.classes = sorted(index.images)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> EpisodeSpec:
+        rng = np.random.default_rng([self.seed, i])
+        class_id = self.classes[rng.integers(len(self.classes))]
+        return self.index.draw(rng, class_id, self.shots, flips=self.flips)
+
+
+def binary_mask(label: np.ndarray, class_id: int) -> np.ndarray:
+    """1 where the label is the class, 255 where it is ignored, 0 elsewhere."""
+    mask = (label == class_id).astype(np.uint8)
+    mask[label == IGNORE_LABEL] = IGNORE_LABEL
+    return mask
+
+
+def to_model_input(image: np.ndarray, mask: np.ndarray | None, size: int, flip: bool = False):
+    """Resize to size x size (bilinear image, nearest mask), optionally flip, normalise like ImageNet."""
+    pil = Image.fromarray(image).resize((size, size), Image.BILINEAR)
+    array = np.asarray(pil, dtype=np.float32) / 255.0
+    if flip:
+        array = array[:, ::-1]
+    tensor = torch.from_numpy((array - IMAGENET_MEAN) / IMAGENET_STD).permute(2, 0, 1).float().contiguous()
+    if mask is None:
+        return tensor, None
+    resized = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+    if flip:
+        resized = resized[:, ::-1]
+    return tensor, torch.from_numpy(resized.astype(np.int64))
+
+
+class EpisodeDataset(Dataset):
+    """Tensors for episode specs. With `keep_original`, also the query's binary label at full resolution."""
+
+    def __init__(
+        self,
+        tree: VOCTree,
+        index: SampleIndex,
+        specs: Sequence[EpisodeSpec],
+        input_size: int,
+        keep_original: bool = False,
+    ):
+        self.tree, self.index, self.specs = tree, index, specs
+        self.input_size, self.keep_original = input_size, keep_original
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, i: int) -> dict:
+        spec = self.specs[i]
+        image, label = self.tree.load(spec.query)
+        query_mask = binary_mask(label, spec.class_id)
+        query_image, query_target = to_model_input(image, query_mask, self.input_size, spec.query_flip)
+        flips = spec.support_flips or (False,) * len(spec.supports)
+        support_images, support_masks = [], []
+        for support, flip in zip(spec.supports, flips, strict=True):
+            image, label = self.tree.load(support)
+            tensor, mask = to_model_input(image, binary_mask(label, spec.class_id), self.input_size, flip)
+            support_images.append(tensor)
+            support_masks.append(mask)
+        item = {
+            "query_image": query_image,
+            "query_mask": query_target,
+            "support_images": torch.stack(support_images),
+            "support_masks": torch.stack(support_masks),
+            "class_id": spec.class_id,
+            "query_index": self.index.position.get((spec.query, spec.class_id), -1),
+            "support_index": torch.tensor(
+                [self.index.position.get((s, spec.class_id), -1) for s in spec.supports]
+            ),
+            "query_flip": spec.query_flip,
+            "support_flips": torch.tensor(flips),
+        }
+        if self.keep_original:
+            item["query_label"] = torch.from_numpy(query_mask)
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack every field; full-resolution labels differ in size, so they stay a list."""
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if key == "query_label":
+            batch[key] = values
+        elif isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = torch.tensor(values)
+    return batch

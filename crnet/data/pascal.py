@@ -1,0 +1,170 @@
+"""PASCAL-5i on a VOC2012 + SBD-aug tree: image access, label checks, and the per-class image index.
+
+Layout: JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png (class ids 0..20, 255 = ignore),
+ImageSets/Segmentation/{train_aug.txt | train.txt, val.txt}. The built-in synthetic benchmark writes the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from crnet.errors import ImageReadError, MaskError, NotAVOCTreeError
+
+NUM_CLASSES = 20
+NUM_FOLDS = 4
+IGNORE_LABEL = 255
+SPLIT_FILES = {"train": ("train_aug.txt", "train.txt"), "val": ("val.txt",)}
+INDEX_VERSION = 1
+
+
+def fold_classes(fold: int) -> tuple[int, ...]:
+    """The 5 novel (test) classes of PASCAL-5i fold i: 5i+1 .. 5i+5."""
+    if not 0 <= fold < NUM_FOLDS:
+        raise ValueError(f"fold must be in 0..{NUM_FOLDS - 1}, got {fold}")
+    per_fold = NUM_CLASSES // NUM_FOLDS
+    return tuple(range(fold * per_fold + 1, (fold + 1) * per_fold + 1))
+
+
+def base_classes(fold: int) -> tuple[int, ...]:
+    """The 15 training classes of fold i: every class that is not novel."""
+    novel = set(fold_classes(fold))
+    return tuple(c for c in range(1, NUM_CLASSES + 1) if c not in novel)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3); grayscale and RGBA are converted. Raises ImageReadError."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise ImageReadError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from None
+
+
+def read_label(path: Path) -> np.ndarray:
+    """Single-channel uint8 (H, W) label map, palette indices kept as they are. Raises ImageReadError."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P"):
+                raise MaskError(f"label {path} must be a single-channel 8-bit PNG, got mode {image.mode}")
+            return np.asarray(image, dtype=np.uint8)  # palette PNGs keep their indices
+    except FileNotFoundError:
+        raise ImageReadError(f"label not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ImageReadError(f"cannot read label {path}: {error}") from None
+
+
+def check_label(label: np.ndarray, path: Path, image_shape: tuple[int, int]) -> None:
+    """Labels must match their image's size and hold only class ids 0..20 or 255."""
+    if label.shape != image_shape:
+        raise MaskError(
+            f"label {path} is {label.shape[1]}x{label.shape[0]} but its image is "
+            f"{image_shape[1]}x{image_shape[0]}"
+        )
+    bad = np.setdiff1d(np.unique(label), np.r_[np.arange(NUM_CLASSES + 1), IGNORE_LABEL])
+    if bad.size:
+        raise MaskError(f"label {path} has values {bad[:5].tolist()} outside 0..{NUM_CLASSES} and 255")
+
+
+class VOCTree:
+    """A VOC-layout data root. Checks the layout on construction; reads and validates on access."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        missing = [
+            p
+            for p in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation")
+            if not (self.root / p).is_dir()
+        ]
+        if missing:
+            raise NotAVOCTreeError(f"{self.root} is not a VOC tree: missing {', '.join(missing)}/")
+        self._samples: dict[str, list[tuple[str, int]]] = {}
+
+    def split_file(self, split: str) -> Path:
+        if split not in SPLIT_FILES:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        for name in SPLIT_FILES[split]:
+            path = self.root / "ImageSets/Segmentation" / name
+            if path.is_file():
+                return path
+        raise NotAVOCTreeError(
+            f"{self.root} has no {' or '.join(SPLIT_FILES[split])} in ImageSets/Segmentation/"
+        )
+
+    def ids(self, split: str) -> list[str]:
+        lines = self.split_file(split).read_text().split()
+        return sorted(set(lines))
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def label_path(self, image_id: str) -> Path:
+        return self.root / "SegmentationClassAug" / f"{image_id}.png"
+
+    def load(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Image (H, W, 3) uint8 and its checked label map (H, W) uint8."""
+        image = read_image(self.image_path(image_id))
+        label = read_label(self.label_path(image_id))
+        check_label(label, self.label_path(image_id), image.shape[:2])
+        return image, label
+
+    def class_pixels(self, split: str) -> dict[str, dict[int, int]]:
+        """{image id: {class id: pixel count}} for the split, cached on disk after the first scan."""
+        return self._index(split)
+
+    def _index(self, split: str) -> dict[str, dict[int, int]]:
+        split_file = self.split_file(split)
+        stamp = f"{INDEX_VERSION}:{split_file.stat().st_size}:{split_file.stat().st_mtime_ns}"
+        cache = _index_cache_path(self.root, split)
+        if cache.is_file():
+            try:
+                stored = json.loads(cache.read_text())
+                if stored.get("stamp") == stamp:
+                    return {k: {int(c): n for c, n in v.items()} for k, v in stored["pixels"].items()}
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                pass  # a damaged cache is rebuilt
+        pixels = {}
+        for image_id in self.ids(split):
+            label = read_label(self.label_path(image_id))
+            values, counts = np.unique(label, return_counts=True)
+            pixels[image_id] = {
+                int(v): int(n) for v, n in zip(values, counts, strict=True) if 0 < v <= NUM_CLASSES
+            }
+        _write_atomic(cache, json.dumps({"stamp": stamp, "pixels": pixels}))
+        return pixels
+
+    def samples(self, split: str, classes: tuple[int, ...], min_pixels: int = 1) -> list[tuple[str, int]]:
+        """Sorted (image id, class) pairs of the split whose label has >= min_pixels of the class."""
+        key = f"{split}:{classes}:{min_pixels}"
+        if key not in self._samples:
+            wanted = set(classes)
+            self._samples[key] = sorted(
+                (image_id, c)
+                for image_id, counts in self._index(split).items()
+                for c, n in counts.items()
+                if c in wanted and n >= min_pixels
+            )
+        return self._samples[key]
+
+
+def _index_cache_path(root: Path, split: str) -> Path:
+    """Beside the data when the root is writable, else in the user's cache directory."""
+    if os.access(root, os.W_OK):
+        return root / f".crnet_index_{split}.json"
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crnet"
+    return base / f"index_{digest}_{split}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

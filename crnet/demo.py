@@ -1,0 +1,85 @@
+"""The demo on the built-in benchmark: trained tiny model -> fold-0 evaluation -> pictures -> table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from crnet import checkpoint as checkpoints
+from crnet.config import TINY, TrainConfig
+from crnet.data.episodes import EpisodeDataset, SampleIndex, collate, fixed_episodes
+from crnet.data.pascal import VOCTree, fold_classes
+from crnet.evaluate import CRNetPredictor, PrototypeBaseline, evaluate
+from crnet.model.crnet import CRNet, build_model, upsample
+from crnet.train import FINAL, train
+from crnet.visualize import denormalise, episode_sheet
+
+# The committed checkpoint checkpoints/tiny_fold0.pt is this recipe's result; `crnet train --out DIR`
+# with its defaults and --steps below reproduces it (docs/BENCHMARKS.md has the command).
+RECIPE = TrainConfig(fold=0, steps=2500, batch_size=8, seed=0)
+
+
+def trained_model(path: Path, out: Path, root: Path, device: torch.device, progress: bool) -> CRNet:
+    if path.is_file():
+        return checkpoints.load_model(path, device)
+    run = out / "train"
+    final = train(
+        TINY, RECIPE, root, run, resume=(run / "last.pt").exists(), device=str(device), progress=progress
+    )
+    return checkpoints.load_model(final if final.is_file() else run / FINAL, device)
+
+
+def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, count: int = 6) -> Path:
+    """A sheet of `count` novel-class episodes: support + mask, query + truth, query + prediction."""
+    tree = VOCTree(root)
+    index = SampleIndex(tree, "val", fold_classes(RECIPE.fold))
+    dataset = EpisodeDataset(tree, index, fixed_episodes(index, 1, count, seed=1), model.config.input_size)
+    batch = collate([dataset[i] for i in range(count)])
+    with torch.no_grad():
+        logits = CRNetPredictor(model, device)(batch)
+        prediction = upsample(logits.float().cpu(), batch["query_mask"].shape[-2:]).argmax(1)
+    rows = [
+        (
+            denormalise(batch["support_images"][i, 0]),
+            batch["support_masks"][i, 0].numpy(),
+            denormalise(batch["query_image"][i]),
+            batch["query_mask"][i].numpy(),
+            denormalise(batch["query_image"][i]),
+            prediction[i].numpy(),
+        )
+        for i in range(count)
+    ]
+    return episode_sheet(rows, ("support + mask", "query + truth", "query + CRNet"), path)
+
+
+def run_demo(
+    checkpoint: Path, out: Path, root: Path, episodes: int, device: torch.device, progress: bool
+) -> tuple[list[dict], Path]:
+    model = trained_model(checkpoint, out, root, device, progress)
+    common = dict(fold=RECIPE.fold, input_size=model.config.input_size, episodes=episodes, progress=progress)
+    torch.manual_seed(0)
+    untrained = build_model(model.config).to(device)
+    results = [
+        {
+            "method": "prototype baseline (untrained)",
+            "strategy": "-",
+            **evaluate(PrototypeBaseline(untrained, device), root, shots=1, **common),
+        },
+        {
+            "method": "crnet",
+            "strategy": "-",
+            **evaluate(CRNetPredictor(model, device), root, shots=1, **common),
+        },
+        {
+            "method": "crnet",
+            "strategy": "average",
+            **evaluate(CRNetPredictor(model, device), root, shots=5, **common),
+        },
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=2)
+    )
+    return results, draw_episodes(model, root, out / "episodes.png", device)

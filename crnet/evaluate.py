@@ -1,0 +1,204 @@
+"""PASCAL-5i evaluation: fixed seeded episodes on a fold's novel classes, mIoU and FB-IoU.
+
+mIoU: per class, intersection and union summed over all its episodes, then the mean over the fold's
+classes. FB-IoU: foreground and background IoU, each summed over all episodes, then their mean. Both are
+measured at the label's own resolution, with ignore pixels (255) left out.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from crnet.data.episodes import EpisodeDataset, SampleIndex, collate, fixed_episodes
+from crnet.data.pascal import IGNORE_LABEL, VOCTree, fold_classes
+from crnet.errors import CRNetError
+from crnet.model.condition import masked_average_pool
+from crnet.model.crnet import CRNet, upsample
+from crnet.train import episode_loss
+
+STRATEGIES = ("average", "finetune")
+Predictor = Callable[[dict], torch.Tensor]  # collated batch -> (B, 2, h, w) scores, argmax = mask
+
+
+class IoUMeter:
+    """Accumulates intersections and unions per class and for foreground/background."""
+
+    def __init__(self, classes: tuple[int, ...]):
+        self.classes = classes
+        self.intersection = dict.fromkeys(classes, 0)
+        self.union = dict.fromkeys(classes, 0)
+        self.fb_intersection = [0, 0]  # background, foreground
+        self.fb_union = [0, 0]
+
+    def update(self, prediction: torch.Tensor, label: torch.Tensor, class_id: int) -> None:
+        """prediction (H, W) bool foreground; label (H, W) with 0, 1 and 255."""
+        valid = label != IGNORE_LABEL
+        for value, predicted in ((0, ~prediction), (1, prediction)):
+            target = label == value
+            intersection = int((predicted & target).sum())
+            union = int(((predicted & valid) | target).sum())
+            self.fb_intersection[value] += intersection
+            self.fb_union[value] += union
+            if value == 1:
+                self.intersection[class_id] += intersection
+                self.union[class_id] += union
+
+    def result(self) -> dict:
+        per_class = {c: 100.0 * self.intersection[c] / self.union[c] for c in self.classes if self.union[c]}
+        fb = [100.0 * i / u for i, u in zip(self.fb_intersection, self.fb_union, strict=True) if u]
+        return {
+            "miou": sum(per_class.values()) / len(per_class) if per_class else float("nan"),
+            "fbiou": sum(fb) / len(fb) if fb else float("nan"),
+            "per_class": {str(c): round(v, 3) for c, v in per_class.items()},
+        }
+
+
+class CRNetPredictor:
+    """CRNet on a batch of k-shot episodes; `finetune` adapts the heads per episode on support pairs."""
+
+    def __init__(
+        self,
+        model: CRNet,
+        device: torch.device,
+        strategy: str = "average",
+        iterations: int | None = None,
+        finetune_steps: int = 10,
+        finetune_lr: float = 1e-3,
+    ):
+        if strategy not in STRATEGIES:
+            raise CRNetError(f"unknown k-shot strategy {strategy!r}; choose {' or '.join(STRATEGIES)}")
+        self.model, self.device, self.strategy = model.eval(), device, strategy
+        self.iterations = iterations or model.config.iterations
+        self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> torch.Tensor:
+        query = self.model.encode(batch["query_image"].to(self.device))
+        supports = batch["support_images"].to(self.device)
+        masks = batch["support_masks"].to(self.device)
+        support = self.model.encode(supports.flatten(0, 1)).unflatten(0, supports.shape[:2])
+        if self.strategy == "finetune" and supports.shape[1] >= 2:
+            return torch.cat(
+                [self._finetuned(query[i : i + 1], support[i], masks[i]) for i in range(len(query))]
+            )
+        return self.model.segment(query, self.model.prompt(support, masks), self.iterations)
+
+    def _finetuned(self, query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Fine-tune the modules after the encoder on every ordered support pair, predict, restore them."""
+        heads = [self.model.cross_reference, self.model.condition, self.model.refinement]
+        saved = [copy.deepcopy(module.state_dict()) for module in heads]
+        shots = len(support)
+        pairs = [(i, j) for i in range(shots) for j in range(shots) if i != j]
+        source = torch.tensor([i for i, _ in pairs], device=support.device)
+        target = torch.tensor([j for _, j in pairs], device=support.device)
+        parameters = [p for module in heads for p in module.parameters()]
+        optimizer = torch.optim.SGD(parameters, lr=self.finetune_lr, momentum=0.9)
+        query_previous = support_previous = None  # the training recipe: one step from the last prediction
+        try:
+            with torch.enable_grad():
+                for _ in range(self.finetune_steps):
+                    prediction = self.model.heads(
+                        support[target],
+                        support[source][:, None],
+                        masks[source][:, None],
+                        masks[target],
+                        iterations=1,
+                        query_previous=query_previous,
+                        support_previous=support_previous,
+                    )
+                    loss = episode_loss(prediction.query, masks[target]) + episode_loss(
+                        prediction.support.flatten(0, 1), masks[source]
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    query_previous = torch.softmax(prediction.query.detach(), 1)
+                    support_previous = torch.softmax(prediction.support.detach(), 2)
+            with torch.no_grad():
+                return self.model.segment(
+                    query, self.model.prompt(support[None], masks[None]), self.iterations
+                )
+        finally:
+            for module, state in zip(heads, saved, strict=True):
+                module.load_state_dict(state)
+
+
+class PrototypeBaseline:
+    """Training-free: cosine similarity of trunk features to foreground and background prototypes."""
+
+    def __init__(self, model: CRNet, device: torch.device):
+        self.trunk, self.device = model.encoder.trunk.eval(), device
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        layer2, layer3 = self.trunk(images.to(self.device))
+        return torch.cat([layer2, layer3], dim=1)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> torch.Tensor:
+        query = self.features(batch["query_image"])
+        supports = batch["support_images"]
+        support = self.features(supports.flatten(0, 1))
+        masks = batch["support_masks"].flatten(0, 1).to(self.device)
+        background = torch.where(masks == 0, 1, 0)  # ignore pixels belong to neither prototype
+        shape = (*supports.shape[:2], -1)
+        foreground_prototype = masked_average_pool(support, masks).view(shape).mean(1)
+        background_prototype = masked_average_pool(support, background).view(shape).mean(1)
+        scores = [
+            F.cosine_similarity(query, p[:, :, None, None], dim=1)
+            for p in (background_prototype, foreground_prototype)
+        ]
+        return torch.stack(scores, dim=1)
+
+
+def evaluate(
+    predictor: Predictor,
+    data_root: str | Path,
+    *,
+    fold: int,
+    shots: int = 1,
+    input_size: int,
+    episodes: int = 1000,
+    seed: int = 0,
+    batch_size: int = 16,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Run the predictor on the fold's fixed episodes; returns mIoU, FB-IoU and per-class IoU (percent)."""
+    if shots < 1:
+        raise CRNetError(f"shots must be >= 1, got {shots}")
+    if episodes < 1:
+        raise CRNetError(f"episodes must be >= 1, got {episodes}")
+    from tqdm import tqdm
+
+    tree = VOCTree(data_root)
+    classes = fold_classes(fold)
+    index = SampleIndex(tree, "val", classes)
+    dataset = EpisodeDataset(
+        tree, index, fixed_episodes(index, shots, episodes, seed), input_size, keep_original=True
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    meter = IoUMeter(classes)
+    started = time.perf_counter()
+    with tqdm(total=episodes, disable=not progress, desc="eval", unit="episode", dynamic_ncols=True) as bar:
+        for batch in loader:
+            scores = predictor(batch).float().cpu()
+            for i, label in enumerate(batch["query_label"]):
+                mask = upsample(scores[i : i + 1], tuple(label.shape)).argmax(1)[0].bool()
+                meter.update(mask, label, int(batch["class_id"][i]))
+            bar.update(len(batch["query_label"]))
+    seconds = time.perf_counter() - started
+    return {
+        "fold": fold,
+        "shots": shots,
+        "episodes": episodes,
+        "seed": seed,
+        **meter.result(),
+        "seconds": round(seconds, 2),
+    }

@@ -1,0 +1,1 @@
+"""CRNet modules: Siamese encoder, cross-reference, condition and refinement, assembled in `crnet.py`."""

@@ -1,0 +1,125 @@
+"""Siamese encoder: ResNet-50 through layer3 (layer3 dilated, output stride 8) plus a fusion neck.
+
+Module and parameter names follow torchvision's `resnet50`, so its ImageNet state dict loads as is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from crnet.config import ModelConfig
+from crnet.errors import CheckpointError
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride on the 3x3 conv), as in torchvision."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _layer(in_channels: int, width: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
+    # Like torchvision's replace_stride_with_dilation: the first block keeps the previous dilation (1).
+    layers = [Bottleneck(in_channels, width, stride, dilation=1)]
+    layers += [Bottleneck(width * 4, width, 1, dilation) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class ResNetTrunk(nn.Module):
+    """conv1 .. layer3 of a ResNet-50 of the given width; returns layer2 and layer3 features."""
+
+    def __init__(self, width: int, blocks: tuple[int, int, int]):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+        self.layer1 = _layer(width, width, blocks[0], stride=1, dilation=1)
+        self.layer2 = _layer(width * 4, width * 2, blocks[1], stride=2, dilation=1)
+        self.layer3 = _layer(width * 8, width * 4, blocks[2], stride=1, dilation=2)
+        self.out_channels = (width * 8, width * 16)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        # Zero-init the last BN of each block: a freshly built trunk starts as near-identity residuals,
+        # which is what lets the tiny preset train from scratch without normalisation drift.
+        for module in self.modules():
+            if isinstance(module, Bottleneck):
+                nn.init.zeros_(module.bn3.weight)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        layer2 = self.layer2(self.layer1(x))
+        return layer2, self.layer3(layer2)
+
+
+def load_torchvision_weights(trunk: ResNetTrunk, path: str | Path) -> None:
+    """Load a torchvision `resnet50` state dict file into the trunk (layer4 and fc are dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"backbone weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt file surfaces as many different unpickling errors
+        raise CheckpointError(f"cannot read backbone weights {path}: {error}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    state = {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
+    try:
+        trunk.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise CheckpointError(f"{path} is not a ResNet-50 of this width: {' '.join(first[:2])}") from None
+
+
+class Encoder(nn.Module):
+    """Shared by support and query: concat(layer2, layer3) -> 3x3 conv (dilation 2) -> ReLU -> Dropout."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.trunk = ResNetTrunk(config.width, config.blocks)
+        self.neck = nn.Sequential(
+            nn.Conv2d(sum(self.trunk.out_channels), config.channels, 3, padding=2, dilation=2),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(config.dropout),
+        )
+        self.frozen = not config.train_backbone
+        if self.frozen:
+            self.trunk.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Encoder:
+        super().train(mode)
+        if self.frozen:  # a frozen trunk keeps its ImageNet BatchNorm statistics
+            self.trunk.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        layer2, layer3 = self.trunk(images)
+        return self.neck(torch.cat([layer2, layer3], dim=1))

@@ -1,0 +1,42 @@
+"""Condition module: fuse an image's features with the other image's foreground prototype."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Keeps an empty mask's prototype at zero instead of 0/0 = NaN.
+MASK_EPSILON = 1e-5
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) labels {0, 1, 255} -> (N, 1, h, w) soft foreground weights; ignore counts as background."""
+    foreground = (mask == 1).unsqueeze(1).float()
+    return F.interpolate(foreground, size=size, mode="bilinear", align_corners=True)
+
+
+def masked_average_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the features under the mask: (N, C, h, w), (N, H, W) -> (N, C). Zero for an empty mask."""
+    weights = resize_mask(mask, features.shape[-2:]).to(features.dtype)
+    total = (features * weights).sum(dim=(2, 3))
+    return total / (weights.sum(dim=(2, 3)) + MASK_EPSILON)
+
+
+class Condition(nn.Module):
+    """Tile the prototype, concatenate with the features, 3x3 conv (dilation 2) to C, one residual block."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fuse = nn.Conv2d(2 * channels, channels, 3, padding=2, dilation=2)
+        self.residual = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, features: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
+        tiled = prototype[:, :, None, None].expand_as(features)
+        x = self.fuse(torch.cat([features, tiled], dim=1))
+        return x + self.residual(x)

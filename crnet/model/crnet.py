@@ -1,0 +1,148 @@
+"""CRNet: Siamese encoder -> cross-reference -> condition -> iterative refinement, for support and query.
+
+Inference is split at the support prompt: since the common vector c acts channel-wise,
+prototype(F_s * c) = c * prototype(F_s), so a query needs only two C-vectors per support set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crnet.config import ModelConfig
+from crnet.errors import NoSupportError
+from crnet.model.backbone import Encoder, load_torchvision_weights
+from crnet.model.condition import Condition, masked_average_pool
+from crnet.model.cross_reference import CrossReference
+from crnet.model.refinement import Refinement
+
+
+@dataclass(frozen=True)
+class SupportPrompt:
+    """What a query needs from its supports, averaged over the k shots."""
+
+    vector: torch.Tensor  # (B, C) support channel importance v_s
+    prototype: torch.Tensor  # (B, C) masked average of the support features (before reweighting by c)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Logits at feature resolution: query (B, 2, h, w); support (B, K, 2, h, w) in training, else None."""
+
+    query: torch.Tensor
+    support: torch.Tensor | None
+
+
+def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Feature-resolution logits -> image resolution (bilinear, corners aligned like the mask resize)."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+class CRNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.cross_reference = CrossReference(config.channels)
+        self.condition = Condition(config.channels)
+        self.refinement = Refinement(config.channels, config.aspp_dilations)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, C, h, w) features at output stride 8."""
+        return self.encoder(images)
+
+    def prompt(self, support_features: torch.Tensor, support_masks: torch.Tensor) -> SupportPrompt:
+        """(B, K, C, h, w) features and (B, K, H, W) masks {0, 1, 255} -> the k-shot support prompt."""
+        batch, shots = support_features.shape[:2]
+        if shots == 0:
+            raise NoSupportError("an episode needs at least one support image")
+        features = support_features.flatten(0, 1)
+        vector = self.cross_reference.support_vector(features).view(batch, shots, -1)
+        prototype = masked_average_pool(features, support_masks.flatten(0, 1)).view(batch, shots, -1)
+        return SupportPrompt(vector=vector.mean(1), prototype=prototype.mean(1))
+
+    def segment(
+        self,
+        query_features: torch.Tensor,
+        prompt: SupportPrompt,
+        iterations: int | None = None,
+        *,
+        output_size: tuple[int, int] | None = None,
+        previous: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Query features + support prompt -> (B, 2, h, w) logits, or at `output_size` when given."""
+        common = prompt.vector * self.cross_reference.query_vector(query_features)
+        x = self.condition(query_features * common[:, :, None, None], prompt.prototype * common)
+        logits = self.refinement(x, iterations or self.config.iterations, previous)
+        return logits if output_size is None else upsample(logits, output_size)
+
+    def forward(
+        self,
+        query_images: torch.Tensor,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_masks: torch.Tensor | None = None,
+        *,
+        iterations: int | None = None,
+        query_previous: torch.Tensor | None = None,
+        support_previous: torch.Tensor | None = None,
+    ) -> Prediction:
+        """One episode. With query masks (training) the supports are predicted too, conditioned on the query.
+
+        Shapes: query (B, 3, H, W), supports (B, K, 3, H, W), masks (B, K, H, W) and (B, H, W);
+        previous probabilities (B, 2, h, w) and (B, K, 2, h, w) seed the refinement (zeros when None).
+        """
+        batch, shots = support_images.shape[:2]
+        if shots == 0:
+            raise NoSupportError("an episode needs at least one support image")
+        query_features = self.encode(query_images)
+        support_features = self.encode(support_images.flatten(0, 1)).unflatten(0, (batch, shots))
+        return self.heads(
+            query_features,
+            support_features,
+            support_masks,
+            query_masks,
+            iterations=iterations,
+            query_previous=query_previous,
+            support_previous=support_previous,
+        )
+
+    def heads(
+        self,
+        query_features: torch.Tensor,
+        support_features: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_masks: torch.Tensor | None = None,
+        *,
+        iterations: int | None = None,
+        query_previous: torch.Tensor | None = None,
+        support_previous: torch.Tensor | None = None,
+    ) -> Prediction:
+        """`forward` after the encoder: everything k-shot fine-tuning updates."""
+        batch, shots = support_features.shape[:2]
+        prompt = self.prompt(support_features, support_masks)
+        query = self.segment(query_features, prompt, iterations, previous=query_previous)
+        if query_masks is None:
+            return Prediction(query=query, support=None)
+
+        # Support branch: each shot is segmented with the query as its support (the query mask exists).
+        flat_support = support_features.flatten(0, 1)
+        query_vector = self.cross_reference.query_vector(query_features).repeat_interleave(shots, 0)
+        common = self.cross_reference.support_vector(flat_support) * query_vector
+        query_prototype = masked_average_pool(query_features, query_masks).repeat_interleave(shots, 0)
+        x = self.condition(flat_support * common[:, :, None, None], query_prototype * common)
+        previous = None if support_previous is None else support_previous.flatten(0, 1)
+        support = self.refinement(x, iterations or self.config.iterations, previous)
+        return Prediction(query=query, support=support.unflatten(0, (batch, shots)))
+
+
+def build_model(config: ModelConfig, *, backbone_weights: str | Path | None = None) -> CRNet:
+    """A CRNet for the config; `backbone_weights` is a torchvision resnet50 state-dict file."""
+    model = CRNet(config)
+    if backbone_weights is not None:
+        load_torchvision_weights(model.encoder.trunk, backbone_weights)
+    return model

@@ -1,0 +1,66 @@
+"""Mask refinement: iterate y_t = softmax(classifier(ASPP(h(X, y_{t-1})))) from y_0 = 0."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResidualBranch(nn.Sequential):
+    """ReLU-conv3x3-ReLU-conv3x3: the branch of a residual block (the caller adds the skip)."""
+
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__(
+            nn.ReLU(),
+            nn.Conv2d(in_channels, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: image pooling, 1x1 and three dilated 3x3 branches, fused by a 1x1."""
+
+    def __init__(self, channels: int, dilations: tuple[int, int, int]):
+        super().__init__()
+        self.image_pool = nn.Conv2d(channels, channels, 1)
+        self.branches = nn.ModuleList(
+            [nn.Conv2d(channels, channels, 1)]
+            + [nn.Conv2d(channels, channels, 3, padding=d, dilation=d) for d in dilations]
+        )
+        self.project = nn.Conv2d(channels * (len(dilations) + 2), channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.relu(self.image_pool(x.mean(dim=(2, 3), keepdim=True))).expand_as(x)
+        outs = [pooled] + [F.relu(branch(x)) for branch in self.branches]
+        return F.relu(self.project(torch.cat(outs, dim=1)))
+
+
+class Refinement(nn.Module):
+    """h = X + R1([X, y]); h += R2(h); h += R3(h); logits = classifier(ASPP(h))."""
+
+    def __init__(self, channels: int, dilations: tuple[int, int, int]):
+        super().__init__()
+        self.feedback = ResidualBranch(channels + 2, channels)
+        self.residual2 = ResidualBranch(channels, channels)
+        self.residual3 = ResidualBranch(channels, channels)
+        self.aspp = ASPP(channels, dilations)
+        self.classifier = nn.Conv2d(channels, 2, 1)
+
+    def step(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """One iteration: conditioned features X and previous probabilities y (N, 2, h, w) -> logits."""
+        h = x + self.feedback(torch.cat([x, previous], dim=1))
+        h = h + self.residual2(h)
+        h = h + self.residual3(h)
+        return self.classifier(self.aspp(h))
+
+    def forward(self, x: torch.Tensor, iterations: int, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `iterations` steps from `previous` (zeros when None); returns the last logits."""
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        y = x.new_zeros(x.shape[0], 2, *x.shape[2:]) if previous is None else previous
+        for _ in range(iterations):
+            logits = self.step(x, y)
+            y = torch.softmax(logits, dim=1)
+        return logits

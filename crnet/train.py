@@ -1,0 +1,351 @@
+"""Episodic training on the base classes of a fold: poly LR, cached previous predictions, atomic
+checkpoints with exact resume, DDP when launched by torchrun.
+
+Previous-prediction cache (as in CaNet): each training (image, class) pair remembers the model's last
+foreground probability for it; the refinement is trained for one step from that cached prediction, or from
+zeros with probability `reset_probability`, so one step learns to improve any earlier mask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from crnet import checkpoint
+from crnet.config import ModelConfig, TrainConfig
+from crnet.data.episodes import EpisodeDataset, SampleIndex, TrainingEpisodes, collate
+from crnet.data.pascal import IGNORE_LABEL, VOCTree, base_classes
+from crnet.errors import CRNetError
+from crnet.model.crnet import build_model, upsample
+
+LAST = "last.pt"  # full training state, for resume
+FINAL = "model.pt"  # model only, for eval and export
+METRICS = "metrics.jsonl"
+
+
+class PredictionCache:
+    """Last foreground probability per training (image, class) pair, stored unflipped at feature size."""
+
+    def __init__(self, pairs: int, size: int):
+        self.probability = torch.zeros(pairs, size, size, dtype=torch.float16)
+        self.seen = torch.zeros(pairs, dtype=torch.bool)
+
+    def read(self, index: torch.Tensor, flip: torch.Tensor, reset: torch.Tensor) -> torch.Tensor:
+        """(N,) pair indices -> (N, 2, h, w) previous probabilities; zeros for unseen or reset pairs."""
+        foreground = self.probability[index].float()
+        foreground = torch.where(flip[:, None, None], foreground.flip(-1), foreground)
+        keep = (self.seen[index] & ~reset).float()[:, None, None]
+        foreground = foreground * keep
+        return torch.stack([(1 - foreground) * keep, foreground], dim=1)
+
+    def write(self, index: torch.Tensor, flip: torch.Tensor, logits: torch.Tensor) -> None:
+        foreground = torch.softmax(logits.detach().float(), dim=1)[:, 1].cpu()
+        foreground = torch.where(flip[:, None, None], foreground.flip(-1), foreground)
+        self.probability[index] = foreground.half()
+        self.seen[index] = True
+
+    def state_dict(self) -> dict:
+        return {"probability": self.probability, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.probability.copy_(state["probability"])
+        self.seen.copy_(state["seen"])
+
+
+def episode_indices(step: int, batch: int, rank: int, world: int) -> list[int]:
+    """Global episode indices of one step on one process: disjoint across processes and steps."""
+    start = (step * world + rank) * batch
+    return list(range(start, start + batch))
+
+
+class StepBatches:
+    """Batch sampler from a start step: resuming at step s draws exactly the batches s, s+1, ..."""
+
+    def __init__(self, start: int, steps: int, batch: int, rank: int, world: int):
+        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.steps):
+            yield episode_indices(step, self.batch, self.rank, self.world)
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+
+def poly_lr(config: TrainConfig, step: int) -> float:
+    return config.lr * (1 - step / config.steps) ** config.poly_power
+
+
+def episode_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at mask resolution, ignore label kept out. logits (N, 2, h, w), masks (N, H, W)."""
+    return F.cross_entropy(upsample(logits.float(), masks.shape[-2:]), masks, ignore_index=IGNORE_LABEL)
+
+
+def reset_flags(config: TrainConfig, indices: list[int], shots: int) -> torch.Tensor:
+    """Per episode (query, supports...) whether the cached prediction is replaced by zeros."""
+    draws = [np.random.default_rng([config.seed, i, 1]).random(shots + 1) for i in indices]
+    return torch.from_numpy(np.stack(draws) < config.reset_probability)
+
+
+class Distributed:
+    """Process group from torchrun's environment; a single process is world size 1."""
+
+    def __init__(self, device: str | None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.active = self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate a tensor from every rank in rank order (the tensor itself when single-process)."""
+        if not self.active:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def gather_objects(self, value) -> list:
+        if not self.active:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _check_same_run(stored: dict, model_config: ModelConfig, train_config: TrainConfig) -> None:
+    for name, given, saved in (
+        ("model", model_config.to_dict(), stored["model_config"]),
+        ("training", train_config.to_dict(), stored["train_config"]),
+    ):
+        saved = {k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()}
+        given = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
+        changed = sorted(k for k in set(given) | set(saved) if given.get(k) != saved.get(k))
+        if changed:
+            raise CRNetError(
+                f"cannot resume: the {name} settings differ from the checkpoint's ({', '.join(changed)})"
+            )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint, so a resumed run's log has no duplicate steps."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(
+    model_config: ModelConfig,
+    config: TrainConfig,
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    backbone_weights: str | Path | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train; returns the path of the final model checkpoint. Ctrl-C or SIGTERM saves before exiting."""
+    out_dir = Path(out_dir)
+    if not 0 <= config.reset_probability <= 1 or config.steps < 1 or config.batch_size < 1:
+        raise CRNetError("steps and batch size must be >= 1 and reset probability within [0, 1]")
+    if (out_dir / LAST).exists() and not resume:
+        raise CRNetError(f"{out_dir} already holds a run; pass --resume to continue it or pick another --out")
+    if resume and not (out_dir / LAST).exists():
+        raise CRNetError(f"nothing to resume: {out_dir / LAST} does not exist")
+    stored = checkpoint.load(out_dir / LAST) if resume else None
+    if stored is not None:
+        _check_same_run(stored, model_config, config)
+
+    group = Distributed(device)
+    tree = VOCTree(data_root)
+    index = SampleIndex(tree, "train", base_classes(config.fold))
+    episodes = TrainingEpisodes(index, config.shots, config.seed, config.flip)
+    dataset = EpisodeDataset(tree, index, episodes, model_config.input_size)
+
+    torch.manual_seed(config.seed)  # identical initial weights on every process
+    model = build_model(model_config, backbone_weights=backbone_weights).to(group.device)
+    cache = PredictionCache(len(index.pairs), model_config.feature_size)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    start = 0
+    if stored is not None:
+        model.load_state_dict(stored["model"])
+        optimizer.load_state_dict(stored["optimizer"])
+        cache.load_state_dict(stored["cache"])
+        torch.set_rng_state(stored["rng"][group.rank])
+        start = stored["step"]
+    else:
+        torch.manual_seed(config.seed + 1000 * group.rank)  # dropout differs across processes
+    network = model
+    if group.active:
+        network = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[group.device.index] if group.device.type == "cuda" else None
+        )
+
+    def save(step: int) -> None:
+        rng = group.gather_objects(torch.get_rng_state())
+        if group.main:
+            checkpoint.save_atomic(
+                {
+                    "model_config": model_config.to_dict(),
+                    "train_config": config.to_dict(),
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "cache": cache.state_dict(),
+                    "rng": rng,
+                },
+                out_dir / LAST,
+            )
+        group.barrier()
+
+    if group.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(out_dir / METRICS, start)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=StepBatches(start, config.steps, config.batch_size, group.rank, group.world),
+        num_workers=config.workers,
+        collate_fn=collate,
+        persistent_workers=False,
+        prefetch_factor=4 if config.workers else None,
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if group.device.type == "cuda" else nullcontext()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
+    step, window_start, window_episodes, losses = start, time.perf_counter(), 0, []
+    model.train()
+    bar = _progress(progress and group.main, start, config.steps)
+    try:
+        for batch in loader:
+            indices = episode_indices(step, config.batch_size, group.rank, group.world)
+            reset = reset_flags(config, indices, config.shots)
+            shots = config.shots
+            support_index = batch["support_index"].flatten()
+            support_flips = batch["support_flips"].flatten()
+            query_previous = cache.read(batch["query_index"], batch["query_flip"], reset[:, 0])
+            support_previous = cache.read(support_index, support_flips, reset[:, 1:].flatten())
+            support_previous = support_previous.unflatten(0, (-1, shots))
+            to = {"device": group.device, "non_blocking": True}
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = poly_lr(config, step)
+            with autocast:
+                prediction = network(
+                    batch["query_image"].to(**to),
+                    batch["support_images"].to(**to),
+                    batch["support_masks"].to(**to),
+                    batch["query_mask"].to(**to),
+                    iterations=1,
+                    query_previous=query_previous.to(**to),
+                    support_previous=support_previous.to(**to),
+                )
+            query_loss = episode_loss(prediction.query, batch["query_mask"].to(**to))
+            support_loss = episode_loss(
+                prediction.support.flatten(0, 1), batch["support_masks"].flatten(0, 1).to(**to)
+            )
+            loss = query_loss + support_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            # Every process applies every process's updates in rank order: the caches stay identical.
+            written = torch.cat([batch["query_index"], support_index]).to(group.device)
+            flips = torch.cat([batch["query_flip"], support_flips]).to(group.device, torch.uint8)
+            logits = torch.cat([prediction.query, prediction.support.flatten(0, 1)]).detach().float()
+            cache.write(group.gather(written).cpu(), group.gather(flips).cpu().bool(), group.gather(logits))
+            step += 1
+            losses.append((loss.item(), query_loss.item(), support_loss.item()))
+            window_episodes += config.batch_size * group.world
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                elapsed = time.perf_counter() - window_start
+                mean = np.mean(losses, axis=0)
+                record = {
+                    "step": step,
+                    "loss": round(float(mean[0]), 5),
+                    "query_loss": round(float(mean[1]), 5),
+                    "support_loss": round(float(mean[2]), 5),
+                    "lr": poly_lr(config, step - 1),
+                    "episodes_per_s": round(window_episodes / elapsed, 2),
+                    "time": time.time(),
+                }
+                if group.main:
+                    with open(out_dir / METRICS, "a") as log:
+                        log.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{mean[0]:.3f}", eps=f"{record['episodes_per_s']:.1f}")
+                window_start, window_episodes, losses = time.perf_counter(), 0, []
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                save(step)
+    except KeyboardInterrupt:
+        save(step)
+        bar.close()
+        raise CRNetError(
+            f"interrupted at step {step}/{config.steps}; saved {out_dir / LAST}, continue with --resume"
+        ) from None
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    bar.close()
+    save(step)
+    final = out_dir / FINAL
+    if group.main:
+        checkpoint.save_atomic(
+            {
+                "model_config": model_config.to_dict(),
+                "train_config": config.to_dict(),
+                "step": step,
+                "model": model.state_dict(),
+            },
+            final,
+        )
+    group.barrier()
+    group.close()
+    return final
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(enabled: bool, start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True
+    )
