@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -203,7 +204,7 @@ def train(
         model.load_state_dict(stored["model"])
         optimizer.load_state_dict(stored["optimizer"])
         cache.load_state_dict(stored["cache"])
-        torch.set_rng_state(stored["rng"][group.rank])
+        _set_rng_state(stored["rng"][group.rank], group.device)
         start = stored["step"]
     else:
         torch.manual_seed(config.seed + 1000 * group.rank)  # dropout differs across processes
@@ -213,8 +214,8 @@ def train(
             model, device_ids=[group.device.index] if group.device.type == "cuda" else None
         )
 
-    def save(step: int) -> None:
-        rng = group.gather_objects(torch.get_rng_state())
+    def save(step: int, rng_state: dict | None = None) -> None:
+        rng = group.gather_objects(rng_state or _rng_state(group.device))
         if group.main:
             checkpoint.save_atomic(
                 {
@@ -233,21 +234,25 @@ def train(
     if group.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(out_dir / METRICS, start)
+    # The loader gets its own generator: drawing worker seeds from the global one would shift dropout.
     loader = DataLoader(
         dataset,
         batch_sampler=StepBatches(start, config.steps, config.batch_size, group.rank, group.world),
         num_workers=config.workers,
+        generator=torch.Generator().manual_seed(config.seed),
         collate_fn=collate,
         persistent_workers=False,
         prefetch_factor=4 if config.workers else None,
     )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if group.device.type == "cuda" else nullcontext()
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
+    stop = _StopRequest()
     step, window_start, window_episodes, losses = start, time.perf_counter(), 0, []
     model.train()
     bar = _progress(progress and group.main, start, config.steps)
+    step_start = None  # (rng, buffers) while a step is under way: an interrupted step is redone from it
     try:
         for batch in loader:
+            step_start = (_rng_state(group.device), {k: b.clone() for k, b in model.named_buffers()})
             indices = episode_indices(step, config.batch_size, group.rank, group.world)
             reset = reset_flags(config, indices, config.shots)
             shots = config.shots
@@ -304,17 +309,28 @@ def train(
                         log.write(json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{mean[0]:.3f}", eps=f"{record['episodes_per_s']:.1f}")
                 window_start, window_episodes, losses = time.perf_counter(), 0, []
+            step_start = None
+            if stop.requested:
+                raise KeyboardInterrupt
             if step % config.checkpoint_every == 0 and step < config.steps:
                 save(step)
-    except KeyboardInterrupt:
-        save(step)
+    except (KeyboardInterrupt, RuntimeError) as error:
+        # Ctrl-C and SIGTERM also stop the loader workers, which can surface as a RuntimeError from the
+        # loader: either way the state after the last completed step is saved before leaving.
+        rng = None
+        if step_start is not None:  # a step was cut short: undo its BatchNorm statistics and RNG draws
+            rng, buffers = step_start
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+        save(step, rng)
         bar.close()
+        if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
+            raise
         raise CRNetError(
             f"interrupted at step {step}/{config.steps}; saved {out_dir / LAST}, continue with --resume"
         ) from None
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        stop.close()
     bar.close()
     save(step)
     final = out_dir / FINAL
@@ -333,14 +349,35 @@ def train(
     return final
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _in_main_thread() -> bool:
-    import threading
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
-    return threading.current_thread() is threading.main_thread()
+
+class _StopRequest:
+    """Ctrl-C and SIGTERM ask the loop to stop after the current step instead of killing it mid-step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._request)
+
+    def _request(self, number, frame) -> None:
+        self.requested = True
+
+    def close(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def _progress(enabled: bool, start: int, total: int):

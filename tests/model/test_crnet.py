@@ -1,0 +1,203 @@
+"""The model: shapes, checkpoint-key compatibility, gradient flow, prompt/segment equivalence, empty masks."""
+
+import pytest
+import torch
+
+from crnet.config import R50, TINY
+from crnet.errors import CheckpointError, NoSupportError
+from crnet.model.backbone import ResNetTrunk, load_torchvision_weights
+from crnet.model.condition import masked_average_pool
+from crnet.model.crnet import build_model
+
+# Small enough for a fast CPU test, same architecture as the presets.
+MICRO = TINY.replace(input_size=33, width=8, blocks=(1, 1, 1), channels=16)
+
+
+def episode(config, batch=2, shots=1, seed=0, empty=False):
+    generator = torch.Generator().manual_seed(seed)
+    size = config.input_size
+    query = torch.randn(batch, 3, size, size, generator=generator)
+    supports = torch.randn(batch, shots, 3, size, size, generator=generator)
+    masks = (torch.rand(batch, shots, size, size, generator=generator) > 0.6).long()
+    masks[..., :2, :] = 255  # an ignore band, as on VOC borders
+    if empty:
+        masks[masks == 1] = 0
+    query_masks = (torch.rand(batch, size, size, generator=generator) > 0.5).long()
+    return query, supports, masks, query_masks
+
+
+def torchvision_resnet50_keys(blocks=(3, 4, 6, 3)):
+    """The state-dict keys of torchvision's resnet50, written out from its layout."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = ["conv1.weight"] + [f"bn1.{k}" for k in bn]
+    for layer, count in enumerate(blocks, start=1):
+        for block in range(count):
+            prefix = f"layer{layer}.{block}"
+            for i in (1, 2, 3):
+                keys += [f"{prefix}.conv{i}.weight"] + [f"{prefix}.bn{i}.{k}" for k in bn]
+            if block == 0:
+                keys += [f"{prefix}.downsample.0.weight"] + [f"{prefix}.downsample.1.{k}" for k in bn]
+    return keys + ["fc.weight", "fc.bias"]
+
+
+def test_trunk_keys_are_torchvision_resnet50_through_layer3():
+    ours = set(ResNetTrunk(R50.width, R50.blocks).state_dict())
+    expected = {k for k in torchvision_resnet50_keys() if not k.startswith(("layer4.", "fc."))}
+    assert ours == expected
+
+
+def test_torchvision_weight_file_loads_and_drops_layer4(tmp_path):
+    trunk = ResNetTrunk(8, (1, 1, 1))
+    state = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in trunk.state_dict().items()}
+    state["layer4.0.conv1.weight"] = torch.zeros(1)
+    state["fc.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "resnet.pth")
+    fresh = ResNetTrunk(8, (1, 1, 1))
+    load_torchvision_weights(fresh, tmp_path / "resnet.pth")
+    assert all(torch.equal(fresh.state_dict()[k], state[k]) for k in fresh.state_dict())
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_bad_weight_files_raise_checkpoint_error(tmp_path, content):
+    path = tmp_path / "resnet.pth"
+    if content is None:  # a real file of the wrong width
+        torch.save(ResNetTrunk(16, (1, 1, 1)).state_dict(), path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError):
+        load_torchvision_weights(ResNetTrunk(8, (1, 1, 1)), path)
+
+
+@pytest.mark.parametrize("config", [MICRO, MICRO.replace(input_size=40), TINY], ids=["33", "40", "tiny"])
+def test_shapes(config):
+    model = build_model(config).eval()
+    query, supports, masks, query_masks = episode(config, batch=2, shots=2)
+    with torch.no_grad():
+        features = model.encode(query)
+        prediction = model(query, supports, masks, query_masks)
+    side = config.feature_size
+    assert features.shape == (2, config.channels, side, side)
+    assert prediction.query.shape == (2, 2, side, side)
+    assert prediction.support.shape == (2, 2, 2, side, side)
+    logits = model.segment(
+        features,
+        model.prompt(model.encode(supports.flatten(0, 1)).unflatten(0, (2, 2)), masks),
+        output_size=(config.input_size, config.input_size),
+    )
+    assert logits.shape == (2, 2, config.input_size, config.input_size)
+
+
+def test_r50_feature_shape_matches_the_paper():
+    model = build_model(R50).eval()
+    with torch.no_grad():
+        features = model.encode(torch.randn(1, 3, 321, 321))
+    assert features.shape == (1, 256, 41, 41) and R50.feature_size == 41
+
+
+@pytest.mark.parametrize("shots", [1, 3])
+def test_encode_prompt_segment_equals_forward_exactly(shots):
+    model = build_model(MICRO).eval()
+    query, supports, masks, _ = episode(MICRO, batch=2, shots=shots)
+    with torch.no_grad():
+        forward = model(query, supports, masks).query
+        support_features = model.encode(supports.flatten(0, 1)).unflatten(0, supports.shape[:2])
+        staged = model.segment(model.encode(query), model.prompt(support_features, masks))
+    assert torch.equal(forward, staged)
+
+
+def test_prompt_is_shared_by_many_queries():
+    """A prompt computed once serves a batch of queries exactly as per-query episodes do."""
+    model = build_model(MICRO).eval()
+    query, supports, masks, _ = episode(MICRO, batch=3, shots=1)
+    with torch.no_grad():
+        support_features = model.encode(supports[:1].flatten(0, 1)).unflatten(0, (1, 1))
+        prompt = model.prompt(support_features, masks[:1])
+        expanded = type(prompt)(prompt.vector.expand(3, -1), prompt.prototype.expand(3, -1))
+        many = model.segment(model.encode(query), expanded)
+        one = model(query[1:2], supports[:1], masks[:1]).query
+    torch.testing.assert_close(many[1:2], one, rtol=1e-5, atol=1e-5)  # batch size may change conv kernels
+
+
+def test_prototype_commutes_with_channel_reweighting():
+    """The deployment fact: prototype(F * c) == c * prototype(F), so the prompt can be cached."""
+    features = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    masks = (torch.rand(2, 17, 17) > 0.5).long()
+    common = torch.rand(2, 8, dtype=torch.float64)
+    left = masked_average_pool(features * common[:, :, None, None], masks)
+    torch.testing.assert_close(left, common * masked_average_pool(features, masks))
+
+
+def test_empty_support_mask_gives_zero_prototype_and_finite_logits():
+    model = build_model(MICRO).eval()
+    query, supports, masks, _ = episode(MICRO, empty=True)
+    assert not (masks == 1).any()
+    with torch.no_grad():
+        support_features = model.encode(supports.flatten(0, 1)).unflatten(0, supports.shape[:2])
+        prompt = model.prompt(support_features, masks)
+        logits = model(query, supports, masks).query
+    assert torch.equal(prompt.prototype, torch.zeros_like(prompt.prototype))
+    assert torch.isfinite(logits).all()
+
+
+def test_zero_supports_raise():
+    model = build_model(MICRO).eval()
+    query, supports, masks, _ = episode(MICRO)
+    with pytest.raises(NoSupportError):
+        model(query, supports[:, :0], masks[:, :0])
+
+
+def test_k_identical_shots_equal_one_shot():
+    model = build_model(MICRO).eval()
+    query, supports, masks, _ = episode(MICRO, batch=1)
+    with torch.no_grad():
+        one = model(query, supports, masks).query
+        three = model(query, supports.expand(-1, 3, -1, -1, -1), masks.expand(-1, 3, -1, -1)).query
+    torch.testing.assert_close(three, one, rtol=1e-5, atol=1e-5)  # mean of equal terms, float rounding
+
+
+def test_refinement_iterates_from_zeros():
+    model = build_model(MICRO).eval()
+    x = torch.randn(1, MICRO.channels, 5, 5)
+    y = torch.zeros(1, 2, 5, 5)
+    with torch.no_grad():
+        for _ in range(3):
+            logits = model.refinement.step(x, y)
+            y = torch.softmax(logits, dim=1)
+        assert torch.equal(model.refinement(x, 3), logits)
+        assert not torch.equal(model.refinement(x, 1), logits)
+    with pytest.raises(ValueError):
+        model.refinement(x, 0)
+
+
+def test_gradients_flow_only_where_they_should():
+    frozen = MICRO.replace(train_backbone=False)
+    model = build_model(frozen).train()
+    assert not model.encoder.trunk.training  # frozen trunk keeps BatchNorm in eval mode
+    query, supports, masks, query_masks = episode(frozen)
+    side = frozen.feature_size
+    previous = torch.rand(2, 2, side, side, requires_grad=True)
+    prediction = model(query, supports, masks, query_masks, iterations=1, query_previous=previous.detach())
+    (prediction.query.sum() + prediction.support.sum()).backward()
+    assert all(p.grad is None for p in model.encoder.trunk.parameters())
+    for module in (model.encoder.neck, model.cross_reference, model.condition, model.refinement):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert previous.grad is None
+    # BatchNorm statistics of a frozen trunk must not move in training mode.
+    before = model.encoder.trunk.bn1.running_mean.clone()
+    model(query, supports, masks, query_masks, iterations=1)
+    assert torch.equal(before, model.encoder.trunk.bn1.running_mean)
+
+
+def test_trainable_backbone_gets_gradients():
+    model = build_model(MICRO).train()
+    query, supports, masks, query_masks = episode(MICRO)
+    model(query, supports, masks, query_masks, iterations=1).query.sum().backward()
+    assert model.encoder.trunk.conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize("size", [33, 64, 97, 129, 321])
+def test_feature_size_formula(size):
+    trunk = ResNetTrunk(4, (1, 1, 1)).eval()
+    with torch.no_grad():
+        layer2, layer3 = trunk(torch.zeros(1, 3, size, size))
+    assert layer3.shape[-1] == layer2.shape[-1] == R50.replace(input_size=size).feature_size

@@ -1,0 +1,154 @@
+"""Training: loss goes down, exact resume after an interruption, DDP with two gloo processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crnet import checkpoint
+from crnet.config import TrainConfig
+from crnet.data.episodes import SampleIndex, TrainingEpisodes
+from crnet.data.pascal import VOCTree, base_classes
+from crnet.errors import CRNetError
+from crnet.train import LAST, METRICS, PredictionCache, episode_indices, train
+from tests.ddp_worker import MICRO
+
+CONFIG = TrainConfig(steps=6, batch_size=2, checkpoint_every=3, log_every=1, workers=0)
+
+
+def same_state(a, b) -> bool:
+    """Exact equality of nested checkpoint values (dicts, lists, tensors, numbers)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def straight_run(bench_root, tmp_path_factory):
+    return train(MICRO, CONFIG, bench_root, tmp_path_factory.mktemp("straight"), progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("how", ["signal", "mid-step"])
+def test_resume_after_interruption_continues_the_same_run(
+    bench_root, straight_run, tmp_path, monkeypatch, how
+):
+    """SIGINT stops after the current step; an exception inside step 5 undoes the step's side effects."""
+    import crnet.train as training
+
+    calls = {"n": 0}
+    real_loss = training.episode_loss
+
+    def interrupt(*args):
+        calls["n"] += 1
+        if how == "signal" and calls["n"] == 7:  # two losses per step: the 7th is in step 4
+            os.kill(os.getpid(), signal.SIGINT)
+        if how == "mid-step" and calls["n"] == 9:  # step 5, after its forward pass moved BatchNorm stats
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(training, "episode_loss", interrupt)
+    with pytest.raises(CRNetError, match="interrupted at step 4/6"):
+        train(MICRO, CONFIG, bench_root, tmp_path / "resumed", progress=False, device="cpu")
+    assert checkpoint.load(tmp_path / "resumed" / LAST)["step"] == 4
+    monkeypatch.setattr(training, "episode_loss", real_loss)
+    with pytest.raises(CRNetError, match="already holds a run"):
+        train(MICRO, CONFIG, bench_root, tmp_path / "resumed", progress=False, device="cpu")
+    with pytest.raises(CRNetError, match="settings differ"):
+        train(MICRO, CONFIG.replace(lr=1.0), bench_root, tmp_path / "resumed", resume=True, progress=False)
+    train(MICRO, CONFIG, bench_root, tmp_path / "resumed", resume=True, progress=False, device="cpu")
+
+    a = checkpoint.load(straight_run.parent / LAST)
+    b = checkpoint.load(tmp_path / "resumed" / LAST)
+    for key in ("model", "optimizer", "cache", "rng"):
+        assert same_state(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / METRICS).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_training_reduces_the_loss(bench_root, tmp_path):
+    config = CONFIG.replace(steps=40, batch_size=4, log_every=10, checkpoint_every=1000, lr=5e-3)
+    train(MICRO, config, bench_root, tmp_path, progress=False, device="cpu")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_prediction_cache_round_trip_with_flips():
+    cache = PredictionCache(pairs=3, size=4)
+    logits = torch.randn(2, 2, 4, 4)
+    index, flips = torch.tensor([0, 2]), torch.tensor([False, True])
+    none = torch.tensor([False, False])
+    assert torch.equal(cache.read(index, flips, none), torch.zeros(2, 2, 4, 4))  # unseen: zeros
+    cache.write(index, flips, logits)
+    read = cache.read(index, flips, none)
+    expected = torch.softmax(logits, 1)
+    torch.testing.assert_close(read, expected, atol=1e-3, rtol=0)  # stored as float16
+    assert torch.equal(cache.read(index, flips, torch.tensor([True, False]))[0], torch.zeros(2, 4, 4))
+    unflipped = cache.read(index, torch.tensor([False, False]), none)[1]
+    torch.testing.assert_close(unflipped, expected[1].flip(-1), atol=1e-3, rtol=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes(bench_root, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "tests.ddp_worker",
+        str(bench_root),
+        str(out),
+        "4",
+    ]
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = checkpoint.load(out / LAST)
+    assert state["step"] == 4 and len(state["rng"]) == 2
+
+    # Rank 1's cache updates reached rank 0's checkpoint: every pair either rank drew is marked seen.
+    tree = VOCTree(bench_root)
+    index = SampleIndex(tree, "train", base_classes(0))
+    episodes = TrainingEpisodes(index, 1, seed=0)
+    for rank in (0, 1):
+        for step in range(4):
+            for i in episode_indices(step, 2, rank, 2):
+                spec = episodes[i]
+                assert state["cache"]["seen"][index.position[(spec.query, spec.class_id)]]
+    # The two processes trained one model on twice the data: not what one process alone produces.
+    single = train(
+        MICRO,
+        TrainConfig(steps=4, batch_size=2, workers=0),
+        bench_root,
+        tmp_path / "single",
+        progress=False,
+        device="cpu",
+    )
+    ddp_weights = checkpoint.load(out / "model.pt")["model"]
+    single_weights = checkpoint.load(single)["model"]
+    assert not torch.equal(
+        ddp_weights["refinement.classifier.weight"], single_weights["refinement.classifier.weight"]
+    )
