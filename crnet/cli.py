@@ -221,7 +221,7 @@ def demo(
 
 def main() -> None:
     try:
-        app()
+        app(standalone_mode=False)
     except CRNetError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(2)
@@ -231,6 +231,17 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as error:
+        # Usage errors (unknown option, missing argument, bad value) come from typer's bundled click, whose
+        # exception classes are not public: recognise them by their interface.
+        if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
+            raise
+        if type(error).__name__ == "Abort":
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        if error.format_message():  # empty when the help was shown for a bare `crnet`
+            typer.echo(f"error: {error.format_message()}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
