@@ -34,9 +34,10 @@ def load(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt zips and foreign pickles raise many different types
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    except Exception:  # corrupt zips and foreign pickles raise many different types
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: damaged, or not a PyTorch weights file"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a crnet checkpoint")
     return state

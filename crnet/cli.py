@@ -67,7 +67,9 @@ def train(
     fold: int = 0,
     steps: int = 2000,
     batch_size: int = 8,
+    optimizer: Annotated[str, typer.Option(help="sgd or adamw")] = "sgd",
     lr: float = 2.5e-3,
+    weight_decay: float = 5e-4,
     seed: int = 0,
     checkpoint_every: int = 200,
     workers: int = 1,
@@ -88,15 +90,20 @@ def train(
         model_config = model_preset(preset)
     except ValueError as error:
         raise CRNetError(str(error)) from None
-    config = TrainConfig(
-        fold=fold,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        workers=workers,
-    )
+    try:
+        config = TrainConfig(
+            fold=fold,
+            steps=steps,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            workers=workers,
+        )
+    except ValueError as error:
+        raise CRNetError(str(error)) from None
     if model_config.name == "r50" and backbone_weights is None:
         typer.echo("warning: r50 without --backbone-weights freezes a randomly initialised trunk", err=True)
     resolved = resolve_device(device)
@@ -219,11 +226,19 @@ def demo(
     typer.echo(f"episodes drawn in {picture}")
 
 
+def one_line(error: Exception) -> str:
+    """The message itself: errors re-raised from DataLoader workers carry the worker's traceback."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]  # "crnet.errors.ImageReadError: cannot read ..."
+    return " ".join(lines)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
     except CRNetError as error:
-        typer.echo(f"error: {error}", err=True)
+        typer.echo(f"error: {one_line(error)}", err=True)
         sys.exit(2)
     except OSError as error:  # unwritable output directories, full disks
         typer.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)

@@ -68,6 +68,7 @@ class TrainConfig:
     shots: int = 1
     steps: int = 2000
     batch_size: int = 8  # episodes per step (per process under DDP)
+    optimizer: str = "sgd"  # "sgd" (the paper, frozen ImageNet trunk) or "adamw" (from-scratch tiny)
     lr: float = 2.5e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -78,6 +79,10 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 200
     workers: int = 1
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -39,6 +39,7 @@ class IoUMeter:
 
     def update(self, prediction: torch.Tensor, label: torch.Tensor, class_id: int) -> None:
         """prediction (H, W) bool foreground; label (H, W) with 0, 1 and 255."""
+        prediction = prediction.bool()  # `~` below must be logical, not bitwise
         valid = label != IGNORE_LABEL
         for value, predicted in ((0, ~prediction), (1, prediction)):
             target = label == value

@@ -84,6 +84,14 @@ class StepBatches:
         return self.steps - self.start
 
 
+def make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
 def poly_lr(config: TrainConfig, step: int) -> float:
     return config.lr * (1 - step / config.steps) ** config.poly_power
 
@@ -195,10 +203,7 @@ def train(
     torch.manual_seed(config.seed)  # identical initial weights on every process
     model = build_model(model_config, backbone_weights=backbone_weights).to(group.device)
     cache = PredictionCache(len(index.pairs), model_config.feature_size)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     start = 0
     if stored is not None:
         model.load_state_dict(stored["model"])

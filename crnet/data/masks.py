@@ -18,7 +18,9 @@ def check_binary_mask(
 ) -> None:
     """Raise MaskError unless the mask is image-sized with values in {0, 1, 255}, and
     EmptySupportMaskError when it marks no object pixel."""
-    mask = torch.as_tensor(np.asarray(mask))
+    # Tensors stay on their device; arrays are copied (np.array) because torch warns on read-only ones,
+    # and PIL-decoded masks are read-only.
+    mask = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.array(mask))
     if tuple(mask.shape) != tuple(image_shape):
         raise MaskError(f"{name} is {_size(mask.shape)} but its image is {_size(image_shape)}")
     values = torch.unique(mask).tolist()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from crnet.errors import ImageReadError, MaskError, NotAVOCTreeError
+from crnet.errors import CRNetError, ImageReadError, MaskError, NotAVOCTreeError
 
 NUM_CLASSES = 20
 NUM_FOLDS = 4
@@ -23,10 +23,14 @@ SPLIT_FILES = {"train": ("train_aug.txt", "train.txt"), "val": ("val.txt",)}
 INDEX_VERSION = 1
 
 
+class FoldError(CRNetError, ValueError):
+    """A fold outside 0..3: a user error the CLI reports in one line, and a ValueError for callers."""
+
+
 def fold_classes(fold: int) -> tuple[int, ...]:
     """The 5 novel (test) classes of PASCAL-5i fold i: 5i+1 .. 5i+5."""
     if not 0 <= fold < NUM_FOLDS:
-        raise ValueError(f"fold must be in 0..{NUM_FOLDS - 1}, got {fold}")
+        raise FoldError(f"fold must be in 0..{NUM_FOLDS - 1}, got {fold}")
     per_fold = NUM_CLASSES // NUM_FOLDS
     return tuple(range(fold * per_fold + 1, (fold + 1) * per_fold + 1))
 
@@ -44,7 +48,7 @@ def read_image(path: Path) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except FileNotFoundError:
         raise ImageReadError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"cannot read image {path}: {error}") from None
 
 
@@ -128,7 +132,7 @@ class VOCTree:
                 stored = json.loads(cache.read_text())
                 if stored.get("stamp") == stamp:
                     return {k: {int(c): n for c, n in v.items()} for k, v in stored["pixels"].items()}
-            except (json.JSONDecodeError, KeyError, AttributeError):
+            except (ValueError, KeyError, AttributeError, TypeError):  # ValueError: bad JSON, non-UTF-8
                 pass  # a damaged cache is rebuilt
         pixels = {}
         for image_id in self.ids(split):

@@ -85,8 +85,10 @@ def load_torchvision_weights(trunk: ResNetTrunk, path: str | Path) -> None:
         raise CheckpointError(f"backbone weights not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt file surfaces as many different unpickling errors
-        raise CheckpointError(f"cannot read backbone weights {path}: {error}") from None
+    except Exception:  # a corrupt file surfaces as many different unpickling errors
+        raise CheckpointError(
+            f"cannot read backbone weights {path}: damaged, or not a weights file"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -1,0 +1,396 @@
+"""PASCAL-5i on a VOC tree: folds, layout checks, split ids, the per-class index and its disk cache, and
+image/label validation on load. Compared against the hand-built tree in tests/fake_voc.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from crnet.data import pascal
+from crnet.data.pascal import VOCTree, base_classes, fold_classes
+from crnet.errors import CRNetError, DataError, ImageReadError, MaskError, NotAVOCTreeError
+from tests.fake_voc import BY_ID, IMAGES, TRUTH, ids, make_fake_voc, save_label, truth
+
+LAYOUT = ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation")
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root ignores file permission bits
+VAL_ID = "2008_000009"  # a 40x30 val image with classes 1, 2, 3 inside an ignore frame
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return make_fake_voc(tmp_path / "voc")
+
+
+def forbid_label_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(path):
+        raise AssertionError(f"label {path} was read although the index cache should have been used")
+
+    monkeypatch.setattr(pascal, "read_label", fail)
+
+
+def count_label_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    reads: list[Path] = []
+    original = pascal.read_label
+
+    def counting(path):
+        reads.append(path)
+        return original(path)
+
+    monkeypatch.setattr(pascal, "read_label", counting)
+    return reads
+
+
+# ---------------------------------------------------------------- folds
+
+
+@pytest.mark.parametrize("fold", range(4))
+def test_fold_classes(fold: int) -> None:
+    novel, base = fold_classes(fold), base_classes(fold)
+    assert novel == tuple(range(5 * fold + 1, 5 * fold + 6))
+    assert len(base) == 15 and not set(novel) & set(base)
+    assert sorted(novel + base) == list(range(1, 21))
+
+
+def test_folds_partition_the_classes() -> None:
+    novel = [c for fold in range(4) for c in fold_classes(fold)]
+    assert sorted(novel) == list(range(1, 21))  # every class is novel in exactly one fold
+
+
+@pytest.mark.parametrize("fold", [-1, 4, 10])
+@pytest.mark.parametrize("function", [fold_classes, base_classes])
+def test_bad_fold(function, fold: int) -> None:
+    # A CRNetError (so the CLI reports it in one line) that is still a ValueError for library callers.
+    with pytest.raises(ValueError, match="fold must be in 0..3") as error:
+        function(fold)
+    assert isinstance(error.value, CRNetError)
+
+
+# ---------------------------------------------------------------- layout and split ids
+
+
+def test_empty_dir_is_not_a_voc_tree(tmp_path: Path) -> None:
+    with pytest.raises(NotAVOCTreeError) as error:
+        VOCTree(tmp_path)
+    assert isinstance(error.value, DataError)
+    for part in LAYOUT:
+        assert part in str(error.value)
+
+
+@pytest.mark.parametrize("missing", LAYOUT)
+def test_missing_layout_part_is_named(root: Path, missing: str) -> None:
+    for path in sorted((root / missing).rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    (root / missing).rmdir()
+    with pytest.raises(NotAVOCTreeError) as error:
+        VOCTree(root)
+    message = str(error.value)
+    assert f"missing {missing}/" in message
+    assert all(other not in message for other in LAYOUT if other != missing)
+
+
+def test_a_file_is_not_a_voc_tree(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotAVOCTreeError):
+        VOCTree(tmp_path / "file")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_ids_sorted_and_unique(root: Path, split: str) -> None:
+    # The fake split files list ids in reverse order, train_aug.txt with one duplicate line.
+    assert VOCTree(root).ids(split) == ids(split)
+
+
+def test_train_falls_back_to_train_txt(tmp_path: Path) -> None:
+    root = make_fake_voc(tmp_path / "voc", train_file="train.txt")
+    assert not (root / "ImageSets/Segmentation/train_aug.txt").exists()
+    assert VOCTree(root).ids("train") == ids("train")
+    assert VOCTree(root).class_pixels("train") == truth("train")
+
+
+def test_train_aug_preferred_over_train_txt(root: Path) -> None:
+    (root / "ImageSets/Segmentation/train.txt").write_text(ids("train")[0] + "\n")
+    assert VOCTree(root).ids("train") == ids("train")
+
+
+@pytest.mark.parametrize("split, name", [("train", "train_aug.txt or train.txt"), ("val", "val.txt")])
+def test_missing_split_file(root: Path, split: str, name: str) -> None:
+    (root / "ImageSets/Segmentation" / ("train_aug.txt" if split == "train" else "val.txt")).unlink()
+    with pytest.raises(NotAVOCTreeError, match=name):
+        VOCTree(root).ids(split)
+
+
+def test_unknown_split(root: Path) -> None:
+    with pytest.raises(ValueError, match="split"):
+        VOCTree(root).ids("test")
+
+
+# ---------------------------------------------------------------- per-class index and its cache
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_class_pixels_match_the_hand_built_truth(root: Path, split: str) -> None:
+    pixels = VOCTree(root).class_pixels(split)
+    assert pixels == truth(split)
+    # Spot checks written out by hand: 10x8 + 6x5 + 4x4 rectangles; ignore frame and background not counted.
+    if split == "val":
+        assert pixels["2008_000009"] == {1: 80, 2: 30, 3: 16}
+        assert pixels["2008_000013"] == {}
+
+
+def test_index_cache_is_reused_by_a_new_tree(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = VOCTree(root).class_pixels("val")
+    assert (root / ".crnet_index_val.json").is_file()
+    forbid_label_reads(monkeypatch)
+    assert VOCTree(root).class_pixels("val") == first == truth("val")
+
+
+def test_index_cache_is_per_split(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    VOCTree(root).class_pixels("val")
+    reads = count_label_reads(monkeypatch)
+    assert VOCTree(root).class_pixels("train") == truth("train")
+    assert len(reads) == len(ids("train"))  # the val cache did not answer for train
+
+
+@pytest.mark.parametrize("change", ["fewer ids", "same size, new mtime"])
+def test_index_cache_rebuilt_when_split_file_changes(
+    root: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    VOCTree(root).class_pixels("val")
+    split_file = root / "ImageSets/Segmentation/val.txt"
+    old = split_file.stat()
+    # "same size": swap one id for a train id of the same length, so only the mtime tells the change.
+    kept = ids("val")[:2] if change == "fewer ids" else [*ids("val")[:-1], ids("train")[0]]
+    split_file.write_text("\n".join(reversed(kept)) + "\n")
+    # Force a distinct mtime: two writes within the file system's timestamp granularity could share one.
+    os.utime(split_file, ns=(old.st_atime_ns, old.st_mtime_ns + 5_000_000_000))
+    if change != "fewer ids":
+        assert split_file.stat().st_size == old.st_size
+    reads = count_label_reads(monkeypatch)
+    assert VOCTree(root).class_pixels("val") == {i: TRUTH[i] for i in kept}
+    assert len(reads) == len(kept)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [b"{not json", b"\xff\xfe\x00\x80 binary", b"[]", b'{"stamp": "0:0:0", "pixels": {}}', b""],
+    ids=["truncated", "not-utf8", "list", "stale-stamp", "empty"],
+)
+def test_damaged_index_cache_is_rebuilt(root: Path, damage: bytes) -> None:
+    VOCTree(root).class_pixels("val")
+    cache = root / ".crnet_index_val.json"
+    cache.write_bytes(damage)
+    assert VOCTree(root).class_pixels("val") == truth("val")
+    assert json.loads(cache.read_text())["pixels"] == {
+        k: {str(c): n for c, n in v.items()} for k, v in truth("val").items()
+    }
+
+
+def test_damaged_cache_with_current_stamp_is_rebuilt(root: Path) -> None:
+    VOCTree(root).class_pixels("val")
+    cache = root / ".crnet_index_val.json"
+    stored = json.loads(cache.read_text())
+    cache.write_text(json.dumps({"stamp": stored["stamp"], "pixels": {VAL_ID: {"one": 3}}}))
+    assert VOCTree(root).class_pixels("val") == truth("val")
+
+
+def _cache_files(base: Path) -> list[Path]:
+    return sorted((base / "crnet").glob("index_*_val.json")) if (base / "crnet").is_dir() else []
+
+
+def _check_cache_outside(root: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert VOCTree(root).class_pixels("val") == truth("val")
+    assert not list(root.glob(".crnet_index_*"))
+    assert len(_cache_files(base)) == 1
+    forbid_label_reads(monkeypatch)
+    assert VOCTree(root).class_pixels("val") == truth("val")  # reused from the user cache
+
+
+def test_unwritable_root_caches_in_xdg_cache_home(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Running as root, permission bits do not stop writes, so "unwritable" is simulated at os.access.
+    real_access = os.access
+    monkeypatch.setattr(
+        pascal.os, "access", lambda p, mode: False if Path(p) == root else real_access(p, mode)
+    )
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _check_cache_outside(root, tmp_path / "xdg", monkeypatch)
+
+
+def test_unwritable_root_without_xdg_uses_home_cache(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_access = os.access
+    monkeypatch.setattr(
+        pascal.os, "access", lambda p, mode: False if Path(p) == root else real_access(p, mode)
+    )
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # Path.home() reads HOME on POSIX
+    _check_cache_outside(root, tmp_path / "home/.cache", monkeypatch)
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root can write into a read-only directory")
+def test_read_only_root_caches_in_xdg_cache_home(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        _check_cache_outside(root, tmp_path / "xdg", monkeypatch)
+    finally:
+        root.chmod(stat.S_IRWXU)
+
+
+def test_two_roots_get_distinct_user_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = make_fake_voc(tmp_path / "a"), make_fake_voc(tmp_path / "b")
+    (b / "ImageSets/Segmentation/val.txt").write_text(ids("val")[0] + "\n")
+    monkeypatch.setattr(pascal.os, "access", lambda p, mode: False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert VOCTree(a).class_pixels("val") == truth("val")
+    assert VOCTree(b).class_pixels("val") == {ids("val")[0]: TRUTH[ids("val")[0]]}
+    assert len(_cache_files(tmp_path / "xdg")) == 2
+
+
+# ---------------------------------------------------------------- samples
+
+
+@pytest.mark.parametrize("min_pixels", [1, 5, 10, 50, 100])
+@pytest.mark.parametrize(
+    "split, classes", [("val", (1, 2, 3, 4, 5)), ("val", (2, 5, 6)), ("train", (6, 7, 19))]
+)
+def test_samples(root: Path, split: str, classes: tuple[int, ...], min_pixels: int) -> None:
+    expected = sorted(
+        (image_id, c)
+        for image_id, counts in truth(split).items()
+        for c, n in counts.items()
+        if c in classes and n >= min_pixels
+    )
+    assert VOCTree(root).samples(split, classes, min_pixels) == expected
+
+
+def test_samples_min_pixels_by_hand(root: Path) -> None:
+    # Val class 5: 4 px in 2008_000010, 50 px in 2008_000011, 64 px in 2008_000012.
+    tree = VOCTree(root)
+    assert tree.samples("val", (5,)) == [("2008_000010", 5), ("2008_000011", 5), ("2008_000012", 5)]
+    assert tree.samples("val", (5,), min_pixels=5) == [("2008_000011", 5), ("2008_000012", 5)]
+    assert tree.samples("val", (5,), min_pixels=51) == [("2008_000012", 5)]
+    assert tree.samples("val", (5,), min_pixels=65) == []
+
+
+# ---------------------------------------------------------------- load and validation
+
+
+@pytest.mark.parametrize("image_id", [image.id for image in IMAGES])
+def test_load_returns_image_and_label(root: Path, image_id: str) -> None:
+    image, label = VOCTree(root).load(image_id)
+    spec = BY_ID[image_id]
+    assert image.dtype == np.uint8 and image.shape == (*spec.shape, 3)
+    assert label.dtype == np.uint8
+    np.testing.assert_array_equal(label, spec.label())  # PNG is lossless; "P" labels keep their indices
+    # JPEG is lossy: the picture comes back only approximately. Quality 95 without chroma subsampling
+    # measured a mean absolute error under 2 grey levels; 6 leaves room for other libjpeg builds while a
+    # mirrored or different picture is off by tens.
+    assert np.abs(image.astype(int) - spec.image().astype(int)).mean() < 6
+
+
+def _jpeg_bytes(tmp_path: Path) -> bytes:
+    Image.fromarray(BY_ID[VAL_ID].image()).save(tmp_path / "x.jpg")
+    return (tmp_path / "x.jpg").read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "empty", "directory", "missing"])
+def test_unreadable_image(root: Path, tmp_path: Path, damage: str) -> None:
+    path = root / "JPEGImages" / f"{VAL_ID}.jpg"
+    good = _jpeg_bytes(tmp_path)
+    path.unlink()
+    if damage == "random bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    elif damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "directory":
+        path.mkdir()
+    with pytest.raises(ImageReadError, match=VAL_ID):
+        VOCTree(root).load(VAL_ID)
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root can read a file without read permission")
+def test_image_without_read_permission(root: Path) -> None:
+    path = root / "JPEGImages" / f"{VAL_ID}.jpg"
+    path.chmod(0)
+    try:
+        with pytest.raises(ImageReadError):
+            VOCTree(root).load(VAL_ID)
+    finally:
+        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+
+
+@pytest.mark.parametrize("damage", ["missing", "random bytes"])
+def test_unreadable_label(root: Path, damage: str) -> None:
+    path = root / "SegmentationClassAug" / f"{VAL_ID}.png"
+    path.unlink()
+    if damage == "random bytes":
+        path.write_bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    with pytest.raises(ImageReadError, match=VAL_ID):
+        VOCTree(root).load(VAL_ID)
+
+
+def test_missing_label_fails_the_index_scan(root: Path) -> None:
+    (root / "SegmentationClassAug" / f"{VAL_ID}.png").unlink()
+    with pytest.raises(ImageReadError, match="label not found"):
+        VOCTree(root).class_pixels("val")
+
+
+@pytest.mark.parametrize("shape", [(31, 40), (30, 41), (40, 30)])
+def test_label_of_the_wrong_size(root: Path, shape: tuple[int, int]) -> None:
+    # The image is 40 wide, 30 high; (40, 30) is the transposed size.
+    save_label(np.zeros(shape, np.uint8), root / "SegmentationClassAug" / f"{VAL_ID}.png")
+    with pytest.raises(MaskError, match="40x30"):
+        VOCTree(root).load(VAL_ID)
+
+
+@pytest.mark.parametrize("value", [21, 100, 254])
+@pytest.mark.parametrize("palette", [False, True])
+def test_label_values_outside_the_classes(root: Path, value: int, palette: bool) -> None:
+    label = BY_ID[VAL_ID].label()
+    label[5, 5] = value
+    save_label(label, root / "SegmentationClassAug" / f"{VAL_ID}.png", palette=palette)
+    with pytest.raises(MaskError, match=str(value)):
+        VOCTree(root).load(VAL_ID)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "I;16"])
+def test_label_that_is_not_single_channel_8_bit(root: Path, mode: str) -> None:
+    label = BY_ID[VAL_ID].label()
+    if mode == "I;16":
+        image = Image.fromarray(label.astype(np.uint16))
+    else:
+        image = Image.fromarray(label).convert(mode)  # class ids kept in every channel: still refused
+    assert image.mode == mode
+    image.save(root / "SegmentationClassAug" / f"{VAL_ID}.png")
+    with pytest.raises(MaskError, match=f"mode {mode}"):
+        VOCTree(root).load(VAL_ID)
+
+
+@pytest.mark.parametrize(
+    "mode, fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("LA", "PNG")]
+)
+def test_image_modes_convert_to_rgb(root: Path, mode: str, fmt: str) -> None:
+    rgb = BY_ID[VAL_ID].image()
+    source = Image.fromarray(rgb).convert(mode)
+    # PIL opens by content, so a PNG stored under the .jpg name is a valid test of the conversion.
+    source.save(root / "JPEGImages" / f"{VAL_ID}.jpg", format=fmt)
+    image, label = VOCTree(root).load(VAL_ID)
+    assert image.dtype == np.uint8 and image.shape == (30, 40, 3)
+    if mode in ("L", "LA"):
+        assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+    if fmt == "PNG":  # lossless: exactly PIL's own conversion of what was written (RGBA: alpha dropped)
+        np.testing.assert_array_equal(image, np.asarray(source.convert("RGB")))
+    np.testing.assert_array_equal(label, BY_ID[VAL_ID].label())

@@ -1,0 +1,222 @@
+"""The CLI on bad input: exit code 2, exactly one stderr line starting with "error:", no traceback.
+
+Every case runs in-process through `crnet.cli.main` (fast); a few also run as `python -m crnet.cli` in a
+fresh interpreter, which catches what in-process runs cannot: import-time warnings and the real entry
+point. HOME points into tmp_path and --data is always given, so nothing is generated in the real home.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crnet import cli
+from crnet.checkpoint import save_atomic
+from crnet.config import TINY, TrainConfig
+from crnet.model.crnet import build_model
+from tests.fake_voc import make_fake_voc
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@dataclass(frozen=True)
+class Files:
+    root: Path  # a scratch directory holding everything below
+    voc: Path  # the fake VOC tree (valid for fold 0)
+    not_voc: Path  # an empty directory
+    checkpoint: Path  # a valid tiny checkpoint (untrained)
+    corrupt: Path  # random bytes
+    truncated: Path  # the first half of a valid checkpoint
+    foreign: Path  # a torch file that is not a crnet checkpoint
+    mismatched: Path  # crnet format, but weights that do not fit the model config
+    run: Path  # a run directory holding last.pt (a valid, matching checkpoint)
+    empty_run: Path  # a run directory without last.pt
+    corrupt_run: Path  # a run directory whose last.pt is random bytes
+
+
+def tiny_state() -> dict:
+    torch.manual_seed(0)
+    return {
+        "model_config": TINY.to_dict(),
+        "train_config": TrainConfig().to_dict(),
+        "step": 0,
+        "model": build_model(TINY).state_dict(),
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+    root = tmp_path_factory.mktemp("cli")
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    checkpoint = save_atomic(tiny_state(), root / "tiny.pt")
+    (root / "corrupt.pt").write_bytes(noise)
+    (root / "truncated.pt").write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
+    save_atomic({"model_config": TINY.to_dict(), "model": {"conv.weight": torch.zeros(1)}}, root / "bad.pt")
+    (root / "not_voc").mkdir()
+    save_atomic(tiny_state(), root / "run/last.pt")
+    (root / "empty_run").mkdir()
+    (root / "corrupt_run").mkdir()
+    (root / "corrupt_run/last.pt").write_bytes(noise)
+    return Files(
+        root=root,
+        voc=make_fake_voc(root / "voc"),
+        not_voc=root / "not_voc",
+        checkpoint=checkpoint,
+        corrupt=root / "corrupt.pt",
+        truncated=root / "truncated.pt",
+        foreign=root / "foreign.pt",
+        mismatched=root / "bad.pt",
+        run=root / "run",
+        empty_run=root / "empty_run",
+        corrupt_run=root / "corrupt_run",
+    )
+
+
+def ev(checkpoint: Callable[[Files], Path], *extra: str) -> Callable[[Files], list[str]]:
+    return lambda f: ["eval", str(checkpoint(f)), "--data", str(f.voc), "--no-progress", *extra]
+
+
+def tr(out: Callable[[Files], Path], *extra: str) -> Callable[[Files], list[str]]:
+    return lambda f: ["train", "--out", str(out(f)), "--data", str(f.voc), "--no-progress", *extra]
+
+
+def valid(f: Files) -> Path:
+    return f.checkpoint
+
+
+# id -> (argument builder, text the error line must contain, marks)
+CASES = {
+    "eval-missing-checkpoint": (ev(lambda f: f.root / "missing.pt"), "checkpoint not found", ()),
+    "eval-corrupt-checkpoint": (ev(lambda f: f.corrupt), "cannot read checkpoint", ()),
+    "eval-truncated-checkpoint": (ev(lambda f: f.truncated), "cannot read checkpoint", ()),
+    "eval-foreign-torch-file": (ev(lambda f: f.foreign), "is not a crnet checkpoint", ()),
+    "eval-mismatched-weights": (ev(lambda f: f.mismatched), "does not match its model config", ()),
+    "eval-checkpoint-is-dir": (ev(lambda f: f.not_voc), "checkpoint not found", ()),
+    "eval-data-not-voc": (
+        lambda f: [*ev(valid)(f), "--data", str(f.not_voc)],  # the last --data wins
+        "is not a VOC tree",
+        (),
+    ),
+    "eval-data-is-a-file": (lambda f: [*ev(valid)(f), "--data", str(f.corrupt)], "is not a VOC tree", ()),
+    "eval-data-missing": (
+        lambda f: [*ev(valid)(f), "--data", str(f.root / "nowhere")],
+        "is not a VOC tree",
+        (),
+    ),
+    "eval-fold-out-of-range": (ev(valid, "--fold", "7"), "fold must be in 0..3", ()),
+    # Fold 1's novel classes 6..10: the fake val split has class 6 once and 7..10 never.
+    "eval-fold-without-images": (ev(valid, "--fold", "1"), "fewer than 2 images", ()),
+    "eval-zero-shots": (ev(valid, "--shots", "0"), "shots must be >= 1", ()),
+    "eval-zero-episodes": (ev(valid, "--episodes", "0"), "episodes must be >= 1", ()),
+    "eval-unknown-strategy": (ev(valid, "--strategy", "nope"), "unknown k-shot strategy", ()),
+    "eval-device-cuda": (ev(valid, "--device", "cuda"), "no usable CUDA GPU", (NO_CUDA,)),
+    "eval-device-cuda-1": (ev(valid, "--device", "cuda:1"), "no usable CUDA GPU", (NO_CUDA,)),
+    "eval-device-unknown": (ev(valid, "--device", "gpu0"), "unknown device", ()),
+    "eval-device-unsupported": (ev(valid, "--device", "meta"), "unsupported device", ()),
+    "train-data-not-voc": (
+        lambda f: [*tr(lambda f: f.root / "new_run")(f), "--data", str(f.not_voc)],
+        "is not a VOC tree",
+        (),
+    ),
+    "train-device-cuda": (
+        tr(lambda f: f.root / "new_run", "--device", "cuda"),
+        "no usable CUDA GPU",
+        (NO_CUDA,),
+    ),
+    "train-unknown-preset": (
+        tr(lambda f: f.root / "new_run", "--preset", "nope"),
+        "unknown preset 'nope'",
+        (),
+    ),
+    "train-out-holds-a-run": (tr(lambda f: f.run), "already holds a run", ()),
+    "train-resume-nothing": (tr(lambda f: f.empty_run, "--resume"), "nothing to resume", ()),
+    "train-resume-missing-dir": (tr(lambda f: f.root / "never", "--resume"), "nothing to resume", ()),
+    "train-resume-corrupt": (tr(lambda f: f.corrupt_run, "--resume"), "cannot read checkpoint", ()),
+    "train-resume-changed-settings": (
+        tr(lambda f: f.run, "--resume", "--lr", "0.1"),
+        "training settings differ from the checkpoint's (lr)",
+        (),
+    ),
+    "train-fold-out-of-range": (tr(lambda f: f.root / "new_run", "--fold", "9"), "fold must be in 0..3", ()),
+    "train-zero-steps": (tr(lambda f: f.root / "new_run", "--steps", "0"), "must be >= 1", ()),
+}
+SUBPROCESS_CASES = [
+    "eval-corrupt-checkpoint",
+    "eval-data-not-voc",
+    "train-unknown-preset",
+    "train-device-cuda",
+]
+
+
+def params(names):
+    return [pytest.param(name, marks=CASES[name][2], id=name) for name in names]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root (the index caches beside the VOC tree excluded: writing them is fine)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".crnet_index" not in p.name
+    }
+
+
+def check_user_error(code, stdout: str, stderr: str, expected: str) -> None:
+    assert code == 2, (code, stdout, stderr)
+    assert "Traceback" not in stdout + stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), stderr
+    assert expected in lines[0], stderr
+
+
+@pytest.mark.parametrize("name", params(CASES))
+def test_user_error_in_process(
+    name: str, files: Files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    build, expected, _ = CASES[name]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["crnet", *build(files)])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # typer installs its own hook
+    before = snapshot(files.root)
+    # An exception other than SystemExit escaping main() would be a traceback for the user: the test
+    # fails with it.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    stdout, stderr = capsys.readouterr()
+    check_user_error(exit_info.value.code, stdout, stderr, expected)
+    # A failed command leaves no half-made run directory, eval JSON or checkpoint behind.
+    assert snapshot(files.root) == before
+    assert not list(tmp_path.iterdir())  # nothing written into HOME
+
+
+def run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
+    return subprocess.run(
+        [sys.executable, "-m", "crnet.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+@pytest.mark.parametrize("name", params(SUBPROCESS_CASES))
+def test_user_error_subprocess(name: str, files: Files, tmp_path: Path) -> None:
+    build, expected, _ = CASES[name]
+    result = run_cli(build(files), tmp_path)
+    check_user_error(result.returncode, result.stdout, result.stderr, expected)
+    assert not list(tmp_path.iterdir())
+
+
+def test_broken_image_found_during_eval_is_one_line(files: Files, tmp_path: Path) -> None:
+    voc = make_fake_voc(tmp_path / "voc")
+    (voc / "JPEGImages/2008_000011.jpg").write_bytes(b"not a jpeg")  # a val image of classes 2, 3, 5
+    args = ["eval", str(files.checkpoint), "--data", str(voc), "--episodes", "8", "--batch-size", "8"]
+    result = run_cli([*args, "--no-progress", "--json", str(tmp_path / "out.json")], tmp_path / "home")
+    check_user_error(result.returncode, result.stdout, result.stderr, "cannot read image")
