@@ -1,0 +1,76 @@
+"""Evaluation: k-shot strategies (fine-tuning restores the weights), the baseline, the fixed protocol."""
+
+import pytest
+import torch
+
+from crnet.errors import CRNetError
+from crnet.evaluate import CRNetPredictor, PrototypeBaseline, evaluate
+from crnet.model.crnet import build_model
+from tests.ddp_worker import MICRO
+
+
+def batch(shots=3, size=MICRO.input_size, batch_size=2):
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.zeros(batch_size, shots, size, size, dtype=torch.long)
+    masks[..., 8:24, 8:24] = 1
+    return {
+        "query_image": torch.randn(batch_size, 3, size, size, generator=generator),
+        "support_images": torch.randn(batch_size, shots, 3, size, size, generator=generator),
+        "support_masks": masks,
+    }
+
+
+def test_finetune_adapts_then_restores_the_weights():
+    torch.manual_seed(0)
+    model = build_model(MICRO).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    episode = batch(shots=3)
+    averaged = CRNetPredictor(model, torch.device("cpu"), "average")(episode)
+    tuned = CRNetPredictor(model, torch.device("cpu"), "finetune", finetune_steps=3, finetune_lr=1e-2)(
+        episode
+    )
+    assert tuned.shape == averaged.shape
+    assert not torch.allclose(tuned, averaged)  # the heads really were updated before predicting
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None or p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_finetune_with_one_shot_is_the_plain_prediction():
+    """With a single support there is no labelled pair to fine-tune on."""
+    model = build_model(MICRO).eval()
+    episode = batch(shots=1)
+    plain = CRNetPredictor(model, torch.device("cpu"), "average")(episode)
+    assert torch.equal(CRNetPredictor(model, torch.device("cpu"), "finetune")(episode), plain)
+
+
+def test_unknown_strategy_is_a_user_error():
+    with pytest.raises(CRNetError, match="strategy"):
+        CRNetPredictor(build_model(MICRO), torch.device("cpu"), "vote")
+
+
+def test_baseline_scores_are_cosines():
+    scores = PrototypeBaseline(build_model(MICRO), torch.device("cpu"))(batch(shots=2))
+    assert scores.shape == (2, 2, MICRO.feature_size, MICRO.feature_size)
+    assert scores.abs().max() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("shots", [1, 2])
+def test_evaluate_runs_the_fixed_protocol(bench_root, shots):
+    torch.manual_seed(0)
+    predictor = CRNetPredictor(build_model(MICRO), torch.device("cpu"))
+    common = dict(
+        fold=0,
+        shots=shots,
+        input_size=MICRO.input_size,
+        episodes=12,
+        seed=3,
+        batch_size=5,
+        workers=0,
+        progress=False,
+    )
+    first = evaluate(predictor, bench_root, **common)
+    again = evaluate(predictor, bench_root, **common)
+    assert first["miou"] == again["miou"] and first["fbiou"] == again["fbiou"]  # same episodes, same model
+    assert 0 <= first["miou"] <= 100 and 0 <= first["fbiou"] <= 100
+    assert set(first["per_class"]) <= {"1", "2", "3", "4", "5"}  # fold 0 tests only its novel classes
+    assert first["episodes"] == 12
