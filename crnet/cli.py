@@ -18,7 +18,14 @@ app = typer.Typer(
     help="CRNet few-shot segmentation: train, evaluate, demo.",
 )
 
-DEFAULT_DATA = Path.home() / ".cache" / "crnet" / "synthetic"
+
+def _default_data() -> Path:
+    from crnet.data.synthetic import GENERATOR_VERSION
+
+    return Path.home() / ".cache" / "crnet" / f"synthetic-v{GENERATOR_VERSION}"
+
+
+DEFAULT_DATA = _default_data()  # versioned: a newer generator never meets an older tree
 DataOption = Annotated[
     Path | None, typer.Option("--data", help="VOC-layout root (default: the built-in benchmark)")
 ]
@@ -141,7 +148,7 @@ def evaluate_command(
     """mIoU and FB-IoU on the novel classes of a fold, on fixed seeded episodes."""
     from crnet import checkpoint as checkpoints
     from crnet.device import resolve_device
-    from crnet.evaluate import CRNetPredictor, PrototypeBaseline, evaluate
+    from crnet.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
 
     resolved = resolve_device(device)
     model = checkpoints.load_model(checkpoint, resolved)
@@ -159,7 +166,7 @@ def evaluate_command(
     )
     predictor = CRNetPredictor(model, resolved, strategy, iterations, finetune_steps, finetune_lr)
     results = [
-        {"method": "crnet", "strategy": strategy if shots > 1 else "-", **evaluate(predictor, root, **common)}
+        {"method": "CRNet", "strategy": strategy if shots > 1 else "-", **evaluate(predictor, root, **common)}
     ]
     if baseline:
         import torch
@@ -170,7 +177,7 @@ def evaluate_command(
         untrained = build_model(model.config).to(resolved)
         results.append(
             {
-                "method": "prototype baseline (untrained)",
+                "method": BASELINE,
                 "strategy": "average" if shots > 1 else "-",
                 **evaluate(PrototypeBaseline(untrained, resolved), root, **common),
             }
@@ -187,7 +194,10 @@ def print_results(results: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="few-shot segmentation (novel classes)")
+    table = Table(
+        title="few-shot segmentation, novel classes",
+        caption="baseline: cosine matching to support prototypes on the untrained encoder (no learning)",
+    )
     for column in ("method", "fold", "shots", "k-shot", "episodes", "mIoU", "FB-IoU", "seconds"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in results:

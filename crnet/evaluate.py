@@ -24,6 +24,7 @@ from crnet.model.crnet import CRNet, upsample
 from crnet.train import episode_loss
 
 STRATEGIES = ("average", "finetune")
+BASELINE = "baseline"  # how result tables name the training-free PrototypeBaseline
 Predictor = Callable[[dict], torch.Tensor]  # collated batch -> (B, 2, h, w) scores, argmax = mask
 
 
