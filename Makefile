@@ -19,4 +19,4 @@ test: install
 
 lint: install
 	ruff check .
-	ruff format --check crnet export engines tests
+	ruff format --check crnet export engines tests benchmarks

@@ -54,8 +54,8 @@ class ClassSpec:
     angle: float  # texture orientation relative to the object's own axis
 
 
-# Each shape family and each texture family is used by two classes (shape by up to two), so neither alone
-# names a class; hue ranges are 60 degrees wide and overlap with 2-4 other classes.
+# Every texture family is used by two classes and six shape families by two, so neither alone names a class;
+# hue ranges are 60 degrees wide and overlap those of 2-4 other classes.
 CLASSES: tuple[ClassSpec, ...] = (
     ClassSpec("striped star", "star", "stripes", 45, 30, (0, 0.9, 0.35), 0.30, 0),
     ClassSpec("dotted blob", "blob", "dots", 0, 30, (0, 0.25, 1.4), 0.36, 0),
