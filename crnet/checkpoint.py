@@ -45,7 +45,11 @@ def load(path: str | Path) -> dict:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> CRNet:
     """The model stored in a checkpoint, in eval mode."""
-    state = load(path)
+    return model_from_state(load(path), path, device)
+
+
+def model_from_state(state: dict, path: str | Path, device: str | torch.device = "cpu") -> CRNet:
+    """The model of an already loaded checkpoint dict (`path` only names it in errors)."""
     try:
         model = build_model(ModelConfig.from_dict(state["model_config"]))
         model.load_state_dict(state["model"])

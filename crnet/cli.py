@@ -151,8 +151,9 @@ def evaluate_command(
     from crnet.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
 
     resolved = resolve_device(device)
-    model = checkpoints.load_model(checkpoint, resolved)
-    stored = checkpoints.load(checkpoint).get("train_config", {})
+    state = checkpoints.load(checkpoint)
+    model = checkpoints.model_from_state(state, checkpoint, resolved)
+    stored = state.get("train_config", {})
     fold = stored.get("fold", 0) if fold is None else fold
     root = data_root(data)
     common = dict(
@@ -169,17 +170,11 @@ def evaluate_command(
         {"method": "CRNet", "strategy": strategy if shots > 1 else "-", **evaluate(predictor, root, **common)}
     ]
     if baseline:
-        import torch
-
-        from crnet.model.crnet import build_model
-
-        torch.manual_seed(0)
-        untrained = build_model(model.config).to(resolved)
         results.append(
             {
                 "method": BASELINE,
                 "strategy": "average" if shots > 1 else "-",
-                **evaluate(PrototypeBaseline(untrained, resolved), root, **common),
+                **evaluate(PrototypeBaseline.untrained(model.config, resolved), root, **common),
             }
         )
     print_results(results)

@@ -12,7 +12,7 @@ from crnet.config import TINY, TrainConfig
 from crnet.data.episodes import EpisodeDataset, SampleIndex, collate, fixed_episodes
 from crnet.data.pascal import VOCTree, fold_classes
 from crnet.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
-from crnet.model.crnet import CRNet, build_model, upsample
+from crnet.model.crnet import CRNet, upsample
 from crnet.train import FINAL, train
 from crnet.visualize import denormalise, episode_sheet
 
@@ -70,13 +70,11 @@ def run_demo(
 ) -> tuple[list[dict], Path]:
     model = trained_model(checkpoint, out, root, device, progress)
     common = dict(fold=RECIPE.fold, input_size=model.config.input_size, episodes=episodes, progress=progress)
-    torch.manual_seed(0)
-    untrained = build_model(model.config).to(device)
     results = [
         {
             "method": BASELINE,
             "strategy": "-",
-            **evaluate(PrototypeBaseline(untrained, device), root, shots=1, **common),
+            **evaluate(PrototypeBaseline.untrained(model.config, device), root, shots=1, **common),
         },
         {
             "method": "CRNet",

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from crnet.config import ModelConfig
 from crnet.data.episodes import EpisodeDataset, SampleIndex, collate, fixed_episodes
 from crnet.data.pascal import IGNORE_LABEL, VOCTree, fold_classes
 from crnet.errors import CRNetError
 from crnet.model.condition import masked_average_pool
-from crnet.model.crnet import CRNet, upsample
+from crnet.model.crnet import CRNet, build_model, upsample
 from crnet.train import episode_loss
 
 STRATEGIES = ("average", "finetune")
@@ -137,6 +138,12 @@ class PrototypeBaseline:
 
     def __init__(self, model: CRNet, device: torch.device):
         self.trunk, self.device = model.encoder.trunk.eval(), device
+
+    @classmethod
+    def untrained(cls, config: ModelConfig, device: torch.device, seed: int = 0) -> PrototypeBaseline:
+        """The baseline on a freshly initialised encoder of the given config (seeded, so reproducible)."""
+        torch.manual_seed(seed)
+        return cls(build_model(config).to(device), device)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         layer2, layer3 = self.trunk(images.to(self.device))
