@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -97,31 +96,12 @@ def test_prediction_cache_round_trip_with_flips():
     torch.testing.assert_close(unflipped, expected[1].flip(-1), atol=1e-3, rtol=0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_gloo_processes(bench_root, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "tests.ddp_worker",
-        str(bench_root),
-        str(out),
-        "4",
-    ]
+    # --standalone: torchrun picks a free rendezvous port itself, so no other process can take it first.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "tests.ddp_worker", str(bench_root), str(out), "4"]
     result = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent
     )
