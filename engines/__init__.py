@@ -1,4 +1,88 @@
 """crnet.engines: one runtime per backend (torch, ONNX Runtime, TensorRT) behind one interface.
 
-Empty until the runtimes issue lands; it installs as `crnet.engines`.
+    runtime = open_runtime(RuntimeSpec.parse("onnxruntime:fp16"), checkpoint=..., bundle=..., device="cpu")
+    features = runtime.encode(images); prompt = runtime.prompt(features, masks); runtime.segment(...)
+
+A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `torch:fp16+cuda-graphs`,
+`onnxruntime:fp32`, `onnxruntime:fp16+cuda`, `onnxruntime:fp16+tensorrt` (execution providers),
+`tensorrt:fp16`. Every backend library is imported only when its runtime is opened.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engines.base import Runtime, RuntimeUnavailable
+
+NAMES = ("torch", "onnxruntime", "tensorrt")
+OPTIONS = {
+    "torch": ("compile", "cuda-graphs", "channels-last"),
+    "onnxruntime": ("cuda", "tensorrt"),
+    "tensorrt": (),
+}
+
+__all__ = ["NAMES", "Runtime", "RuntimeSpec", "RuntimeUnavailable", "open_runtime"]
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    name: str
+    precision: str = "fp32"
+    options: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> RuntimeSpec:
+        head, *options = text.strip().split("+")
+        name, _, precision = head.partition(":")
+        if name not in NAMES:
+            raise RuntimeUnavailable(f"unknown runtime {name!r} in {text!r}; choose {', '.join(NAMES)}")
+        precision = precision or "fp32"
+        if precision not in ("fp32", "fp16"):
+            raise RuntimeUnavailable(f"precision in {text!r} must be fp32 or fp16")
+        unknown = [o for o in options if o not in OPTIONS[name]]
+        if unknown:
+            allowed = ", ".join(OPTIONS[name]) or "none"
+            raise RuntimeUnavailable(f"{name} has no option {unknown[0]!r} (options: {allowed})")
+        return cls(name, precision, tuple(options))
+
+    def __str__(self) -> str:
+        return "+".join([f"{self.name}:{self.precision}", *self.options])
+
+
+def open_runtime(
+    spec: RuntimeSpec,
+    *,
+    checkpoint: str | Path | None = None,
+    bundle: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> Runtime:
+    """Open the runtime a spec names: torch reads the checkpoint, the others read the bundle."""
+    if spec.name == "torch":
+        if checkpoint is None:
+            raise RuntimeUnavailable("the torch runtime needs a checkpoint (.pt)")
+        from engines.torch_runtime import TorchRuntime
+
+        return TorchRuntime(
+            checkpoint,
+            precision=spec.precision,
+            device=device,
+            compile="compile" in spec.options,
+            cuda_graphs="cuda-graphs" in spec.options,
+            channels_last="channels-last" in spec.options,
+        )
+    if bundle is None:
+        raise RuntimeUnavailable(f"the {spec.name} runtime needs an exported bundle (crnet export)")
+    if spec.name == "onnxruntime":
+        from engines.onnxruntime_runtime import OnnxRuntime
+
+        provider = next((o for o in spec.options if o in ("cuda", "tensorrt")), None)
+        return OnnxRuntime(
+            bundle, precision=spec.precision, device=device, provider=provider, threads=threads
+        )
+    from engines.tensorrt_runtime import TensorRTRuntime
+
+    return TensorRTRuntime(bundle, precision=spec.precision, device=device)

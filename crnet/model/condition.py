@@ -10,17 +10,27 @@ from torch import nn
 MASK_EPSILON = 1e-5
 
 
+def foreground(mask: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) labels {0, 1, 255} -> (N, 1, H, W) float foreground; ignore counts as background."""
+    return (mask == 1).unsqueeze(1).float()
+
+
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, H, W) labels {0, 1, 255} -> (N, 1, h, w) soft foreground weights; ignore counts as background."""
-    foreground = (mask == 1).unsqueeze(1).float()
-    return F.interpolate(foreground, size=size, mode="bilinear", align_corners=True)
+    """(N, H, W) labels {0, 1, 255} -> (N, 1, h, w) soft foreground weights."""
+    return F.interpolate(foreground(mask), size=size, mode="bilinear", align_corners=True)
+
+
+def weighted_average_pool(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of the features under image-sized (N, 1, H, W) weights -> (N, C), in FP32 whatever the
+    features' dtype (a 41x41 sum overflows FP16 precision); zero where the weights are all zero."""
+    weights = F.interpolate(weights.float(), size=features.shape[-2:], mode="bilinear", align_corners=True)
+    total = (features.float() * weights).sum(dim=(2, 3))
+    return (total / (weights.sum(dim=(2, 3)) + MASK_EPSILON)).to(features.dtype)
 
 
 def masked_average_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the features under the mask: (N, C, h, w), (N, H, W) -> (N, C). Zero for an empty mask."""
-    weights = resize_mask(mask, features.shape[-2:]).to(features.dtype)
-    total = (features * weights).sum(dim=(2, 3))
-    return total / (weights.sum(dim=(2, 3)) + MASK_EPSILON)
+    return weighted_average_pool(features, foreground(mask))
 
 
 class Condition(nn.Module):

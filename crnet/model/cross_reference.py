@@ -16,7 +16,7 @@ class CrossReference(nn.Module):
 
     @staticmethod
     def _vector(gate: nn.Conv2d, features: torch.Tensor) -> torch.Tensor:
-        pooled = features.mean(dim=(2, 3), keepdim=True)
+        pooled = features.float().mean(dim=(2, 3), keepdim=True).to(features.dtype)  # FP32 reduction
         return torch.sigmoid(gate(pooled)).flatten(1)
 
     def support_vector(self, features: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ class ASPP(nn.Module):
         self.project = nn.Conv2d(channels * (len(dilations) + 2), channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.relu(self.image_pool(x.mean(dim=(2, 3), keepdim=True))).expand_as(x)
+        pooled = x.float().mean(dim=(2, 3), keepdim=True).to(x.dtype)  # FP32 reduction under FP16
+        pooled = F.relu(self.image_pool(pooled)).expand_as(x)
         outs = [pooled] + [F.relu(branch(x)) for branch in self.branches]
         return F.relu(self.project(torch.cat(outs, dim=1)))
 
@@ -62,5 +63,5 @@ class Refinement(nn.Module):
         y = x.new_zeros(x.shape[0], 2, *x.shape[2:]) if previous is None else previous
         for _ in range(iterations):
             logits = self.step(x, y)
-            y = torch.softmax(logits, dim=1)
+            y = torch.softmax(logits.float(), dim=1).to(logits.dtype)  # FP32 softmax under FP16
         return logits

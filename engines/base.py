@@ -1,0 +1,79 @@
+"""The one interface every runtime implements: encode, prompt, segment, close.
+
+Tensors in and out are torch tensors on the runtime's device, FP32:
+    encode(images (N, 3, S, S) normalised)                        -> features (N, C, s, s)
+    prompt(features (B, K, C, s, s), masks (B, K, S, S) {0,1,255}) -> SupportPrompt, the k shots averaged
+    segment(features (B, C, s, s), prompt)                         -> logits (B, 2, S, S) at input size
+A runtime that cannot load raises RuntimeUnavailable with a one-line reason.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from crnet.errors import CRNetError, NoSupportError
+from crnet.model.condition import foreground
+from crnet.model.crnet import SupportPrompt
+
+
+class RuntimeUnavailable(CRNetError):
+    """This runtime cannot run here: a missing library, device or engine."""
+
+
+class Runtime(ABC):
+    name: str  # "torch", "onnxruntime", "tensorrt"
+    precision: str  # "fp32" or "fp16"
+    device: torch.device
+    input_size: int
+    iterations: int
+    max_batch: int | None = None  # engines built for a batch range refuse more
+
+    @property
+    def label(self) -> str:
+        """How tables name this runtime, e.g. 'onnxruntime fp16'."""
+        return f"{self.name} {self.precision}"
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def prompt_per_shot(
+        self, features: torch.Tensor, foreground: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, s, s) features, (N, 1, S, S) float foreground -> (N, C) vectors and prototypes."""
+
+    @abstractmethod
+    def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor: ...
+
+    def close(self) -> None:  # noqa: B027 - runtimes without resources keep the default
+        """Release sessions, engines and device memory."""
+
+    def prompt(self, features: torch.Tensor, masks: torch.Tensor) -> SupportPrompt:
+        batch, shots = features.shape[:2]
+        if shots == 0:
+            raise NoSupportError("an episode needs at least one support image")
+        vector, prototype = self.prompt_per_shot(features.flatten(0, 1), foreground(masks.flatten(0, 1)))
+        return SupportPrompt(
+            vector=vector.view(batch, shots, -1).mean(1), prototype=prototype.view(batch, shots, -1).mean(1)
+        )
+
+    def episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Query (B, 3, S, S), supports (B, K, 3, S, S), masks (B, K, S, S) -> logits (B, 2, S, S)."""
+        batch, shots = supports.shape[:2]
+        features = self.encode(supports.flatten(0, 1)).unflatten(0, (batch, shots))
+        return self.segment(self.encode(query), self.prompt(features, masks))
+
+    def check_batch(self, n: int) -> None:
+        if self.max_batch is not None and n > self.max_batch:
+            raise CRNetError(
+                f"{self.label} engine was built for batches of at most {self.max_batch}, asked for {n} "
+                "(re-export with a larger --batch MIN:OPT:MAX)"
+            )
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

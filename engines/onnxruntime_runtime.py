@@ -1,0 +1,115 @@
+"""ONNX Runtime over a bundle's graphs: CPU, or the CUDA / TensorRT execution providers with IO binding."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from crnet.model.crnet import SupportPrompt
+from crnet.optional import require
+from engines.base import Runtime, RuntimeUnavailable
+from export.bundle import GRAPHS, load_bundle
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        bundle_path,
+        *,
+        precision: str = "fp32",
+        device: str | torch.device = "cpu",
+        provider: str | None = None,
+        threads: int | None = None,
+    ):
+        ort = require("onnxruntime", "the onnxruntime runtime")
+        self.bundle = load_bundle(bundle_path)
+        self.device = torch.device(device)
+        provider = provider or ("cuda" if self.device.type == "cuda" else "cpu")
+        if provider not in PROVIDERS:
+            choices = ", ".join(PROVIDERS)
+            raise RuntimeUnavailable(f"unknown ONNX Runtime provider {provider!r}; choose {choices}")
+        if (provider == "cpu") != (self.device.type == "cpu"):
+            raise RuntimeUnavailable(f"ONNX Runtime provider {provider} does not run on device {self.device}")
+        wanted = PROVIDERS[provider][0]
+        if wanted not in ort.get_available_providers():
+            raise RuntimeUnavailable(
+                f"this onnxruntime has no {wanted} (install onnxruntime-gpu for CUDA/TensorRT providers)"
+            )
+        self.precision, self.provider = precision, provider
+        self.input_size = self.bundle.model_config.input_size
+        self.iterations = self.bundle.iterations
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads is not None:  # pinned, so a benchmark states what it measured
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = PROVIDERS[provider]
+        if provider != "cpu":
+            index = self.device.index or 0
+            providers = [
+                name if name == "CPUExecutionProvider" else (name, {"device_id": index}) for name in providers
+            ]
+        self.sessions = {}
+        for graph in GRAPHS:
+            path = self.bundle.graph(precision, graph)
+            try:
+                self.sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as error:  # ORT raises its own exception types per failure
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise RuntimeUnavailable(f"ONNX Runtime cannot load {path}: {first}") from None
+
+    @property
+    def label(self) -> str:
+        provider = "" if self.provider == "cpu" else f" ({self.provider} EP)"
+        return f"{self.name} {self.precision}{provider}"
+
+    def _run(self, graph: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        session = self.sessions[graph]
+        if self.device.type == "cpu":
+            feeds = {name: x.detach().contiguous().numpy() for name, x in inputs.items()}
+            return [torch.from_numpy(y) for y in session.run(None, feeds)]
+        return self._run_bound(session, inputs)
+
+    def _run_bound(self, session, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """GPU: IO binding on torch CUDA tensors, so nothing is copied through the host."""
+        binding = session.io_binding()
+        index = self.device.index or torch.cuda.current_device()
+        batch = next(iter(inputs.values())).shape[0]
+        for name, x in inputs.items():
+            x = x.detach().contiguous().float()
+            inputs[name] = x  # keep alive until the run ends
+            binding.bind_input(name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
+        outputs = []
+        for meta in session.get_outputs():
+            shape = [batch if not isinstance(d, int) else d for d in meta.shape]
+            y = torch.empty(shape, dtype=torch.float32, device=self.device)
+            binding.bind_output(meta.name, "cuda", index, np.float32, tuple(y.shape), y.data_ptr())
+            outputs.append(y)
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # ORT runs on its own stream; torch reads the outputs next
+        return outputs
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        (features,) = self._run("encoder", {"images": images.float()})
+        return features
+
+    def prompt_per_shot(self, features: torch.Tensor, foreground: torch.Tensor):
+        vector, prototype = self._run("prompt", {"features": features, "foreground": foreground})
+        return vector, prototype
+
+    def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
+        inputs = {"features": features, "vector": prompt.vector, "prototype": prompt.prototype}
+        (logits,) = self._run("head", inputs)
+        return logits
+
+    def close(self) -> None:
+        self.sessions.clear()

@@ -1,0 +1,86 @@
+"""TensorRT engines from a bundle: buffers are torch CUDA tensors, `execute_async_v3` on torch's stream."""
+
+from __future__ import annotations
+
+import torch
+
+from crnet.model.crnet import SupportPrompt
+from crnet.optional import require
+from engines.base import Runtime, RuntimeUnavailable
+from export.bundle import GRAPHS, load_bundle
+
+
+class Engine:
+    """One deserialized engine and its execution context."""
+
+    def __init__(self, trt, runtime, path, device: torch.device):
+        self.trt = trt
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise RuntimeUnavailable(
+                f"TensorRT {trt.__version__} cannot load {path}: not an engine, or built by another "
+                "TensorRT version or for another GPU (re-export with --tensorrt on this machine)"
+            )
+        self.context = self.engine.create_execution_context()
+        self.device = device
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.inputs = [n for n in names if is_input[n]]
+        self.outputs = [n for n in names if not is_input[n]]
+        self.max_batch = min(self.engine.get_tensor_profile_shape(n, 0)[2][0] for n in self.inputs)
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        stream = torch.cuda.current_stream(self.device)
+        keep = []
+        for name in self.inputs:
+            x = inputs[name].to(self.device, torch.float32).contiguous()
+            keep.append(x)
+            self.context.set_input_shape(name, tuple(x.shape))
+            self.context.set_tensor_address(name, x.data_ptr())
+        outputs = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            outputs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        return outputs  # ordered on torch's stream: later torch work waits for it
+
+
+class TensorRTRuntime(Runtime):
+    name = "tensorrt"
+
+    def __init__(self, bundle_path, *, precision: str = "fp16", device: str | torch.device = "cuda"):
+        self.device = torch.device(device)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeUnavailable("the tensorrt runtime needs a CUDA GPU, and torch sees none")
+        trt = require("tensorrt", "the tensorrt runtime")
+        self.bundle = load_bundle(bundle_path)
+        self.precision = precision
+        self.input_size = self.bundle.model_config.input_size
+        self.iterations = self.bundle.iterations
+        with torch.cuda.device(self.device):
+            self.logger = trt.Logger(trt.Logger.WARNING)
+            self.runtime = trt.Runtime(self.logger)
+            self.engines = {
+                graph: Engine(trt, self.runtime, self.bundle.engine(precision, graph), self.device)
+                for graph in GRAPHS
+            }
+        self.max_batch = min(engine.max_batch for engine in self.engines.values())
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_batch(images.shape[0])
+        return self.engines["encoder"]({"images": images})["features"]
+
+    def prompt_per_shot(self, features: torch.Tensor, foreground: torch.Tensor):
+        self.check_batch(features.shape[0])
+        outputs = self.engines["prompt"]({"features": features, "foreground": foreground})
+        return outputs["vector"], outputs["prototype"]
+
+    def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
+        self.check_batch(features.shape[0])
+        inputs = {"features": features, "vector": prompt.vector, "prototype": prompt.prototype}
+        return self.engines["head"](inputs)["logits"]
+
+    def close(self) -> None:
+        self.engines.clear()

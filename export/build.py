@@ -1,0 +1,162 @@
+"""`crnet export`: checkpoint -> bundle (ONNX graphs, optional FP16 graphs and TensorRT engines).
+
+Every ONNX graph passes `onnx.checker` (full check, with shape inference) and is run by ONNX Runtime on
+deterministic inputs against the PyTorch FP32 model before the bundle is committed; the errors go into the
+manifest. An FP32 graph that disagrees beyond the tolerance below fails the export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crnet import checkpoint
+from crnet.errors import CRNetError
+from crnet.optional import MissingDependencyError, require
+from export.bundle import BatchRange, BundleWriter, base_manifest, file_entry
+from export.graphs import OPSET, SPECS, GraphSpec, export_onnx, graph_module
+
+# FP32 ONNX Runtime vs PyTorch on the same CPU: the graphs differ only in kernel order of summation, so
+# anything beyond a relative 1e-3 of the output's scale is an export bug, not rounding.
+FP32_RELATIVE_TOLERANCE = 1e-3
+VERIFY_BATCH = 3  # not the export example's 2: checks that the batch dimension really is dynamic
+
+Progress = Callable[[str], None]
+
+
+class ExportVerificationError(CRNetError):
+    """ONNX Runtime disagrees with PyTorch on an exported FP32 graph."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: Path
+    tensorrt_skipped: str | None  # why no engines were built, when --tensorrt was asked for
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs a warning per missing torchvision op; none of them concerns this model."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _compare(spec: GraphSpec, outputs: list[np.ndarray], reference: tuple[torch.Tensor, ...]) -> dict:
+    result = {}
+    for name, output, expected in zip(spec.outputs, outputs, reference, strict=True):
+        error = np.abs(output.astype(np.float64) - expected.double().numpy())
+        result[name] = {
+            "max_abs": float(error.max()),
+            "mean_abs": float(error.mean()),
+            "reference_max_abs": float(expected.abs().max()),
+        }
+        if name == "logits":  # the decision that matters: which pixels are foreground
+            same = output.argmax(1) == expected.argmax(1).numpy()
+            result[name]["mask_agreement"] = float(same.mean())
+    return result
+
+
+def verify_graph(path: Path, spec: GraphSpec, model, iterations: int, threads: int) -> dict:
+    """Run the ONNX graph with ONNX Runtime (CPU) against the PyTorch FP32 model."""
+    ort = require("onnxruntime", "checking the exported graphs")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    example = spec.example(model, VERIFY_BATCH)
+    outputs = session.run(None, {name: x.numpy() for name, x in zip(spec.inputs, example, strict=True)})
+    with torch.no_grad():
+        reference = graph_module(spec, model, iterations, torch.float32)(*example)
+    reference = reference if isinstance(reference, tuple) else (reference,)
+    return _compare(spec, outputs, reference)
+
+
+def export_bundle(
+    checkpoint_path: str | Path,
+    out: str | Path,
+    *,
+    fp16: bool = False,
+    tensorrt: bool = False,
+    batch: BatchRange = BatchRange(),
+    iterations: int | None = None,
+    overwrite: bool = False,
+    workspace_gib: float = 4.0,
+    timing_cache: Path | None = None,
+    threads: int = 2,
+    progress: Progress = lambda message: None,
+) -> ExportResult:
+    """Write a bundle directory; see the module docstring and export/bundle.py for its layout."""
+    onnx = require("onnx", "crnet export")
+    require("onnxscript", "crnet export (the torch.export-based ONNX exporter)")
+    require("onnxruntime", "crnet export (checks every graph against PyTorch)")
+    checkpoint_path = Path(checkpoint_path)
+    model = checkpoint.load_model(checkpoint_path).eval()
+    config = model.config
+    iterations = iterations or config.iterations
+    if iterations < 1:
+        raise CRNetError(f"--iterations must be >= 1, got {iterations}")
+
+    writer = BundleWriter(Path(out), overwrite=overwrite)
+    try:
+        manifest = base_manifest(config, iterations, batch, OPSET, checkpoint_path)
+        precisions = {"fp32": torch.float32} | ({"fp16": torch.float16} if fp16 else {})
+        for precision, dtype in precisions.items():
+            manifest["graphs"][precision] = {}
+            manifest["verification"][precision] = {}
+            for spec in SPECS:
+                progress(f"exporting {spec.name} ({precision})")
+                path = writer.root / f"{spec.name}.{precision}.onnx"
+                module = graph_module(spec, model, iterations, dtype)
+                with _quiet_exporter():
+                    export_onnx(module, spec, spec.example(model, 2), path)
+                onnx.checker.check_model(str(path), full_check=True)
+                errors = verify_graph(path, spec, model, iterations, threads)
+                if precision == "fp32":
+                    _check_fp32(spec, errors)
+                manifest["verification"][precision][spec.name] = {"onnxruntime_vs_torch_fp32": errors}
+                manifest["graphs"][precision][spec.name] = file_entry(
+                    writer.root, path, inputs=list(spec.inputs), outputs=list(spec.outputs), dtype=precision
+                )
+
+        skipped = None
+        if tensorrt:
+            try:
+                from export.tensorrt import build_engines
+
+                manifest["engines"] = build_engines(
+                    writer.root,
+                    manifest,
+                    fp16=fp16,
+                    batch=batch,
+                    workspace_bytes=int(workspace_gib * (1 << 30)),
+                    timing_cache=timing_cache,
+                    progress=progress,
+                )
+            except MissingDependencyError as error:
+                skipped = str(error)
+        bundle = writer.commit(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    return ExportResult(bundle=bundle, tensorrt_skipped=skipped)
+
+
+def _check_fp32(spec: GraphSpec, errors: dict) -> None:
+    for name, figures in errors.items():
+        limit = FP32_RELATIVE_TOLERANCE * max(1.0, figures["reference_max_abs"])
+        if figures["max_abs"] > limit:
+            raise ExportVerificationError(
+                f"ONNX Runtime disagrees with PyTorch on {spec.name}/{name}: max abs error "
+                f"{figures['max_abs']:.3g} > {limit:.3g}"
+            )

@@ -1,0 +1,139 @@
+"""The three deployable graphs, cut where every runtime can cache the support prompt.
+
+    encoder: images (N, 3, S, S)                                  -> features (N, C, s, s)
+    prompt:  features (N, C, s, s), foreground (N, 1, S, S)       -> vector (N, C), prototype (N, C)
+    head:    features (B, C, s, s), vector (B, C), prototype (B, C) -> logits (B, 2, S, S)
+
+The prompt graph works per shot; a runtime averages the k shots' vectors and prototypes, exactly as
+`CRNet.prompt` does. The head unrolls the T refinement iterations and upsamples to the input size. Every
+graph takes and returns FP32; an FP16 graph casts inside (see `precision_wrapper`).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from crnet.model.condition import weighted_average_pool
+from crnet.model.crnet import CRNet, SupportPrompt
+
+OPSET = 18
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: CRNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(images)
+
+
+class PromptGraph(nn.Module):
+    def __init__(self, model: CRNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vector = self.model.cross_reference.support_vector(features)
+        return vector, weighted_average_pool(features, foreground)
+
+
+class HeadGraph(nn.Module):
+    def __init__(self, model: CRNet, iterations: int):
+        super().__init__()
+        self.model, self.iterations = model, iterations
+
+    def forward(self, features: torch.Tensor, vector: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
+        size = self.model.config.input_size
+        prompt = SupportPrompt(vector=vector, prototype=prototype)
+        return self.model.segment(features, prompt, self.iterations, output_size=(size, size))
+
+
+class PrecisionWrapper(nn.Module):
+    """FP32 in and out around a graph that runs in `dtype` (the casts become part of the ONNX graph)."""
+
+    def __init__(self, graph: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        # A copy: converting in place would change the caller's FP32 model.
+        # Not named `graph`: that attribute name collides with the exporter's fx.GraphModule.
+        self.inner = graph if dtype == torch.float32 else copy.deepcopy(graph).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, *inputs: torch.Tensor):
+        outputs = self.inner(*(x.to(self.dtype) for x in inputs))
+        if isinstance(outputs, tuple):
+            return tuple(y.float() for y in outputs)
+        return outputs.float()
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Names and example shapes of one graph; dimension 0 of every tensor is the dynamic batch."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def example(self, model: CRNet, batch: int) -> tuple[torch.Tensor, ...]:
+        """Deterministic example inputs (batch >= 2, so that the exporter keeps the batch symbolic)."""
+        size, side, channels = model.config.input_size, model.config.feature_size, model.config.channels
+        generator = torch.Generator().manual_seed(0)
+        shapes = {
+            "images": (batch, 3, size, size),
+            "features": (batch, channels, side, side),
+            "foreground": (batch, 1, size, size),
+            "vector": (batch, channels),
+            "prototype": (batch, channels),
+        }
+        tensors = []
+        for name in self.inputs:
+            x = torch.randn(shapes[name], generator=generator)
+            if name == "features":
+                x = x.relu()  # encoder features come out of a ReLU
+            elif name == "foreground":
+                x = (x > 0).float()
+            elif name == "vector":
+                x = torch.sigmoid(x)
+            tensors.append(x)
+        return tuple(tensors)
+
+
+ENCODER = GraphSpec("encoder", ("images",), ("features",))
+PROMPT = GraphSpec("prompt", ("features", "foreground"), ("vector", "prototype"))
+HEAD = GraphSpec("head", ("features", "vector", "prototype"), ("logits",))
+SPECS = (ENCODER, PROMPT, HEAD)
+
+
+def graph_module(spec: GraphSpec, model: CRNet, iterations: int, dtype: torch.dtype) -> nn.Module:
+    graph = {
+        "encoder": lambda: EncoderGraph(model),
+        "prompt": lambda: PromptGraph(model),
+        "head": lambda: HeadGraph(model, iterations),
+    }[spec.name]()
+    return PrecisionWrapper(graph, dtype).eval()
+
+
+def export_onnx(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    """torch.export-based ONNX export with a symbolic batch on every input and output, one file."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic_shapes = (tuple({0: batch} for _ in spec.inputs),)  # forward(*inputs): one varargs entry
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # exporter chatter about opset conversion and deprecations
+        program = torch.onnx.export(
+            module,
+            example,
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            opset_version=OPSET,
+            dynamic_shapes=dynamic_shapes,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    program.save(str(path), external_data=False)

@@ -1,0 +1,116 @@
+"""TensorRT engines from the bundle's ONNX graphs (TensorRT 10 and 11 Python APIs).
+
+FP16: TensorRT 10 builds the FP32 graph with the FP16 builder flag (weak typing: TensorRT picks per layer).
+TensorRT 11 removed weak typing, so it builds the FP16 ONNX graph as a strongly typed network: the graph's
+own casts decide precision, keeping softmax and the pooling reductions in FP32 as exported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from crnet.errors import CRNetError
+from crnet.optional import require
+from export.bundle import BatchRange, file_entry
+
+DEFAULT_TIMING_CACHE = Path.home() / ".cache" / "crnet" / "tensorrt"
+
+
+class EngineBuildError(CRNetError):
+    """TensorRT could not parse a graph or build an engine."""
+
+
+def major_version(trt) -> int:
+    return int(trt.__version__.split(".")[0])
+
+
+def fp16_source(trt) -> str:
+    """Which ONNX graph an FP16 engine is built from on this TensorRT: 'fp32' + flag, or 'fp16' typed."""
+    weak_typing = major_version(trt) < 11 and hasattr(trt.BuilderFlag, "FP16")
+    return "fp32" if weak_typing else "fp16"
+
+
+def build_engine(
+    trt,
+    onnx_path: Path,
+    engine_path: Path,
+    *,
+    fp16_flag: bool,
+    batch: BatchRange,
+    workspace_bytes: int,
+    timing_cache: Path,
+) -> None:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if not fp16_flag and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        # Required for typed FP16 graphs on 10.x, the only mode on 11.x; the FP16 flag needs weak typing.
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if fp16_flag:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        rest = tuple(tensor.shape)[1:]  # dimension 0 is the dynamic batch (-1)
+        profile.set_shape(tensor.name, (batch.min, *rest), (batch.opt, *rest), (batch.max, *rest))
+    config.add_optimization_profile(profile)
+
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(
+            f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)"
+        )
+    engine_path.write_bytes(memoryview(serialized))
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+
+
+def build_engines(
+    root: Path,
+    manifest: dict,
+    *,
+    fp16: bool,
+    batch: BatchRange,
+    workspace_bytes: int,
+    timing_cache: Path | None,
+    progress: Callable[[str], None],
+) -> dict:
+    """Engines for every graph, FP32 and (with fp16) FP16; returns the manifest's `engines` section."""
+    trt = require("tensorrt", "--tensorrt")
+    torch = require("torch", "--tensorrt")
+    if not torch.cuda.is_available():
+        raise CRNetError("--tensorrt needs a CUDA GPU, and torch sees none")
+    device = torch.cuda.get_device_name()
+    if timing_cache is None:
+        timing_cache = DEFAULT_TIMING_CACHE / f"timing-{trt.__version__}-{device.replace(' ', '_')}.cache"
+    engines = {}
+    for precision in ("fp32", "fp16") if fp16 else ("fp32",):
+        source = "fp32" if precision == "fp32" else fp16_source(trt)
+        engines[precision] = {}
+        for name, entry in manifest["graphs"][source].items():
+            progress(f"building TensorRT {precision} engine for {name}")
+            path = root / f"{name}.{precision}.plan"
+            build_engine(
+                trt,
+                root / entry["file"],
+                path,
+                fp16_flag=precision == "fp16" and source == "fp32",
+                batch=batch,
+                workspace_bytes=workspace_bytes,
+                timing_cache=timing_cache,
+            )
+            engines[precision][name] = file_entry(
+                root, path, source=entry["file"], tensorrt_version=trt.__version__, device=device
+            )
+    return engines
