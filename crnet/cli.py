@@ -1,4 +1,6 @@
-"""`crnet` command line: synth, train, eval, demo. User errors print one line and exit with code 2."""
+"""`crnet` command line: synth, train, eval, export, infer, bench, demo.
+
+User errors print one line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="CRNet few-shot segmentation: train, evaluate, demo.",
+    help="CRNet few-shot segmentation: train, evaluate, export, infer, bench, demo.",
 )
 
 
@@ -229,6 +231,164 @@ def demo(
     results, picture = run_demo(checkpoint, out, data_root(data), episodes, resolve_device(device), progress)
     print_results(results)
     typer.echo(f"episodes drawn in {picture}")
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="model checkpoint (model.pt)")],
+    out: Annotated[Path, typer.Option(help="bundle directory to write")],
+    fp16: Annotated[bool, typer.Option(help="also write FP16 graphs (FP32 inputs and outputs)")] = False,
+    tensorrt: Annotated[
+        bool, typer.Option(help="also build TensorRT engines (needs tensorrt and a GPU)")
+    ] = False,
+    batch: Annotated[str, typer.Option(help="batch range MIN:OPT:MAX of the engines")] = "1:1:16",
+    iterations: Annotated[
+        int | None, typer.Option(help="refinement iterations T (default: the model's)")
+    ] = None,
+    triton: Annotated[Path | None, typer.Option(help="also write a Triton model repository here")] = None,
+    workspace_gib: Annotated[float, typer.Option(help="TensorRT builder workspace limit")] = 4.0,
+    timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache file, reused")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+) -> None:
+    """Checkpoint -> bundle: encoder, prompt and head ONNX graphs (+ FP16, TensorRT engines), checked."""
+    from export.build import export_bundle
+    from export.bundle import BatchRange
+
+    result = export_bundle(
+        checkpoint,
+        out,
+        fp16=fp16,
+        tensorrt=tensorrt,
+        batch=BatchRange.parse(batch),
+        iterations=iterations,
+        overwrite=overwrite,
+        workspace_gib=workspace_gib,
+        timing_cache=timing_cache,
+        progress=lambda message: typer.echo(message, err=True),
+    )
+    typer.echo(f"wrote bundle {result.bundle}")
+    if triton is not None:
+        from export.triton import write_repository
+
+        typer.echo(
+            f"wrote Triton model repository {write_repository(result.bundle, triton, overwrite=overwrite)}"
+        )
+    if result.tensorrt_skipped:
+        raise CRNetError(f"no TensorRT engines: {result.tensorrt_skipped}; the rest of the bundle is written")
+
+
+@app.command("infer")
+def infer_command(
+    engine: Annotated[
+        Path, typer.Option(help="bundle directory, a graph/engine in one, or a .pt checkpoint")
+    ],
+    support: Annotated[list[Path], typer.Option(help="support image (repeat for k shots)")],
+    support_mask: Annotated[
+        list[Path], typer.Option(help="its mask PNG: 0 background, 1 object, 255 ignore")
+    ],
+    query: Annotated[list[Path], typer.Option(help="query image (repeat, or pass many)")],
+    out: Annotated[Path, typer.Option(help="where masks, overlays and infer.json go")],
+    runtime: Annotated[
+        str | None, typer.Option(help="torch, onnxruntime or tensorrt (default: best)")
+    ] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 or fp16 (default: the engine's)")] = None,
+    batch: Annotated[int, typer.Option(help="queries per forward pass")] = 8,
+    device: DeviceOption = "auto",
+    progress: ProgressOption = True,
+) -> None:
+    """Segment queries against k labelled supports; the support prompt is computed once."""
+    from tqdm import tqdm
+
+    from crnet.device import resolve_device
+    from crnet.infer import infer
+
+    with tqdm(total=len(query), disable=not progress, desc="infer", unit="query", dynamic_ncols=True) as bar:
+        summary = infer(
+            engine,
+            support,
+            support_mask,
+            query,
+            out,
+            runtime=runtime,
+            precision=precision,
+            device=resolve_device(device),
+            batch=batch,
+            progress=bar.update,
+        )
+    typer.echo(f"{summary['runtime']}: {len(summary['queries'])} masks in {out} ({summary['seconds']:.2f} s)")
+
+
+@app.command("bench")
+def bench_command(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="model checkpoint: the torch runtimes and the reference")
+    ],
+    bundle: Annotated[Path | None, typer.Option(help="exported bundle for onnxruntime / tensorrt")] = None,
+    runtime: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME[:fp32|fp16][+OPTION], repeatable, e.g. onnxruntime:fp16, torch:fp16+compile"),
+    ] = None,
+    data: DataOption = None,
+    fold: int = 0,
+    shots: int = 1,
+    episodes: Annotated[int, typer.Option(help="accuracy episodes (0: latency only)")] = 1000,
+    batch: Annotated[int, typer.Option(help="episodes per timed call")] = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: Annotated[int, typer.Option(help="CPU threads, pinned for every runtime")] = 2,
+    json_out: Annotated[Path, typer.Option("--json", help="results JSON")] = Path("runs/bench/bench.json"),
+    chart: Annotated[
+        Path | None, typer.Option(help="latency bar chart PNG (default: beside the JSON)")
+    ] = None,
+    device: DeviceOption = "auto",
+    progress: ProgressOption = True,
+) -> None:
+    """Latency and IoU of every runtime on the same episodes, with agreement to PyTorch FP32."""
+    import contextlib
+
+    from tqdm import tqdm
+
+    from crnet.device import resolve_device
+    from engines import RuntimeSpec
+    from engines.bench import BenchSettings, format_table, plot_latency, run_bench
+
+    resolved = resolve_device(device)
+    default = ["torch:fp32", "onnxruntime:fp32", "onnxruntime:fp16"]
+    if resolved.type == "cuda":
+        default = ["torch:fp32", "torch:fp16+channels-last", "onnxruntime:fp32+cuda", "tensorrt:fp16"]
+    specs = [RuntimeSpec.parse(text) for text in runtime or default]
+    if any(spec.name != "torch" for spec in specs) and bundle is None:
+        raise CRNetError("onnxruntime and tensorrt runtimes need --bundle (make one with `crnet export`)")
+    if min(episodes, batch - 1, warmup, repeats - 1, threads - 1) < 0:
+        raise CRNetError("--batch, --repeats and --threads must be >= 1; --episodes and --warmup >= 0")
+    settings = BenchSettings(
+        checkpoint=checkpoint,
+        bundle=bundle,
+        data_root=data_root(data),
+        fold=fold,
+        shots=shots,
+        episodes=episodes,
+        batch=batch,
+        warmup=warmup,
+        repeats=repeats,
+        threads=threads,
+        device=str(resolved),
+    )
+
+    @contextlib.contextmanager
+    def bar(total: int, what: str):
+        with tqdm(total=total, disable=not progress, desc=what, dynamic_ncols=True) as handle:
+            yield handle.update
+
+    result = run_bench(specs, settings, bar, notice=lambda line: typer.echo(line, err=True))
+    typer.echo(format_table(result))
+    write_json(result, json_out)
+    chart = chart or json_out.with_suffix(".png")
+    try:
+        plot_latency(result, chart)
+        typer.echo(f"wrote {chart}", err=True)
+    except ImportError:
+        typer.echo("no latency chart: matplotlib is not installed (pip install 'crnet[bench]')", err=True)
 
 
 def one_line(error: Exception) -> str:

@@ -1,0 +1,365 @@
+"""`crnet bench`: every runtime on the same episodes, latency and accuracy, one table.
+
+Accuracy: each runtime segments the same fixed episodes as PyTorch FP32 (the reference); mIoU / FB-IoU are
+against ground truth (logits at input resolution, resized to the label), agreement is against the reference
+(pixel agreement and mask IoU of the predicted foreground, absolute logit error at input resolution).
+
+Latency: on one batch of episodes, after warm-up, with the device synchronised inside every timed region:
+    episode  encode supports + encode query + prompt + segment (nothing cached)
+    query    encode query + segment, against a prompt computed once (the deployed path)
+    encoder  one encode of the query batch
+Reported as median, p90, p99 (ms) and throughput (episodes or queries per second). JSON schema: SCHEMA.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from crnet.data.episodes import EpisodeDataset, SampleIndex, collate, fixed_episodes
+from crnet.data.pascal import VOCTree, fold_classes
+from crnet.evaluate import IoUMeter
+from crnet.model.crnet import upsample
+from engines import RuntimeSpec, open_runtime
+from engines.base import Runtime, RuntimeUnavailable
+
+SCHEMA = "crnet-bench-1"
+REFERENCE = RuntimeSpec("torch", "fp32")
+
+# The JSON `crnet bench` writes (also documented in docs/BENCHMARKS.md):
+#   schema            "crnet-bench-1"
+#   machine           {cpu, threads, device, gpu, torch, onnxruntime, tensorrt, platform}
+#   settings          {checkpoint, bundle, data, fold, shots, episodes, batch, warmup, repeats, iterations}
+#   runtimes: [ {
+#     spec, label, status ("ok" | "unavailable"), reason (when unavailable),
+#     latency_ms: {episode|query|encoder: {median, p90, p99, mean, min, samples}},
+#     throughput: {episodes_per_s, queries_per_s},
+#     latency_vs_reference: this episode median / the reference episode median (lower is faster),
+#     prompt_cache_saving: (episode - query) / encoder, the share of one encoder pass a cached prompt saves,
+#     accuracy: {miou, fbiou, per_class},
+#     agreement: {pixel_agreement, mask_iou, max_abs_logit_error, mean_abs_logit_error}
+#   } ]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    checkpoint: Path
+    bundle: Path | None
+    data_root: Path
+    fold: int = 0
+    shots: int = 1
+    episodes: int = 1000
+    batch: int = 1
+    warmup: int = 5
+    repeats: int = 30
+    threads: int = 2
+    device: str = "cpu"
+    eval_batch: int = 16
+
+
+def percentile_summary(samples: list[float]) -> dict:
+    ms = np.array(samples) * 1000.0
+    return {
+        "median": float(np.median(ms)),
+        "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)),
+        "mean": float(ms.mean()),
+        "min": float(ms.min()),
+        "samples": len(samples),
+    }
+
+
+class Timer:
+    """Wall time of a callable with the device synchronised before start and before stop."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def __call__(self, work: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+        for _ in range(warmup):
+            work()
+        self.sync()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            self.sync()
+            samples.append(time.perf_counter() - start)
+        return samples
+
+
+class Agreement:
+    """Runtime vs reference logits at input resolution."""
+
+    def __init__(self):
+        self.same = self.pixels = self.intersection = self.union = 0
+        self.max_abs = 0.0
+        self.abs_sum = 0.0
+        self.values = 0
+
+    def update(self, logits: torch.Tensor, reference: torch.Tensor) -> None:
+        error = (logits.double() - reference.double()).abs()
+        self.max_abs = max(self.max_abs, float(error.max()))
+        self.abs_sum += float(error.sum())
+        self.values += error.numel()
+        mask, expected = logits.argmax(1).bool(), reference.argmax(1).bool()
+        self.same += int((mask == expected).sum())
+        self.pixels += mask.numel()
+        self.intersection += int((mask & expected).sum())
+        self.union += int((mask | expected).sum())
+
+    def result(self) -> dict:
+        return {
+            "pixel_agreement": 100.0 * self.same / self.pixels,
+            "mask_iou": 100.0 * self.intersection / self.union if self.union else 100.0,
+            "max_abs_logit_error": self.max_abs,
+            "mean_abs_logit_error": self.abs_sum / self.values,
+        }
+
+
+def episode_loader(settings: BenchSettings, input_size: int, count: int, batch: int) -> DataLoader:
+    tree = VOCTree(settings.data_root)
+    index = SampleIndex(tree, "val", fold_classes(settings.fold))
+    specs = fixed_episodes(index, settings.shots, count, seed=0)
+    dataset = EpisodeDataset(tree, index, specs, input_size, keep_original=True)
+    return DataLoader(dataset, batch_size=batch, collate_fn=collate)
+
+
+def open_all(specs: list[RuntimeSpec], settings: BenchSettings) -> tuple[list, dict[RuntimeSpec, str]]:
+    opened, unavailable = [], {}
+    for spec in dict.fromkeys([REFERENCE, *specs]):  # reference first, no duplicates
+        try:
+            opened.append(
+                (
+                    spec,
+                    open_runtime(
+                        spec,
+                        checkpoint=settings.checkpoint,
+                        bundle=settings.bundle,
+                        device=settings.device,
+                        threads=settings.threads,
+                    ),
+                )
+            )
+        except RuntimeUnavailable as error:
+            if spec == REFERENCE:
+                raise
+            unavailable[spec] = str(error)
+    return opened, unavailable
+
+
+def measure_accuracy(runtimes: list[tuple[RuntimeSpec, Runtime]], settings: BenchSettings, progress) -> dict:
+    """mIoU, FB-IoU and agreement with the reference for every runtime, on the same episodes."""
+    reference = runtimes[0][1]
+    batch = min(
+        [settings.eval_batch] + [rt.max_batch // settings.shots for _, rt in runtimes if rt.max_batch]
+    )
+    loader = episode_loader(settings, reference.input_size, settings.episodes, max(1, batch))
+    classes = fold_classes(settings.fold)
+    meters = {spec: IoUMeter(classes) for spec, _ in runtimes}
+    agreements = {spec: Agreement() for spec, _ in runtimes}
+    device = torch.device(settings.device)
+    with progress(settings.episodes, "accuracy") as bar:
+        for data in loader:
+            query = data["query_image"].to(device)
+            supports, masks = data["support_images"].to(device), data["support_masks"].to(device)
+            expected = None
+            for spec, runtime in runtimes:
+                logits = runtime.episode(query, supports, masks).float().cpu()
+                expected = logits if expected is None else expected
+                agreements[spec].update(logits, expected)
+                for i, label in enumerate(data["query_label"]):
+                    resized = upsample(logits[i : i + 1], tuple(label.shape))
+                    meters[spec].update(resized.argmax(1)[0].bool(), label, int(data["class_id"][i]))
+            bar(len(data["query_label"]))
+    return {
+        spec: {"accuracy": meters[spec].result(), "agreement": agreements[spec].result()} for spec in meters
+    }
+
+
+def measure_latency(runtime: Runtime, data: dict, settings: BenchSettings) -> dict:
+    device = torch.device(settings.device)
+    query = data["query_image"].to(device)
+    supports, masks = data["support_images"].to(device), data["support_masks"].to(device)
+    timer = Timer(device)
+    prompt = runtime.prompt(runtime.encode(supports.flatten(0, 1)).unflatten(0, supports.shape[:2]), masks)
+    samples = {
+        "episode": timer(lambda: runtime.episode(query, supports, masks), settings.warmup, settings.repeats),
+        "query": timer(
+            lambda: runtime.segment(runtime.encode(query), prompt), settings.warmup, settings.repeats
+        ),
+        "encoder": timer(lambda: runtime.encode(query), settings.warmup, settings.repeats),
+    }
+    latency = {name: percentile_summary(values) for name, values in samples.items()}
+    episode, query_ms, encoder = (latency[k]["median"] for k in ("episode", "query", "encoder"))
+    return {
+        "latency_ms": latency,
+        "throughput": {
+            "episodes_per_s": settings.batch * 1000.0 / episode,
+            "queries_per_s": settings.batch * 1000.0 / query_ms,
+        },
+        "prompt_cache_saving": (episode - query_ms) / encoder,
+    }
+
+
+def latency_batch(settings: BenchSettings, input_size: int) -> dict:
+    """The first `batch` fixed episodes (repeated when the fold has fewer) as one batch."""
+    loader = episode_loader(settings, input_size, settings.batch, settings.batch)
+    return next(iter(loader))
+
+
+def machine(settings: BenchSettings) -> dict:
+    info = {
+        "cpu": _cpu_name(),
+        "threads": settings.threads,
+        "device": settings.device,
+        "gpu": torch.cuda.get_device_name() if settings.device.startswith("cuda") else None,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    for module in ("onnxruntime", "tensorrt"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            info[module] = None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice=print) -> dict:
+    """Open every runtime, measure accuracy (unless episodes == 0) and latency; the JSON document."""
+    torch.set_num_threads(settings.threads)
+    runtimes, unavailable = open_all(specs, settings)
+    for spec, reason in unavailable.items():
+        notice(f"skipping {spec}: {reason}")
+    try:
+        accuracy = measure_accuracy(runtimes, settings, progress) if settings.episodes > 0 else {}
+        data = latency_batch(settings, runtimes[0][1].input_size)
+        latency = {}
+        with progress(len(runtimes), "latency") as bar:
+            for spec, runtime in runtimes:
+                runtime.check_batch(settings.batch * settings.shots)
+                latency[spec] = measure_latency(runtime, data, settings)
+                bar(1)
+    finally:
+        for _, runtime in runtimes:
+            runtime.close()
+    reference_ms = latency[REFERENCE]["latency_ms"]["episode"]["median"]
+    rows = []
+    for spec, runtime in runtimes:
+        row = {"spec": str(spec), "label": runtime.label, "status": "ok", **latency[spec]}
+        row["latency_vs_reference"] = row["latency_ms"]["episode"]["median"] / reference_ms
+        row.update(accuracy.get(spec, {}))
+        rows.append(row)
+    rows += [
+        {"spec": str(s), "label": str(s), "status": "unavailable", "reason": r}
+        for s, r in unavailable.items()
+    ]
+    return {
+        "schema": SCHEMA,
+        "machine": machine(settings),
+        "settings": {
+            "checkpoint": str(settings.checkpoint),
+            "bundle": None if settings.bundle is None else str(settings.bundle),
+            "data": str(settings.data_root),
+            "fold": settings.fold,
+            "shots": settings.shots,
+            "episodes": settings.episodes,
+            "batch": settings.batch,
+            "warmup": settings.warmup,
+            "repeats": settings.repeats,
+            "iterations": runtimes[0][1].iterations,
+            "input_size": runtimes[0][1].input_size,
+        },
+        "runtimes": rows,
+    }
+
+
+def _fmt(value, digits=1) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    """The results as a Markdown table (it reads in a terminal and pastes into docs)."""
+    settings, machine_info = result["settings"], result["machine"]
+    where = machine_info["gpu"] or f"{machine_info['cpu']}, {machine_info['threads']} threads"
+    lines = [
+        f"{settings['input_size']}x{settings['input_size']}, {settings['shots']}-shot, "
+        f"T={settings['iterations']}, batch {settings['batch']}, on {where}; accuracy on "
+        f"{settings['episodes']} episodes of fold {settings['fold']}; agreement vs torch fp32",
+        "",
+        "| runtime | episode ms (median / p90 / p99) | query ms, cached prompt | episodes/s "
+        "| latency vs torch fp32 | mIoU | FB-IoU | pixel agreement % | mask IoU % "
+        "| max / mean abs logit error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["runtimes"]:
+        if row["status"] != "ok":
+            lines.append(f"| {row['label']} | unavailable: {row['reason']} |||||||||")
+            continue
+        episode, query = row["latency_ms"]["episode"], row["latency_ms"]["query"]
+        accuracy, agreement = row.get("accuracy", {}), row.get("agreement", {})
+        error = (
+            f"{agreement['max_abs_logit_error']:.2g} / {agreement['mean_abs_logit_error']:.2g}"
+            if agreement
+            else "-"
+        )
+        cells = [
+            row["label"],
+            f"{episode['median']:.1f} / {episode['p90']:.1f} / {episode['p99']:.1f}",
+            f"{query['median']:.1f}",
+            f"{row['throughput']['episodes_per_s']:.1f}",
+            f"{row['latency_vs_reference']:.2f}",
+            _fmt(accuracy.get("miou")),
+            _fmt(accuracy.get("fbiou")),
+            _fmt(agreement.get("pixel_agreement"), 2),
+            _fmt(agreement.get("mask_iou"), 2),
+            error,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_latency(result: dict, path: Path) -> None:
+    """Bar chart of episode and cached-prompt query latency per runtime (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in result["runtimes"] if row["status"] == "ok"]
+    labels = [row["label"] for row in rows]
+    positions = np.arange(len(rows))
+    figure, axis = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
+    for offset, kind in ((-0.2, "episode"), (0.2, "query")):
+        medians = [row["latency_ms"][kind]["median"] for row in rows]
+        p90 = [row["latency_ms"][kind]["p90"] - m for row, m in zip(rows, medians, strict=True)]
+        axis.bar(positions + offset, medians, 0.4, yerr=[[0] * len(rows), p90], capsize=3, label=kind)
+    axis.set_xticks(positions, labels, rotation=20, ha="right")
+    axis.set_ylabel("latency, ms (median, bar to p90)")
+    axis.set_title(f"crnet bench: {result['settings']['input_size']}px, batch {result['settings']['batch']}")
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+__all__ = ["SCHEMA", "BenchSettings", "format_table", "plot_latency", "run_bench"]
