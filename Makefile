@@ -8,7 +8,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt CMakeLists.txt
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	$(PIP) install --quiet -c constraints.txt -e ".[dev,export,bench]"
 	@mkdir -p build && touch $(STAMP)
 
 demo: install

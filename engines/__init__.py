@@ -3,7 +3,8 @@
     runtime = open_runtime(RuntimeSpec.parse("onnxruntime:fp16"), checkpoint=..., bundle=..., device="cpu")
     features = runtime.encode(images); prompt = runtime.prompt(features, masks); runtime.segment(...)
 
-A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `torch:fp16+cuda-graphs`,
+A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `torch:bf16+channels-last`,
+`torch:fp16+cuda-graphs`,
 `onnxruntime:fp32`, `onnxruntime:fp16+cuda`, `onnxruntime:fp16+tensorrt` (execution providers),
 `tensorrt:fp16`. Every backend library is imported only when its runtime is opened.
 """
@@ -40,8 +41,9 @@ class RuntimeSpec:
         if name not in NAMES:
             raise RuntimeUnavailable(f"unknown runtime {name!r} in {text!r}; choose {', '.join(NAMES)}")
         precision = precision or "fp32"
-        if precision not in ("fp32", "fp16"):
-            raise RuntimeUnavailable(f"precision in {text!r} must be fp32 or fp16")
+        allowed = ("fp32", "fp16", "bf16") if name == "torch" else ("fp32", "fp16")
+        if precision not in allowed:
+            raise RuntimeUnavailable(f"{name} precision in {text!r} must be one of {', '.join(allowed)}")
         unknown = [o for o in options if o not in OPTIONS[name]]
         if unknown:
             allowed = ", ".join(OPTIONS[name]) or "none"

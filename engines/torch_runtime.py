@@ -1,4 +1,4 @@
-"""PyTorch eager (the reference), optionally FP16, channels-last, torch.compile and CUDA graphs."""
+"""PyTorch eager (the reference), optionally FP16/BF16, channels-last, torch.compile and CUDA graphs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from crnet.model.condition import weighted_average_pool
 from crnet.model.crnet import SupportPrompt
 from engines.base import Runtime, RuntimeUnavailable
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# bf16 is torch-only: on CPUs with AVX512-BF16 or AMX (oneDNN) it is the fast CPU path.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchRuntime(Runtime):
@@ -34,7 +35,7 @@ class TorchRuntime(Runtime):
         if cuda_graphs and self.device.type != "cuda":
             raise RuntimeUnavailable("CUDA graphs need --device cuda")
         if precision not in DTYPES:
-            raise RuntimeUnavailable(f"torch runtime precision must be fp32 or fp16, got {precision!r}")
+            raise RuntimeUnavailable(f"torch runtime precision must be fp32, fp16 or bf16, got {precision!r}")
         self.precision, self.dtype = precision, DTYPES[precision]
         model = checkpoint.load_model(checkpoint_path, self.device)
         self.model = model.to(self.dtype)

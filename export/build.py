@@ -131,9 +131,9 @@ def export_bundle(
 
         skipped = None
         if tensorrt:
-            try:
-                from export.tensorrt import build_engines
+            from export.tensorrt import TensorRTUnavailable, build_engines
 
+            try:
                 manifest["engines"] = build_engines(
                     writer.root,
                     manifest,
@@ -143,7 +143,7 @@ def export_bundle(
                     timing_cache=timing_cache,
                     progress=progress,
                 )
-            except MissingDependencyError as error:
+            except (MissingDependencyError, TensorRTUnavailable) as error:
                 skipped = str(error)
         bundle = writer.commit(manifest)
     except BaseException:

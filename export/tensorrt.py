@@ -21,6 +21,10 @@ class EngineBuildError(CRNetError):
     """TensorRT could not parse a graph or build an engine."""
 
 
+class TensorRTUnavailable(CRNetError):
+    """TensorRT is installed but this machine cannot build engines (no CUDA GPU)."""
+
+
 def major_version(trt) -> int:
     return int(trt.__version__.split(".")[0])
 
@@ -76,6 +80,13 @@ def build_engine(
     timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
 
 
+def cuda_device_name() -> str | None:
+    """The GPU engines are built for (they run on that model of GPU only); None without CUDA."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def build_engines(
     root: Path,
     manifest: dict,
@@ -88,10 +99,9 @@ def build_engines(
 ) -> dict:
     """Engines for every graph, FP32 and (with fp16) FP16; returns the manifest's `engines` section."""
     trt = require("tensorrt", "--tensorrt")
-    torch = require("torch", "--tensorrt")
-    if not torch.cuda.is_available():
-        raise CRNetError("--tensorrt needs a CUDA GPU, and torch sees none")
-    device = torch.cuda.get_device_name()
+    device = cuda_device_name()
+    if device is None:
+        raise TensorRTUnavailable("--tensorrt needs a CUDA GPU, and torch sees none")
     if timing_cache is None:
         timing_cache = DEFAULT_TIMING_CACHE / f"timing-{trt.__version__}-{device.replace(' ', '_')}.cache"
     engines = {}

@@ -9,3 +9,31 @@ def bench_root(tmp_path_factory):
     return synthetic.generate(
         tmp_path_factory.mktemp("bench"), seed=0, train_per_class=4, val_per_class=3, image_size=48
     )
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory):
+    """An untrained CRNet small enough to export in seconds (33 px input, 5x5 features, 16 channels)."""
+    import torch
+
+    from crnet.checkpoint import save_atomic
+    from crnet.model.crnet import build_model
+    from tests.ddp_worker import MICRO
+
+    torch.manual_seed(0)
+    model = build_model(MICRO)
+    return save_atomic(
+        {"model_config": MICRO.to_dict(), "model": model.state_dict()},
+        tmp_path_factory.mktemp("micro") / "micro.pt",
+    )
+
+
+@pytest.fixture(scope="session")
+def micro_bundle(micro_checkpoint, tmp_path_factory):
+    """The micro model exported with FP32 and FP16 graphs (read-only: tests that damage one copy it)."""
+    pytest.importorskip("onnxruntime", reason="export tests need the [export] extra")
+    from export.build import export_bundle
+    from export.bundle import BatchRange
+
+    out = tmp_path_factory.mktemp("bundle") / "micro"
+    return export_bundle(micro_checkpoint, out, fp16=True, batch=BatchRange(1, 2, 8)).bundle

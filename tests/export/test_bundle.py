@@ -1,0 +1,135 @@
+"""Bundles: manifest and checksum validation, atomic writes, the TensorRT-less export."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from crnet.errors import CRNetError
+from export import build
+from export.build import export_bundle
+from export.bundle import FORMAT, BatchRange, BundleError, load_bundle
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture
+def copy(micro_bundle, tmp_path) -> Path:
+    return Path(shutil.copytree(micro_bundle, tmp_path / "bundle"))
+
+
+def edit_manifest(root: Path, change) -> None:
+    manifest = json.loads((root / "manifest.json").read_text())
+    change(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_good_bundle_loads(micro_bundle) -> None:
+    bundle = load_bundle(micro_bundle)
+    assert bundle.model_config.input_size == 33
+    assert bundle.graph("fp16", "head").is_file()
+    assert load_bundle(bundle.graph("fp32", "encoder")).root == bundle.root  # a file inside one
+
+
+def test_a_changed_graph_fails_its_checksum(copy) -> None:
+    graph = copy / "head.fp32.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="does not match its checksum"):
+        load_bundle(copy)
+
+
+def test_a_missing_graph_is_named(copy) -> None:
+    (copy / "prompt.fp16.onnx").unlink()
+    with pytest.raises(BundleError, match="prompt.fp16.onnx but the file is missing"):
+        load_bundle(copy)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(format="crnet-bundle-99"), "this crnet reads"),
+        (lambda m: m.pop("iterations"), "incomplete or malformed"),
+        (lambda m: m["model_config"].update(width="wide", blocks=None), "incomplete or malformed"),
+        (lambda m: m["graphs"]["fp32"]["head"].pop("sha256"), "incomplete or malformed"),
+    ],
+    ids=["foreign-format", "no-iterations", "bad-model-config", "entry-without-checksum"],
+)
+def test_a_bad_manifest_is_refused(copy, change, message) -> None:
+    edit_manifest(copy, change)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(copy)
+
+
+def test_not_a_bundle(tmp_path) -> None:
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="cannot read"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match="not a crnet bundle"):
+        load_bundle(tmp_path / "..")
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_a_missing_precision_says_how_to_get_it(micro_bundle) -> None:
+    with pytest.raises(BundleError, match="no fp32 TensorRT engines"):
+        load_bundle(micro_bundle).engine("fp32", "head")
+
+
+@pytest.mark.parametrize("text", ["1:4", "a:b:c", "0:1:2", "4:2:8", "1:8:4"])
+def test_batch_range_parse_refuses(text) -> None:
+    with pytest.raises(CRNetError, match="--batch"):
+        BatchRange.parse(text)
+
+
+def test_batch_range_parse() -> None:
+    assert BatchRange.parse("1:4:32") == BatchRange(1, 4, 32)
+
+
+def test_existing_output_needs_overwrite(micro_checkpoint, micro_bundle) -> None:
+    with pytest.raises(CRNetError, match="already exists; pass --overwrite"):
+        export_bundle(micro_checkpoint, micro_bundle)
+
+
+def test_a_failed_export_leaves_nothing(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def fail_on_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("simulated exporter failure")
+        return original(*args)
+
+    original = build.export_onnx
+    monkeypatch.setattr(build, "export_onnx", fail_on_second)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_bundle(micro_checkpoint, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # no bundle, no partial directory
+
+
+def test_an_fp32_graph_that_disagrees_fails_the_export(micro_checkpoint, tmp_path, monkeypatch) -> None:
+    real = build.verify_graph
+
+    def skewed(*args):
+        errors = real(*args)
+        for figures in errors.values():
+            figures["max_abs"] = 1.0
+        return errors
+
+    monkeypatch.setattr(build, "verify_graph", skewed)
+    with pytest.raises(build.ExportVerificationError, match="disagrees with PyTorch on encoder"):
+        export_bundle(micro_checkpoint, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the export without TensorRT; it is installed here")
+def test_tensorrt_missing_still_writes_the_bundle(micro_checkpoint, tmp_path) -> None:
+    result = export_bundle(micro_checkpoint, tmp_path / "out", tensorrt=True)
+    assert "tensorrt" in result.tensorrt_skipped and "pip install tensorrt" in result.tensorrt_skipped
+    bundle = load_bundle(result.bundle)
+    assert bundle.manifest["format"] == FORMAT and bundle.manifest["engines"] == {}
