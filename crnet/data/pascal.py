@@ -42,9 +42,18 @@ def base_classes(fold: int) -> tuple[int, ...]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); grayscale and RGBA are converted. Raises ImageReadError."""
+    """RGB uint8 (H, W, 3); grayscale, palette, RGBA, CMYK and 16-bit grayscale are converted.
+    Raises ImageReadError."""
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I;16"):  # PIL would clip 16-bit values to 255, not scale them
+                gray = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
+                return np.repeat(gray[:, :, None], 3, axis=2)
+            if image.mode in ("I", "F"):
+                raise ImageReadError(
+                    f"cannot read image {path}: mode {image.mode} (32-bit) has no defined range; save it as "
+                    "8-bit RGB or grayscale"
+                )
             return np.asarray(image.convert("RGB"))
     except FileNotFoundError:
         raise ImageReadError(f"image not found: {path}") from None

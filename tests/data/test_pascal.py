@@ -394,3 +394,26 @@ def test_image_modes_convert_to_rgb(root: Path, mode: str, fmt: str) -> None:
     if fmt == "PNG":  # lossless: exactly PIL's own conversion of what was written (RGBA: alpha dropped)
         np.testing.assert_array_equal(image, np.asarray(source.convert("RGB")))
     np.testing.assert_array_equal(label, BY_ID[VAL_ID].label())
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path) -> None:
+    from PIL import Image
+
+    from crnet.data.pascal import read_image
+
+    values = np.array([[0, 256, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    image = read_image(tmp_path / "deep.png")
+    assert image.shape == (1, 4, 3) and image.dtype == np.uint8
+    assert image[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_float_images_are_refused(tmp_path) -> None:
+    from PIL import Image
+
+    from crnet.data.pascal import read_image
+    from crnet.errors import ImageReadError
+
+    Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ImageReadError, match="mode F"):
+        read_image(tmp_path / "float.tif")

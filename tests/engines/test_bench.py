@@ -1,0 +1,105 @@
+"""`crnet bench` harness: the JSON it promises, a table, a chart, unavailable runtimes reported."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from engines import RuntimeSpec
+from engines.bench import SCHEMA, BenchSettings, format_table, percentile_summary, plot_latency, run_bench
+
+
+@contextlib.contextmanager
+def no_bar(total, what):
+    yield lambda n: None
+
+
+@pytest.fixture(scope="module")
+def result(micro_checkpoint, micro_bundle, bench_root):
+    settings = BenchSettings(
+        checkpoint=micro_checkpoint,
+        bundle=micro_bundle,
+        data_root=bench_root,
+        episodes=6,
+        batch=2,
+        warmup=1,
+        repeats=3,
+        threads=1,
+        eval_batch=4,
+    )
+    specs = [RuntimeSpec.parse(s) for s in ("onnxruntime:fp32", "onnxruntime:fp16", "tensorrt:fp16")]
+    notices = []
+    result = run_bench(specs, settings, no_bar, notice=notices.append)
+    result["notices"] = notices
+    return result
+
+
+def rows(result):
+    return {row["spec"]: row for row in result["runtimes"]}
+
+
+def test_schema(result) -> None:
+    assert result["schema"] == SCHEMA
+    assert result["machine"]["threads"] == 1 and result["machine"]["torch"] == torch.__version__
+    assert result["settings"]["episodes"] == 6 and result["settings"]["batch"] == 2
+    reference = rows(result)["torch:fp32"]  # always measured, first
+    assert result["runtimes"][0] is reference or result["runtimes"][0]["spec"] == "torch:fp32"
+    for row in result["runtimes"]:
+        if row["status"] != "ok":
+            continue
+        for kind in ("episode", "query", "encoder"):
+            figures = row["latency_ms"][kind]
+            assert figures["samples"] == 3
+            assert 0 < figures["min"] <= figures["median"] <= figures["p90"] <= figures["p99"]
+        assert row["throughput"]["episodes_per_s"] == pytest.approx(
+            2000 / row["latency_ms"]["episode"]["median"]
+        )
+        assert set(row["accuracy"]) >= {"miou", "fbiou", "per_class"}
+        assert set(row["agreement"]) == {
+            "pixel_agreement",
+            "mask_iou",
+            "max_abs_logit_error",
+            "mean_abs_logit_error",
+        }
+    json.dumps(result)  # serialisable as written
+
+
+def test_reference_agrees_with_itself_and_onnxruntime_with_it(result) -> None:
+    table = rows(result)
+    reference = table["torch:fp32"]
+    assert (
+        reference["agreement"]["pixel_agreement"] == 100.0
+        and reference["agreement"]["max_abs_logit_error"] == 0
+    )
+    assert reference["latency_vs_reference"] == 1.0
+    fp32 = table["onnxruntime:fp32"]
+    assert fp32["agreement"]["pixel_agreement"] >= 99.9
+    assert fp32["agreement"]["max_abs_logit_error"] < 1e-3
+    assert fp32["accuracy"]["miou"] == pytest.approx(reference["accuracy"]["miou"], abs=0.5)
+
+
+def test_unavailable_runtime_is_reported_not_fatal(result) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("tensorrt may be available on a CUDA machine")
+    row = rows(result)["tensorrt:fp16"]
+    assert row["status"] == "unavailable" and "CUDA" in row["reason"]
+    assert any("skipping tensorrt:fp16" in line for line in result["notices"])
+
+
+def test_table_and_chart(result, tmp_path) -> None:
+    table = format_table(result)
+    assert table.count("\n| ") == len(result["runtimes"]) + 1  # header + one row per runtime
+    assert "onnxruntime fp16" in table and "unavailable" in table
+    pytest.importorskip("matplotlib")
+    plot_latency(result, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_percentiles() -> None:
+    figures = percentile_summary([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert figures["median"] == pytest.approx(50.5)
+    assert figures["p90"] == pytest.approx(90.1)
+    assert figures["p99"] == pytest.approx(99.01)

@@ -1,0 +1,157 @@
+"""Every runtime behind one interface, against the PyTorch model itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crnet import checkpoint
+from crnet.errors import CRNetError, NoSupportError
+from crnet.model.crnet import upsample
+from engines import RuntimeSpec, RuntimeUnavailable, open_runtime
+
+# Tolerances on logits (O(0.1) for the untrained micro model). FP32 runtimes differ from eager PyTorch in
+# summation order only; FP16 keeps ~3 significant digits, BF16 ~2, through a dozen layers.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+SPECS = ["torch:fp32", "torch:bf16+channels-last", "onnxruntime:fp32", "onnxruntime:fp16"]
+
+
+def episode(shots: int, batch: int = 2, size: int = 33):
+    generator = torch.Generator().manual_seed(shots)
+    query = torch.randn(batch, 3, size, size, generator=generator)
+    supports = torch.randn(batch, shots, 3, size, size, generator=generator)
+    masks = (torch.rand(batch, shots, size, size, generator=generator) > 0.6).long()
+    masks[:, :, :2] = 255  # an ignore band counts as background
+    return query, supports, masks
+
+
+@pytest.fixture(params=SPECS)
+def runtime(request, micro_checkpoint, micro_bundle):
+    with open_runtime(
+        RuntimeSpec.parse(request.param), checkpoint=micro_checkpoint, bundle=micro_bundle, threads=1
+    ) as opened:
+        yield opened
+
+
+@pytest.mark.parametrize("shots", [1, 3])
+def test_episode_matches_the_model(runtime, micro_checkpoint, shots) -> None:
+    model = checkpoint.load_model(micro_checkpoint)
+    query, supports, masks = episode(shots)
+    with torch.no_grad():
+        expected = upsample(model(query, supports, masks).query, (33, 33))
+    logits = runtime.episode(query, supports, masks)
+    assert logits.shape == (2, 2, 33, 33) and logits.dtype == torch.float32
+    tolerance = TOLERANCE[runtime.precision]
+    torch.testing.assert_close(logits, expected, atol=tolerance, rtol=tolerance)
+
+
+def test_prompt_averages_the_shots(runtime, micro_checkpoint) -> None:
+    model = checkpoint.load_model(micro_checkpoint)
+    _, supports, masks = episode(3)
+    features = runtime.encode(supports.flatten(0, 1)).unflatten(0, (2, 3))
+    prompt = runtime.prompt(features, masks)
+    with torch.no_grad():
+        expected = model.prompt(model.encode(supports.flatten(0, 1)).unflatten(0, (2, 3)), masks)
+    tolerance = TOLERANCE[runtime.precision]
+    torch.testing.assert_close(prompt.vector, expected.vector, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(prompt.prototype, expected.prototype, atol=tolerance, rtol=tolerance)
+
+
+def test_a_cached_prompt_serves_other_queries(runtime) -> None:
+    query, supports, masks = episode(1)
+    features = runtime.encode(supports.flatten(0, 1)).unflatten(0, (2, 1))
+    prompt = runtime.prompt(features, masks)
+    cached = runtime.segment(runtime.encode(query), prompt)
+    torch.testing.assert_close(cached, runtime.episode(query, supports, masks))
+
+
+def test_zero_shots_is_refused(runtime) -> None:
+    with pytest.raises(NoSupportError):
+        runtime.prompt(torch.zeros(1, 0, 16, 5, 5), torch.zeros(1, 0, 33, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("caffe", "unknown runtime 'caffe'"),
+        ("onnxruntime:bf16", "must be one of fp32, fp16"),
+        ("torch:int4", "must be one of fp32, fp16, bf16"),
+        ("torch:fp32+turbo", "has no option 'turbo'"),
+        ("tensorrt:fp16+compile", "has no option 'compile'"),
+    ],
+)
+def test_bad_specs(text, message) -> None:
+    with pytest.raises(RuntimeUnavailable, match=message):
+        RuntimeSpec.parse(text)
+
+
+def test_spec_round_trip() -> None:
+    assert str(RuntimeSpec.parse("torch:fp16+channels-last")) == "torch:fp16+channels-last"
+    assert RuntimeSpec.parse("onnxruntime") == RuntimeSpec("onnxruntime", "fp32")
+
+
+def test_runtimes_name_what_they_need(micro_checkpoint, micro_bundle) -> None:
+    with pytest.raises(RuntimeUnavailable, match="needs an exported bundle"):
+        open_runtime(RuntimeSpec("onnxruntime"), checkpoint=micro_checkpoint)
+    with pytest.raises(RuntimeUnavailable, match="needs a checkpoint"):
+        open_runtime(RuntimeSpec("torch"), bundle=micro_bundle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_runtimes_refuse_without_cuda(micro_checkpoint, micro_bundle) -> None:
+    with pytest.raises(RuntimeUnavailable, match="needs a CUDA GPU"):
+        open_runtime(RuntimeSpec("tensorrt", "fp16"), bundle=micro_bundle, device="cuda")
+    with pytest.raises(RuntimeUnavailable, match="no CUDA GPU"):
+        open_runtime(RuntimeSpec("torch"), checkpoint=micro_checkpoint, device="cuda")
+    with pytest.raises(RuntimeUnavailable, match="CUDA graphs need --device cuda"):
+        open_runtime(RuntimeSpec("torch", options=("cuda-graphs",)), checkpoint=micro_checkpoint)
+
+
+def test_cpu_onnxruntime_cannot_take_a_gpu_provider(micro_bundle) -> None:
+    with pytest.raises(RuntimeUnavailable, match="does not run on device cpu"):
+        open_runtime(RuntimeSpec("onnxruntime", options=("cuda",)), bundle=micro_bundle)
+
+
+def test_engine_batch_limit(micro_checkpoint) -> None:
+    runtime = open_runtime(RuntimeSpec("torch"), checkpoint=micro_checkpoint)
+    runtime.max_batch = 4  # as an engine built with --batch 1:1:4 reports
+    with pytest.raises(CRNetError, match="at most 4, asked for 5"):
+        runtime.check_batch(5)
+
+
+def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
+    import json
+    import shutil
+
+    from export.bundle import sha256
+
+    copy = shutil.copytree(micro_bundle, tmp_path / "b")
+    (copy / "head.fp32.onnx").write_bytes(b"\x08\x07 not a protobuf of a graph")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["graphs"]["fp32"]["head"]["sha256"] = sha256(copy / "head.fp32.onnx")  # checksum passes
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeUnavailable, match="ONNX Runtime cannot load .*head.fp32.onnx"):
+        open_runtime(RuntimeSpec("onnxruntime"), bundle=copy)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "text",
+    ["torch:fp32", "torch:fp16+channels-last", "torch:fp16+cuda-graphs", "onnxruntime:fp32+cuda"],
+)
+def test_gpu_runtimes_match_the_model(text, micro_checkpoint, micro_bundle) -> None:
+    spec = RuntimeSpec.parse(text)
+    if spec.name == "onnxruntime":
+        ort = pytest.importorskip("onnxruntime")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            pytest.skip("onnxruntime has no CUDA execution provider here")
+    model = checkpoint.load_model(micro_checkpoint, "cuda")
+    query, supports, masks = (x.cuda() for x in episode(1))
+    with torch.no_grad():
+        expected = upsample(model(query, supports, masks).query, (33, 33))
+    with open_runtime(spec, checkpoint=micro_checkpoint, bundle=micro_bundle, device="cuda") as runtime:
+        for _ in range(3):  # CUDA graphs record on the first calls and replay after
+            logits = runtime.episode(query, supports, masks)
+    tolerance = 2e-2 if spec.precision == "fp16" else 1e-3  # TF32 convolutions on Ampere and later
+    torch.testing.assert_close(logits, expected, atol=tolerance, rtol=tolerance)

@@ -1,0 +1,246 @@
+"""`crnet infer` and the deployment commands on the command line: outputs, and bad input as one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crnet import cli
+from crnet.errors import EmptySupportMaskError, MaskError
+from crnet.infer import infer, output_names
+from tests.test_cli import check_user_error
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(root / "support.png")
+    mask = np.zeros((40, 50), np.uint8)
+    mask[10:30, 15:40] = 1
+    mask[9, 15:40] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+    Image.fromarray(mask[:, :45]).save(root / "mask_wrong_size.png")
+    Image.fromarray(np.zeros_like(mask)).save(root / "mask_empty.png")
+    Image.fromarray(mask * 7).save(root / "mask_bad_values.png")
+    speck = np.zeros((40, 50), np.uint8)
+    speck[8, 1] = 1  # a pixel that nearest-neighbour resizing to 33x33 skips (row 8, column 1)
+    Image.fromarray(speck).save(root / "mask_speck.png")
+    Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(root / "query.jpg")
+    Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(root / "gray.png")  # mode L
+    Image.fromarray(rng.integers(0, 256, (30, 70, 4), dtype=np.uint8)).save(root / "rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(root / "deep.png")  # I;16
+    Image.fromarray(rng.random((20, 20), dtype=np.float32)).save(root / "float.tif")  # mode F
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "sub").mkdir()
+    Image.fromarray(rgb).save(root / "sub" / "query.jpg")  # same name as another query
+    return root
+
+
+@pytest.mark.parametrize("engine", ["bundle", "checkpoint", "graph-file"])
+def test_masks_and_overlays_at_each_query_size(engine, pictures, micro_bundle, micro_checkpoint, tmp_path):
+    path = {
+        "bundle": micro_bundle,
+        "checkpoint": micro_checkpoint,
+        "graph-file": micro_bundle / "head.fp16.onnx",
+    }[engine]
+    queries = [
+        pictures / "query.jpg",
+        pictures / "gray.png",
+        pictures / "rgba.png",
+        pictures / "deep.png",  # 16-bit grayscale, scaled to 8 bits
+        pictures / "sub/query.jpg",
+    ]
+    summary = infer(path, [pictures / "support.png"], [pictures / "mask.png"], queries, tmp_path, batch=3)
+    expected_runtime = {
+        "bundle": "onnxruntime:fp32",
+        "checkpoint": "torch:fp32",
+        "graph-file": "onnxruntime:fp16",
+    }
+    assert summary["runtime"] == expected_runtime[engine]
+    for query, record in zip(queries, summary["queries"], strict=True):
+        mask = np.asarray(Image.open(tmp_path / record["mask"]))
+        assert mask.shape == Image.open(query).size[::-1]
+        assert set(np.unique(mask)) <= {0, 1}
+        overlay = Image.open(tmp_path / record["mask"].replace("_mask", "_overlay"))
+        assert overlay.mode == "RGB" and overlay.size == Image.open(query).size
+    assert [r["mask"] for r in summary["queries"]][-1] == "query_1_mask.png"
+    assert json.loads((tmp_path / "infer.json").read_text())["runtime"] == summary["runtime"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_k_shot_uses_every_support(pictures, micro_checkpoint, tmp_path) -> None:
+    supports = [pictures / "support.png", pictures / "gray.png"]
+    gray_mask = np.zeros((30, 30), np.uint8)
+    gray_mask[5:25, 5:25] = 1
+    Image.fromarray(gray_mask).save(tmp_path / "gray_mask.png")
+    summary = infer(
+        micro_checkpoint,
+        supports,
+        [pictures / "mask.png", tmp_path / "gray_mask.png"],
+        [pictures / "query.jpg"],
+        tmp_path / "out",
+    )
+    assert len(summary["supports"]) == 2
+
+
+def test_output_names_are_unique() -> None:
+    assert output_names([Path("a/x.jpg"), Path("b/x.png"), Path("y.jpg"), Path("c/x.jpg")]) == [
+        "x",
+        "x_1",
+        "y",
+        "x_2",
+    ]
+
+
+@pytest.mark.parametrize(
+    "mask, error, message",
+    [
+        ("mask_wrong_size.png", MaskError, "is 45x40 but its image is 50x40"),
+        ("mask_empty.png", EmptySupportMaskError, "marks no object pixel"),
+        ("mask_bad_values.png", MaskError, "has values"),
+        ("mask_speck.png", EmptySupportMaskError, "vanishes at the 33x33 input"),
+    ],
+)
+def test_bad_support_masks(mask, error, message, pictures, micro_checkpoint, tmp_path) -> None:
+    with pytest.raises(error, match=message):
+        infer(
+            micro_checkpoint,
+            [pictures / "support.png"],
+            [pictures / mask],
+            [pictures / "query.jpg"],
+            tmp_path / "o",
+        )
+    assert not (tmp_path / "o").exists()  # checked before anything is written
+
+
+def deploy_cases(p: Path, bundle: Path, checkpoint: Path, tmp: Path) -> dict:
+    support = ["--support", str(p / "support.png"), "--support-mask", str(p / "mask.png")]
+    out = ["--out", str(tmp / "out"), "--no-progress"]
+
+    def run(engine, *extra):
+        return ["infer", "--engine", str(engine), *support, "--query", str(p / "query.jpg"), *out, *extra]
+
+    return {
+        "infer-missing-engine": (run(tmp / "nothing"), "engine not found"),
+        "infer-foreign-file": (run(p / "query.jpg"), "is not a crnet bundle"),
+        "infer-foreign-dir": (run(p), "is not a crnet bundle"),
+        "infer-broken-query": (
+            ["infer", "--engine", str(checkpoint), *support, "--query", str(p / "broken.jpg"), *out],
+            "cannot read image",
+        ),
+        "infer-32-bit-query": (
+            ["infer", "--engine", str(checkpoint), *support, "--query", str(p / "float.tif"), *out],
+            "has no defined range",
+        ),
+        "infer-missing-query": (
+            ["infer", "--engine", str(checkpoint), *support, "--query", str(p / "none.jpg"), *out],
+            "image not found",
+        ),
+        "infer-mask-count": (
+            [
+                "infer",
+                "--engine",
+                str(checkpoint),
+                *support,
+                "--support",
+                str(p / "support.png"),
+                "--query",
+                str(p / "query.jpg"),
+                *out,
+            ],
+            "2 --support images but 1 --support-mask",
+        ),
+        "infer-empty-mask": (
+            [
+                "infer",
+                "--engine",
+                str(checkpoint),
+                "--support",
+                str(p / "support.png"),
+                "--support-mask",
+                str(p / "mask_empty.png"),
+                "--query",
+                str(p / "query.jpg"),
+                *out,
+            ],
+            "marks no object pixel",
+        ),
+        "infer-no-tensorrt-engines": (run(bundle, "--runtime", "tensorrt"), "needs a CUDA GPU"),
+        "infer-precision-not-exported": (
+            run(checkpoint, "--runtime", "onnxruntime"),
+            "runs on the torch runtime",
+        ),
+        "infer-device-cuda": (run(bundle, "--device", "cuda"), "no usable CUDA GPU"),
+        "export-missing-checkpoint": (
+            ["export", str(tmp / "no.pt"), "--out", str(tmp / "b")],
+            "checkpoint not found",
+        ),
+        "export-bad-batch": (
+            ["export", str(checkpoint), "--out", str(tmp / "b"), "--batch", "4:2:8"],
+            "--batch",
+        ),
+        "export-existing-out": (["export", str(checkpoint), "--out", str(bundle)], "already exists"),
+        "bench-bundle-needed": (
+            ["bench", str(checkpoint), "--runtime", "onnxruntime", "--data", str(p)],
+            "need --bundle",
+        ),
+        "bench-bad-runtime": (
+            ["bench", str(checkpoint), "--runtime", "caffe", "--data", str(p)],
+            "unknown runtime",
+        ),
+        "bench-not-a-bundle": (
+            ["bench", str(checkpoint), "--bundle", str(p), "--runtime", "onnxruntime", "--data", str(p)],
+            "is not a crnet bundle",
+        ),
+        "bench-data-not-voc": (
+            ["bench", str(checkpoint), "--bundle", str(bundle), "--data", str(p)],
+            "is not a VOC tree",
+        ),
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="some cases expect a machine without CUDA")
+def test_deploy_commands_fail_in_one_line(
+    pictures, micro_bundle, micro_checkpoint, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name, (args, expected) in deploy_cases(pictures, micro_bundle, micro_checkpoint, tmp_path).items():
+        monkeypatch.setattr(sys, "argv", ["crnet", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+            print(f"{name} did not fail")
+        stdout, stderr = capsys.readouterr()
+        try:
+            assert isinstance(exit_info.value, SystemExit), f"{name} did not fail"
+            check_user_error(exit_info.value.code, stdout, stderr, expected)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from None
+        assert not (tmp_path / "out").exists(), name
+        assert not (tmp_path / "b").exists(), name
+
+
+def test_export_cli_writes_a_bundle_and_triton_repository(micro_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "crnet",
+            "export",
+            str(micro_checkpoint),
+            "--out",
+            str(tmp_path / "b"),
+            "--triton",
+            str(tmp_path / "t"),
+        ],
+    )
+    cli.main()
+    assert (tmp_path / "b/manifest.json").is_file() and (tmp_path / "t/crnet_episode/config.pbtxt").is_file()
+    assert "wrote bundle" in capsys.readouterr().out
