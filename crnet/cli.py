@@ -4,6 +4,7 @@ User errors print one line and exit with code 2."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -224,13 +225,22 @@ def demo(
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
-    """Built-in benchmark end to end: trained tiny model, fold-0 evaluation, episode pictures, table."""
-    from crnet.demo import run_demo
+    """Built-in benchmark end to end: tiny model, fold-0 evaluation, pictures, export, runtime bench."""
+    from crnet.demo import export_and_bench, run_demo
     from crnet.device import resolve_device
+    from engines.bench import format_table, plot_latency
 
-    results, picture = run_demo(checkpoint, out, data_root(data), episodes, resolve_device(device), progress)
+    root, resolved = data_root(data), resolve_device(device)
+    results, picture, trained = run_demo(checkpoint, out, root, episodes, resolved, progress)
     print_results(results)
     typer.echo(f"episodes drawn in {picture}")
+    bench = export_and_bench(
+        trained, out, root, episodes, resolved, _bar(progress), lambda line: typer.echo(line, err=True)
+    )
+    typer.echo(format_table(bench))
+    write_json(bench, out / "bench.json")
+    with contextlib.suppress(ImportError):  # the chart is optional; the table and JSON are not
+        plot_latency(bench, out / "bench.png")
 
 
 @app.command("export")
@@ -344,10 +354,6 @@ def bench_command(
     progress: ProgressOption = True,
 ) -> None:
     """Latency and IoU of every runtime on the same episodes, with agreement to PyTorch FP32."""
-    import contextlib
-
-    from tqdm import tqdm
-
     from crnet.device import resolve_device
     from engines import RuntimeSpec
     from engines.bench import BenchSettings, format_table, plot_latency, run_bench
@@ -375,12 +381,7 @@ def bench_command(
         device=str(resolved),
     )
 
-    @contextlib.contextmanager
-    def bar(total: int, what: str):
-        with tqdm(total=total, disable=not progress, desc=what, dynamic_ncols=True) as handle:
-            yield handle.update
-
-    result = run_bench(specs, settings, bar, notice=lambda line: typer.echo(line, err=True))
+    result = run_bench(specs, settings, _bar(progress), notice=lambda line: typer.echo(line, err=True))
     typer.echo(format_table(result))
     write_json(result, json_out)
     chart = chart or json_out.with_suffix(".png")
@@ -389,6 +390,19 @@ def bench_command(
         typer.echo(f"wrote {chart}", err=True)
     except ImportError:
         typer.echo("no latency chart: matplotlib is not installed (pip install 'crnet[bench]')", err=True)
+
+
+def _bar(enabled: bool):
+    """Progress bars for the bench harness: bar(total, what) is a context giving update(n)."""
+
+    @contextlib.contextmanager
+    def bar(total: int, what: str):
+        from tqdm import tqdm
+
+        with tqdm(total=total, disable=not enabled, desc=what, dynamic_ncols=True) as handle:
+            yield handle.update
+
+    return bar
 
 
 def one_line(error: Exception) -> str:

@@ -1,4 +1,5 @@
-"""The demo on the built-in benchmark: trained tiny model -> fold-0 evaluation -> pictures -> table."""
+"""The demo on the built-in benchmark: trained tiny model -> fold-0 evaluation -> pictures -> export
+(FP32 + FP16 ONNX) -> bench of torch against ONNX Runtime -> tables."""
 
 from __future__ import annotations
 
@@ -32,14 +33,15 @@ RECIPE = TrainConfig(
 )
 
 
-def trained_model(path: Path, out: Path, root: Path, device: torch.device, progress: bool) -> CRNet:
+def trained_checkpoint(path: Path, out: Path, root: Path, device: torch.device, progress: bool) -> Path:
+    """The given checkpoint, or one trained here with RECIPE (resuming an interrupted demo run)."""
     if path.is_file():
-        return checkpoints.load_model(path, device)
+        return path
     run = out / "train"
     final = train(
         TINY, RECIPE, root, run, resume=(run / "last.pt").exists(), device=str(device), progress=progress
     )
-    return checkpoints.load_model(final if final.is_file() else run / FINAL, device)
+    return final if final.is_file() else run / FINAL
 
 
 def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, count: int = 6) -> Path:
@@ -67,8 +69,10 @@ def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, co
 
 def run_demo(
     checkpoint: Path, out: Path, root: Path, episodes: int, device: torch.device, progress: bool
-) -> tuple[list[dict], Path]:
-    model = trained_model(checkpoint, out, root, device, progress)
+) -> tuple[list[dict], Path, Path]:
+    """Evaluate (training first when there is no checkpoint); results, the episode sheet, the checkpoint."""
+    checkpoint = trained_checkpoint(checkpoint, out, root, device, progress)
+    model = checkpoints.load_model(checkpoint, device)
     common = dict(fold=RECIPE.fold, input_size=model.config.input_size, episodes=episodes, progress=progress)
     results = [
         {
@@ -91,4 +95,23 @@ def run_demo(
     (out / "results.json").write_text(
         json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=2)
     )
-    return results, draw_episodes(model, root, out / "episodes.png", device)
+    return results, draw_episodes(model, root, out / "episodes.png", device), checkpoint
+
+
+DEMO_RUNTIMES = ("torch:fp32", "torch:bf16+channels-last", "onnxruntime:fp32", "onnxruntime:fp16")
+
+
+def export_and_bench(
+    checkpoint: Path, out: Path, root: Path, episodes: int, device: torch.device, progress, notice
+) -> dict:
+    """Export FP32 + FP16 graphs, then bench torch against ONNX Runtime on the demo's episodes."""
+    from engines import RuntimeSpec
+    from engines.bench import BenchSettings, run_bench
+    from export.build import export_bundle
+
+    bundle = export_bundle(checkpoint, out / "bundle", fp16=True, overwrite=True, progress=notice).bundle
+    settings = BenchSettings(
+        checkpoint=checkpoint, bundle=bundle, data_root=root, episodes=episodes, device=str(device)
+    )
+    specs = [RuntimeSpec.parse(text) for text in DEMO_RUNTIMES]
+    return run_bench(specs, settings, progress, notice=notice)

@@ -1,0 +1,24 @@
+"""The demo end to end on a micro checkpoint: evaluation, pictures, export, bench, tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from crnet import cli
+from crnet.demo import DEMO_RUNTIMES
+
+
+def test_demo_runs_every_stage(micro_checkpoint, bench_root, tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--checkpoint", str(micro_checkpoint), "--data", str(bench_root), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["crnet", *args, "--episodes", "4", "--no-progress"])
+    cli.main()
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["shots"] for r in results] == [1, 1, 5]
+    assert (out / "episodes.png").is_file() and (out / "bundle" / "manifest.json").is_file()
+    bench = json.loads((out / "bench.json").read_text())
+    assert [row["spec"] for row in bench["runtimes"]] == list(DEMO_RUNTIMES)
+    assert all(row["status"] == "ok" for row in bench["runtimes"])
+    assert "onnxruntime fp16" in printed and "CRNet" in printed
