@@ -61,8 +61,10 @@ def open_runtime(
     bundle: str | Path | None = None,
     device: str | torch.device = "cpu",
     threads: int | None = None,
+    iterations: int | None = None,
 ) -> Runtime:
-    """Open the runtime a spec names: torch reads the checkpoint, the others read the bundle."""
+    """Open the runtime a spec names: torch reads the checkpoint, the others read the bundle (whose
+    exported T they run; `iterations` sets the torch runtime's T, by default the model's)."""
     if spec.name == "torch":
         if checkpoint is None:
             raise RuntimeUnavailable("the torch runtime needs a checkpoint (.pt)")
@@ -72,6 +74,7 @@ def open_runtime(
             checkpoint,
             precision=spec.precision,
             device=device,
+            iterations=iterations,
             compile="compile" in spec.options,
             cuda_graphs="cuda-graphs" in spec.options,
             channels_last="channels-last" in spec.options,

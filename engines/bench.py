@@ -30,6 +30,7 @@ from crnet.evaluate import IoUMeter
 from crnet.model.crnet import upsample
 from engines import RuntimeSpec, open_runtime
 from engines.base import Runtime, RuntimeUnavailable
+from export.bundle import load_bundle
 
 SCHEMA = "crnet-bench-1"
 REFERENCE = RuntimeSpec("torch", "fp32")
@@ -135,6 +136,8 @@ def episode_loader(settings: BenchSettings, input_size: int, count: int, batch: 
 
 def open_all(specs: list[RuntimeSpec], settings: BenchSettings) -> tuple[list, dict[RuntimeSpec, str]]:
     opened, unavailable = [], {}
+    # The torch runtimes run the T the bundle was exported with, so that agreement compares like with like.
+    iterations = None if settings.bundle is None else load_bundle(settings.bundle).iterations
     for spec in dict.fromkeys([REFERENCE, *specs]):  # reference first, no duplicates
         try:
             opened.append(
@@ -146,6 +149,7 @@ def open_all(specs: list[RuntimeSpec], settings: BenchSettings) -> tuple[list, d
                         bundle=settings.bundle,
                         device=settings.device,
                         threads=settings.threads,
+                        iterations=iterations,
                     ),
                 )
             )

@@ -103,3 +103,15 @@ def test_percentiles() -> None:
     assert figures["median"] == pytest.approx(50.5)
     assert figures["p90"] == pytest.approx(90.1)
     assert figures["p99"] == pytest.approx(99.01)
+
+
+def test_reference_runs_the_bundles_iterations(micro_checkpoint, bench_root, tmp_path) -> None:
+    from export.build import export_bundle
+
+    bundle = export_bundle(micro_checkpoint, tmp_path / "t2", iterations=2).bundle
+    settings = BenchSettings(
+        checkpoint=micro_checkpoint, bundle=bundle, data_root=bench_root, episodes=4, warmup=0, repeats=1
+    )
+    result = run_bench([RuntimeSpec("onnxruntime")], settings, no_bar)
+    assert result["settings"]["iterations"] == 2
+    assert rows(result)["onnxruntime:fp32"]["agreement"]["max_abs_logit_error"] < 1e-3
