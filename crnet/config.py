@@ -49,8 +49,9 @@ class ModelConfig:
 
 R50 = ModelConfig(name="r50", input_size=321, width=64, blocks=(3, 4, 6), channels=256)
 # Trained from scratch (no ImageNet weights exist for this width), so its backbone is trainable. No feature
-# dropout: with 64 channels, dropping half of them independently in the support and the query image breaks
-# the comparison the head learns (1-shot fold-0 mIoU 23.4 with dropout 0.5, 41.6 without; docs/BENCHMARKS.md).
+# dropout: with 64 channels, dropping half of them independently in the support and the query image blurs
+# the comparison the head has to learn, and 15 CPU minutes leave no room for such a regulariser
+# (docs/BENCHMARKS.md: the recipe with dropout 0.5 underfits).
 TINY = ModelConfig(
     name="tiny", input_size=129, width=16, blocks=(3, 4, 6), channels=64, dropout=0.0, train_backbone=True
 )

@@ -4,7 +4,8 @@ Accuracy: each runtime segments the same fixed episodes as PyTorch FP32 (the ref
 against ground truth (logits at input resolution, resized to the label), agreement is against the reference
 (pixel agreement and mask IoU of the predicted foreground, absolute logit error at input resolution).
 
-Latency: on one batch of episodes, after warm-up, with the device synchronised inside every timed region:
+Latency: on one batch of episodes, after warm-up, with the device synchronised inside every timed region,
+the runtimes taking turns call by call (so that machine noise falls on all of them alike):
     episode  encode supports + encode query + prompt + segment (nothing cached)
     query    encode query + segment, against a prompt computed once (the deployed path)
     encoder  one encode of the query batch
@@ -79,22 +80,17 @@ def percentile_summary(samples: list[float]) -> dict:
 
 
 class Timer:
-    """Wall time of a callable with the device synchronised before start and before stop."""
+    """Wall time of a callable, the device synchronised before start and before stop."""
 
     def __init__(self, device: torch.device):
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def __call__(self, work: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-        for _ in range(warmup):
-            work()
+    def __call__(self, work: Callable[[], object]) -> float:
         self.sync()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            work()
-            self.sync()
-            samples.append(time.perf_counter() - start)
-        return samples
+        start = time.perf_counter()
+        work()
+        self.sync()
+        return time.perf_counter() - start
 
 
 class Agreement:
@@ -189,29 +185,44 @@ def measure_accuracy(runtimes: list[tuple[RuntimeSpec, Runtime]], settings: Benc
     }
 
 
-def measure_latency(runtime: Runtime, data: dict, settings: BenchSettings) -> dict:
+def measure_latency(runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, settings: BenchSettings, bar):
+    """Every runtime timed in turns: each round times one call of each kind on each runtime, so a slow
+    spell of the machine lands on all runtimes alike and the ratios stay fair."""
     device = torch.device(settings.device)
     query = data["query_image"].to(device)
     supports, masks = data["support_images"].to(device), data["support_masks"].to(device)
     timer = Timer(device)
-    prompt = runtime.prompt(runtime.encode(supports.flatten(0, 1)).unflatten(0, supports.shape[:2]), masks)
-    samples = {
-        "episode": timer(lambda: runtime.episode(query, supports, masks), settings.warmup, settings.repeats),
-        "query": timer(
-            lambda: runtime.segment(runtime.encode(query), prompt), settings.warmup, settings.repeats
-        ),
-        "encoder": timer(lambda: runtime.encode(query), settings.warmup, settings.repeats),
-    }
-    latency = {name: percentile_summary(values) for name, values in samples.items()}
-    episode, query_ms, encoder = (latency[k]["median"] for k in ("episode", "query", "encoder"))
-    return {
-        "latency_ms": latency,
-        "throughput": {
-            "episodes_per_s": settings.batch * 1000.0 / episode,
-            "queries_per_s": settings.batch * 1000.0 / query_ms,
-        },
-        "prompt_cache_saving": (episode - query_ms) / encoder,
-    }
+    work = {}
+    for spec, runtime in runtimes:
+        runtime.check_batch(supports.shape[0] * supports.shape[1])
+        features = runtime.encode(supports.flatten(0, 1)).unflatten(0, supports.shape[:2])
+        prompt = runtime.prompt(features, masks)
+        work[spec] = {
+            "episode": lambda r=runtime: r.episode(query, supports, masks),
+            "query": lambda r=runtime, p=prompt: r.segment(r.encode(query), p),
+            "encoder": lambda r=runtime: r.encode(query),
+        }
+    samples = {spec: {kind: [] for kind in calls} for spec, calls in work.items()}
+    for round_ in range(settings.warmup + settings.repeats):
+        for spec, calls in work.items():
+            for kind, call in calls.items():
+                seconds = timer(call)
+                if round_ >= settings.warmup:
+                    samples[spec][kind].append(seconds)
+        bar(1)
+    results = {}
+    for spec, kinds in samples.items():
+        latency = {kind: percentile_summary(values) for kind, values in kinds.items()}
+        episode, query_ms, encoder = (latency[k]["median"] for k in ("episode", "query", "encoder"))
+        results[spec] = {
+            "latency_ms": latency,
+            "throughput": {
+                "episodes_per_s": settings.batch * 1000.0 / episode,
+                "queries_per_s": settings.batch * 1000.0 / query_ms,
+            },
+            "prompt_cache_saving": (episode - query_ms) / encoder,
+        }
+    return results
 
 
 def latency_batch(settings: BenchSettings, input_size: int) -> dict:
@@ -256,12 +267,8 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
     try:
         accuracy = measure_accuracy(runtimes, settings, progress) if settings.episodes > 0 else {}
         data = latency_batch(settings, runtimes[0][1].input_size)
-        latency = {}
-        with progress(len(runtimes), "latency") as bar:
-            for spec, runtime in runtimes:
-                runtime.check_batch(settings.batch * settings.shots)
-                latency[spec] = measure_latency(runtime, data, settings)
-                bar(1)
+        with progress(settings.warmup + settings.repeats, "latency") as bar:
+            latency = measure_latency(runtimes, data, settings, bar)
     finally:
         for _, runtime in runtimes:
             runtime.close()

@@ -48,6 +48,9 @@ class OnnxRuntime(Runtime):
         self.iterations = self.bundle.iterations
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # No spin-waiting: an episode runs three sessions in turn, and each session's idle threads would spin
+        # on the cores the next one needs (measured: tiny episode 34 -> 12 ms, docs/BENCHMARKS.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:  # pinned, so a benchmark states what it measured
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

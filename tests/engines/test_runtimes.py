@@ -155,3 +155,15 @@ def test_gpu_runtimes_match_the_model(text, micro_checkpoint, micro_bundle) -> N
             logits = runtime.episode(query, supports, masks)
     tolerance = 2e-2 if spec.precision == "fp16" else 1e-3  # TF32 convolutions on Ampere and later
     torch.testing.assert_close(logits, expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(micro_checkpoint) -> None:
+    """torch.compile (inductor, CPU C++ codegen here) fuses elementwise work; the numbers stay eager's."""
+    query, supports, masks = episode(1)
+    with open_runtime(RuntimeSpec("torch"), checkpoint=micro_checkpoint) as eager:
+        expected = eager.episode(query, supports, masks)
+    with open_runtime(RuntimeSpec.parse("torch:fp32+compile"), checkpoint=micro_checkpoint) as compiled:
+        assert compiled.label == "torch fp32 compile"
+        logits = compiled.episode(query, supports, masks)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
