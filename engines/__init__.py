@@ -4,9 +4,8 @@
     features = runtime.encode(images); prompt = runtime.prompt(features, masks); runtime.segment(...)
 
 A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `torch:bf16+channels-last`,
-`torch:fp16+cuda-graphs`,
-`onnxruntime:fp32`, `onnxruntime:fp16+cuda`, `onnxruntime:fp16+tensorrt` (execution providers),
-`tensorrt:fp16`. Every backend library is imported only when its runtime is opened.
+`torch:fp16+cuda-graphs`, `onnxruntime:fp32`, `onnxruntime:fp16+cuda`, `onnxruntime:fp16+tensorrt`
+(execution providers), `tensorrt:fp16`. Every backend library is imported only when its runtime is opened.
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
-"""crnet.export: ONNX graphs, FP16 conversion, TensorRT engines and bundles.
+"""crnet.export: checkpoint -> bundle of ONNX graphs (FP32, FP16), TensorRT engines, Triton repository.
 
-Empty until the export issue lands; it installs as `crnet.export` so that nothing generic ends up at the
-top level of anyone's site-packages.
+    graphs.py    the encoder / prompt / head cut and the torch.export-based ONNX export
+    build.py     `crnet export`: export, check against PyTorch with ONNX Runtime, commit the bundle
+    bundle.py    manifest, checksums, atomic writes, loading with validation
+    tensorrt.py  engines for TensorRT 10 (FP16 flag) and 11 (strongly typed FP16 graphs)
+    triton.py    a Triton Inference Server model repository from a bundle
+
+It installs as `crnet.export`, so nothing generic lands at the top level of site-packages.
 """
