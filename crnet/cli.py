@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from crnet.errors import CRNetError
+from crnet.optional import MissingDependencyError
 
 app = typer.Typer(
     add_completion=False,
@@ -239,7 +240,7 @@ def demo(
     )
     typer.echo(format_table(bench))
     write_json(bench, out / "bench.json")
-    with contextlib.suppress(ImportError):  # the chart is optional; the table and JSON are not
+    with contextlib.suppress(MissingDependencyError):  # the chart is optional; the table and JSON are not
         plot_latency(bench, out / "bench.png")
 
 
@@ -388,8 +389,8 @@ def bench_command(
     try:
         plot_latency(result, chart)
         typer.echo(f"wrote {chart}", err=True)
-    except ImportError:
-        typer.echo("no latency chart: matplotlib is not installed (pip install 'crnet[bench]')", err=True)
+    except MissingDependencyError as error:  # the chart is optional; the table and JSON are written
+        typer.echo(f"no latency chart: {error}", err=True)
 
 
 def _bar(enabled: bool):

@@ -59,7 +59,7 @@ def choose_engine(
     return EngineChoice(RuntimeSpec.parse("+".join([f"{runtime}:{precision}", *options])), None, bundle.root)
 
 
-def load_support(image_path: Path, mask_path: Path, size: int, index: int):
+def load_support(image_path: Path, mask_path: Path, size: int):
     image = read_image(image_path)
     mask = read_binary_mask(mask_path, image.shape[:2])
     tensor, resized = to_model_input(image, mask, size)
@@ -116,9 +116,7 @@ def infer(
     try:
         size = runner.input_size
         # Every input is read and checked before anything is computed or written.
-        loaded = [
-            load_support(i, m, size, k) for k, (i, m) in enumerate(zip(supports, support_masks, strict=True))
-        ]
+        loaded = [load_support(i, m, size) for i, m in zip(supports, support_masks, strict=True)]
         query_images = [read_image(q) for q in queries]
         out.mkdir(parents=True, exist_ok=True)
         runner.check_batch(len(loaded))

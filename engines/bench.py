@@ -29,6 +29,7 @@ from crnet.data.episodes import EpisodeDataset, SampleIndex, collate, fixed_epis
 from crnet.data.pascal import VOCTree, fold_classes
 from crnet.evaluate import IoUMeter
 from crnet.model.crnet import upsample
+from crnet.optional import require
 from engines import RuntimeSpec, open_runtime
 from engines.base import Runtime, RuntimeUnavailable
 from export.bundle import load_bundle
@@ -349,9 +350,9 @@ def format_table(result: dict) -> str:
 
 
 def plot_latency(result: dict, path: Path) -> None:
-    """Bar chart of episode and cached-prompt query latency per runtime (needs matplotlib)."""
-    import matplotlib
-
+    """Bar chart of episode and cached-prompt query latency per runtime (MissingDependencyError without
+    matplotlib)."""
+    matplotlib = require("matplotlib", "the latency chart")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

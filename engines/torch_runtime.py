@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from crnet import checkpoint
-from crnet.model.condition import weighted_average_pool
 from crnet.model.crnet import SupportPrompt
 from engines.base import Runtime, RuntimeUnavailable
 
@@ -73,9 +72,8 @@ class TorchRuntime(Runtime):
 
     @torch.inference_mode()
     def prompt_per_shot(self, features: torch.Tensor, foreground: torch.Tensor):
-        features = features.to(self.dtype)
-        vector = self.model.cross_reference.support_vector(features)
-        return vector.float(), weighted_average_pool(features, foreground).float()
+        vector, prototype = self.model.shot_prompts(features.to(self.dtype), foreground)
+        return vector.float(), prototype.float()
 
     @torch.inference_mode()
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:

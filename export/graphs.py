@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from crnet.model.condition import weighted_average_pool
 from crnet.model.crnet import CRNet, SupportPrompt
 
 OPSET = 18
@@ -40,8 +39,7 @@ class PromptGraph(nn.Module):
         self.model = model
 
     def forward(self, features: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vector = self.model.cross_reference.support_vector(features)
-        return vector, weighted_average_pool(features, foreground)
+        return self.model.shot_prompts(features, foreground)
 
 
 class HeadGraph(nn.Module):

@@ -15,11 +15,6 @@ def foreground(mask: torch.Tensor) -> torch.Tensor:
     return (mask == 1).unsqueeze(1).float()
 
 
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, H, W) labels {0, 1, 255} -> (N, 1, h, w) soft foreground weights."""
-    return F.interpolate(foreground(mask), size=size, mode="bilinear", align_corners=True)
-
-
 def weighted_average_pool(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean of the features under image-sized (N, 1, H, W) weights -> (N, C), in FP32 whatever the
     features' dtype (a 41x41 sum overflows FP16 precision); zero where the weights are all zero."""

@@ -16,7 +16,7 @@ from torch import nn
 from crnet.config import ModelConfig
 from crnet.errors import NoSupportError
 from crnet.model.backbone import Encoder, load_torchvision_weights
-from crnet.model.condition import Condition, masked_average_pool
+from crnet.model.condition import Condition, foreground, masked_average_pool, weighted_average_pool
 from crnet.model.cross_reference import CrossReference
 from crnet.model.refinement import Refinement
 
@@ -60,10 +60,19 @@ class CRNet(nn.Module):
         batch, shots = support_features.shape[:2]
         if shots == 0:
             raise NoSupportError("an episode needs at least one support image")
-        features = support_features.flatten(0, 1)
-        vector = self.cross_reference.support_vector(features).view(batch, shots, -1)
-        prototype = masked_average_pool(features, support_masks.flatten(0, 1)).view(batch, shots, -1)
-        return SupportPrompt(vector=vector.mean(1), prototype=prototype.mean(1))
+        vector, prototype = self.shot_prompts(
+            support_features.flatten(0, 1), foreground(support_masks.flatten(0, 1))
+        )
+        return SupportPrompt(
+            vector=vector.view(batch, shots, -1).mean(1), prototype=prototype.view(batch, shots, -1).mean(1)
+        )
+
+    def shot_prompts(
+        self, features: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt per shot, before the k-shot average: (N, C, h, w) features and (N, 1, H, W) float
+        foreground -> (N, C) support vectors and prototypes. The exported prompt graph is this function."""
+        return self.cross_reference.support_vector(features), weighted_average_pool(features, weights)
 
     def segment(
         self,
