@@ -211,14 +211,18 @@ def _check_cache_outside(root: Path, base: Path, monkeypatch: pytest.MonkeyPatch
     assert VOCTree(root).class_pixels("val") == truth("val")  # reused from the user cache
 
 
-def test_unwritable_root_caches_in_xdg_cache_home(
-    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Running as root, permission bits do not stop writes, so "unwritable" is simulated at os.access.
+def _deny_write(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running as root, permission bits do not stop writes, so "unwritable" is simulated at os.access."""
     real_access = os.access
     monkeypatch.setattr(
         pascal.os, "access", lambda p, mode: False if Path(p) == root else real_access(p, mode)
     )
+
+
+def test_unwritable_root_caches_in_xdg_cache_home(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _deny_write(root, monkeypatch)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     _check_cache_outside(root, tmp_path / "xdg", monkeypatch)
 
@@ -226,10 +230,7 @@ def test_unwritable_root_caches_in_xdg_cache_home(
 def test_unwritable_root_without_xdg_uses_home_cache(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_access = os.access
-    monkeypatch.setattr(
-        pascal.os, "access", lambda p, mode: False if Path(p) == root else real_access(p, mode)
-    )
+    _deny_write(root, monkeypatch)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # Path.home() reads HOME on POSIX
     _check_cache_outside(root, tmp_path / "home/.cache", monkeypatch)
