@@ -51,13 +51,11 @@ class Runtime(ABC):
         """Release sessions, engines and device memory."""
 
     def prompt(self, features: torch.Tensor, masks: torch.Tensor) -> SupportPrompt:
-        batch, shots = features.shape[:2]
+        shots = features.shape[1]
         if shots == 0:
             raise NoSupportError("an episode needs at least one support image")
         vector, prototype = self.prompt_per_shot(features.flatten(0, 1), foreground(masks.flatten(0, 1)))
-        return SupportPrompt(
-            vector=vector.view(batch, shots, -1).mean(1), prototype=prototype.view(batch, shots, -1).mean(1)
-        )
+        return SupportPrompt.average(vector, prototype, shots)
 
     def episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Query (B, 3, S, S), supports (B, K, 3, S, S), masks (B, K, S, S) -> logits (B, 2, S, S)."""

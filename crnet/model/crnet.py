@@ -28,6 +28,14 @@ class SupportPrompt:
     vector: torch.Tensor  # (B, C) support channel importance v_s
     prototype: torch.Tensor  # (B, C) masked average of the support features (before reweighting by c)
 
+    @classmethod
+    def average(cls, vector: torch.Tensor, prototype: torch.Tensor, shots: int) -> SupportPrompt:
+        """Per-shot (B * K, C) vectors and prototypes, shot-major within an episode -> the k-shot mean."""
+        return cls(
+            vector=vector.unflatten(0, (-1, shots)).mean(1),
+            prototype=prototype.unflatten(0, (-1, shots)).mean(1),
+        )
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -57,15 +65,13 @@ class CRNet(nn.Module):
 
     def prompt(self, support_features: torch.Tensor, support_masks: torch.Tensor) -> SupportPrompt:
         """(B, K, C, h, w) features and (B, K, H, W) masks {0, 1, 255} -> the k-shot support prompt."""
-        batch, shots = support_features.shape[:2]
+        shots = support_features.shape[1]
         if shots == 0:
             raise NoSupportError("an episode needs at least one support image")
         vector, prototype = self.shot_prompts(
             support_features.flatten(0, 1), foreground(support_masks.flatten(0, 1))
         )
-        return SupportPrompt(
-            vector=vector.view(batch, shots, -1).mean(1), prototype=prototype.view(batch, shots, -1).mean(1)
-        )
+        return SupportPrompt.average(vector, prototype, shots)
 
     def shot_prompts(
         self, features: torch.Tensor, weights: torch.Tensor
