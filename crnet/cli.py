@@ -81,6 +81,12 @@ def train(
     optimizer: Annotated[str, typer.Option(help="sgd or adamw")] = "sgd",
     lr: float = 2.5e-3,
     weight_decay: float = 5e-4,
+    reset_probability: Annotated[
+        float, typer.Option(help="chance that the cached previous prediction is replaced by zeros")
+    ] = 0.3,
+    precision: Annotated[
+        str, typer.Option(help="forward autocast: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+    ] = "auto",
     seed: int = 0,
     checkpoint_every: int = 200,
     workers: int = 1,
@@ -109,6 +115,8 @@ def train(
             optimizer=optimizer,
             lr=lr,
             weight_decay=weight_decay,
+            reset_probability=reset_probability,
+            precision=precision,
             seed=seed,
             checkpoint_every=checkpoint_every,
             workers=workers,
@@ -144,6 +152,10 @@ def evaluate_command(
     batch_size: int = 16,
     finetune_steps: int = 10,
     finetune_lr: float = 1e-3,
+    exit_fraction: Annotated[
+        float,
+        typer.Option(help="early exit: stop refining a query once less than this fraction of it changes"),
+    ] = 0.0,
     baseline: Annotated[bool, typer.Option(help="also run the training-free prototype baseline")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="where to write the results")] = None,
     device: DeviceOption = "auto",
@@ -169,7 +181,11 @@ def evaluate_command(
         batch_size=batch_size,
         progress=progress,
     )
-    predictor = CRNetPredictor(model, resolved, strategy, iterations, finetune_steps, finetune_lr)
+    if not 0 <= exit_fraction <= 1:
+        raise CRNetError(f"--exit-fraction must be within [0, 1], got {exit_fraction}")
+    predictor = CRNetPredictor(
+        model, resolved, strategy, iterations, finetune_steps, finetune_lr, exit_fraction
+    )
     results = [
         {"method": "CRNet", "strategy": strategy if shots > 1 else "-", **evaluate(predictor, root, **common)}
     ]
@@ -197,19 +213,16 @@ def print_results(results: list[dict]) -> None:
         title="few-shot segmentation, novel classes",
         caption="baseline: cosine matching to support prototypes on the untrained encoder (no learning)",
     )
-    for column in ("method", "fold", "shots", "k-shot", "episodes", "mIoU", "FB-IoU", "seconds"):
+    iterations = any("mean_iterations" in r for r in results)
+    columns = ["method", "fold", "shots", "k-shot", "episodes", "mIoU", "FB-IoU", "seconds"]
+    for column in columns + (["iterations"] if iterations else []):
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in results:
-        table.add_row(
-            r["method"],
-            str(r["fold"]),
-            str(r["shots"]),
-            r["strategy"],
-            str(r["episodes"]),
-            f"{r['miou']:.1f}",
-            f"{r['fbiou']:.1f}",
-            f"{r['seconds']:.0f}",
-        )
+        row = [r["method"], str(r["fold"]), str(r["shots"]), r["strategy"], str(r["episodes"])]
+        row += [f"{r['miou']:.1f}", f"{r['fbiou']:.1f}", f"{r['seconds']:.0f}"]
+        if iterations:
+            row.append(f"{r['mean_iterations']:.2f}" if "mean_iterations" in r else "-")
+        table.add_row(*row)
     Console().print(table)
 
 
@@ -351,6 +364,12 @@ def bench_command(
     chart: Annotated[
         Path | None, typer.Option(help="latency bar chart PNG (default: beside the JSON)")
     ] = None,
+    fused: Annotated[
+        bool | None,
+        typer.Option(
+            "--fused/--no-fused", help="torch runtimes: native refinement op (default: where it is built)"
+        ),
+    ] = None,
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
@@ -380,6 +399,7 @@ def bench_command(
         repeats=repeats,
         threads=threads,
         device=str(resolved),
+        fused=fused,
     )
 
     result = run_bench(specs, settings, _bar(progress), notice=lambda line: typer.echo(line, err=True))

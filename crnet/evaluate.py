@@ -74,12 +74,22 @@ class CRNetPredictor:
         iterations: int | None = None,
         finetune_steps: int = 10,
         finetune_lr: float = 1e-3,
+        exit_fraction: float = 0.0,
     ):
         if strategy not in STRATEGIES:
             raise CRNetError(f"unknown k-shot strategy {strategy!r}; choose {' or '.join(STRATEGIES)}")
         self.model, self.device, self.strategy = model.eval(), device, strategy
         self.iterations = iterations or model.config.iterations
         self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
+        self.exit_fraction = exit_fraction
+        self.iterations_used: list[int] = []  # refinement iterations per query (fewer with early exit)
+
+    def _segment(self, query: torch.Tensor, prompt) -> torch.Tensor:
+        logits, used = self.model.segment(
+            query, prompt, self.iterations, exit_fraction=self.exit_fraction, return_iterations=True
+        )
+        self.iterations_used += used.tolist()
+        return logits
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> torch.Tensor:
@@ -91,7 +101,7 @@ class CRNetPredictor:
             return torch.cat(
                 [self._finetuned(query[i : i + 1], support[i], masks[i]) for i in range(len(query))]
             )
-        return self.model.segment(query, self.model.prompt(support, masks), self.iterations)
+        return self._segment(query, self.model.prompt(support, masks))
 
     def _finetuned(self, query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Fine-tune the modules after the encoder on every ordered support pair, predict, restore them."""
@@ -125,9 +135,7 @@ class CRNetPredictor:
                     query_previous = torch.softmax(prediction.query.detach(), 1)
                     support_previous = torch.softmax(prediction.support.detach(), 2)
             with torch.no_grad():
-                return self.model.segment(
-                    query, self.model.prompt(support[None], masks[None]), self.iterations
-                )
+                return self._segment(query, self.model.prompt(support[None], masks[None]))
         finally:
             for module, state in zip(heads, saved, strict=True):
                 module.load_state_dict(state)
@@ -203,11 +211,13 @@ def evaluate(
                 meter.update(mask, label, int(batch["class_id"][i]))
             bar.update(len(batch["query_label"]))
     seconds = time.perf_counter() - started
+    used = getattr(predictor, "iterations_used", None)
     return {
         "fold": fold,
         "shots": shots,
         "episodes": episodes,
         "seed": seed,
         **meter.result(),
+        **({"mean_iterations": sum(used) / len(used)} if used else {}),
         "seconds": round(seconds, 2),
     }

@@ -101,6 +101,13 @@ def episode_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(upsample(logits.float(), masks.shape[-2:]), masks, ignore_index=IGNORE_LABEL)
 
 
+def training_autocast(precision: str, device: torch.device):
+    """The forward pass's autocast context; the loss, gradients and weights stay FP32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def reset_flags(config: TrainConfig, indices: list[int], shots: int) -> torch.Tensor:
     """Per episode (query, supports...) whether the cached prediction is replaced by zeros."""
     draws = [np.random.default_rng([config.seed, i, 1]).random(shots + 1) for i in indices]
@@ -151,9 +158,9 @@ class Distributed:
 
 def _check_same_run(stored: dict, model_config: ModelConfig, train_config: TrainConfig) -> None:
     for name, given, saved in (
-        ("model", model_config.to_dict(), stored["model_config"]),
-        ("training", train_config.to_dict(), stored["train_config"]),
-    ):
+        ("model", model_config.to_dict(), ModelConfig.from_dict(stored["model_config"]).to_dict()),
+        ("training", train_config.to_dict(), TrainConfig.from_dict(stored["train_config"]).to_dict()),
+    ):  # through the dataclasses, so fields added since the checkpoint was written take their defaults
         saved = {k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()}
         given = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
         changed = sorted(k for k in set(given) | set(saved) if given.get(k) != saved.get(k))
@@ -249,7 +256,7 @@ def train(
         persistent_workers=False,
         prefetch_factor=4 if config.workers else None,
     )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if group.device.type == "cuda" else nullcontext()
+    autocast = training_autocast(config.precision, group.device)
     stop = _StopRequest()
     step, window_start, window_episodes, losses = start, time.perf_counter(), 0, []
     model.train()

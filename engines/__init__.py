@@ -61,9 +61,11 @@ def open_runtime(
     device: str | torch.device = "cpu",
     threads: int | None = None,
     iterations: int | None = None,
+    fused: bool | None = None,
 ) -> Runtime:
     """Open the runtime a spec names: torch reads the checkpoint, the others read the bundle (whose
-    exported T they run; `iterations` sets the torch runtime's T, by default the model's)."""
+    exported T they run; `iterations` sets the torch runtime's T, by default the model's; `fused` its use of
+    the native refinement op, by default on where the library is built)."""
     if spec.name == "torch":
         if checkpoint is None:
             raise RuntimeUnavailable("the torch runtime needs a checkpoint (.pt)")
@@ -77,6 +79,7 @@ def open_runtime(
             compile="compile" in spec.options,
             cuda_graphs="cuda-graphs" in spec.options,
             channels_last="channels-last" in spec.options,
+            fused=fused,
         )
     if bundle is None:
         raise RuntimeUnavailable(f"the {spec.name} runtime needs an exported bundle (crnet export)")

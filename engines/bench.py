@@ -66,6 +66,7 @@ class BenchSettings:
     threads: int = 2
     device: str = "cpu"
     eval_batch: int = 16
+    fused: bool | None = None  # torch runtimes: the native refinement op (None: when it is built)
 
 
 def percentile_summary(samples: list[float]) -> dict:
@@ -147,6 +148,7 @@ def open_all(specs: list[RuntimeSpec], settings: BenchSettings) -> tuple[list, d
                         device=settings.device,
                         threads=settings.threads,
                         iterations=iterations,
+                        fused=settings.fused,
                     ),
                 )
             )

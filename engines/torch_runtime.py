@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from crnet import checkpoint
+from crnet import checkpoint, ops
 from crnet.model.crnet import SupportPrompt
 from engines.base import Runtime, RuntimeUnavailable
 
@@ -27,6 +27,7 @@ class TorchRuntime(Runtime):
         compile: bool = False,
         cuda_graphs: bool = False,
         channels_last: bool = False,
+        fused: bool | None = None,
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -38,6 +39,14 @@ class TorchRuntime(Runtime):
         self.precision, self.dtype = precision, DTYPES[precision]
         model = checkpoint.load_model(checkpoint_path, self.device)
         self.model = model.to(self.dtype)
+        # The native refinement op by default where it has a kernel for this device and dtype (CPU: FP32).
+        reason = ops.native_reason(torch.empty(0, device=self.device, dtype=self.dtype))
+        if fused and reason is not None:
+            raise RuntimeUnavailable(f"fused refinement: {reason}")
+        if fused is None and not ops.AVAILABLE:
+            ops.announce(reason)
+        fused = fused is not False and reason is None
+        self.model.refinement.fused = fused
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -49,7 +58,12 @@ class TorchRuntime(Runtime):
             mode = "reduce-overhead" if cuda_graphs else "default"
             self._encode = torch.compile(self._encoder_forward, mode=mode, dynamic=False)
             self._segment = torch.compile(self._head_forward, mode=mode, dynamic=False)
-        self.options = {"compile": compile, "cuda_graphs": cuda_graphs, "channels_last": channels_last}
+        self.options = {
+            "compile": compile,
+            "cuda_graphs": cuda_graphs,
+            "channels_last": channels_last,
+            "fused": fused,
+        }
 
     @property
     def label(self) -> str:

@@ -50,7 +50,8 @@ class HeadGraph(nn.Module):
     def forward(self, features: torch.Tensor, vector: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
         size = self.model.config.input_size
         prompt = SupportPrompt(vector=vector, prototype=prototype)
-        return self.model.segment(features, prompt, self.iterations, output_size=(size, size))
+        # The PyTorch loop: ONNX has no crnet::refine_loop.
+        return self.model.segment(features, prompt, self.iterations, output_size=(size, size), fused=False)
 
 
 class PrecisionWrapper(nn.Module):

@@ -51,13 +51,13 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class CRNet(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, fused: bool | None = None):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
         self.cross_reference = CrossReference(config.channels)
         self.condition = Condition(config.channels)
-        self.refinement = Refinement(config.channels, config.aspp_dilations)
+        self.refinement = Refinement(config.channels, config.aspp_dilations, fused=fused)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, C, h, w) features at output stride 8."""
@@ -88,12 +88,22 @@ class CRNet(nn.Module):
         *,
         output_size: tuple[int, int] | None = None,
         previous: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Query features + support prompt -> (B, 2, h, w) logits, or at `output_size` when given."""
+        exit_fraction: float = 0.0,
+        fused: bool | None = None,
+        return_iterations: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Query features + support prompt -> (B, 2, h, w) logits, or at `output_size` when given.
+
+        exit_fraction > 0 stops a query's refinement early once its mask settles (see Refinement.run);
+        `fused` overrides the model's choice of the native loop; `return_iterations` also returns the
+        iterations each query used."""
         common = prompt.vector * self.cross_reference.query_vector(query_features)
         x = self.condition(query_features * common[:, :, None, None], prompt.prototype * common)
-        logits = self.refinement(x, iterations or self.config.iterations, previous)
-        return logits if output_size is None else upsample(logits, output_size)
+        logits, used = self.refinement.run(
+            x, iterations or self.config.iterations, previous, exit_fraction, fused=fused
+        )
+        logits = logits if output_size is None else upsample(logits, output_size)
+        return (logits, used) if return_iterations else logits
 
     def forward(
         self,
@@ -155,9 +165,12 @@ class CRNet(nn.Module):
         return Prediction(query=query, support=support.unflatten(0, (batch, shots)))
 
 
-def build_model(config: ModelConfig, *, backbone_weights: str | Path | None = None) -> CRNet:
-    """A CRNet for the config; `backbone_weights` is a torchvision resnet50 state-dict file."""
-    model = CRNet(config)
+def build_model(
+    config: ModelConfig, *, backbone_weights: str | Path | None = None, fused: bool | None = None
+) -> CRNet:
+    """A CRNet for the config; `backbone_weights` is a torchvision resnet50 state-dict file. `fused`: run
+    the refinement loop as the native op at inference (default: when the library is built)."""
+    model = CRNet(config, fused=fused)
     if backbone_weights is not None:
         load_torchvision_weights(model.encoder.trunk, backbone_weights)
     return model

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crnet import ops
+
 
 class ResidualBranch(nn.Sequential):
     """ReLU-conv3x3-ReLU-conv3x3: the branch of a residual block (the caller adds the skip)."""
@@ -32,7 +34,7 @@ class ASPP(nn.Module):
         self.project = nn.Conv2d(channels * (len(dilations) + 2), channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.float().mean(dim=(2, 3), keepdim=True).to(x.dtype)  # FP32 reduction under FP16
+        pooled = ops.widen(x).mean(dim=(2, 3), keepdim=True).to(x.dtype)  # FP32 reduction under FP16
         pooled = F.relu(self.image_pool(pooled)).expand_as(x)
         outs = [pooled] + [F.relu(branch(x)) for branch in self.branches]
         return F.relu(self.project(torch.cat(outs, dim=1)))
@@ -41,8 +43,11 @@ class ASPP(nn.Module):
 class Refinement(nn.Module):
     """h = X + R1([X, y]); h += R2(h); h += R3(h); logits = classifier(ASPP(h))."""
 
-    def __init__(self, channels: int, dilations: tuple[int, int, int]):
+    def __init__(self, channels: int, dilations: tuple[int, int, int], *, fused: bool | None = None):
         super().__init__()
+        self.dilations = tuple(dilations)
+        # The native crnet::refine_loop op at inference; off for export (ONNX has no such op).
+        self.fused = ops.AVAILABLE if fused is None else fused
         self.feedback = ResidualBranch(channels + 2, channels)
         self.residual2 = ResidualBranch(channels, channels)
         self.residual3 = ResidualBranch(channels, channels)
@@ -56,12 +61,43 @@ class Refinement(nn.Module):
         h = h + self.residual3(h)
         return self.classifier(self.aspp(h))
 
+    def op_weights(self) -> list[torch.Tensor]:
+        """The parameters in crnet::refine_loop's order (cpp_ext/ops/schema.cpp)."""
+        convs = [self.feedback[1], self.feedback[3], self.residual2[1], self.residual2[3]]
+        convs += [self.residual3[1], self.residual3[3], self.aspp.image_pool, *self.aspp.branches]
+        convs += [self.aspp.project, self.classifier]
+        return [t for conv in convs for t in (conv.weight, conv.bias)]
+
     def forward(self, x: torch.Tensor, iterations: int, previous: torch.Tensor | None = None) -> torch.Tensor:
         """Run `iterations` steps from `previous` (zeros when None); returns the last logits."""
+        return self.run(x, iterations, previous)[0]
+
+    def run(
+        self,
+        x: torch.Tensor,
+        iterations: int,
+        previous: torch.Tensor | None = None,
+        exit_fraction: float = 0.0,
+        *,
+        fused: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, plus the iterations each sample used (fewer than T only with early exit: a sample stops
+        once fewer than `exit_fraction` of its mask pixels changed between two iterations). `fused`
+        overrides the module's setting for this call."""
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
+        fused = self.fused if fused is None else fused
+        weights = self.op_weights()
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+        if fused and not grad:
+            reason = ops.native_reason(x)
+            if reason is None:
+                return ops.refine_loop(x, previous, weights, self.dilations, iterations, exit_fraction)
+            ops.announce(reason)
+        if exit_fraction > 0:
+            return ops.refine_loop_reference(x, previous, weights, self.dilations, iterations, exit_fraction)
         y = x.new_zeros(x.shape[0], 2, *x.shape[2:]) if previous is None else previous
         for _ in range(iterations):
             logits = self.step(x, y)
-            y = torch.softmax(logits.float(), dim=1).to(logits.dtype)  # FP32 softmax under FP16
-        return logits
+            y = torch.softmax(ops.widen(logits), dim=1).to(logits.dtype)  # FP32 softmax under FP16
+        return logits, torch.full((x.shape[0],), iterations, dtype=torch.long, device=x.device)

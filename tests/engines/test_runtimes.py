@@ -164,6 +164,24 @@ def test_torch_compile_matches_eager(micro_checkpoint) -> None:
     with open_runtime(RuntimeSpec("torch"), checkpoint=micro_checkpoint) as eager:
         expected = eager.episode(query, supports, masks)
     with open_runtime(RuntimeSpec.parse("torch:fp32+compile"), checkpoint=micro_checkpoint) as compiled:
-        assert compiled.label == "torch fp32 compile"
+        assert compiled.label == "torch fp32 compile fused"  # the native op runs inside the compiled graph
         logits = compiled.episode(query, supports, masks)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_runtime_fused_switch(micro_checkpoint) -> None:
+    """--no-fused runs the PyTorch loop; the default and --fused run the native op, within its tolerance."""
+    query, supports, masks = episode(2)
+    results = {}
+    for fused in (None, True, False):
+        with open_runtime(RuntimeSpec("torch"), checkpoint=micro_checkpoint, fused=fused) as runtime:
+            assert runtime.model.refinement.fused == (fused is not False)
+            assert runtime.label == "torch fp32" + ("" if fused is False else " fused")
+            results[fused] = runtime.episode(query, supports, masks)
+    assert torch.equal(results[None], results[True])
+    torch.testing.assert_close(results[True], results[False], atol=1e-4, rtol=1e-4)
+
+
+def test_torch_runtime_refuses_fused_without_a_kernel(micro_checkpoint) -> None:
+    with pytest.raises(RuntimeUnavailable, match="no cpu kernel for torch.bfloat16"):
+        open_runtime(RuntimeSpec.parse("torch:bf16"), checkpoint=micro_checkpoint, fused=True)

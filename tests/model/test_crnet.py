@@ -156,7 +156,7 @@ def test_k_identical_shots_equal_one_shot():
 
 
 def test_refinement_iterates_from_zeros():
-    model = build_model(MICRO).eval()
+    model = build_model(MICRO, fused=False).eval()  # the paper's loop, exactly (tests/ops: the native op)
     x = torch.randn(1, MICRO.channels, 5, 5)
     y = torch.zeros(1, 2, 5, 5)
     with torch.no_grad():
