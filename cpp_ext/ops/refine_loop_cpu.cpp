@@ -13,6 +13,7 @@
 
 #include "../kernels/refine_steps.h"
 #include "../kernels/winograd.h"
+#include "early_exit.h"
 #include "refine_weights.h"
 
 namespace crnet::ops {
@@ -181,30 +182,13 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_typed(const at::Tensor& features,
     if (t == iterations) break;
 
     // Early exit: samples whose mask barely moved since the last iteration keep these logits.
-    std::vector<int64_t> keep;
     if (exit_fraction > 0 && t >= 2) {
       std::vector<int64_t> changed(n);
       kernels::count_changes<T>(next.data_ptr<T>(), current.data_ptr<T>(), pixels, changed.data(), 0, n);
-      for (int64_t i = 0; i < n; ++i) {
-        if (static_cast<double>(changed[i]) < exit_fraction * static_cast<double>(pixels)) {
-          used[active[i]] = t;
-        } else {
-          keep.push_back(i);
-        }
-      }
-    } else {
-      keep.resize(n);
-      std::iota(keep.begin(), keep.end(), 0);
-    }
-    if (keep.empty()) break;
-    if (static_cast<int64_t>(keep.size()) < n) {
-      const at::Tensor rows = at::tensor(keep, index_options);
-      active_x = active_x.index_select(0, rows);
-      feature_term = feature_term.index_select(0, rows);
-      next = next.index_select(0, rows);
-      std::vector<int64_t> remaining;
-      for (int64_t i : keep) remaining.push_back(active[i]);
-      active.swap(remaining);
+      const std::vector<int64_t> keep =
+          drop_converged(changed.data(), n, exit_fraction, pixels, t, used, active);
+      if (keep.empty()) break;
+      select_rows(keep, n, {&active_x, &feature_term, &next});
     }
     current = next;
     probabilities = at::empty_like(current);

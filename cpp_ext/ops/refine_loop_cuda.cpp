@@ -15,6 +15,7 @@
 #include <numeric>
 
 #include "../kernels/refine_cuda.h"
+#include "early_exit.h"
 #include "refine_weights.h"
 
 namespace crnet::ops {
@@ -124,24 +125,12 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_typed(const at::Tensor& features,
 
     if (exit_fraction > 0 && t >= 2) {
       check(k::count_changes(ptr<T>(next), ptr<T>(current), n, pixels, counts.data_ptr<int>(), stream));
-      const at::Tensor changed = counts.narrow(0, 0, n).cpu();  // the one host round trip of early exit
-      std::vector<int64_t> keep, remaining;
-      for (int64_t i = 0; i < n; ++i) {
-        if (changed[i].item<int>() < exit_fraction * static_cast<double>(pixels)) {
-          used[active[i]] = t;
-        } else {
-          keep.push_back(i);
-          remaining.push_back(active[i]);
-        }
-      }
+      // The one host round trip of early exit.
+      const at::Tensor changed = counts.narrow(0, 0, n).to(at::kLong).cpu();
+      const std::vector<int64_t> keep =
+          drop_converged(changed.data_ptr<int64_t>(), n, exit_fraction, pixels, t, used, active);
       if (keep.empty()) break;
-      if (static_cast<int64_t>(keep.size()) < n) {
-        const at::Tensor rows = at::tensor(keep, index_options);
-        active_x = active_x.index_select(0, rows);
-        feature_term = feature_term.index_select(0, rows);
-        next = next.index_select(0, rows);
-        active.swap(remaining);
-      }
+      select_rows(keep, n, {&active_x, &feature_term, &next});
     }
     current = next;
   }
