@@ -87,6 +87,12 @@ def train(
     precision: Annotated[
         str, typer.Option(help="forward autocast: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
     ] = "auto",
+    exclude_novel_images: Annotated[
+        bool, typer.Option(help="drop training images in which a novel class of the fold appears")
+    ] = False,
+    hue_turns: Annotated[
+        bool, typer.Option(help="turn the hue of each training episode's images by one random angle")
+    ] = False,
     seed: int = 0,
     checkpoint_every: int = 200,
     workers: int = 1,
@@ -117,6 +123,8 @@ def train(
             weight_decay=weight_decay,
             reset_probability=reset_probability,
             precision=precision,
+            exclude_novel_images=exclude_novel_images,
+            hue_turns=hue_turns,
             seed=seed,
             checkpoint_every=checkpoint_every,
             workers=workers,

@@ -83,6 +83,12 @@ class TrainConfig:
     # with native bfloat16 (AVX512-BF16, AMX) trains tiny about 1.4x faster per step.
     precision: str = "auto"
     flip: bool = True  # random horizontal flips
+    # Drop training images in which a novel class appears (as background, since it has no label to learn),
+    # as PFENet does on PASCAL-5i; off is the plain protocol: every image holding a base class.
+    exclude_novel_images: bool = False
+    # Turn the hue of all images of an episode by one random angle: colour still matches between support
+    # and query, but a class's own colours stop being a cue worth memorising.
+    hue_turns: bool = False
     seed: int = 0
     log_every: int = 20
     checkpoint_every: int = 200

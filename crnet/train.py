@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from crnet import checkpoint
 from crnet.config import ModelConfig, TrainConfig
 from crnet.data.episodes import EpisodeDataset, SampleIndex, TrainingEpisodes, collate
-from crnet.data.pascal import IGNORE_LABEL, VOCTree, base_classes
+from crnet.data.pascal import IGNORE_LABEL, VOCTree, base_classes, fold_classes
 from crnet.errors import CRNetError
 from crnet.model.crnet import build_model, upsample
 
@@ -203,8 +203,9 @@ def train(
 
     group = Distributed(device)
     tree = VOCTree(data_root)
-    index = SampleIndex(tree, "train", base_classes(config.fold))
-    episodes = TrainingEpisodes(index, config.shots, config.seed, config.flip)
+    excluded = fold_classes(config.fold) if config.exclude_novel_images else ()
+    index = SampleIndex(tree, "train", base_classes(config.fold), exclude_images_with=excluded)
+    episodes = TrainingEpisodes(index, config.shots, config.seed, config.flip, hue_turns=config.hue_turns)
     dataset = EpisodeDataset(tree, index, episodes, model_config.input_size)
 
     torch.manual_seed(config.seed)  # identical initial weights on every process

@@ -1,12 +1,19 @@
-"""The demo end to end on a micro checkpoint: evaluation, pictures, export, bench, tables and JSON."""
+"""The demo end to end on a micro checkpoint (evaluation, pictures, export, bench, tables and JSON), and the
+committed checkpoint against the recipe that trains it."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+import torch
 
 from crnet import cli
-from crnet.demo import DEMO_RUNTIMES
+from crnet.config import TINY, ModelConfig, TrainConfig
+from crnet.demo import DEMO_RUNTIMES, RECIPE
+
+COMMITTED = Path(__file__).parents[1] / "checkpoints" / "tiny_fold0.pt"
 
 
 def test_demo_runs_every_stage(micro_checkpoint, bench_root, tmp_path, monkeypatch, capsys) -> None:
@@ -22,3 +29,11 @@ def test_demo_runs_every_stage(micro_checkpoint, bench_root, tmp_path, monkeypat
     assert [row["spec"] for row in bench["runtimes"]] == list(DEMO_RUNTIMES)
     assert all(row["status"] == "ok" for row in bench["runtimes"])
     assert "onnxruntime fp16" in printed and "CRNet" in printed
+
+
+def test_committed_checkpoint_is_the_recipes() -> None:
+    # demo.RECIPE is the documented command that reproduces the committed checkpoint: they must not drift.
+    stored = torch.load(COMMITTED, weights_only=True)
+    assert TrainConfig.from_dict(stored["train_config"]) == RECIPE
+    assert ModelConfig.from_dict(stored["model_config"]) == TINY
+    assert stored["step"] == RECIPE.steps

@@ -13,7 +13,7 @@ import torch
 from crnet import checkpoint
 from crnet.config import TrainConfig
 from crnet.data.episodes import SampleIndex, TrainingEpisodes
-from crnet.data.pascal import VOCTree, base_classes
+from crnet.data.pascal import VOCTree, base_classes, fold_classes
 from crnet.errors import CRNetError
 from crnet.train import LAST, METRICS, PredictionCache, episode_indices, train
 from tests.ddp_worker import MICRO
@@ -79,6 +79,18 @@ def test_training_reduces_the_loss(bench_root, tmp_path):
     train(MICRO, config, bench_root, tmp_path, progress=False, device="cpu")
     losses = [json.loads(line)["loss"] for line in (tmp_path / METRICS).read_text().splitlines()]
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_training_without_novel_images(bench_root, tmp_path):
+    config = CONFIG.replace(steps=2, exclude_novel_images=True, hue_turns=True)
+    train(MICRO, config, bench_root, tmp_path, progress=False, device="cpu")
+    state = checkpoint.load(tmp_path / LAST)
+    tree = VOCTree(bench_root)
+    every = SampleIndex(tree, "train", base_classes(0))
+    kept = SampleIndex(tree, "train", base_classes(0), exclude_images_with=fold_classes(0))
+    # The run's prediction cache has one slot per kept (image, class) pair: the index it trained on.
+    assert len(state["cache"]["seen"]) == len(kept.pairs) < len(every.pairs)
+    assert TrainConfig.from_dict(state["train_config"]) == config
 
 
 def test_prediction_cache_round_trip_with_flips():

@@ -27,13 +27,24 @@ class EpisodeSpec:
     supports: tuple[str, ...]
     query_flip: bool = False
     support_flips: tuple[bool, ...] = ()
+    hue_turn: float = 0.0  # radians; one colour rotation for every image of the episode (training only)
 
 
 class SampleIndex:
     """The (image, class) pairs of a split restricted to some classes, grouped by class."""
 
-    def __init__(self, tree: VOCTree, split: str, classes: Sequence[int], min_pixels: int = 1):
+    def __init__(
+        self,
+        tree: VOCTree,
+        split: str,
+        classes: Sequence[int],
+        min_pixels: int = 1,
+        exclude_images_with: Sequence[int] = (),
+    ):
         self.pairs = tree.samples(split, tuple(classes), min_pixels)
+        if exclude_images_with:  # e.g. drop training images that show a novel class labelled as background
+            pixels, excluded = tree.class_pixels(split), set(exclude_images_with)
+            self.pairs = [(image, c) for image, c in self.pairs if excluded.isdisjoint(pixels[image])]
         self.position = {pair: i for i, pair in enumerate(self.pairs)}
         self.images = {c: [image for image, pc in self.pairs if pc == c] for c in classes}
         thin = [c for c, images in self.images.items() if len(images) < 2]
@@ -50,6 +61,7 @@ class SampleIndex:
         shots: int,
         query: str | None = None,
         flips: bool = False,
+        hue_turns: bool = False,
     ) -> EpisodeSpec:
         images = self.images[class_id]
         if query is None:
@@ -58,7 +70,8 @@ class SampleIndex:
         chosen = rng.choice(len(others), size=shots, replace=len(others) < shots)
         supports = tuple(others[i] for i in chosen)
         flip = rng.random(shots + 1) < 0.5 if flips else np.zeros(shots + 1, dtype=bool)
-        return EpisodeSpec(class_id, query, supports, bool(flip[0]), tuple(bool(f) for f in flip[1:]))
+        turn = float(rng.uniform(-np.pi, np.pi)) if hue_turns else 0.0  # drawn last: other streams unchanged
+        return EpisodeSpec(class_id, query, supports, bool(flip[0]), tuple(bool(f) for f in flip[1:]), turn)
 
 
 def fixed_episodes(index: SampleIndex, shots: int, count: int = 1000, seed: int = 0) -> list[EpisodeSpec]:
@@ -72,10 +85,20 @@ def fixed_episodes(index: SampleIndex, shots: int, count: int = 1000, seed: int 
 
 
 class TrainingEpisodes(Sequence):
-    """An unbounded stream of training episodes: class uniform over the base classes, random flips."""
+    """An unbounded stream of training episodes: class uniform over the base classes, random flips and,
+    if asked, a random hue turn shared by the episode's images."""
 
-    def __init__(self, index: SampleIndex, shots: int, seed: int, flips: bool = True, length: int = 2**62):
+    def __init__(
+        self,
+        index: SampleIndex,
+        shots: int,
+        seed: int,
+        flips: bool = True,
+        length: int = 2**62,
+        hue_turns: bool = False,
+    ):
         self.index, self.shots, self.seed, self.flips, self.length = index, shots, seed, flips, length
+        self.hue_turns = hue_turns
         self.classes = sorted(index.images)
 
     def __len__(self) -> int:
@@ -84,7 +107,7 @@ class TrainingEpisodes(Sequence):
     def __getitem__(self, i: int) -> EpisodeSpec:
         rng = np.random.default_rng([self.seed, i])
         class_id = self.classes[rng.integers(len(self.classes))]
-        return self.index.draw(rng, class_id, self.shots, flips=self.flips)
+        return self.index.draw(rng, class_id, self.shots, flips=self.flips, hue_turns=self.hue_turns)
 
 
 def binary_mask(label: np.ndarray, class_id: int) -> np.ndarray:
@@ -94,10 +117,26 @@ def binary_mask(label: np.ndarray, class_id: int) -> np.ndarray:
     return mask
 
 
-def to_model_input(image: np.ndarray, mask: np.ndarray | None, size: int, flip: bool = False):
-    """Resize to size x size (bilinear image, nearest mask), optionally flip, normalise like ImageNet."""
+# RGB <-> YIQ: a hue turn is a rotation of the (I, Q) chroma plane that keeps the luma Y.
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def hue_rotation(turn: float) -> np.ndarray:
+    """The 3x3 RGB matrix that turns every colour's hue by `turn` radians."""
+    cos, sin = np.cos(turn), np.sin(turn)
+    rotate = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+    return (np.linalg.inv(_RGB_TO_YIQ) @ rotate @ _RGB_TO_YIQ).astype(np.float32)
+
+
+def to_model_input(
+    image: np.ndarray, mask: np.ndarray | None, size: int, flip: bool = False, hue_turn: float = 0.0
+):
+    """Resize to size x size (bilinear image, nearest mask), optionally flip and turn the hue, normalise
+    like ImageNet."""
     pil = Image.fromarray(image).resize((size, size), Image.BILINEAR)
     array = np.asarray(pil, dtype=np.float32) / 255.0
+    if hue_turn:
+        array = np.clip(array @ hue_rotation(hue_turn).T, 0.0, 1.0)
     if flip:
         array = array[:, ::-1]
     tensor = torch.from_numpy((array - IMAGENET_MEAN) / IMAGENET_STD).permute(2, 0, 1).float().contiguous()
@@ -130,12 +169,15 @@ class EpisodeDataset(Dataset):
         spec = self.specs[i]
         image, label = self.tree.load(spec.query)
         query_mask = binary_mask(label, spec.class_id)
-        query_image, query_target = to_model_input(image, query_mask, self.input_size, spec.query_flip)
+        query_image, query_target = to_model_input(
+            image, query_mask, self.input_size, spec.query_flip, spec.hue_turn
+        )
         flips = spec.support_flips or (False,) * len(spec.supports)
         support_images, support_masks = [], []
         for support, flip in zip(spec.supports, flips, strict=True):
             image, label = self.tree.load(support)
-            tensor, mask = to_model_input(image, binary_mask(label, spec.class_id), self.input_size, flip)
+            mask = binary_mask(label, spec.class_id)
+            tensor, mask = to_model_input(image, mask, self.input_size, flip, spec.hue_turn)
             support_images.append(tensor)
             support_masks.append(mask)
         item = {

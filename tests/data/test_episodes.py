@@ -3,6 +3,7 @@ tensors of EpisodeDataset (sizes, mask semantics, flips, full-resolution labels)
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from crnet.data.episodes import (
     binary_mask,
     collate,
     fixed_episodes,
+    hue_rotation,
 )
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
 from crnet.errors import DataError
@@ -74,6 +76,19 @@ def test_class_with_fewer_than_two_images(tree: VOCTree, classes, min_pixels: in
 def test_min_pixels_drops_tiny_instances(tree: VOCTree) -> None:
     index = SampleIndex(tree, "val", (2, 5), min_pixels=5)  # drops 2 @ 1 px and 5 @ 4 px
     assert index.images == {2: ["2008_000009", "2008_000011"], 5: ["2008_000011", "2008_000012"]}
+
+
+def test_exclude_images_with_a_class(tree: VOCTree) -> None:
+    # Class 4 is in val images 10 and 12: 12 goes, and with it the pair (12, 2) it gave.
+    plain = SampleIndex(tree, "val", (2, 3))
+    kept = SampleIndex(tree, "val", (2, 3), exclude_images_with=(4, 7))
+    assert plain.images[2] == ["2008_000009", "2008_000011", "2008_000012"]
+    assert kept.pairs == [p for p in plain.pairs if p != ("2008_000012", 2)]
+    assert kept.images == {2: ["2008_000009", "2008_000011"], 3: ["2008_000009", "2008_000011"]}
+    assert kept.position == {pair: n for n, pair in enumerate(kept.pairs)}
+    # Class 6 is only in image 11, which leaves class 3 a single image: too few for an episode.
+    with pytest.raises(DataError, match=r"classes \[3\]"):
+        SampleIndex(tree, "val", (2, 3), exclude_images_with=(6,))
 
 
 # ---------------------------------------------------------------- fixed (evaluation) episodes
@@ -138,6 +153,17 @@ def test_training_episodes_are_valid(train_index: SampleIndex) -> None:
 def test_training_episodes_without_flips(train_index: SampleIndex) -> None:
     episodes = TrainingEpisodes(train_index, shots=1, seed=0, flips=False)
     assert not any(f for i in range(100) for f in (episodes[i].query_flip, *episodes[i].support_flips))
+
+
+def test_training_episodes_with_hue_turns(train_index: SampleIndex) -> None:
+    plain = TrainingEpisodes(train_index, shots=2, seed=0)
+    turned = TrainingEpisodes(train_index, shots=2, seed=0, hue_turns=True)
+    turns = [turned[i].hue_turn for i in range(200)]
+    # The turn is drawn after everything else: the episodes are the plain ones plus a turn.
+    unturned = [dataclasses.replace(turned[i], hue_turn=0.0) for i in range(200)]
+    assert unturned == [plain[i] for i in range(200)]
+    assert all(-np.pi <= t <= np.pi for t in turns) and min(turns) < -2 and max(turns) > 2
+    assert all(plain[i].hue_turn == 0.0 for i in range(20))
 
 
 def test_training_episodes_deterministic_and_order_free(train_index: SampleIndex) -> None:
@@ -236,6 +262,31 @@ def test_flip_mirrors_image_and_mask(tree: VOCTree, val_index: SampleIndex) -> N
     assert not torch.equal(b["query_image"], a["query_image"])
     assert bool(a["query_mask"][0, 0] == 1) and bool(b["query_mask"][0, -1] == 1)
     assert b["query_flip"] is True and b["support_flips"].tolist() == [True, False]
+
+
+def test_hue_rotation() -> None:
+    torch.testing.assert_close(torch.tensor(hue_rotation(0.0)), torch.eye(3), atol=1e-6, rtol=0)
+    composed = hue_rotation(0.5) @ hue_rotation(1.0)  # turns compose like angles
+    torch.testing.assert_close(torch.tensor(composed), torch.tensor(hue_rotation(1.5)), atol=1e-5, rtol=0)
+    grey = np.array([0.3, 0.3, 0.3], dtype=np.float32)
+    np.testing.assert_allclose(hue_rotation(2.0) @ grey, grey, atol=1e-6)  # greys have no hue
+    red = hue_rotation(2 * np.pi / 3) @ np.array([1.0, 0.0, 0.0])
+    assert red.argmax() == 2  # a third of a turn takes red towards blue
+
+
+def test_hue_turn_changes_colours_not_masks(tree: VOCTree, val_index: SampleIndex) -> None:
+    plain = EpisodeSpec(1, "2008_000010", ("2008_000009",))
+    turned = dataclasses.replace(plain, hue_turn=2.0)
+    a, b = EpisodeDataset(tree, val_index, [plain, turned], SIZE)
+    torch.testing.assert_close(b["query_mask"], a["query_mask"], atol=0, rtol=0)
+    torch.testing.assert_close(b["support_masks"], a["support_masks"], atol=0, rtol=0)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    rotation = torch.tensor(hue_rotation(2.0))
+    for key in ("query_image", "support_images"):  # query and support get the same turn
+        plain_rgb, turned_rgb = a[key] * std + mean, b[key] * std + mean
+        expected = torch.einsum("ij,...jhw->...ihw", rotation, plain_rgb).clamp(0, 1)
+        torch.testing.assert_close(turned_rgb, expected, atol=1e-5, rtol=0)
+        assert (turned_rgb - plain_rgb).abs().max() > 0.1
 
 
 def test_training_items_follow_their_specs(tree: VOCTree, train_index: SampleIndex) -> None:
