@@ -28,6 +28,16 @@ inline std::vector<int64_t> drop_converged(const int64_t* changed, int64_t n, do
   return keep;
 }
 
+// Writes this iteration's logits `next` of the rows still running (`active`: their original indices) into the
+// batch's `logits`; a plain copy while no sample has stopped.
+inline void write_active_rows(at::Tensor& logits, const at::Tensor& next, const std::vector<int64_t>& active) {
+  if (next.size(0) == logits.size(0)) {
+    logits.copy_(next);
+  } else {
+    logits.index_copy_(0, at::tensor(active, logits.options().dtype(at::kLong)), next);
+  }
+}
+
 // The rows `keep` of each tensor, in place, when some rows left.
 inline void select_rows(const std::vector<int64_t>& keep, int64_t n,
                         std::initializer_list<at::Tensor*> tensors) {

@@ -174,11 +174,7 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_typed(const at::Tensor& features,
                                    classifier.data_ptr<T>(), w.classifier_bias.data_ptr<T>(), channels,
                                    pixels, next.data_ptr<T>(), begin, end);
     });
-    if (n == batch) {
-      logits.copy_(next);
-    } else {
-      logits.index_copy_(0, at::tensor(active, index_options), next);
-    }
+    write_active_rows(logits, next, active);
     if (t == iterations) break;
 
     // Early exit: samples whose mask barely moved since the last iteration keep these logits.

@@ -116,11 +116,7 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_typed(const at::Tensor& features,
     at::Tensor next = at::empty({n, 2, height, width}, x.options());
     check(k::project_classify(ptr<T>(projected), ptr<T>(sample_bias), ptr<T>(w.classifier_weight),
                               ptr<T>(w.classifier_bias), n, channels, pixels, ptr<T>(next), stream));
-    if (n == batch) {
-      logits.copy_(next);
-    } else {
-      logits.index_copy_(0, at::tensor(active, index_options), next);
-    }
+    write_active_rows(logits, next, active);
     if (t == iterations) break;
 
     if (exit_fraction > 0 && t >= 2) {
