@@ -15,7 +15,7 @@ import torch
 
 from crnet.config import preset
 from crnet.model.crnet import build_model
-from crnet.train import episode_loss
+from crnet.model.loss import episode_loss
 
 
 def episodes_per_second(name: str, batch: int, steps: int, warmup: int) -> float:

@@ -9,8 +9,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from crnet.errors import CRNetError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class IterationsError(CRNetError, ValueError):
+    """A refinement iteration count below 1."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +30,15 @@ class ModelConfig:
     iterations: int = 5  # refinement iterations T at test time
     dropout: float = 0.5
     train_backbone: bool = False  # False: ResNet through layer3 frozen, BatchNorm in eval mode
+
+    def refinement_iterations(self, requested: int | None = None) -> int:
+        """T for one call: `requested`, or this model's default when None. Zero or fewer is an error, never
+        quietly the default."""
+        if requested is None:
+            return self.iterations
+        if requested < 1:
+            raise IterationsError(f"refinement iterations must be >= 1, got {requested}")
+        return requested
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed; unknown field names raise TypeError."""

@@ -31,3 +31,7 @@ class NoSupportError(CRNetError):
 
 class CheckpointError(CRNetError):
     """A checkpoint or weight file is missing, corrupt or incompatible."""
+
+
+class CRNetWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI shows it as one `warning:` line)."""

@@ -3,16 +3,19 @@
 The compiled library (the extension module `crnet._C`, built from cpp_ext/ by `pip install`) registers
 the op with CPU and, where torch has CUDA, CUDA backends. `refine_loop` calls it when it is loaded and
 supports the tensors' device and dtype; otherwise it runs `refine_loop_reference`, the same loop in plain
-PyTorch ops, and says so once on stderr. The reference in float64 is the oracle every backend is tested
-against. The op has no backward: training uses the module's eager loop.
+PyTorch ops, and says so once (a NativeFallbackWarning). `use_native` is the one place that decides. The
+reference in float64 is the oracle every backend is tested against. The op has no backward: training uses
+the module's eager loop.
 """
 
 from __future__ import annotations
 
-import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
+
+from crnet.errors import CRNetError, CRNetWarning
 
 NATIVE_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float16)}
 
@@ -41,11 +44,19 @@ if AVAILABLE:
         return features.new_empty(batch, 2, height, width), features.new_empty(batch, dtype=torch.long)
 
 
+class NativeOpUnavailable(CRNetError):
+    """The native refinement op was asked for where it cannot run."""
+
+
+class NativeFallbackWarning(CRNetWarning):
+    """The refinement loop runs as PyTorch ops because the native op cannot (shown once per reason)."""
+
+
 def announce(reason: str) -> None:
-    """One line on stderr per distinct reason the PyTorch loop runs instead of the native op."""
+    """One warning per distinct reason the PyTorch loop runs instead of the native op."""
     if reason not in _announced:
         _announced.add(reason)
-        print(f"crnet: refinement runs as a PyTorch loop: {reason}", file=sys.stderr)
+        warnings.warn(f"refinement runs as a PyTorch loop: {reason}", NativeFallbackWarning, stacklevel=3)
 
 
 def native_reason(features: torch.Tensor) -> str | None:
@@ -60,6 +71,22 @@ def native_reason(features: torch.Tensor) -> str | None:
     return None
 
 
+def use_native(features: torch.Tensor, wanted: bool | None = None) -> bool:
+    """The one decision whether the refinement loop runs as the native op on tensors like `features`.
+
+    wanted False: never. None: wherever the op has a kernel for their device and dtype, the fallback
+    announced once. True: it must (NativeOpUnavailable says why it cannot)."""
+    if wanted is False:
+        return False
+    reason = native_reason(features)
+    if reason is None:
+        return True
+    if wanted:
+        raise NativeOpUnavailable(f"the native refinement op cannot run: {reason}")
+    announce(reason)
+    return False
+
+
 def refine_loop(
     features: torch.Tensor,
     previous: torch.Tensor | None,
@@ -68,20 +95,18 @@ def refine_loop(
     iterations: int,
     exit_fraction: float = 0.0,
     *,
-    native: bool = True,
+    native: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C, H, W) conditioned features -> last logits (N, 2, H, W) and iterations used per sample (N,).
 
     `weights` in the op's order (`Refinement.op_weights`). With exit_fraction > 0 a sample stops after
     iteration t >= 2 once fewer than that fraction of its mask pixels changed since iteration t - 1.
+    `native` as in `use_native`; the PyTorch twin runs otherwise.
     """
-    if native:
-        reason = native_reason(features)
-        if reason is None:
-            return torch.ops.crnet.refine_loop(
-                features, previous, list(weights), list(dilations), iterations, exit_fraction
-            )
-        announce(reason)
+    if use_native(features, native):
+        return torch.ops.crnet.refine_loop(
+            features, previous, list(weights), list(dilations), iterations, exit_fraction
+        )
     return refine_loop_reference(features, previous, weights, dilations, iterations, exit_fraction)
 
 

@@ -1,21 +1,26 @@
 """crnet.engines: one runtime per backend (torch, ONNX Runtime, TensorRT) behind one interface.
 
-    runtime = open_runtime(RuntimeSpec.parse("onnxruntime:fp16"), checkpoint=..., bundle=..., device="cpu")
+    runtime = open_runtime(RuntimeSpec.parse("onnxruntime:fp16"), bundle=load_bundle(path), device="cpu")
     features = runtime.encode(images); prompt = runtime.prompt(features, masks); runtime.segment(...)
 
 A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `torch:bf16+channels-last`,
 `torch:fp16+cuda-graphs`, `onnxruntime:fp32`, `onnxruntime:fp16+cuda`, `onnxruntime:fp16+tensorrt`
-(execution providers), `tensorrt:fp16`. Every backend library is imported only when its runtime is opened.
+(execution providers), `tensorrt:fp16`; every command that takes `--runtime` takes this syntax. Every backend
+library is imported only when its runtime is opened.
 """
 
 from __future__ import annotations
+
+if __name__ != "crnet.engines":  # one module identity: `engines` and `crnet.engines` would be two
+    raise ImportError(f"this package installs as crnet.engines: import that, not {__name__}")
 
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engines.base import Runtime, RuntimeUnavailable
+from crnet.bundle import Bundle
+from crnet.engines.base import Runtime, RuntimeUnavailable
 
 NAMES = ("torch", "onnxruntime", "tensorrt")
 OPTIONS = {
@@ -34,12 +39,15 @@ class RuntimeSpec:
     options: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> RuntimeSpec:
+    def parse(cls, text: str, defaults: dict[str, str] | None = None) -> RuntimeSpec:
+        """NAME[:PRECISION][+OPTION...]; without a precision, `defaults[NAME]` or fp32."""
         head, *options = text.strip().split("+")
-        name, _, precision = head.partition(":")
+        name, colon, precision = head.partition(":")
         if name not in NAMES:
             raise RuntimeUnavailable(f"unknown runtime {name!r} in {text!r}; choose {', '.join(NAMES)}")
-        precision = precision or "fp32"
+        if colon and not precision:
+            raise RuntimeUnavailable(f"{text!r} has a ':' but no precision after it")
+        precision = precision or (defaults or {}).get(name, "fp32")
         allowed = ("fp32", "fp16", "bf16") if name == "torch" else ("fp32", "fp16")
         if precision not in allowed:
             raise RuntimeUnavailable(f"{name} precision in {text!r} must be one of {', '.join(allowed)}")
@@ -57,19 +65,19 @@ def open_runtime(
     spec: RuntimeSpec,
     *,
     checkpoint: str | Path | None = None,
-    bundle: str | Path | None = None,
+    bundle: Bundle | None = None,
     device: str | torch.device = "cpu",
     threads: int | None = None,
     iterations: int | None = None,
     fused: bool | None = None,
 ) -> Runtime:
-    """Open the runtime a spec names: torch reads the checkpoint, the others read the bundle (whose
+    """Open the runtime a spec names: torch reads the checkpoint, the others run a loaded bundle (whose
     exported T they run; `iterations` sets the torch runtime's T, by default the model's; `fused` its use of
     the native refinement op, by default on where the library is built)."""
     if spec.name == "torch":
         if checkpoint is None:
             raise RuntimeUnavailable("the torch runtime needs a checkpoint (.pt)")
-        from engines.torch_runtime import TorchRuntime
+        from crnet.engines.torch_runtime import TorchRuntime
 
         return TorchRuntime(
             checkpoint,
@@ -84,12 +92,12 @@ def open_runtime(
     if bundle is None:
         raise RuntimeUnavailable(f"the {spec.name} runtime needs an exported bundle (crnet export)")
     if spec.name == "onnxruntime":
-        from engines.onnxruntime_runtime import OnnxRuntime
+        from crnet.engines.onnxruntime_runtime import OnnxRuntime
 
         provider = next((o for o in spec.options if o in ("cuda", "tensorrt")), None)
         return OnnxRuntime(
             bundle, precision=spec.precision, device=device, provider=provider, threads=threads
         )
-    from engines.tensorrt_runtime import TensorRTRuntime
+    from crnet.engines.tensorrt_runtime import TensorRTRuntime
 
     return TensorRTRuntime(bundle, precision=spec.precision, device=device)

@@ -13,8 +13,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from crnet.errors import CRNetError, NoSupportError
-from crnet.model.condition import foreground
+from crnet.errors import CRNetError
 from crnet.model.crnet import SupportPrompt
 
 
@@ -51,11 +50,7 @@ class Runtime(ABC):
         """Release sessions, engines and device memory."""
 
     def prompt(self, features: torch.Tensor, masks: torch.Tensor) -> SupportPrompt:
-        shots = features.shape[1]
-        if shots == 0:
-            raise NoSupportError("an episode needs at least one support image")
-        vector, prototype = self.prompt_per_shot(features.flatten(0, 1), foreground(masks.flatten(0, 1)))
-        return SupportPrompt.average(vector, prototype, shots)
+        return SupportPrompt.of_shots(self.prompt_per_shot, features, masks)
 
     def episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Query (B, 3, S, S), supports (B, K, 3, S, S), masks (B, K, S, S) -> logits (B, 2, S, S)."""
@@ -67,7 +62,7 @@ class Runtime(ABC):
         if self.max_batch is not None and n > self.max_batch:
             raise CRNetError(
                 f"{self.label} engine was built for batches of at most {self.max_batch}, asked for {n} "
-                "(re-export with a larger --batch MIN:OPT:MAX)"
+                "(re-export with a larger --batch-range MIN:OPT:MAX)"
             )
 
     def __enter__(self) -> Runtime:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from crnet.bundle import GRAPHS, Bundle
+from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.model.crnet import SupportPrompt
 from crnet.optional import require
-from engines.base import Runtime, RuntimeUnavailable
-from export.bundle import GRAPHS, load_bundle
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -22,7 +22,7 @@ class OnnxRuntime(Runtime):
 
     def __init__(
         self,
-        bundle_path,
+        bundle: Bundle,
         *,
         precision: str = "fp32",
         device: str | torch.device = "cpu",
@@ -30,7 +30,7 @@ class OnnxRuntime(Runtime):
         threads: int | None = None,
     ):
         ort = require("onnxruntime", "the onnxruntime runtime")
-        self.bundle = load_bundle(bundle_path)
+        self.bundle = bundle
         self.device = torch.device(device)
         provider = provider or ("cuda" if self.device.type == "cuda" else "cpu")
         if provider not in PROVIDERS:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from crnet.bundle import GRAPHS, Bundle
+from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.model.crnet import SupportPrompt
 from crnet.optional import require
-from engines.base import Runtime, RuntimeUnavailable
-from export.bundle import GRAPHS, load_bundle
 
 
 class Engine:
@@ -50,12 +50,12 @@ class Engine:
 class TensorRTRuntime(Runtime):
     name = "tensorrt"
 
-    def __init__(self, bundle_path, *, precision: str = "fp16", device: str | torch.device = "cuda"):
+    def __init__(self, bundle: Bundle, *, precision: str = "fp16", device: str | torch.device = "cuda"):
         self.device = torch.device(device)
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise RuntimeUnavailable("the tensorrt runtime needs a CUDA GPU, and torch sees none")
         trt = require("tensorrt", "the tensorrt runtime")
-        self.bundle = load_bundle(bundle_path)
+        self.bundle = bundle
         self.precision = precision
         self.input_size = self.bundle.model_config.input_size
         self.iterations = self.bundle.iterations

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from crnet import checkpoint, ops
+from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.model.crnet import SupportPrompt
-from engines.base import Runtime, RuntimeUnavailable
 
 # bf16 is torch-only: on CPUs with AVX512-BF16 or AMX (oneDNN) it is the fast CPU path.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -40,18 +40,16 @@ class TorchRuntime(Runtime):
         model = checkpoint.load_model(checkpoint_path, self.device)
         self.model = model.to(self.dtype)
         # The native refinement op by default where it has a kernel for this device and dtype (CPU: FP32).
-        reason = ops.native_reason(torch.empty(0, device=self.device, dtype=self.dtype))
-        if fused and reason is not None:
-            raise RuntimeUnavailable(f"fused refinement: {reason}")
-        if fused is None and not ops.AVAILABLE:
-            ops.announce(reason)
-        fused = fused is not False and reason is None
+        try:
+            fused = ops.use_native(torch.empty(0, device=self.device, dtype=self.dtype), fused)
+        except ops.NativeOpUnavailable as error:
+            raise RuntimeUnavailable(f"fused refinement: {error}") from None
         self.model.refinement.fused = fused
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.input_size = model.config.input_size
-        self.iterations = iterations or model.config.iterations
+        self.iterations = model.config.refinement_iterations(iterations)
         self._encode, self._segment = self._encoder_forward, self._head_forward
         if compile or cuda_graphs:
             # reduce-overhead = CUDA graphs: replays each captured shape without host launches.
@@ -80,9 +78,13 @@ class TorchRuntime(Runtime):
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        # FP32 out, as every runtime (the conversion also copies CUDA-graph outputs, which the next replay
+        # overwrites while callers may still hold them).
         features = self._encode(images)
-        # CUDA-graph outputs are overwritten by the next replay; callers may hold on to features.
-        return features.clone() if self.options["cuda_graphs"] else features
+        return features.float() if features.dtype != torch.float32 else self._owned(features)
+
+    def _owned(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.clone() if self.options["cuda_graphs"] else tensor
 
     @torch.inference_mode()
     def prompt_per_shot(self, features: torch.Tensor, foreground: torch.Tensor):
@@ -91,5 +93,4 @@ class TorchRuntime(Runtime):
 
     @torch.inference_mode()
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
-        logits = self._segment(features.to(self.dtype), prompt.vector, prompt.prototype)
-        return logits.clone() if self.options["cuda_graphs"] else logits
+        return self._owned(self._segment(features.to(self.dtype), prompt.vector, prompt.prototype))

@@ -13,14 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from crnet import checkpoint
+from crnet.bundle import BatchRange
 from crnet.errors import CRNetError
+from crnet.export.graphs import OPSET, SPECS, GraphSpec, export_onnx, graph_module
+from crnet.export.writer import BundleWriter, base_manifest, file_entry
+from crnet.metrics import output_errors
 from crnet.optional import MissingDependencyError, require
-from export.bundle import BatchRange, BundleWriter, base_manifest, file_entry
-from export.graphs import OPSET, SPECS, GraphSpec, export_onnx, graph_module
 
 # FP32 ONNX Runtime vs PyTorch on the same CPU: the graphs differ only in kernel order of summation, so
 # anything beyond a relative 1e-3 of the output's scale is an export bug, not rounding.
@@ -52,21 +53,6 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _compare(spec: GraphSpec, outputs: list[np.ndarray], reference: tuple[torch.Tensor, ...]) -> dict:
-    result = {}
-    for name, output, expected in zip(spec.outputs, outputs, reference, strict=True):
-        error = np.abs(output.astype(np.float64) - expected.double().numpy())
-        result[name] = {
-            "max_abs": float(error.max()),
-            "mean_abs": float(error.mean()),
-            "reference_max_abs": float(expected.abs().max()),
-        }
-        if name == "logits":  # the decision that matters: which pixels are foreground
-            same = output.argmax(1) == expected.argmax(1).numpy()
-            result[name]["mask_agreement"] = float(same.mean())
-    return result
-
-
 def verify_graph(path: Path, spec: GraphSpec, model, iterations: int, threads: int) -> dict:
     """Run the ONNX graph with ONNX Runtime (CPU) against the PyTorch FP32 model."""
     ort = require("onnxruntime", "checking the exported graphs")
@@ -79,7 +65,7 @@ def verify_graph(path: Path, spec: GraphSpec, model, iterations: int, threads: i
     with torch.no_grad():
         reference = graph_module(spec, model, iterations, torch.float32)(*example)
     reference = reference if isinstance(reference, tuple) else (reference,)
-    return _compare(spec, outputs, reference)
+    return output_errors(spec.outputs, outputs, reference)
 
 
 def export_bundle(
@@ -103,9 +89,7 @@ def export_bundle(
     checkpoint_path = Path(checkpoint_path)
     model = checkpoint.load_model(checkpoint_path).eval()
     config = model.config
-    iterations = iterations or config.iterations
-    if iterations < 1:
-        raise CRNetError(f"--iterations must be >= 1, got {iterations}")
+    iterations = config.refinement_iterations(iterations)
 
     writer = BundleWriter(Path(out), overwrite=overwrite)
     try:
@@ -131,7 +115,7 @@ def export_bundle(
 
         skipped = None
         if tensorrt:
-            from export.tensorrt import TensorRTUnavailable, build_engines
+            from crnet.export.tensorrt import TensorRTUnavailable, build_engines
 
             try:
                 manifest["engines"] = build_engines(

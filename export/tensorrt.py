@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from crnet.bundle import BatchRange
 from crnet.errors import CRNetError
+from crnet.export.writer import file_entry
 from crnet.optional import require
-from export.bundle import BatchRange, file_entry
 
 DEFAULT_TIMING_CACHE = Path.home() / ".cache" / "crnet" / "tensorrt"
 

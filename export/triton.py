@@ -15,8 +15,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from crnet.bundle import load_bundle
 from crnet.errors import CRNetError
-from export.bundle import load_bundle
 
 PREFIX = "crnet_"
 README = """# CRNet on Triton Inference Server

@@ -32,8 +32,8 @@ def micro_checkpoint(tmp_path_factory):
 def micro_bundle(micro_checkpoint, tmp_path_factory):
     """The micro model exported with FP32 and FP16 graphs (read-only: tests that damage one copy it)."""
     pytest.importorskip("onnxruntime", reason="export tests need the [export] extra")
-    from export.build import export_bundle
-    from export.bundle import BatchRange
+    from crnet.bundle import BatchRange
+    from crnet.export.build import export_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "micro"
     return export_bundle(micro_checkpoint, out, fp16=True, batch=BatchRange(1, 2, 8)).bundle

@@ -2,8 +2,8 @@
 
 import sys
 
+from crnet.commands.train import train
 from crnet.config import TINY, TrainConfig
-from crnet.train import train
 
 MICRO = TINY.replace(input_size=33, width=8, blocks=(1, 1, 1), channels=16)
 

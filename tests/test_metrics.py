@@ -1,6 +1,6 @@
 """IoUMeter against intersections and unions counted by hand on 4x4 episodes.
 
-Conventions (crnet/evaluate.py): per class, intersection and union are summed over all its episodes before
+Conventions (crnet/metrics.py): per class, intersection and union are summed over all its episodes before
 dividing (not a mean of per-episode IoUs); mIoU is the mean over classes that had episodes; FB-IoU is the
 mean of background IoU and foreground IoU, each summed over all episodes; label 255 is left out of both.
 Results are percentages. Expected values are exact fractions; 1e-9 absolute covers float rounding only.
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from crnet.evaluate import IoUMeter
+from crnet.metrics import IoUMeter
 
 X = 255  # ignore
 TOL = 1e-9

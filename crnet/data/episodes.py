@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from crnet.config import IMAGENET_MEAN, IMAGENET_STD
-from crnet.data.pascal import IGNORE_LABEL, VOCTree
+from crnet.data.pascal import IGNORE_LABEL, VOCTree, fold_classes
 from crnet.errors import DataError
 
 
@@ -210,3 +211,24 @@ def collate(items: list[dict]) -> dict:
         else:
             batch[key] = torch.tensor(values)
     return batch
+
+
+def fixed_episode_loader(
+    root: str | Path,
+    *,
+    fold: int,
+    shots: int,
+    count: int,
+    input_size: int,
+    seed: int = 0,
+    batch_size: int = 16,
+    workers: int = 0,
+    keep_original: bool = True,
+) -> DataLoader:
+    """Batches of a fold's fixed evaluation episodes (its novel classes, val split); with `keep_original`
+    every query's label at its own resolution, which the metrics are measured at."""
+    tree = VOCTree(root)
+    index = SampleIndex(tree, "val", fold_classes(fold))
+    specs = fixed_episodes(index, shots, count, seed)
+    dataset = EpisodeDataset(tree, index, specs, input_size, keep_original=keep_original)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)

@@ -6,6 +6,7 @@ prototype(F_s * c) = c * prototype(F_s), so a query needs only two C-vectors per
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from crnet.model.condition import Condition, foreground, masked_average_pool, we
 from crnet.model.cross_reference import CrossReference
 from crnet.model.refinement import Refinement
 
+# (N, C, h, w) features, (N, 1, H, W) float foreground -> (N, C) support vectors and prototypes
+ShotPrompts = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass(frozen=True)
 class SupportPrompt:
@@ -29,8 +33,15 @@ class SupportPrompt:
     prototype: torch.Tensor  # (B, C) masked average of the support features (before reweighting by c)
 
     @classmethod
-    def average(cls, vector: torch.Tensor, prototype: torch.Tensor, shots: int) -> SupportPrompt:
-        """Per-shot (B * K, C) vectors and prototypes, shot-major within an episode -> the k-shot mean."""
+    def of_shots(
+        cls, shot_prompts: ShotPrompts, features: torch.Tensor, masks: torch.Tensor
+    ) -> SupportPrompt:
+        """(B, K, C, h, w) support features and (B, K, H, W) masks {0, 1, 255} -> the k-shot prompt: the
+        mean over the K shots of what `shot_prompts` (the model's, or a runtime's) gives for each shot."""
+        shots = features.shape[1]
+        if shots == 0:
+            raise NoSupportError("an episode needs at least one support image")
+        vector, prototype = shot_prompts(features.flatten(0, 1), foreground(masks.flatten(0, 1)))
         return cls(
             vector=vector.unflatten(0, (-1, shots)).mean(1),
             prototype=prototype.unflatten(0, (-1, shots)).mean(1),
@@ -65,13 +76,7 @@ class CRNet(nn.Module):
 
     def prompt(self, support_features: torch.Tensor, support_masks: torch.Tensor) -> SupportPrompt:
         """(B, K, C, h, w) features and (B, K, H, W) masks {0, 1, 255} -> the k-shot support prompt."""
-        shots = support_features.shape[1]
-        if shots == 0:
-            raise NoSupportError("an episode needs at least one support image")
-        vector, prototype = self.shot_prompts(
-            support_features.flatten(0, 1), foreground(support_masks.flatten(0, 1))
-        )
-        return SupportPrompt.average(vector, prototype, shots)
+        return SupportPrompt.of_shots(self.shot_prompts, support_features, support_masks)
 
     def shot_prompts(
         self, features: torch.Tensor, weights: torch.Tensor
@@ -100,7 +105,7 @@ class CRNet(nn.Module):
         common = prompt.vector * self.cross_reference.query_vector(query_features)
         x = self.condition(query_features * common[:, :, None, None], prompt.prototype * common)
         logits, used = self.refinement.run(
-            x, iterations or self.config.iterations, previous, exit_fraction, fused=fused
+            x, self.config.refinement_iterations(iterations), previous, exit_fraction, fused=fused
         )
         logits = logits if output_size is None else upsample(logits, output_size)
         return (logits, used) if return_iterations else logits
@@ -161,7 +166,7 @@ class CRNet(nn.Module):
         query_prototype = masked_average_pool(query_features, query_masks).repeat_interleave(shots, 0)
         x = self.condition(flat_support * common[:, :, None, None], query_prototype * common)
         previous = None if support_previous is None else support_previous.flatten(0, 1)
-        support = self.refinement(x, iterations or self.config.iterations, previous)
+        support = self.refinement(x, self.config.refinement_iterations(iterations), previous)
         return Prediction(query=query, support=support.unflatten(0, (batch, shots)))
 
 

@@ -46,8 +46,9 @@ class Refinement(nn.Module):
     def __init__(self, channels: int, dilations: tuple[int, int, int], *, fused: bool | None = None):
         super().__init__()
         self.dilations = tuple(dilations)
-        # The native crnet::refine_loop op at inference; off for export (ONNX has no such op).
-        self.fused = ops.AVAILABLE if fused is None else fused
+        # The native crnet::refine_loop op at inference (ops.use_native: None = where it can run, True =
+        # required, False = never); off for export (ONNX has no such op).
+        self.fused = fused
         self.feedback = ResidualBranch(channels + 2, channels)
         self.residual2 = ResidualBranch(channels, channels)
         self.residual3 = ResidualBranch(channels, channels)
@@ -83,17 +84,16 @@ class Refinement(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward`, plus the iterations each sample used (fewer than T only with early exit: a sample stops
         once fewer than `exit_fraction` of its mask pixels changed between two iterations). `fused`
-        overrides the module's setting for this call."""
+        overrides the module's setting for this call; with gradients the PyTorch loop runs (the op has no
+        backward)."""
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
-        fused = self.fused if fused is None else fused
         weights = self.op_weights()
         grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-        if fused and not grad:
-            reason = ops.native_reason(x)
-            if reason is None:
-                return ops.refine_loop(x, previous, weights, self.dilations, iterations, exit_fraction)
-            ops.announce(reason)
+        if not grad and ops.use_native(x, self.fused if fused is None else fused):
+            return ops.refine_loop(
+                x, previous, weights, self.dilations, iterations, exit_fraction, native=True
+            )
         if exit_fraction > 0:
             return ops.refine_loop_reference(x, previous, weights, self.dilations, iterations, exit_fraction)
         y = x.new_zeros(x.shape[0], 2, *x.shape[2:]) if previous is None else previous

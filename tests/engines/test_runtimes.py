@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from crnet import checkpoint
+from crnet.bundle import load_bundle
+from crnet.engines import RuntimeSpec, RuntimeUnavailable, open_runtime
 from crnet.errors import CRNetError, NoSupportError
 from crnet.model.crnet import upsample
-from engines import RuntimeSpec, RuntimeUnavailable, open_runtime
 
 # Tolerances on logits (O(0.1) for the untrained micro model). FP32 runtimes differ from eager PyTorch in
 # summation order only; FP16 keeps ~3 significant digits, BF16 ~2, through a dozen layers.
@@ -28,7 +29,10 @@ def episode(shots: int, batch: int = 2, size: int = 33):
 @pytest.fixture(params=SPECS)
 def runtime(request, micro_checkpoint, micro_bundle):
     with open_runtime(
-        RuntimeSpec.parse(request.param), checkpoint=micro_checkpoint, bundle=micro_bundle, threads=1
+        RuntimeSpec.parse(request.param),
+        checkpoint=micro_checkpoint,
+        bundle=load_bundle(micro_bundle),
+        threads=1,
     ) as opened:
         yield opened
 
@@ -94,13 +98,13 @@ def test_runtimes_name_what_they_need(micro_checkpoint, micro_bundle) -> None:
     with pytest.raises(RuntimeUnavailable, match="needs an exported bundle"):
         open_runtime(RuntimeSpec("onnxruntime"), checkpoint=micro_checkpoint)
     with pytest.raises(RuntimeUnavailable, match="needs a checkpoint"):
-        open_runtime(RuntimeSpec("torch"), bundle=micro_bundle)
+        open_runtime(RuntimeSpec("torch"), bundle=load_bundle(micro_bundle))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_runtimes_refuse_without_cuda(micro_checkpoint, micro_bundle) -> None:
     with pytest.raises(RuntimeUnavailable, match="needs a CUDA GPU"):
-        open_runtime(RuntimeSpec("tensorrt", "fp16"), bundle=micro_bundle, device="cuda")
+        open_runtime(RuntimeSpec("tensorrt", "fp16"), bundle=load_bundle(micro_bundle), device="cuda")
     with pytest.raises(RuntimeUnavailable, match="no CUDA GPU"):
         open_runtime(RuntimeSpec("torch"), checkpoint=micro_checkpoint, device="cuda")
     with pytest.raises(RuntimeUnavailable, match="CUDA graphs need --device cuda"):
@@ -109,12 +113,12 @@ def test_gpu_runtimes_refuse_without_cuda(micro_checkpoint, micro_bundle) -> Non
 
 def test_cpu_onnxruntime_cannot_take_a_gpu_provider(micro_bundle) -> None:
     with pytest.raises(RuntimeUnavailable, match="does not run on device cpu"):
-        open_runtime(RuntimeSpec("onnxruntime", options=("cuda",)), bundle=micro_bundle)
+        open_runtime(RuntimeSpec("onnxruntime", options=("cuda",)), bundle=load_bundle(micro_bundle))
 
 
 def test_engine_batch_limit(micro_checkpoint) -> None:
     runtime = open_runtime(RuntimeSpec("torch"), checkpoint=micro_checkpoint)
-    runtime.max_batch = 4  # as an engine built with --batch 1:1:4 reports
+    runtime.max_batch = 4  # as an engine built with --batch-range 1:1:4 reports
     with pytest.raises(CRNetError, match="at most 4, asked for 5"):
         runtime.check_batch(5)
 
@@ -123,7 +127,7 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
     import json
     import shutil
 
-    from export.bundle import sha256
+    from crnet.bundle import sha256
 
     copy = shutil.copytree(micro_bundle, tmp_path / "b")
     (copy / "head.fp32.onnx").write_bytes(b"\x08\x07 not a protobuf of a graph")
@@ -131,7 +135,7 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
     manifest["graphs"]["fp32"]["head"]["sha256"] = sha256(copy / "head.fp32.onnx")  # checksum passes
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RuntimeUnavailable, match="ONNX Runtime cannot load .*head.fp32.onnx"):
-        open_runtime(RuntimeSpec("onnxruntime"), bundle=copy)
+        open_runtime(RuntimeSpec("onnxruntime"), bundle=load_bundle(copy))
 
 
 @pytest.mark.cuda
@@ -150,7 +154,9 @@ def test_gpu_runtimes_match_the_model(text, micro_checkpoint, micro_bundle) -> N
     query, supports, masks = (x.cuda() for x in episode(1))
     with torch.no_grad():
         expected = upsample(model(query, supports, masks).query, (33, 33))
-    with open_runtime(spec, checkpoint=micro_checkpoint, bundle=micro_bundle, device="cuda") as runtime:
+    with open_runtime(
+        spec, checkpoint=micro_checkpoint, bundle=load_bundle(micro_bundle), device="cuda"
+    ) as runtime:
         for _ in range(3):  # CUDA graphs record on the first calls and replay after
             logits = runtime.episode(query, supports, masks)
     tolerance = 2e-2 if spec.precision == "fp16" else 1e-3  # TF32 convolutions on Ampere and later

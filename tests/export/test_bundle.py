@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from crnet.bundle import FORMAT, BatchRange, BundleError, load_bundle
 from crnet.errors import CRNetError
-from export import build
-from export.build import export_bundle
-from export.bundle import FORMAT, BatchRange, BundleError, load_bundle
+from crnet.export import build
+from crnet.export.build import export_bundle
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -83,7 +83,7 @@ def test_a_missing_precision_says_how_to_get_it(micro_bundle) -> None:
 
 @pytest.mark.parametrize("text", ["1:4", "a:b:c", "0:1:2", "4:2:8", "1:8:4"])
 def test_batch_range_parse_refuses(text) -> None:
-    with pytest.raises(CRNetError, match="--batch"):
+    with pytest.raises(CRNetError, match="--batch-range"):
         BatchRange.parse(text)
 
 

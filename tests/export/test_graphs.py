@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from crnet import checkpoint
-from export.bundle import load_bundle
-from export.graphs import SPECS, graph_module
+from crnet.bundle import load_bundle
+from crnet.export.graphs import SPECS, graph_module
 
 # FP32 ONNX Runtime vs PyTorch on the same CPU differ only in summation order.
 FP32_TOLERANCE = dict(rtol=1e-4, atol=1e-5)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from crnet import checkpoint
-from export import tensorrt as tensorrt_builder
-from export.build import export_bundle
-from export.bundle import BatchRange, load_bundle
+from crnet.bundle import BatchRange, load_bundle
+from crnet.export import tensorrt as tensorrt_builder
+from crnet.export.build import export_bundle
 
 
 def fake_tensorrt(version: str) -> types.ModuleType:
@@ -171,7 +171,7 @@ def test_real_engines_match_pytorch(micro_checkpoint, tmp_path) -> None:
     pytest.importorskip("tensorrt", reason="TensorRT is not installed")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT engines need a CUDA GPU")
-    from engines import RuntimeSpec, open_runtime
+    from crnet.engines import RuntimeSpec, open_runtime
 
     result = export_bundle(micro_checkpoint, tmp_path / "b", fp16=True, tensorrt=True)
     model = checkpoint.load_model(micro_checkpoint, "cuda")
@@ -185,6 +185,8 @@ def test_real_engines_match_pytorch(micro_checkpoint, tmp_path) -> None:
             expected, size=(33, 33), mode="bilinear", align_corners=True
         )
     for precision, tolerance in (("fp32", 1e-3), ("fp16", 3e-2)):  # TF32/FP16 kernels round
-        with open_runtime(RuntimeSpec("tensorrt", precision), bundle=result.bundle, device="cuda") as runtime:
+        with open_runtime(
+            RuntimeSpec("tensorrt", precision), bundle=load_bundle(result.bundle), device="cuda"
+        ) as runtime:
             logits = runtime.episode(query, supports, masks)
         torch.testing.assert_close(logits, expected, atol=tolerance, rtol=tolerance)

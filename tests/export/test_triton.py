@@ -6,9 +6,9 @@ import re
 
 import pytest
 
+from crnet.bundle import load_bundle
 from crnet.errors import CRNetError
-from export.bundle import load_bundle
-from export.triton import write_repository
+from crnet.export.triton import write_repository
 
 
 def parse_pbtxt(text: str):

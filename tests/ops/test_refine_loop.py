@@ -10,6 +10,8 @@ Tolerances (on logits, relative to the largest reference logit of the case):
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -176,18 +178,32 @@ def test_bad_arguments(change, message):
         torch.ops.crnet.refine_loop(**change(args))
 
 
-def test_fallback_is_announced_once(monkeypatch, capsys):
+def test_fallback_is_announced_once(monkeypatch):
     monkeypatch.setattr(ops, "AVAILABLE", False)
     monkeypatch.setattr(ops, "MISSING", "the native library is not built (test)")
     monkeypatch.setattr(ops, "_announced", set())
     module, x, _ = make_case(channels=8)
     expected = reference(module, x, None, 3)[0]
-    for _ in range(2):
-        logits, _ = ops.refine_loop(x, None, module.op_weights(), module.dilations, 3)
-        assert torch.equal(logits, expected)
-    assert capsys.readouterr().err.splitlines() == [
-        "crnet: refinement runs as a PyTorch loop: the native library is not built (test)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the once-per-reason rule is crnet's, not the warning filter's
+        for _ in range(2):
+            logits, _ = ops.refine_loop(x, None, module.op_weights(), module.dilations, 3)
+            assert torch.equal(logits, expected)
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (
+            ops.NativeFallbackWarning,
+            "refinement runs as a PyTorch loop: the native library is not built (test)",
+        )
     ]
+
+
+def test_asking_for_the_op_where_it_cannot_run_is_an_error(monkeypatch):
+    monkeypatch.setattr(ops, "AVAILABLE", False)
+    monkeypatch.setattr(ops, "MISSING", "the native library is not built (test)")
+    module, x, _ = make_case(channels=8)
+    with pytest.raises(ops.NativeOpUnavailable, match="not built"):
+        ops.refine_loop(x, None, module.op_weights(), module.dilations, 3, native=True)
+    assert not ops.use_native(x, False)
 
 
 def test_module_uses_the_op_only_without_gradients():

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from crnet.data.episodes import EpisodeDataset, SampleIndex, collate, fixed_episodes
-from crnet.data.pascal import VOCTree, fold_classes
-from crnet.evaluate import IoUMeter
+from crnet.bundle import Bundle, load_bundle
+from crnet.data.episodes import fixed_episode_loader
+from crnet.data.pascal import fold_classes
+from crnet.engines import RuntimeSpec, open_runtime
+from crnet.engines.base import Runtime, RuntimeUnavailable
+from crnet.metrics import Agreement, IoUMeter
 from crnet.model.crnet import upsample
 from crnet.optional import require
-from engines import RuntimeSpec, open_runtime
-from engines.base import Runtime, RuntimeUnavailable
-from export.bundle import load_bundle
 
 SCHEMA = "crnet-bench-1"
 REFERENCE = RuntimeSpec("torch", "fp32")
@@ -95,47 +95,23 @@ class Timer:
         return time.perf_counter() - start
 
 
-class Agreement:
-    """Runtime vs reference logits at input resolution."""
-
-    def __init__(self):
-        self.same = self.pixels = self.intersection = self.union = 0
-        self.max_abs = 0.0
-        self.abs_sum = 0.0
-        self.values = 0
-
-    def update(self, logits: torch.Tensor, reference: torch.Tensor) -> None:
-        error = (logits.double() - reference.double()).abs()
-        self.max_abs = max(self.max_abs, float(error.max()))
-        self.abs_sum += float(error.sum())
-        self.values += error.numel()
-        mask, expected = logits.argmax(1).bool(), reference.argmax(1).bool()
-        self.same += int((mask == expected).sum())
-        self.pixels += mask.numel()
-        self.intersection += int((mask & expected).sum())
-        self.union += int((mask | expected).sum())
-
-    def result(self) -> dict:
-        return {
-            "pixel_agreement": 100.0 * self.same / self.pixels,
-            "mask_iou": 100.0 * self.intersection / self.union if self.union else 100.0,
-            "max_abs_logit_error": self.max_abs,
-            "mean_abs_logit_error": self.abs_sum / self.values,
-        }
-
-
 def episode_loader(settings: BenchSettings, input_size: int, count: int, batch: int) -> DataLoader:
-    tree = VOCTree(settings.data_root)
-    index = SampleIndex(tree, "val", fold_classes(settings.fold))
-    specs = fixed_episodes(index, settings.shots, count, seed=0)
-    dataset = EpisodeDataset(tree, index, specs, input_size, keep_original=True)
-    return DataLoader(dataset, batch_size=batch, collate_fn=collate)
+    return fixed_episode_loader(
+        settings.data_root,
+        fold=settings.fold,
+        shots=settings.shots,
+        count=count,
+        input_size=input_size,
+        batch_size=batch,
+    )
 
 
-def open_all(specs: list[RuntimeSpec], settings: BenchSettings) -> tuple[list, dict[RuntimeSpec, str]]:
+def open_all(
+    specs: list[RuntimeSpec], settings: BenchSettings, bundle: Bundle | None
+) -> tuple[list, dict[RuntimeSpec, str]]:
     opened, unavailable = [], {}
     # The torch runtimes run the T the bundle was exported with, so that agreement compares like with like.
-    iterations = None if settings.bundle is None else load_bundle(settings.bundle).iterations
+    iterations = None if bundle is None else bundle.iterations
     for spec in dict.fromkeys([REFERENCE, *specs]):  # reference first, no duplicates
         try:
             opened.append(
@@ -144,7 +120,7 @@ def open_all(specs: list[RuntimeSpec], settings: BenchSettings) -> tuple[list, d
                     open_runtime(
                         spec,
                         checkpoint=settings.checkpoint,
-                        bundle=settings.bundle,
+                        bundle=bundle,
                         device=settings.device,
                         threads=settings.threads,
                         iterations=iterations,
@@ -264,7 +240,8 @@ def _cpu_name() -> str:
 def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice=print) -> dict:
     """Open every runtime, measure accuracy (unless episodes == 0) and latency; the JSON document."""
     torch.set_num_threads(settings.threads)
-    runtimes, unavailable = open_all(specs, settings)
+    bundle = None if settings.bundle is None else load_bundle(settings.bundle)
+    runtimes, unavailable = open_all(specs, settings, bundle)
     for spec, reason in unavailable.items():
         notice(f"skipping {spec}: {reason}")
     try:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from crnet.errors import CRNetError
+from crnet.errors import CRNetError, CRNetWarning
 from crnet.optional import MissingDependencyError
 
 app = typer.Typer(
@@ -104,10 +105,10 @@ def train(
     progress: ProgressOption = True,
 ) -> None:
     """Episodic training on the base classes of a fold (DDP when launched by torchrun)."""
+    from crnet.commands.train import train as run_training
     from crnet.config import TrainConfig
     from crnet.config import preset as model_preset
     from crnet.device import resolve_device
-    from crnet.train import train as run_training
 
     try:
         model_config = model_preset(preset)
@@ -171,8 +172,8 @@ def evaluate_command(
 ) -> None:
     """mIoU and FB-IoU on the novel classes of a fold, on fixed seeded episodes."""
     from crnet import checkpoint as checkpoints
+    from crnet.commands.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
     from crnet.device import resolve_device
-    from crnet.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
 
     resolved = resolve_device(device)
     state = checkpoints.load(checkpoint)
@@ -214,24 +215,21 @@ def evaluate_command(
 
 
 def print_results(results: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(
-        title="few-shot segmentation, novel classes",
-        caption="baseline: cosine matching to support prototypes on the untrained encoder (no learning)",
-    )
+    """The evaluation results as a Markdown table: full width in a terminal, a pipe or a file alike."""
     iterations = any("mean_iterations" in r for r in results)
     columns = ["method", "fold", "shots", "k-shot", "episodes", "mIoU", "FB-IoU", "seconds"]
-    for column in columns + (["iterations"] if iterations else []):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    columns += ["iterations"] if iterations else []
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         row = [r["method"], str(r["fold"]), str(r["shots"]), r["strategy"], str(r["episodes"])]
         row += [f"{r['miou']:.1f}", f"{r['fbiou']:.1f}", f"{r['seconds']:.0f}"]
         if iterations:
             row.append(f"{r['mean_iterations']:.2f}" if "mean_iterations" in r else "-")
-        table.add_row(*row)
-    Console().print(table)
+        lines.append("| " + " | ".join(row) + " |")
+    typer.echo("few-shot segmentation, novel classes")
+    typer.echo("\n".join(lines))
+    if any(r["method"] == "baseline" for r in results):
+        typer.echo("baseline: cosine matching to support prototypes on the untrained encoder (no learning)")
 
 
 @app.command()
@@ -248,9 +246,9 @@ def demo(
     progress: ProgressOption = True,
 ) -> None:
     """Built-in benchmark end to end: tiny model, fold-0 evaluation, pictures, export, runtime bench."""
-    from crnet.demo import export_and_bench, run_demo
+    from crnet.commands.bench import format_table, plot_latency
+    from crnet.commands.demo import export_and_bench, run_demo
     from crnet.device import resolve_device
-    from engines.bench import format_table, plot_latency
 
     root, resolved = data_root(data), resolve_device(device)
     results, picture, trained = run_demo(checkpoint, out, root, episodes, resolved, progress)
@@ -273,7 +271,9 @@ def export_command(
     tensorrt: Annotated[
         bool, typer.Option(help="also build TensorRT engines (needs tensorrt and a GPU)")
     ] = False,
-    batch: Annotated[str, typer.Option(help="batch range MIN:OPT:MAX of the engines")] = "1:1:16",
+    batch_range: Annotated[
+        str, typer.Option(help="batch sizes MIN:OPT:MAX the graphs are checked and the engines built for")
+    ] = "1:1:16",
     iterations: Annotated[
         int | None, typer.Option(help="refinement iterations T (default: the model's)")
     ] = None,
@@ -283,15 +283,15 @@ def export_command(
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
     """Checkpoint -> bundle: encoder, prompt and head ONNX graphs (+ FP16, TensorRT engines), checked."""
-    from export.build import export_bundle
-    from export.bundle import BatchRange
+    from crnet.bundle import BatchRange
+    from crnet.export.build import export_bundle
 
     result = export_bundle(
         checkpoint,
         out,
         fp16=fp16,
         tensorrt=tensorrt,
-        batch=BatchRange.parse(batch),
+        batch=BatchRange.parse(batch_range),
         iterations=iterations,
         overwrite=overwrite,
         workspace_gib=workspace_gib,
@@ -300,7 +300,7 @@ def export_command(
     )
     typer.echo(f"wrote bundle {result.bundle}")
     if triton is not None:
-        from export.triton import write_repository
+        from crnet.export.triton import write_repository
 
         typer.echo(
             f"wrote Triton model repository {write_repository(result.bundle, triton, overwrite=overwrite)}"
@@ -321,18 +321,21 @@ def infer_command(
     query: Annotated[list[Path], typer.Option(help="query image (repeat, or pass many)")],
     out: Annotated[Path, typer.Option(help="where masks, overlays and infer.json go")],
     runtime: Annotated[
-        str | None, typer.Option(help="torch, onnxruntime or tensorrt (default: best)")
+        str | None,
+        typer.Option(
+            help="NAME[:PRECISION][+OPTION] as in bench, e.g. onnxruntime:fp16 (default: the best the engine "
+            "and device allow)"
+        ),
     ] = None,
-    precision: Annotated[str | None, typer.Option(help="fp32 or fp16 (default: the engine's)")] = None,
-    batch: Annotated[int, typer.Option(help="queries per forward pass")] = 8,
+    batch_size: Annotated[int, typer.Option(help="queries per forward pass")] = 8,
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
     """Segment queries against k labelled supports; the support prompt is computed once."""
     from tqdm import tqdm
 
+    from crnet.commands.infer import infer
     from crnet.device import resolve_device
-    from crnet.infer import infer
 
     with tqdm(total=len(query), disable=not progress, desc="infer", unit="query", dynamic_ncols=True) as bar:
         summary = infer(
@@ -342,9 +345,8 @@ def infer_command(
             query,
             out,
             runtime=runtime,
-            precision=precision,
             device=resolve_device(device),
-            batch=batch,
+            batch_size=batch_size,
             progress=bar.update,
         )
     typer.echo(f"{summary['runtime']}: {len(summary['queries'])} masks in {out} ({summary['seconds']:.2f} s)")
@@ -364,7 +366,7 @@ def bench_command(
     fold: int = 0,
     shots: int = 1,
     episodes: Annotated[int, typer.Option(help="accuracy episodes (0: latency only)")] = 1000,
-    batch: Annotated[int, typer.Option(help="episodes per timed call")] = 1,
+    batch_size: Annotated[int, typer.Option(help="episodes per timed call")] = 1,
     warmup: int = 5,
     repeats: int = 30,
     threads: Annotated[int, typer.Option(help="CPU threads, pinned for every runtime")] = 2,
@@ -382,9 +384,9 @@ def bench_command(
     progress: ProgressOption = True,
 ) -> None:
     """Latency and IoU of every runtime on the same episodes, with agreement to PyTorch FP32."""
+    from crnet.commands.bench import BenchSettings, format_table, plot_latency, run_bench
     from crnet.device import resolve_device
-    from engines import RuntimeSpec
-    from engines.bench import BenchSettings, format_table, plot_latency, run_bench
+    from crnet.engines import RuntimeSpec
 
     resolved = resolve_device(device)
     default = ["torch:fp32", "onnxruntime:fp32", "onnxruntime:fp16"]
@@ -393,8 +395,8 @@ def bench_command(
     specs = [RuntimeSpec.parse(text) for text in runtime or default]
     if any(spec.name != "torch" for spec in specs) and bundle is None:
         raise CRNetError("onnxruntime and tensorrt runtimes need --bundle (make one with `crnet export`)")
-    if min(episodes, batch - 1, warmup, repeats - 1, threads - 1) < 0:
-        raise CRNetError("--batch, --repeats and --threads must be >= 1; --episodes and --warmup >= 0")
+    if min(episodes, batch_size - 1, warmup, repeats - 1, threads - 1) < 0:
+        raise CRNetError("--batch-size, --repeats and --threads must be >= 1; --episodes and --warmup >= 0")
     settings = BenchSettings(
         checkpoint=checkpoint,
         bundle=bundle,
@@ -402,7 +404,7 @@ def bench_command(
         fold=fold,
         shots=shots,
         episodes=episodes,
-        batch=batch,
+        batch=batch_size,
         warmup=warmup,
         repeats=repeats,
         threads=threads,
@@ -442,7 +444,18 @@ def one_line(error: Exception) -> str:
     return " ".join(lines)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """crnet's own warnings as one line; others keep Python's format (they point at a bug elsewhere)."""
+    if issubclass(category, CRNetWarning):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main() -> None:
+    warnings.formatwarning = _format_warning
     try:
         app(standalone_mode=False)
     except CRNetError as error:

@@ -1,21 +1,18 @@
-"""Engine bundles: a directory of graphs and engines described by a checked `manifest.json`.
+"""The bundle contract: a directory of graphs and engines described by a checked `manifest.json`.
 
-A bundle is written into a temporary sibling directory and renamed into place at the end, so a directory
-named like the requested output is always complete. Loading checks the format version and every file's
-SHA-256 before any runtime touches it.
+`crnet export` writes bundles (crnet.export.writer); every command that runs one reads it here, once:
+`load_bundle` checks the format version and every file's SHA-256 before any runtime touches it, and hands
+the runtimes a `Bundle`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from crnet.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from crnet.config import ModelConfig
 from crnet.errors import CRNetError
 
 FORMAT = "crnet-bundle-1"
@@ -50,9 +47,9 @@ class BatchRange:
         try:
             low, opt, high = (int(part) for part in text.split(":"))
         except ValueError:
-            raise CRNetError(f"--batch takes MIN:OPT:MAX, three integers, got {text!r}") from None
+            raise CRNetError(f"--batch-range takes MIN:OPT:MAX, three integers, got {text!r}") from None
         if not 1 <= low <= opt <= high:
-            raise CRNetError(f"--batch needs 1 <= MIN <= OPT <= MAX, got {text!r}")
+            raise CRNetError(f"--batch-range needs 1 <= MIN <= OPT <= MAX, got {text!r}")
         return cls(low, opt, high)
 
     def to_dict(self) -> dict:
@@ -96,64 +93,6 @@ class Bundle:
                 f"{' --fp16' if precision == 'fp16' else ''} on a machine with TensorRT)"
             )
         return self.root / engines[precision][name]["file"]
-
-
-def base_manifest(
-    config: ModelConfig, iterations: int, batch: BatchRange, opset: int, checkpoint: Path
-) -> dict:
-    import torch
-
-    from crnet import __version__
-
-    return {
-        "format": FORMAT,
-        "preset": config.name,
-        "model_config": config.to_dict(),
-        "input_size": config.input_size,
-        "feature_size": config.feature_size,
-        "channels": config.channels,
-        # Runtimes feed RGB images scaled to [0, 1], then (x - mean) / std, resized to input_size.
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": 1 / 255},
-        "iterations": iterations,
-        "batch": batch.to_dict(),
-        "opset": opset,
-        "checkpoint": {"file": checkpoint.name, "sha256": sha256(checkpoint)},
-        "crnet_version": __version__,
-        "torch_version": torch.__version__,
-        "graphs": {},
-        "engines": {},
-        "verification": {},
-    }
-
-
-def file_entry(root: Path, path: Path, **extra) -> dict:
-    entry = {"file": path.relative_to(root).as_posix(), "sha256": sha256(path), "bytes": path.stat().st_size}
-    return entry | extra
-
-
-class BundleWriter:
-    """Writes into a temporary sibling of `out`; `commit` checksums and renames it into place."""
-
-    def __init__(self, out: Path, *, overwrite: bool = False):
-        self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise CRNetError(f"{self.out} already exists; pass --overwrite to replace it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-
-    def commit(self, manifest: dict) -> Path:
-        (self.root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-            os.replace(self.root, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.root, self.out)
-        return self.out
-
-    def abort(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:

@@ -9,13 +9,12 @@ from pathlib import Path
 import torch
 
 from crnet import checkpoint as checkpoints
+from crnet.commands.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
+from crnet.commands.train import FINAL, train
+from crnet.commands.visualize import denormalise, episode_sheet
 from crnet.config import TINY, TrainConfig
-from crnet.data.episodes import EpisodeDataset, SampleIndex, collate, fixed_episodes
-from crnet.data.pascal import VOCTree, fold_classes
-from crnet.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
+from crnet.data.episodes import fixed_episode_loader
 from crnet.model.crnet import CRNet, upsample
-from crnet.train import FINAL, train
-from crnet.visualize import denormalise, episode_sheet
 
 # The committed checkpoint checkpoints/tiny_fold0.pt is this recipe's result, reproduced by
 #   crnet train --out runs/tiny-fold0 --steps 4000 --batch-size 4 --optimizer adamw --lr 1e-3 \
@@ -49,10 +48,17 @@ def trained_checkpoint(path: Path, out: Path, root: Path, device: torch.device, 
 
 def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, count: int = 6) -> Path:
     """A sheet of `count` novel-class episodes: support + mask, query + truth, query + prediction."""
-    tree = VOCTree(root)
-    index = SampleIndex(tree, "val", fold_classes(RECIPE.fold))
-    dataset = EpisodeDataset(tree, index, fixed_episodes(index, 1, count, seed=1), model.config.input_size)
-    batch = collate([dataset[i] for i in range(count)])
+    loader = fixed_episode_loader(
+        root,
+        fold=RECIPE.fold,
+        shots=1,
+        count=count,
+        input_size=model.config.input_size,
+        seed=1,
+        batch_size=count,
+        keep_original=False,
+    )
+    batch = next(iter(loader))
     with torch.no_grad():
         logits = CRNetPredictor(model, device)(batch)
         prediction = upsample(logits.float().cpu(), batch["query_mask"].shape[-2:]).argmax(1)
@@ -108,9 +114,9 @@ def export_and_bench(
     checkpoint: Path, out: Path, root: Path, episodes: int, device: torch.device, progress, notice
 ) -> dict:
     """Export FP32 + FP16 graphs, then bench torch against ONNX Runtime on the demo's episodes."""
-    from engines import RuntimeSpec
-    from engines.bench import BenchSettings, run_bench
-    from export.build import export_bundle
+    from crnet.commands.bench import BenchSettings, run_bench
+    from crnet.engines import RuntimeSpec
+    from crnet.export.build import export_bundle
 
     bundle = export_bundle(checkpoint, out / "bundle", fp16=True, overwrite=True, progress=notice).bundle
     settings = BenchSettings(

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from crnet import checkpoint
+from crnet.commands.train import LAST, METRICS, PredictionCache, episode_indices, train
 from crnet.config import TrainConfig
 from crnet.data.episodes import SampleIndex, TrainingEpisodes
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
 from crnet.errors import CRNetError
-from crnet.train import LAST, METRICS, PredictionCache, episode_indices, train
 from tests.ddp_worker import MICRO
 
 CONFIG = TrainConfig(steps=6, batch_size=2, checkpoint_every=3, log_every=1, workers=0)
@@ -42,7 +42,7 @@ def test_resume_after_interruption_continues_the_same_run(
     bench_root, straight_run, tmp_path, monkeypatch, how
 ):
     """SIGINT stops after the current step; an exception inside step 5 undoes the step's side effects."""
-    import crnet.train as training
+    import crnet.commands.train as training
 
     calls = {"n": 0}
     real_loss = training.episode_loss
@@ -110,12 +110,12 @@ def test_prediction_cache_round_trip_with_flips():
 
 def test_ddp_two_gloo_processes(bench_root, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     # --standalone: torchrun picks a free rendezvous port itself, so no other process can take it first.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "tests.ddp_worker", str(bench_root), str(out), "4"]
     result = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent
+        command, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     state = checkpoint.load(out / LAST)

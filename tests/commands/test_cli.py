@@ -1,6 +1,6 @@
 """The CLI on bad input: exit code 2, exactly one stderr line starting with "error:", no traceback.
 
-Every case runs in-process through `crnet.cli.main` (fast); a few also run as `python -m crnet.cli` in a
+Every case runs in-process through `crnet.commands.cli.main` (fast); a few also run as `python -m crnet` in a
 fresh interpreter, which catches what in-process runs cannot: import-time warnings and the real entry
 point. HOME points into tmp_path and --data is always given, so nothing is generated in the real home.
 """
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from crnet import cli
 from crnet.checkpoint import save_atomic
+from crnet.commands import cli
 from crnet.config import TINY, TrainConfig
 from crnet.model.crnet import build_model
 from tests.fake_voc import make_fake_voc
@@ -202,7 +202,7 @@ def test_user_error_in_process(
 def run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
     return subprocess.run(
-        [sys.executable, "-m", "crnet.cli", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "crnet", *args], capture_output=True, text=True, env=env, timeout=120
     )
 
 

@@ -8,8 +8,15 @@ import json
 import pytest
 import torch
 
-from engines import RuntimeSpec
-from engines.bench import SCHEMA, BenchSettings, format_table, percentile_summary, plot_latency, run_bench
+from crnet.commands.bench import (
+    SCHEMA,
+    BenchSettings,
+    format_table,
+    percentile_summary,
+    plot_latency,
+    run_bench,
+)
+from crnet.engines import RuntimeSpec
 
 
 @contextlib.contextmanager
@@ -106,7 +113,7 @@ def test_percentiles() -> None:
 
 
 def test_reference_runs_the_bundles_iterations(micro_checkpoint, bench_root, tmp_path) -> None:
-    from export.build import export_bundle
+    from crnet.export.build import export_bundle
 
     bundle = export_bundle(micro_checkpoint, tmp_path / "t2", iterations=2).bundle
     settings = BenchSettings(

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from crnet.commands.evaluate import CRNetPredictor, PrototypeBaseline, evaluate
 from crnet.errors import CRNetError
-from crnet.evaluate import CRNetPredictor, PrototypeBaseline, evaluate
 from crnet.model.crnet import build_model
 from tests.ddp_worker import MICRO
 

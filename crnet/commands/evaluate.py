@@ -1,9 +1,4 @@
-"""PASCAL-5i evaluation: fixed seeded episodes on a fold's novel classes, mIoU and FB-IoU.
-
-mIoU: per class, intersection and union summed over all its episodes, then the mean over the fold's
-classes. FB-IoU: foreground and background IoU, each summed over all episodes, then their mean. Both are
-measured at the label's own resolution, with ignore pixels (255) left out.
-"""
+"""PASCAL-5i evaluation: fixed seeded episodes on a fold's novel classes, mIoU and FB-IoU (crnet.metrics)."""
 
 from __future__ import annotations
 
@@ -14,53 +9,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from crnet.config import ModelConfig
-from crnet.data.episodes import EpisodeDataset, SampleIndex, collate, fixed_episodes
-from crnet.data.pascal import IGNORE_LABEL, VOCTree, fold_classes
+from crnet.data.episodes import fixed_episode_loader
+from crnet.data.pascal import fold_classes
 from crnet.errors import CRNetError
+from crnet.metrics import IoUMeter
 from crnet.model.condition import masked_average_pool
 from crnet.model.crnet import CRNet, build_model, upsample
-from crnet.train import episode_loss
+from crnet.model.loss import episode_loss
 
 STRATEGIES = ("average", "finetune")
 BASELINE = "baseline"  # how result tables name the training-free PrototypeBaseline
 Predictor = Callable[[dict], torch.Tensor]  # collated batch -> (B, 2, h, w) scores, argmax = mask
-
-
-class IoUMeter:
-    """Accumulates intersections and unions per class and for foreground/background."""
-
-    def __init__(self, classes: tuple[int, ...]):
-        self.classes = classes
-        self.intersection = dict.fromkeys(classes, 0)
-        self.union = dict.fromkeys(classes, 0)
-        self.fb_intersection = [0, 0]  # background, foreground
-        self.fb_union = [0, 0]
-
-    def update(self, prediction: torch.Tensor, label: torch.Tensor, class_id: int) -> None:
-        """prediction (H, W) bool foreground; label (H, W) with 0, 1 and 255."""
-        prediction = prediction.bool()  # `~` below must be logical, not bitwise
-        valid = label != IGNORE_LABEL
-        for value, predicted in ((0, ~prediction), (1, prediction)):
-            target = label == value
-            intersection = int((predicted & target).sum())
-            union = int(((predicted & valid) | target).sum())
-            self.fb_intersection[value] += intersection
-            self.fb_union[value] += union
-            if value == 1:
-                self.intersection[class_id] += intersection
-                self.union[class_id] += union
-
-    def result(self) -> dict:
-        per_class = {c: 100.0 * self.intersection[c] / self.union[c] for c in self.classes if self.union[c]}
-        fb = [100.0 * i / u for i, u in zip(self.fb_intersection, self.fb_union, strict=True) if u]
-        return {
-            "miou": sum(per_class.values()) / len(per_class) if per_class else float("nan"),
-            "fbiou": sum(fb) / len(fb) if fb else float("nan"),
-            "per_class": {str(c): round(v, 3) for c, v in per_class.items()},
-        }
 
 
 class CRNetPredictor:
@@ -79,7 +40,7 @@ class CRNetPredictor:
         if strategy not in STRATEGIES:
             raise CRNetError(f"unknown k-shot strategy {strategy!r}; choose {' or '.join(STRATEGIES)}")
         self.model, self.device, self.strategy = model.eval(), device, strategy
-        self.iterations = iterations or model.config.iterations
+        self.iterations = model.config.refinement_iterations(iterations)
         self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
         self.exit_fraction = exit_fraction
         self.iterations_used: list[int] = []  # refinement iterations per query (fewer with early exit)
@@ -194,14 +155,17 @@ def evaluate(
         raise CRNetError(f"episodes must be >= 1, got {episodes}")
     from tqdm import tqdm
 
-    tree = VOCTree(data_root)
-    classes = fold_classes(fold)
-    index = SampleIndex(tree, "val", classes)
-    dataset = EpisodeDataset(
-        tree, index, fixed_episodes(index, shots, episodes, seed), input_size, keep_original=True
+    loader = fixed_episode_loader(
+        data_root,
+        fold=fold,
+        shots=shots,
+        count=episodes,
+        input_size=input_size,
+        seed=seed,
+        batch_size=batch_size,
+        workers=workers,
     )
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-    meter = IoUMeter(classes)
+    meter = IoUMeter(fold_classes(fold))
     started = time.perf_counter()
     with tqdm(total=episodes, disable=not progress, desc="eval", unit="episode", dynamic_ncols=True) as bar:
         for batch in loader:

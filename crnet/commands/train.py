@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from crnet import checkpoint
 from crnet.config import ModelConfig, TrainConfig
 from crnet.data.episodes import EpisodeDataset, SampleIndex, TrainingEpisodes, collate
-from crnet.data.pascal import IGNORE_LABEL, VOCTree, base_classes, fold_classes
+from crnet.data.pascal import VOCTree, base_classes, fold_classes
 from crnet.errors import CRNetError
-from crnet.model.crnet import build_model, upsample
+from crnet.model.crnet import build_model
+from crnet.model.loss import episode_loss
 
 LAST = "last.pt"  # full training state, for resume
 FINAL = "model.pt"  # model only, for eval and export
@@ -94,11 +94,6 @@ def make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) ->
 
 def poly_lr(config: TrainConfig, step: int) -> float:
     return config.lr * (1 - step / config.steps) ** config.poly_power
-
-
-def episode_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy at mask resolution, ignore label kept out. logits (N, 2, h, w), masks (N, H, W)."""
-    return F.cross_entropy(upsample(logits.float(), masks.shape[-2:]), masks, ignore_index=IGNORE_LABEL)
 
 
 def training_autocast(precision: str, device: torch.device):

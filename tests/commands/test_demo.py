@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from crnet import cli
+from crnet.commands import cli
+from crnet.commands.demo import DEMO_RUNTIMES, RECIPE
 from crnet.config import TINY, ModelConfig, TrainConfig
-from crnet.demo import DEMO_RUNTIMES, RECIPE
 
-COMMITTED = Path(__file__).parents[1] / "checkpoints" / "tiny_fold0.pt"
+COMMITTED = Path(__file__).parents[2] / "checkpoints" / "tiny_fold0.pt"
 
 
 def test_demo_runs_every_stage(micro_checkpoint, bench_root, tmp_path, monkeypatch, capsys) -> None:

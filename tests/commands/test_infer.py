@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from crnet import cli
+from crnet.commands import cli
+from crnet.commands.infer import infer, output_names
 from crnet.errors import EmptySupportMaskError, MaskError
-from crnet.infer import infer, output_names
-from tests.test_cli import check_user_error
+from tests.commands.test_cli import check_user_error
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,9 @@ def test_masks_and_overlays_at_each_query_size(engine, pictures, micro_bundle, m
         pictures / "deep.png",  # 16-bit grayscale, scaled to 8 bits
         pictures / "sub/query.jpg",
     ]
-    summary = infer(path, [pictures / "support.png"], [pictures / "mask.png"], queries, tmp_path, batch=3)
+    summary = infer(
+        path, [pictures / "support.png"], [pictures / "mask.png"], queries, tmp_path, batch_size=3
+    )
     expected_runtime = {
         "bundle": "onnxruntime:fp32",
         "checkpoint": "torch:fp32",
@@ -184,8 +186,8 @@ def deploy_cases(p: Path, bundle: Path, checkpoint: Path, tmp: Path) -> dict:
             "checkpoint not found",
         ),
         "export-bad-batch": (
-            ["export", str(checkpoint), "--out", str(tmp / "b"), "--batch", "4:2:8"],
-            "--batch",
+            ["export", str(checkpoint), "--out", str(tmp / "b"), "--batch-range", "4:2:8"],
+            "--batch-range",
         ),
         "export-existing-out": (["export", str(checkpoint), "--out", str(bundle)], "already exists"),
         "bench-bundle-needed": (

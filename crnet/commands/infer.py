@@ -16,47 +16,48 @@ import numpy as np
 import torch
 from PIL import Image
 
+from crnet.bundle import Bundle, load_bundle
+from crnet.commands.visualize import overlay
 from crnet.data.episodes import to_model_input
 from crnet.data.masks import read_binary_mask
 from crnet.data.pascal import read_image
+from crnet.engines import RuntimeSpec, open_runtime
+from crnet.engines.base import Runtime
 from crnet.errors import CRNetError, EmptySupportMaskError, NoSupportError
 from crnet.model.crnet import SupportPrompt, upsample
-from crnet.visualize import overlay
-from engines import RuntimeSpec, open_runtime
-from engines.base import Runtime
-from export.bundle import load_bundle
 
 
 @dataclass(frozen=True)
 class EngineChoice:
     spec: RuntimeSpec
     checkpoint: Path | None
-    bundle: Path | None
+    bundle: Bundle | None
 
 
-def choose_engine(
-    path: Path, runtime: str | None, precision: str | None, device: torch.device
-) -> EngineChoice:
-    """What `--engine` names: a checkpoint (torch), a bundle, or a graph/engine file inside a bundle."""
+def choose_engine(path: Path, runtime: str | None, device: torch.device) -> EngineChoice:
+    """What `--engine` names: a checkpoint (torch), a bundle, or a graph/engine file inside a bundle;
+    `runtime` is a spec (NAME[:PRECISION][+OPTION]) or None for the best the engine and device allow."""
     if not path.exists():
         raise CRNetError(f"engine not found: {path}")
     if path.is_file() and path.suffix == ".pt":
-        if runtime not in (None, "torch"):
-            raise CRNetError(f"{path} is a checkpoint: it runs on the torch runtime, not {runtime}")
-        return EngineChoice(RuntimeSpec("torch", precision or "fp32"), path, None)
+        spec = RuntimeSpec.parse(runtime or "torch")
+        if spec.name != "torch":
+            raise CRNetError(f"{path} is a checkpoint: it runs on the torch runtime, not {spec.name}")
+        return EngineChoice(spec, path, None)
     bundle = load_bundle(path)  # BundleError for foreign files and directories
     if path.is_file():  # a graph or engine inside the bundle fixes runtime and precision
         implied = {".onnx": "onnxruntime", ".plan": "tensorrt"}.get(path.suffix)
         if implied is None:
             raise CRNetError(f"{path} is neither a .pt checkpoint, an .onnx graph nor a .plan engine")
-        runtime, precision = runtime or implied, precision or path.stem.rsplit(".", 1)[-1]
+        precision = path.stem.rsplit(".", 1)[-1]
+        spec = RuntimeSpec.parse(runtime or implied, defaults={implied: precision})
+        if (spec.name, spec.precision) != (implied, precision):
+            raise CRNetError(f"{path} is a {precision} {implied} file; --runtime {runtime} asks for another")
+        return EngineChoice(spec, None, bundle)
     if runtime is None:
-        has_engines = (precision or "fp16") in bundle.manifest.get("engines", {})
-        runtime = "tensorrt" if device.type == "cuda" and has_engines else "onnxruntime"
-    if precision is None:
-        precision = "fp16" if runtime == "tensorrt" else "fp32"
-    options = ("cuda",) if runtime == "onnxruntime" and device.type == "cuda" else ()
-    return EngineChoice(RuntimeSpec.parse("+".join([f"{runtime}:{precision}", *options])), None, bundle.root)
+        has_engines = "fp16" in bundle.manifest.get("engines", {})
+        runtime = "tensorrt:fp16" if device.type == "cuda" and has_engines else "onnxruntime:fp32"
+    return EngineChoice(RuntimeSpec.parse(runtime, defaults={"tensorrt": "fp16"}), None, bundle)
 
 
 def load_support(image_path: Path, mask_path: Path, size: int):
@@ -96,9 +97,8 @@ def infer(
     out: Path,
     *,
     runtime: str | None = None,
-    precision: str | None = None,
     device: torch.device = torch.device("cpu"),
-    batch: int = 8,
+    batch_size: int = 8,
     progress=lambda n: None,
 ) -> dict:
     if not supports:
@@ -107,9 +107,9 @@ def infer(
         raise CRNetError(f"{len(supports)} --support images but {len(support_masks)} --support-mask files")
     if not queries:
         raise CRNetError("give at least one --query image")
-    if batch < 1:
-        raise CRNetError(f"--batch must be >= 1, got {batch}")
-    choice = choose_engine(engine, runtime, precision, device)
+    if batch_size < 1:
+        raise CRNetError(f"--batch-size must be >= 1, got {batch_size}")
+    choice = choose_engine(engine, runtime, device)
     runner: Runtime = open_runtime(
         choice.spec, checkpoint=choice.checkpoint, bundle=choice.bundle, device=device
     )
@@ -125,11 +125,11 @@ def infer(
         started = time.perf_counter()
         prompt = runner.prompt(runner.encode(images).unsqueeze(0), masks.unsqueeze(0))
         if runner.max_batch is not None:
-            batch = min(batch, runner.max_batch)
+            batch_size = min(batch_size, runner.max_batch)
         records = []
         names = output_names(queries)
-        for start in range(0, len(queries), batch):
-            chunk = query_images[start : start + batch]
+        for start in range(0, len(queries), batch_size):
+            chunk = query_images[start : start + batch_size]
             tensors = torch.stack([to_model_input(image, None, size)[0] for image in chunk]).to(device)
             expanded = SupportPrompt(
                 vector=prompt.vector.expand(len(chunk), -1), prototype=prompt.prototype.expand(len(chunk), -1)
