@@ -1,23 +1,33 @@
-# Two set-up commands: `make demo` runs the demo, `make test` runs the tests. Both install first.
-PYTHON ?= python3
+# Two set-up commands: `make demo` runs the demo, `make test` runs the tests. Both install first, into a
+# virtual environment of their own (.venv), so that no other crnet on PATH or in site-packages is used.
+# Activate it (`. .venv/bin/activate`) to run `crnet` by hand; VENV=DIR puts it elsewhere.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
-STAMP := build/.installed
+STAMP := $(VENV)/.crnet-installed
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint wheel-check
 install: $(STAMP)
 
+$(PYTHON):
+	python3 -m venv $(VENV)
+
 # The native op is compiled against the installed torch, so the build runs without isolation.
-$(STAMP): pyproject.toml constraints.txt CMakeLists.txt $(wildcard cpp_ext/*/*)
+$(STAMP): $(PYTHON) pyproject.toml constraints.txt CMakeLists.txt $(wildcard cpp_ext/*/*)
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0 scikit-build-core
 	$(PIP) install --quiet --no-build-isolation -c constraints.txt -e ".[dev,export,bench]"
-	@mkdir -p build && touch $(STAMP)
+	@touch $(STAMP)
 
 demo: install
-	crnet demo --checkpoint checkpoints/tiny_fold0.pt --out runs/demo
+	$(PYTHON) -m crnet demo --checkpoint checkpoints/tiny_fold0.pt --out runs/demo
 
 test: install
 	$(PYTHON) -m pytest -q
 
 lint: install
-	ruff check .
-	ruff format --check crnet export engines tests benchmarks
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check crnet export engines tests benchmarks
+
+# A regular (non-editable) wheel in a fresh environment outside the tree, used from another directory.
+wheel-check: install
+	bash .ci/wheel $(PYTHON)

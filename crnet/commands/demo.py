@@ -14,6 +14,7 @@ from crnet.commands.train import FINAL, train
 from crnet.commands.visualize import denormalise, episode_sheet
 from crnet.config import TINY, TrainConfig
 from crnet.data.episodes import fixed_episode_loader
+from crnet.data.pascal import VOCTree
 from crnet.model.crnet import CRNet, upsample
 
 # The committed checkpoint checkpoints/tiny_fold0.pt is this recipe's result, reproduced by
@@ -73,7 +74,9 @@ def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, co
         )
         for i in range(count)
     ]
-    return episode_sheet(rows, ("support + mask", "query + truth", "query + CRNet"), path)
+    names = VOCTree(root).class_names
+    labels = [f"{int(c)}: {names[int(c) - 1]}" for c in batch["class_id"]]
+    return episode_sheet(rows, ("support + mask", "query + truth", "query + CRNet"), labels, path)
 
 
 def run_demo(

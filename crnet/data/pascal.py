@@ -21,6 +21,12 @@ NUM_FOLDS = 4
 IGNORE_LABEL = 255
 SPLIT_FILES = {"train": ("train_aug.txt", "train.txt"), "val": ("val.txt",)}
 INDEX_VERSION = 1
+# fmt: off
+VOC_CLASS_NAMES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+# fmt: on
 
 
 class FoldError(CRNetError, ValueError):
@@ -100,6 +106,17 @@ class VOCTree:
         if missing:
             raise NotAVOCTreeError(f"{self.root} is not a VOC tree: missing {', '.join(missing)}/")
         self._samples: dict[str, list[tuple[str, int]]] = {}
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Names of class ids 1..20: the built-in benchmark's (from its synthetic.json), else PASCAL VOC's."""
+        try:
+            names = json.loads((self.root / "synthetic.json").read_text())["class_names"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return VOC_CLASS_NAMES
+        if isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, str) for n in names):
+            return tuple(names)
+        return VOC_CLASS_NAMES
 
     def split_file(self, split: str) -> Path:
         if split not in SPLIT_FILES:
