@@ -37,3 +37,29 @@ def test_committed_checkpoint_is_the_recipes() -> None:
     assert TrainConfig.from_dict(stored["train_config"]) == RECIPE
     assert ModelConfig.from_dict(stored["model_config"]) == TINY
     assert stored["step"] == RECIPE.steps
+
+
+def readme_command(start: str) -> list[str]:
+    """The README's shell command that begins with `start`, continuation lines joined, as arguments."""
+    lines = (COMMITTED.parents[1] / "README.md").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith(start))
+    command = []
+    for line in lines[first:]:
+        command.append(line.split("#")[0].strip().rstrip("\\"))
+        if not line.rstrip().endswith("\\"):
+            break
+    return " ".join(command).split()
+
+
+def test_readme_train_example_is_the_recipe(monkeypatch, tmp_path) -> None:
+    """A newcomer who runs the README's training example trains the committed checkpoint's recipe."""
+    import crnet.commands.train as training
+
+    seen = {}
+    monkeypatch.setattr(
+        training, "train", lambda model, config, *a, **k: seen.update(model=model, config=config)
+    )
+    args = readme_command("crnet train --out runs/tiny --preset tiny")
+    monkeypatch.setattr(sys, "argv", [*args, "--data", str(tmp_path), "--device", "cpu"])
+    cli.main()
+    assert seen["model"] == TINY and seen["config"] == RECIPE

@@ -74,3 +74,18 @@ def test_evaluate_runs_the_fixed_protocol(bench_root, shots):
     assert 0 <= first["miou"] <= 100 and 0 <= first["fbiou"] <= 100
     assert set(first["per_class"]) <= {"1", "2", "3", "4", "5"}  # fold 0 tests only its novel classes
     assert first["episodes"] == 12
+
+
+def test_results_table_is_whole_when_not_a_terminal(capsys) -> None:
+    """Piped or redirected, the table keeps every column (no wrapping or cutting to 80 columns)."""
+    from crnet.commands.cli import print_results
+
+    row = {"fold": 0, "shots": 5, "strategy": "finetune", "episodes": 1000, "miou": 57.31, "fbiou": 76.2}
+    rows = [{"method": "CRNet", **row, "seconds": 206.0, "mean_iterations": 3.62}]
+    rows.append({"method": "baseline", **row, "strategy": "average", "seconds": 43.0})
+    print_results(rows)
+    lines = capsys.readouterr().out.splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table) == 4 and len({line.count("|") for line in table}) == 1
+    assert table[2] == "| CRNet | 0 | 5 | finetune | 1000 | 57.3 | 76.2 | 206 | 3.62 |"
+    assert table[3].endswith("| 43 | - |")

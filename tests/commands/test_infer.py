@@ -13,7 +13,7 @@ from PIL import Image
 
 from crnet.commands import cli
 from crnet.commands.infer import infer, output_names
-from crnet.errors import EmptySupportMaskError, MaskError
+from crnet.errors import CRNetError, EmptySupportMaskError, MaskError
 from tests.commands.test_cli import check_user_error
 
 
@@ -246,3 +246,37 @@ def test_export_cli_writes_a_bundle_and_triton_repository(micro_checkpoint, tmp_
     cli.main()
     assert (tmp_path / "b/manifest.json").is_file() and (tmp_path / "t/crnet_episode/config.pbtxt").is_file()
     assert "wrote bundle" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "engine, runtime, expected",
+    [
+        ("bundle", "onnxruntime:fp16", "onnxruntime:fp16"),  # the same spec syntax as bench
+        ("bundle", "onnxruntime", "onnxruntime:fp32"),
+        ("graph", None, "onnxruntime:fp16"),  # a graph file fixes runtime and precision
+        ("graph", "onnxruntime", "onnxruntime:fp16"),
+        ("checkpoint", "torch:bf16+channels-last", "torch:bf16+channels-last"),
+    ],
+)
+def test_infer_cli_takes_runtime_specs(
+    engine, runtime, expected, pictures, micro_bundle, micro_checkpoint, tmp_path, monkeypatch
+):
+    path = {"bundle": micro_bundle, "graph": micro_bundle / "head.fp16.onnx", "checkpoint": micro_checkpoint}
+    args = ["crnet", "infer", "--engine", str(path[engine]), "--support", str(pictures / "support.png")]
+    args += ["--support-mask", str(pictures / "mask.png"), "--query", str(pictures / "query.jpg")]
+    args += ["--out", str(tmp_path / "out"), "--no-progress"] + (["--runtime", runtime] if runtime else [])
+    monkeypatch.setattr(sys, "argv", args)
+    cli.main()
+    assert json.loads((tmp_path / "out/infer.json").read_text())["runtime"] == expected
+
+
+def test_a_graph_file_refuses_another_precision(pictures, micro_bundle, tmp_path) -> None:
+    with pytest.raises(CRNetError, match="is a fp16 onnxruntime file"):
+        infer(
+            micro_bundle / "head.fp16.onnx",
+            [pictures / "support.png"],
+            [pictures / "mask.png"],
+            [pictures / "query.jpg"],
+            tmp_path,
+            runtime="onnxruntime:fp32",
+        )

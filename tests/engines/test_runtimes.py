@@ -69,6 +69,16 @@ def test_a_cached_prompt_serves_other_queries(runtime) -> None:
     torch.testing.assert_close(cached, runtime.episode(query, supports, masks))
 
 
+def test_every_output_is_fp32_whatever_the_precision(runtime) -> None:
+    """The runtime contract (engines/base.py): FP32 in and out, so callers never see a bf16 or fp16 tensor."""
+    query, supports, masks = episode(1)
+    features = runtime.encode(query)
+    prompt = runtime.prompt(runtime.encode(supports.flatten(0, 1)).unflatten(0, (2, 1)), masks)
+    outputs = {"features": features, "vector": prompt.vector, "prototype": prompt.prototype}
+    outputs["logits"] = runtime.segment(features, prompt)
+    assert {name: x.dtype for name, x in outputs.items()} == dict.fromkeys(outputs, torch.float32)
+
+
 def test_zero_shots_is_refused(runtime) -> None:
     with pytest.raises(NoSupportError):
         runtime.prompt(torch.zeros(1, 0, 16, 5, 5), torch.zeros(1, 0, 33, 33, dtype=torch.long))
@@ -82,6 +92,7 @@ def test_zero_shots_is_refused(runtime) -> None:
         ("torch:int4", "must be one of fp32, fp16, bf16"),
         ("torch:fp32+turbo", "has no option 'turbo'"),
         ("tensorrt:fp16+compile", "has no option 'compile'"),
+        ("onnxruntime:", "no precision after it"),
     ],
 )
 def test_bad_specs(text, message) -> None:
@@ -92,6 +103,8 @@ def test_bad_specs(text, message) -> None:
 def test_spec_round_trip() -> None:
     assert str(RuntimeSpec.parse("torch:fp16+channels-last")) == "torch:fp16+channels-last"
     assert RuntimeSpec.parse("onnxruntime") == RuntimeSpec("onnxruntime", "fp32")
+    assert RuntimeSpec.parse("tensorrt", defaults={"tensorrt": "fp16"}) == RuntimeSpec("tensorrt", "fp16")
+    assert RuntimeSpec.parse("tensorrt:fp32", defaults={"tensorrt": "fp16"}).precision == "fp32"
 
 
 def test_runtimes_name_what_they_need(micro_checkpoint, micro_bundle) -> None:
