@@ -21,6 +21,28 @@ PRECISIONS = ("fp32", "fp16")
 GRAPHS = ("encoder", "prompt", "head")
 
 
+# Every graph's (and engine's) inputs and outputs in order: the contract between the exporter and every
+# runtime. Dimension 0 of every tensor is the batch, dynamic; `tensor_shapes` gives the others.
+GRAPH_IO = {
+    "encoder": (("images",), ("features",)),
+    "prompt": (("features", "foreground"), ("vector", "prototype")),
+    "head": (("features", "vector", "prototype"), ("logits",)),
+}
+
+
+def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every graph tensor without its batch dimension."""
+    size, side, channels = config.input_size, config.feature_size, config.channels
+    return {
+        "images": (3, size, size),
+        "foreground": (1, size, size),
+        "features": (channels, side, side),
+        "vector": (channels,),
+        "prototype": (channels,),
+        "logits": (2, size, size),
+    }
+
+
 class BundleError(CRNetError):
     """A bundle directory, its manifest or one of its files is missing, foreign or damaged."""
 
@@ -94,6 +116,54 @@ class Bundle:
             )
         return self.root / engines[precision][name]["file"]
 
+    def check_checkpoint(self, checkpoint: Path) -> None:
+        """BundleError unless the bundle was exported from this checkpoint file (its SHA-256 is in the
+        manifest): comparing runtimes of two different models would report meaningless agreement."""
+        source = self.manifest.get("checkpoint", {})
+        if sha256(checkpoint) != source.get("sha256"):
+            name, digest = source.get("file", "?"), str(source.get("sha256"))[:12]
+            raise BundleError(
+                f"bundle {self.root} was exported from another checkpoint ({name}, SHA-256 {digest}...), "
+                f"not from {checkpoint}: pass that checkpoint, or export {checkpoint} to a bundle"
+            )
+
+    def check_tensors(self, file: Path, graph: str, inputs: list[tuple], outputs: list[tuple]) -> None:
+        """Compare what a loaded graph or engine declares, [(name, shape)] with the batch dimension first
+        (a string, None or -1 where dynamic), with the contract; BundleError on any difference, as when
+        files were swapped or the manifest edited with the checksums recomputed."""
+        shapes = tensor_shapes(self.model_config)
+        expected = [[(n, shapes[n]) for n in names] for names in GRAPH_IO[graph]]
+        found = [
+            [
+                (name, tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)[1:])
+                for name, shape in side
+            ]
+            for side in (inputs, outputs)
+        ]
+        if found != expected:
+            raise BundleError(
+                f"{file} does not fit bundle {self.root}: as the {graph} graph it should map "
+                f"{_signature(expected)}, but it maps {_signature(found)} (files swapped, or the manifest "
+                "edited?); re-export the bundle"
+            )
+
+
+def _signature(sides: list[list[tuple]]) -> str:
+    def side(tensors):
+        return ", ".join(
+            f"{n} {'x'.join('?' if d is None else str(d) for d in shape)}" for n, shape in tensors
+        )
+
+    return f"({side(sides[0])}) -> ({side(sides[1])})"
+
+
+def is_bundle(path: Path) -> bool:
+    """Whether a directory is a crnet bundle (its manifest names the format), damaged or not."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     """Read and check a bundle directory (or any file inside one)."""
@@ -112,7 +182,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise BundleError(f"{manifest_path} has format {found!r}; this crnet reads {FORMAT!r}")
     try:
-        ModelConfig.from_dict(manifest["model_config"])
+        _check_manifest(manifest)
         entries = [
             entry
             for section in ("graphs", "engines")
@@ -122,7 +192,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         files = [(root / entry["file"], entry["sha256"]) for entry in entries]
         manifest["iterations"], manifest["batch"]["max"]  # noqa: B018 - presence check
     except (KeyError, TypeError, AttributeError, ValueError) as error:
-        raise BundleError(f"{manifest_path} is incomplete or malformed ({error!r})") from None
+        raise BundleError(f"{manifest_path} is incomplete or malformed ({error})") from None
     if verify:
         for file, expected in files:
             if not file.is_file():
@@ -130,3 +200,31 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
             if sha256(file) != expected:
                 raise BundleError(f"{file} does not match its checksum in {MANIFEST}: damaged or replaced")
     return Bundle(root=root, manifest=manifest)
+
+
+def _check_manifest(manifest: dict) -> None:
+    """ValueError (or KeyError, TypeError) where the manifest contradicts itself or the contract."""
+    config = ModelConfig.from_dict(manifest["model_config"])
+    stated = {k: manifest[k] for k in ("input_size", "feature_size", "channels")}
+    derived = {
+        "input_size": config.input_size,
+        "feature_size": config.feature_size,
+        "channels": config.channels,
+    }
+    if stated != derived:
+        raise ValueError(f"its sizes {stated} contradict its model config {derived}")
+    if not isinstance(manifest["iterations"], int) or manifest["iterations"] < 1:
+        raise ValueError(f"iterations {manifest['iterations']!r} is not a count >= 1")
+    batch = manifest["batch"]
+    if not all(isinstance(batch[k], int) for k in ("min", "opt", "max")) or not (
+        1 <= batch["min"] <= batch["opt"] <= batch["max"]
+    ):
+        raise ValueError(f"batch range {batch} is not 1 <= min <= opt <= max")
+    for section in ("graphs", "engines"):
+        for precision, graphs in manifest[section].items():
+            if precision not in PRECISIONS or set(graphs) != set(GRAPHS):
+                raise ValueError(f"{section} holds {precision}: {sorted(graphs)}, not {list(GRAPHS)}")
+            for name, entry in graphs.items():
+                io = entry.get("inputs"), entry.get("outputs")
+                if section == "graphs" and tuple(map(tuple, io)) != GRAPH_IO[name]:
+                    raise ValueError(f"{precision} {name} is listed with tensors {io}, not {GRAPH_IO[name]}")

@@ -1,35 +1,33 @@
-"""Checkpoint files: written atomically (temporary file, then rename), read with weights_only=True."""
+"""Checkpoint files: written atomically (crnet.files), read with weights_only=True."""
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import torch
 
 from crnet.config import ModelConfig
 from crnet.errors import CheckpointError
+from crnet.files import write_bytes
 from crnet.model.crnet import CRNet, build_model
 
 FORMAT = "crnet-checkpoint-1"
 
 
 def save_atomic(state: dict, path: str | Path) -> Path:
-    """torch.save to a temporary sibling, fsync, then rename over `path`: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as file:
-        torch.save({"format": FORMAT, **state}, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    return path
+    """Write a checkpoint atomically (crnet.files): never a half-written file, no temporary left on any
+    failure, a full disk reported in one line (DiskFullError) with the previous file intact."""
+    buffer = io.BytesIO()  # serialised first, so that a failed write is a plain OSError, not torch's
+    torch.save({"format": FORMAT, **state}, buffer)
+    return write_bytes(path, buffer.getbuffer())
 
 
 def load(path: str | Path) -> dict:
     """A checkpoint dict; CheckpointError when the file is missing, corrupt or not ours."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path} is a directory; give the .pt file in it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

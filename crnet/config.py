@@ -15,7 +15,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class IterationsError(CRNetError, ValueError):
+class ConfigError(CRNetError, ValueError):
+    """A configuration value outside its limits."""
+
+
+class IterationsError(ConfigError):
     """A refinement iteration count below 1."""
 
 
@@ -110,10 +114,27 @@ class TrainConfig:
     workers: int = 1
 
     def __post_init__(self):
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        """The same limits the CLI states in its help; a config built in Python is held to them too."""
+        problems = [
+            f"{name} must be {rule}, got {getattr(self, name)!r}"
+            for name, ok, rule in (
+                ("fold", 0 <= self.fold <= 3, "in 0..3"),
+                ("shots", self.shots >= 1, ">= 1"),
+                ("steps", self.steps >= 1, ">= 1"),
+                ("batch_size", self.batch_size >= 1, ">= 1"),
+                ("optimizer", self.optimizer in ("sgd", "adamw"), "'sgd' or 'adamw'"),
+                ("lr", self.lr > 0, "> 0"),
+                ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                ("reset_probability", 0 <= self.reset_probability <= 1, "within [0, 1]"),
+                ("precision", self.precision in ("auto", "fp32", "bf16"), "'auto', 'fp32' or 'bf16'"),
+                ("log_every", self.log_every >= 1, ">= 1"),
+                ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+                ("workers", self.workers >= 0, ">= 0"),
+            )
+            if not ok
+        ]
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

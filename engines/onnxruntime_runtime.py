@@ -68,6 +68,13 @@ class OnnxRuntime(Runtime):
             except Exception as error:  # ORT raises its own exception types per failure
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise RuntimeUnavailable(f"ONNX Runtime cannot load {path}: {first}") from None
+            session = self.sessions[graph]
+            self.bundle.check_tensors(
+                path,
+                graph,
+                [(x.name, x.shape) for x in session.get_inputs()],
+                [(y.name, y.shape) for y in session.get_outputs()],
+            )
 
     @property
     def label(self) -> str:

@@ -29,6 +29,11 @@ class Engine:
         self.outputs = [n for n in names if not is_input[n]]
         self.max_batch = min(self.engine.get_tensor_profile_shape(n, 0)[2][0] for n in self.inputs)
 
+    def signature(self) -> tuple[list[tuple], list[tuple]]:
+        """[(name, shape)] of the inputs and of the outputs, -1 where a dimension is dynamic."""
+        shape = self.engine.get_tensor_shape
+        return [(n, tuple(shape(n))) for n in self.inputs], [(n, tuple(shape(n))) for n in self.outputs]
+
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         stream = torch.cuda.current_stream(self.device)
         keep = []
@@ -62,10 +67,11 @@ class TensorRTRuntime(Runtime):
         with torch.cuda.device(self.device):
             self.logger = trt.Logger(trt.Logger.WARNING)
             self.runtime = trt.Runtime(self.logger)
-            self.engines = {
-                graph: Engine(trt, self.runtime, self.bundle.engine(precision, graph), self.device)
-                for graph in GRAPHS
-            }
+            self.engines = {}
+            for graph in GRAPHS:
+                path = self.bundle.engine(precision, graph)
+                engine = self.engines[graph] = Engine(trt, self.runtime, path, self.device)
+                self.bundle.check_tensors(path, graph, *engine.signature())
         self.max_batch = min(engine.max_batch for engine in self.engines.values())
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from crnet.bundle import BatchRange
 from crnet.errors import CRNetError
 from crnet.export.graphs import OPSET, SPECS, GraphSpec, export_onnx, graph_module
 from crnet.export.writer import BundleWriter, base_manifest, file_entry
+from crnet.files import explain
 from crnet.metrics import output_errors
 from crnet.optional import MissingDependencyError, require
 
@@ -82,7 +83,7 @@ def export_bundle(
     threads: int = 2,
     progress: Progress = lambda message: None,
 ) -> ExportResult:
-    """Write a bundle directory; see the module docstring and export/bundle.py for its layout."""
+    """Write a bundle directory; see the module docstring and crnet/bundle.py for its layout."""
     onnx = require("onnx", "crnet export")
     require("onnxscript", "crnet export (the torch.export-based ONNX exporter)")
     require("onnxruntime", "crnet export (checks every graph against PyTorch)")
@@ -91,7 +92,7 @@ def export_bundle(
     config = model.config
     iterations = config.refinement_iterations(iterations)
 
-    writer = BundleWriter(Path(out), overwrite=overwrite)
+    writer = BundleWriter(Path(out), overwrite=overwrite, inputs=(checkpoint_path,))
     try:
         manifest = base_manifest(config, iterations, batch, OPSET, checkpoint_path)
         precisions = {"fp32": torch.float32} | ({"fp16": torch.float16} if fp16 else {})
@@ -130,6 +131,9 @@ def export_bundle(
             except (MissingDependencyError, TensorRTUnavailable) as error:
                 skipped = str(error)
         bundle = writer.commit(manifest)
+    except OSError as error:
+        writer.abort()
+        raise explain(error, out) from None
     except BaseException:
         writer.abort()
         raise

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from crnet.bundle import GRAPH_IO, GRAPHS, tensor_shapes
 from crnet.model.crnet import CRNet, SupportPrompt
 
 OPSET = 18
@@ -81,18 +82,11 @@ class GraphSpec:
 
     def example(self, model: CRNet, batch: int) -> tuple[torch.Tensor, ...]:
         """Deterministic example inputs (batch >= 2, so that the exporter keeps the batch symbolic)."""
-        size, side, channels = model.config.input_size, model.config.feature_size, model.config.channels
+        shapes = tensor_shapes(model.config)
         generator = torch.Generator().manual_seed(0)
-        shapes = {
-            "images": (batch, 3, size, size),
-            "features": (batch, channels, side, side),
-            "foreground": (batch, 1, size, size),
-            "vector": (batch, channels),
-            "prototype": (batch, channels),
-        }
         tensors = []
         for name in self.inputs:
-            x = torch.randn(shapes[name], generator=generator)
+            x = torch.randn((batch, *shapes[name]), generator=generator)
             if name == "features":
                 x = x.relu()  # encoder features come out of a ReLU
             elif name == "foreground":
@@ -103,10 +97,7 @@ class GraphSpec:
         return tuple(tensors)
 
 
-ENCODER = GraphSpec("encoder", ("images",), ("features",))
-PROMPT = GraphSpec("prompt", ("features", "foreground"), ("vector", "prototype"))
-HEAD = GraphSpec("head", ("features", "vector", "prototype"), ("logits",))
-SPECS = (ENCODER, PROMPT, HEAD)
+SPECS = tuple(GraphSpec(name, *GRAPH_IO[name]) for name in GRAPHS)  # the bundle contract's names
 
 
 def graph_module(spec: GraphSpec, model: CRNet, iterations: int, dtype: torch.dtype) -> nn.Module:

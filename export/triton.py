@@ -15,8 +15,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from crnet.bundle import load_bundle
-from crnet.errors import CRNetError
+from crnet.bundle import GRAPH_IO, Bundle, tensor_shapes
+from crnet.files import StagedDirectory, check_output_dir
 
 PREFIX = "crnet_"
 README = """# CRNet on Triton Inference Server
@@ -113,36 +113,45 @@ def _ensemble_config(max_batch: int, shapes: dict[str, list[int]]) -> str:
     )
 
 
+def is_repository(path: Path) -> bool:
+    """Whether a directory is a repository this module wrote: its README's title and crnet_* models only."""
+    try:
+        title = (path / "README.md").read_text().splitlines()[0]
+        names = {child.name for child in path.iterdir()}
+    except (OSError, UnicodeDecodeError, IndexError):
+        return False
+    return title == README.splitlines()[0] and all(n == "README.md" or n.startswith(PREFIX) for n in names)
+
+
+TARGET = {"what": "crnet Triton repository", "ours": is_repository, "option": "--triton"}
+
+
+def check_repository_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Before an export: OutputError when --triton could not be written (see crnet.files)."""
+    check_output_dir(Path(out), overwrite=overwrite, inputs=inputs, **TARGET)
+
+
 def write_repository(
-    bundle_path: str | Path, out: str | Path, *, precision: str | None = None, overwrite: bool = False
+    bundle: Bundle, out: str | Path, *, precision: str | None = None, overwrite: bool = False
 ) -> Path:
-    """Write the repository; TensorRT engines when the bundle has them for `precision`, else ONNX."""
-    bundle = load_bundle(bundle_path)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CRNetError(f"{out} already exists; pass --overwrite to replace it")
+    """Write the repository; TensorRT engines when the bundle has them for `precision`, else ONNX.
+    --overwrite replaces only a repository written here, never another directory or the bundle itself."""
+    staged = StagedDirectory(out, inputs=(bundle.root,), overwrite=overwrite, **TARGET)
+    with staged:
+        _fill(staged.root, bundle, precision)
+        return staged.commit()
+
+
+def _fill(staging: Path, bundle: Bundle, precision: str | None) -> None:
     manifest = bundle.manifest
     precision = precision or ("fp16" if "fp16" in manifest["graphs"] else "fp32")
     use_engines = precision in manifest.get("engines", {})
     platform = "tensorrt_plan" if use_engines else "onnxruntime_onnx"
-    size, side, channels = manifest["input_size"], manifest["feature_size"], manifest["channels"]
-    shapes = {
-        "images": [3, size, size],
-        "foreground": [1, size, size],
-        "features": [channels, side, side],
-        "vector": [channels],
-        "prototype": [channels],
-        "logits": [2, size, size],
-    }
-    io = {
-        "encoder": (["images"], ["features"]),
-        "prompt": (["features", "foreground"], ["vector", "prototype"]),
-    }
-    io["head"] = (["features", "vector", "prototype"], ["logits"])
+    size = bundle.model_config.input_size
+    shapes = {name: list(shape) for name, shape in tensor_shapes(bundle.model_config).items()}
+    io = {name: (list(inputs), list(outputs)) for name, (inputs, outputs) in GRAPH_IO.items()}
     max_batch = manifest["batch"]["max"]
 
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
     for graph, (inputs, outputs) in io.items():
         source = bundle.engine(precision, graph) if use_engines else bundle.graph(precision, graph)
         version = staging / f"{PREFIX}{graph}" / "1"
@@ -169,7 +178,3 @@ def write_repository(
             size=size,
         )
     )
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out

@@ -1,17 +1,15 @@
 """Writing bundles: a temporary sibling directory, checksummed and renamed into place at the end, so a
-directory named like the requested output is always complete (the layout is crnet.bundle's)."""
+directory named like the requested output is always complete (the layout is crnet.bundle's; the rules for
+replacing an output are crnet.files')."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from crnet.bundle import FORMAT, MANIFEST, BatchRange, sha256
+from crnet.bundle import FORMAT, MANIFEST, BatchRange, is_bundle, sha256
 from crnet.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
-from crnet.errors import CRNetError
+from crnet.files import StagedDirectory, write_text
 
 
 def base_manifest(
@@ -47,26 +45,13 @@ def file_entry(root: Path, path: Path, **extra) -> dict:
     return entry | extra
 
 
-class BundleWriter:
-    """Writes into a temporary sibling of `out`; `commit` checksums and renames it into place."""
+class BundleWriter(StagedDirectory):
+    """Writes into a temporary sibling of `out`; `commit` adds the manifest and renames it into place.
+    --overwrite replaces only an existing bundle, never a file, a foreign directory or the checkpoint."""
 
-    def __init__(self, out: Path, *, overwrite: bool = False):
-        self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise CRNetError(f"{self.out} already exists; pass --overwrite to replace it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+    def __init__(self, out: Path, *, overwrite: bool = False, inputs: tuple[Path, ...] = ()):
+        super().__init__(out, what="crnet bundle", ours=is_bundle, overwrite=overwrite, inputs=inputs)
 
     def commit(self, manifest: dict) -> Path:
-        (self.root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-            os.replace(self.root, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.root, self.out)
-        return self.out
-
-    def abort(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        write_text(self.root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        return super().commit()

@@ -1,3 +1,5 @@
+import subprocess
+
 import pytest
 
 from crnet.data import synthetic
@@ -37,3 +39,20 @@ def micro_bundle(micro_checkpoint, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundle") / "micro"
     return export_bundle(micro_checkpoint, out, fp16=True, batch=BatchRange(1, 2, 8)).bundle
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB file system (tmpfs), or None where the test may not mount one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

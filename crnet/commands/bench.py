@@ -241,6 +241,8 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
     """Open every runtime, measure accuracy (unless episodes == 0) and latency; the JSON document."""
     torch.set_num_threads(settings.threads)
     bundle = None if settings.bundle is None else load_bundle(settings.bundle)
+    if bundle is not None:
+        bundle.check_checkpoint(settings.checkpoint)
     runtimes, unavailable = open_all(specs, settings, bundle)
     for spec, reason in unavailable.items():
         notice(f"skipping {spec}: {reason}")

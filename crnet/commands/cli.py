@@ -1,6 +1,8 @@
 """`crnet` command line: synth, train, eval, export, infer, bench, demo.
 
-User errors print one line and exit with code 2."""
+Every option is checked here, once, before any work starts, with its limits in its help text; outputs are
+checked for writability before a long run. User errors print one `error:` line and exit with code 2.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -31,11 +33,55 @@ def _default_data() -> Path:
 
 
 DEFAULT_DATA = _default_data()  # versioned: a newer generator never meets an older tree
+DEFAULT_CHECKPOINT = Path("checkpoints/tiny_fold0.pt")
+
+
+def _positive(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be > 0, got {value}")
+    return value
+
+
+def _runtime_spec(value: str | None) -> str | None:
+    from crnet.engines import RuntimeSpec
+
+    if value is not None:
+        try:
+            RuntimeSpec.parse(value)
+        except CRNetError as error:
+            raise typer.BadParameter(str(error)) from None
+    return value
+
+
+def _runtime_specs(values: list[str] | None) -> list[str] | None:
+    for value in values or []:
+        _runtime_spec(value)
+    return values
+
+
+def _batch_range(value: str) -> str:
+    from crnet.bundle import BatchRange
+
+    try:
+        BatchRange.parse(value)
+    except CRNetError as error:
+        raise typer.BadParameter(str(error)) from None
+    return value
+
+
+# Options shared by several commands, with their limits.
 DataOption = Annotated[
-    Path | None, typer.Option("--data", help="VOC-layout root (default: the built-in benchmark)")
+    Path | None,
+    typer.Option(
+        "--data", file_okay=False, help="VOC-layout root (default: the built-in benchmark, made on first use)"
+    ),
 ]
 DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
+FoldOption = Annotated[int, typer.Option(min=0, max=3, help="PASCAL-5i fold: its 5 novel classes are tested")]
+ShotsOption = Annotated[int, typer.Option(min=1, max=100, help="labelled support images per episode")]
+SeedOption = Annotated[int, typer.Option(min=0, help="random seed")]
+CheckpointArgument = Annotated[Path, typer.Argument(help="model checkpoint (model.pt or last.pt)")]
 
 
 def data_root(path: Path | None) -> Path:
@@ -48,19 +94,27 @@ def data_root(path: Path | None) -> Path:
     return synthetic.ensure(DEFAULT_DATA)
 
 
+def check_output(path: Path, inputs: list[Path], option: str) -> None:
+    """Before the work: the output file can be written and is not an input."""
+    from crnet.files import check_writable_file
+
+    check_writable_file(path, inputs, option)
+
+
 def write_json(values: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(values, indent=2) + "\n")
+    from crnet.files import write_text
+
+    write_text(path, json.dumps(values, indent=2) + "\n")
     typer.echo(f"wrote {path}", err=True)
 
 
 @app.command()
 def synth(
     root: Annotated[Path, typer.Argument(help="where to write the benchmark")] = DEFAULT_DATA,
-    seed: int = 0,
-    train_per_class: int = 120,
-    val_per_class: int = 60,
-    image_size: int = 128,
+    seed: SeedOption = 0,
+    train_per_class: Annotated[int, typer.Option(min=2, max=100_000, help="training images per class")] = 120,
+    val_per_class: Annotated[int, typer.Option(min=2, max=100_000, help="test images per class")] = 60,
+    image_size: Annotated[int, typer.Option(min=32, max=2048, help="image side in pixels")] = 128,
 ) -> None:
     """Generate the built-in few-shot benchmark (20 classes, 4 folds, VOC layout)."""
     from crnet.data import synthetic
@@ -74,19 +128,25 @@ def synth(
 @app.command()
 def train(
     out: Annotated[Path, typer.Option(help="run directory: last.pt, model.pt, metrics.jsonl")],
-    preset: Annotated[str, typer.Option(help="model preset: tiny or r50")] = "tiny",
+    preset: Annotated[Literal["tiny", "r50"], typer.Option(help="model preset")] = "tiny",
     data: DataOption = None,
-    fold: int = 0,
-    steps: int = 2000,
-    batch_size: int = 8,
-    optimizer: Annotated[str, typer.Option(help="sgd or adamw")] = "sgd",
-    lr: float = 2.5e-3,
-    weight_decay: float = 5e-4,
+    fold: FoldOption = 0,
+    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="episodes per step (per process under DDP)")] = 8,
+    optimizer: Annotated[Literal["sgd", "adamw"], typer.Option(help="optimiser")] = "sgd",
+    lr: Annotated[
+        float, typer.Option(callback=_positive, help="peak learning rate, > 0 (poly decay)")
+    ] = 2.5e-3,
+    weight_decay: Annotated[float, typer.Option(min=0.0, help="weight decay")] = 5e-4,
     reset_probability: Annotated[
-        float, typer.Option(help="chance that the cached previous prediction is replaced by zeros")
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="chance that the cached previous prediction is replaced by zeros"
+        ),
     ] = 0.3,
     precision: Annotated[
-        str, typer.Option(help="forward autocast: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+        Literal["auto", "fp32", "bf16"],
+        typer.Option(help="forward autocast: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16"),
     ] = "auto",
     exclude_novel_images: Annotated[
         bool, typer.Option(help="drop training images in which a novel class of the fold appears")
@@ -94,11 +154,13 @@ def train(
     hue_turns: Annotated[
         bool, typer.Option(help="turn the hue of each training episode's images by one random angle")
     ] = False,
-    seed: int = 0,
-    checkpoint_every: int = 200,
-    workers: int = 1,
+    seed: SeedOption = 0,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="steps between checkpoints (last.pt)")] = 200,
+    workers: Annotated[
+        int, typer.Option(min=0, max=64, help="data loader processes (0: in the main one)")
+    ] = 1,
     backbone_weights: Annotated[
-        Path | None, typer.Option(help="torchvision resnet50 state-dict file")
+        Path | None, typer.Option(exists=True, dir_okay=False, help="torchvision resnet50 state-dict file")
     ] = None,
     resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
     device: DeviceOption = "auto",
@@ -110,28 +172,24 @@ def train(
     from crnet.config import preset as model_preset
     from crnet.device import resolve_device
 
-    try:
-        model_config = model_preset(preset)
-    except ValueError as error:
-        raise CRNetError(str(error)) from None
-    try:
-        config = TrainConfig(
-            fold=fold,
-            steps=steps,
-            batch_size=batch_size,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            reset_probability=reset_probability,
-            precision=precision,
-            exclude_novel_images=exclude_novel_images,
-            hue_turns=hue_turns,
-            seed=seed,
-            checkpoint_every=checkpoint_every,
-            workers=workers,
-        )
-    except ValueError as error:
-        raise CRNetError(str(error)) from None
+    model_config = model_preset(preset)
+    config = TrainConfig(
+        fold=fold,
+        steps=steps,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        reset_probability=reset_probability,
+        precision=precision,
+        exclude_novel_images=exclude_novel_images,
+        hue_turns=hue_turns,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        workers=workers,
+    )
+    if out.exists() and not out.is_dir():
+        raise CRNetError(f"--out {out} is a file; training writes a run directory there")
     if model_config.name == "r50" and backbone_weights is None:
         typer.echo("warning: r50 without --backbone-weights freezes a randomly initialised trunk", err=True)
     resolved = resolve_device(device)
@@ -144,29 +202,45 @@ def train(
         resume=resume,
         device=None if device == "auto" else str(resolved),
         progress=progress,
+        notice=lambda line: typer.echo(line, err=True),
     )
     typer.echo(f"saved {final}")
 
 
 @app.command("eval")
 def evaluate_command(
-    checkpoint: Annotated[Path, typer.Argument(help="model checkpoint (model.pt or last.pt)")],
+    checkpoint: CheckpointArgument,
     data: DataOption = None,
-    fold: int | None = typer.Option(None, help="fold to test (default: the fold it was trained on)"),
-    shots: int = 1,
-    strategy: Annotated[str, typer.Option(help="k-shot strategy: average or finetune")] = "average",
-    episodes: int = 1000,
-    seed: int = 0,
-    iterations: int | None = typer.Option(None, help="refinement iterations (default: the model's T)"),
-    batch_size: int = 16,
-    finetune_steps: int = 10,
-    finetune_lr: float = 1e-3,
+    fold: Annotated[
+        int | None, typer.Option(min=0, max=3, help="fold to test (default: the fold it was trained on)")
+    ] = None,
+    shots: ShotsOption = 1,
+    strategy: Annotated[
+        Literal["average", "finetune"], typer.Option(help="k-shot strategy (with --shots >= 2)")
+    ] = "average",
+    episodes: Annotated[int, typer.Option(min=1, help="fixed test episodes")] = 1000,
+    seed: SeedOption = 0,
+    iterations: Annotated[
+        int | None, typer.Option(min=1, help="refinement iterations T (default: the model's)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="episodes per forward pass")] = 16,
+    finetune_steps: Annotated[int, typer.Option(min=1, help="finetune strategy: steps per episode")] = 10,
+    finetune_lr: Annotated[
+        float, typer.Option(callback=_positive, help="finetune strategy: learning rate, > 0")
+    ] = 1e-3,
     exit_fraction: Annotated[
         float,
-        typer.Option(help="early exit: stop refining a query once less than this fraction of it changes"),
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="early exit: stop refining a query once less than this fraction of it changes (0: off)",
+        ),
     ] = 0.0,
     baseline: Annotated[bool, typer.Option(help="also run the training-free prototype baseline")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="where to write the results")] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="where to write the results (default: beside the checkpoint)"),
+    ] = None,
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
@@ -180,6 +254,9 @@ def evaluate_command(
     model = checkpoints.model_from_state(state, checkpoint, resolved)
     stored = state.get("train_config", {})
     fold = stored.get("fold", 0) if fold is None else fold
+    suffix = f"fold{fold}_{shots}shot" + (f"_{strategy}" if shots > 1 else "")
+    json_out = json_out or checkpoint.parent / f"eval_{suffix}.json"
+    check_output(json_out, [checkpoint], "--json")
     root = data_root(data)
     common = dict(
         fold=fold,
@@ -190,8 +267,6 @@ def evaluate_command(
         batch_size=batch_size,
         progress=progress,
     )
-    if not 0 <= exit_fraction <= 1:
-        raise CRNetError(f"--exit-fraction must be within [0, 1], got {exit_fraction}")
     predictor = CRNetPredictor(
         model, resolved, strategy, iterations, finetune_steps, finetune_lr, exit_fraction
     )
@@ -207,11 +282,7 @@ def evaluate_command(
             }
         )
     print_results(results)
-    suffix = f"fold{fold}_{shots}shot" + (f"_{strategy}" if shots > 1 else "")
-    write_json(
-        {"checkpoint": str(checkpoint), "data": str(root), "results": results},
-        json_out or checkpoint.parent / f"eval_{suffix}.json",
-    )
+    write_json({"checkpoint": str(checkpoint), "data": str(root), "results": results}, json_out)
 
 
 def print_results(results: list[dict]) -> None:
@@ -234,29 +305,48 @@ def print_results(results: list[dict]) -> None:
 
 @app.command()
 def demo(
-    checkpoint: Annotated[Path, typer.Option(help="trained tiny model; trained here when missing")] = Path(
-        "checkpoints/tiny_fold0.pt"
-    ),
-    out: Annotated[Path, typer.Option(help="where results, pictures and a fresh training run go")] = Path(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help=f"trained tiny model (default: {DEFAULT_CHECKPOINT}, trained first when absent)"),
+    ] = None,
+    train_first: Annotated[
+        bool, typer.Option("--train", help="train the tiny recipe into OUT/train (resumed if interrupted)")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="results, pictures, bundle and any training run go here")] = Path(
         "runs/demo"
     ),
     data: DataOption = None,
-    episodes: int = 1000,
+    episodes: Annotated[int, typer.Option(min=1, help="fixed test episodes")] = 1000,
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
     """Built-in benchmark end to end: tiny model, fold-0 evaluation, pictures, export, runtime bench."""
     from crnet.commands.bench import format_table, plot_latency
-    from crnet.commands.demo import export_and_bench, run_demo
+    from crnet.commands.demo import check_demo_out, export_and_bench, run_demo, train_recipe
     from crnet.device import resolve_device
 
-    root, resolved = data_root(data), resolve_device(device)
-    results, picture, trained = run_demo(checkpoint, out, root, episodes, resolved, progress)
+    if checkpoint is not None and train_first:
+        raise CRNetError("--checkpoint and --train exclude each other: use a trained model or train one")
+    if checkpoint is not None and not checkpoint.is_file():
+        raise CRNetError(
+            f"checkpoint not found: {checkpoint} (omit --checkpoint to use or train the default)"
+        )
+    check_demo_out(out)
+    resolved = resolve_device(device)
+    notice = lambda line: typer.echo(line, err=True)  # noqa: E731
+    if checkpoint is None and not train_first and DEFAULT_CHECKPOINT.is_file():
+        checkpoint = DEFAULT_CHECKPOINT
+    root = data_root(data)
+    if checkpoint is None:
+        if not train_first:
+            notice(
+                f"no {DEFAULT_CHECKPOINT} here: training the tiny recipe first (about 10 min on 2 CPU cores)"
+            )
+        checkpoint = train_recipe(out, root, resolved, progress, notice)
+    results, picture = run_demo(checkpoint, out, root, episodes, resolved, progress)
     print_results(results)
     typer.echo(f"episodes drawn in {picture}")
-    bench = export_and_bench(
-        trained, out, root, episodes, resolved, _bar(progress), lambda line: typer.echo(line, err=True)
-    )
+    bench = export_and_bench(checkpoint, out, root, episodes, resolved, _bar(progress), notice)
     typer.echo(format_table(bench))
     write_json(bench, out / "bench.json")
     with contextlib.suppress(MissingDependencyError):  # the chart is optional; the table and JSON are not
@@ -266,26 +356,44 @@ def demo(
 @app.command("export")
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="model checkpoint (model.pt)")],
-    out: Annotated[Path, typer.Option(help="bundle directory to write")],
+    out: Annotated[
+        Path, typer.Option(help="bundle directory to write (absent, empty, or a bundle to replace)")
+    ],
     fp16: Annotated[bool, typer.Option(help="also write FP16 graphs (FP32 inputs and outputs)")] = False,
     tensorrt: Annotated[
         bool, typer.Option(help="also build TensorRT engines (needs tensorrt and a GPU)")
     ] = False,
     batch_range: Annotated[
-        str, typer.Option(help="batch sizes MIN:OPT:MAX the graphs are checked and the engines built for")
+        str,
+        typer.Option(
+            callback=_batch_range,
+            help="batch sizes MIN:OPT:MAX, 1 <= MIN <= OPT <= MAX, the engines are built for",
+        ),
     ] = "1:1:16",
     iterations: Annotated[
-        int | None, typer.Option(help="refinement iterations T (default: the model's)")
+        int | None, typer.Option(min=1, help="refinement iterations T (default: the model's)")
     ] = None,
-    triton: Annotated[Path | None, typer.Option(help="also write a Triton model repository here")] = None,
-    workspace_gib: Annotated[float, typer.Option(help="TensorRT builder workspace limit")] = 4.0,
-    timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache file, reused")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+    triton: Annotated[
+        Path | None, typer.Option(help="also write a Triton model repository here (absent or empty)")
+    ] = None,
+    workspace_gib: Annotated[
+        float, typer.Option(callback=_positive, help="TensorRT builder workspace limit, GiB, > 0")
+    ] = 4.0,
+    timing_cache: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="TensorRT timing cache file, read and updated")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace an existing bundle (and Triton repository); nothing else")
+    ] = False,
 ) -> None:
     """Checkpoint -> bundle: encoder, prompt and head ONNX graphs (+ FP16, TensorRT engines), checked."""
     from crnet.bundle import BatchRange
     from crnet.export.build import export_bundle
 
+    if triton is not None:  # checked before the export, so that a bad --triton costs nothing
+        from crnet.export.triton import check_repository_out
+
+        check_repository_out(triton, overwrite, [checkpoint, out])
     result = export_bundle(
         checkpoint,
         out,
@@ -300,11 +408,11 @@ def export_command(
     )
     typer.echo(f"wrote bundle {result.bundle}")
     if triton is not None:
+        from crnet.bundle import load_bundle
         from crnet.export.triton import write_repository
 
-        typer.echo(
-            f"wrote Triton model repository {write_repository(result.bundle, triton, overwrite=overwrite)}"
-        )
+        repository = write_repository(load_bundle(result.bundle), triton, overwrite=overwrite)
+        typer.echo(f"wrote Triton model repository {repository}")
     if result.tensorrt_skipped:
         raise CRNetError(f"no TensorRT engines: {result.tensorrt_skipped}; the rest of the bundle is written")
 
@@ -319,15 +427,18 @@ def infer_command(
         list[Path], typer.Option(help="its mask PNG: 0 background, 1 object, 255 ignore")
     ],
     query: Annotated[list[Path], typer.Option(help="query image (repeat, or pass many)")],
-    out: Annotated[Path, typer.Option(help="where masks, overlays and infer.json go")],
+    out: Annotated[
+        Path, typer.Option(help="folder for masks, overlays and infer.json (new, empty, or an earlier --out)")
+    ],
     runtime: Annotated[
         str | None,
         typer.Option(
+            callback=_runtime_spec,
             help="NAME[:PRECISION][+OPTION] as in bench, e.g. onnxruntime:fp16 (default: the best the engine "
-            "and device allow)"
+            "and device allow)",
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="queries per forward pass")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="queries per forward pass")] = 8,
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
@@ -337,6 +448,7 @@ def infer_command(
     from crnet.commands.infer import infer
     from crnet.device import resolve_device
 
+    resolved = resolve_device(device)
     with tqdm(total=len(query), disable=not progress, desc="infer", unit="query", dynamic_ncols=True) as bar:
         summary = infer(
             engine,
@@ -345,7 +457,7 @@ def infer_command(
             query,
             out,
             runtime=runtime,
-            device=resolve_device(device),
+            device=resolved,
             batch_size=batch_size,
             progress=bar.update,
         )
@@ -357,19 +469,24 @@ def bench_command(
     checkpoint: Annotated[
         Path, typer.Argument(help="model checkpoint: the torch runtimes and the reference")
     ],
-    bundle: Annotated[Path | None, typer.Option(help="exported bundle for onnxruntime / tensorrt")] = None,
+    bundle: Annotated[
+        Path | None, typer.Option(help="bundle exported from this checkpoint, for onnxruntime / tensorrt")
+    ] = None,
     runtime: Annotated[
         list[str] | None,
-        typer.Option(help="NAME[:fp32|fp16][+OPTION], repeatable, e.g. onnxruntime:fp16, torch:fp16+compile"),
+        typer.Option(
+            callback=_runtime_specs,
+            help="NAME[:fp32|fp16|bf16][+OPTION], repeatable, e.g. onnxruntime:fp16, torch:fp16+compile",
+        ),
     ] = None,
     data: DataOption = None,
-    fold: int = 0,
-    shots: int = 1,
-    episodes: Annotated[int, typer.Option(help="accuracy episodes (0: latency only)")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="episodes per timed call")] = 1,
-    warmup: int = 5,
-    repeats: int = 30,
-    threads: Annotated[int, typer.Option(help="CPU threads, pinned for every runtime")] = 2,
+    fold: FoldOption = 0,
+    shots: ShotsOption = 1,
+    episodes: Annotated[int, typer.Option(min=0, help="accuracy episodes (0: latency only)")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="episodes per timed call")] = 1,
+    warmup: Annotated[int, typer.Option(min=0, help="untimed rounds first")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="timed rounds")] = 30,
+    threads: Annotated[int, typer.Option(min=1, max=1024, help="CPU threads, pinned for every runtime")] = 2,
     json_out: Annotated[Path, typer.Option("--json", help="results JSON")] = Path("runs/bench/bench.json"),
     chart: Annotated[
         Path | None, typer.Option(help="latency bar chart PNG (default: beside the JSON)")
@@ -395,8 +512,10 @@ def bench_command(
     specs = [RuntimeSpec.parse(text) for text in runtime or default]
     if any(spec.name != "torch" for spec in specs) and bundle is None:
         raise CRNetError("onnxruntime and tensorrt runtimes need --bundle (make one with `crnet export`)")
-    if min(episodes, batch_size - 1, warmup, repeats - 1, threads - 1) < 0:
-        raise CRNetError("--batch-size, --repeats and --threads must be >= 1; --episodes and --warmup >= 0")
+    chart = chart or json_out.with_suffix(".png")
+    inputs = [checkpoint] + ([bundle] if bundle else [])
+    check_output(json_out, inputs, "--json")
+    check_output(chart, inputs, "--chart")
     settings = BenchSettings(
         checkpoint=checkpoint,
         bundle=bundle,
@@ -415,7 +534,6 @@ def bench_command(
     result = run_bench(specs, settings, _bar(progress), notice=lambda line: typer.echo(line, err=True))
     typer.echo(format_table(result))
     write_json(result, json_out)
-    chart = chart or json_out.with_suffix(".png")
     try:
         plot_latency(result, chart)
         typer.echo(f"wrote {chart}", err=True)
@@ -461,8 +579,13 @@ def main() -> None:
     except CRNetError as error:
         typer.echo(f"error: {one_line(error)}", err=True)
         sys.exit(2)
-    except OSError as error:  # unwritable output directories, full disks
-        typer.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
+    except OSError as error:  # anything not caught closer to the file: still one line
+        from crnet.files import DISK_FULL, explain
+
+        if error.errno in DISK_FULL:
+            typer.echo(f"error: {explain(error, error.filename or 'an output')}", err=True)
+        else:
+            typer.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -476,7 +599,7 @@ def main() -> None:
             typer.echo("interrupted", err=True)
             sys.exit(130)
         if error.format_message():  # empty when the help was shown for a bare `crnet`
-            typer.echo(f"error: {error.format_message()}", err=True)
+            typer.echo(f"error: {' '.join(error.format_message().split())}", err=True)
         sys.exit(2)
 
 

@@ -10,11 +10,12 @@ import torch
 
 from crnet import checkpoint as checkpoints
 from crnet.commands.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
-from crnet.commands.train import FINAL, train
+from crnet.commands.train import train
 from crnet.commands.visualize import denormalise, episode_sheet
 from crnet.config import TINY, TrainConfig
 from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import VOCTree
+from crnet.files import OutputError, write_text
 from crnet.model.crnet import CRNet, upsample
 
 # The committed checkpoint checkpoints/tiny_fold0.pt is this recipe's result, reproduced by
@@ -36,15 +37,37 @@ RECIPE = TrainConfig(
 )
 
 
-def trained_checkpoint(path: Path, out: Path, root: Path, device: torch.device, progress: bool) -> Path:
-    """The given checkpoint, or one trained here with RECIPE (resuming an interrupted demo run)."""
-    if path.is_file():
-        return path
+def train_recipe(out: Path, root: Path, device: torch.device, progress: bool, notice) -> Path:
+    """Train RECIPE into OUT/train, resuming an interrupted demo run; the model checkpoint."""
     run = out / "train"
-    final = train(
-        TINY, RECIPE, root, run, resume=(run / "last.pt").exists(), device=str(device), progress=progress
+    return train(
+        TINY,
+        RECIPE,
+        root,
+        run,
+        resume=(run / "last.pt").exists(),
+        device=str(device),
+        progress=progress,
+        notice=notice,
     )
-    return final if final.is_file() else run / FINAL
+
+
+RESULTS = "results.json"
+
+
+def check_demo_out(out: Path) -> None:
+    """The demo writes results.json, episodes.png, bench.json/png, bundle/ and train/ into OUT: it must be
+    new, empty, or an earlier demo's (its results.json), so that no other file there is replaced."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"--out {out} is a file; the demo writes a directory there")
+    try:
+        earlier = "results" in json.loads((out / RESULTS).read_text())
+    except (OSError, ValueError, TypeError):
+        earlier = False
+    if any(out.iterdir()) and not earlier:
+        raise OutputError(f"--out {out} holds other files and no earlier demo; choose a new or empty folder")
 
 
 def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, count: int = 6) -> Path:
@@ -81,9 +104,8 @@ def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, co
 
 def run_demo(
     checkpoint: Path, out: Path, root: Path, episodes: int, device: torch.device, progress: bool
-) -> tuple[list[dict], Path, Path]:
-    """Evaluate (training first when there is no checkpoint); results, the episode sheet, the checkpoint."""
-    checkpoint = trained_checkpoint(checkpoint, out, root, device, progress)
+) -> tuple[list[dict], Path]:
+    """Evaluate the checkpoint and draw episodes; the results and the episode sheet."""
     model = checkpoints.load_model(checkpoint, device)
     common = dict(fold=RECIPE.fold, input_size=model.config.input_size, episodes=episodes, progress=progress)
     results = [
@@ -104,10 +126,8 @@ def run_demo(
         },
     ]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=2)
-    )
-    return results, draw_episodes(model, root, out / "episodes.png", device), checkpoint
+    write_text(out / RESULTS, json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=2))
+    return results, draw_episodes(model, root, out / "episodes.png", device)
 
 
 DEMO_RUNTIMES = ("torch:fp32", "torch:bf16+channels-last", "onnxruntime:fp32", "onnxruntime:fp16")

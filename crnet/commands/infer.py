@@ -7,7 +7,6 @@ Writes, per query, `<name>_mask.png` (0 = background, 1 = object, at the query's
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from crnet.data.pascal import read_image
 from crnet.engines import RuntimeSpec, open_runtime
 from crnet.engines.base import Runtime
 from crnet.errors import CRNetError, EmptySupportMaskError, NoSupportError
+from crnet.files import OutputError, atomic_file, check_not_input, write_text
 from crnet.model.crnet import SupportPrompt, upsample
 
 
@@ -72,10 +72,25 @@ def load_support(image_path: Path, mask_path: Path, size: int):
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    """Write-then-rename: an interrupted run never leaves a truncated picture under the final name."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    """Atomic (crnet.files): an interrupted run never leaves a truncated picture under the final name."""
+    with atomic_file(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
+
+
+SUMMARY = "infer.json"
+
+
+def check_out(out: Path, names: list[str], inputs: list[Path]) -> None:
+    """OUT must be new, empty, or an earlier infer's (its infer.json): the masks and overlays replace
+    only files of that kind, and never an input image or mask."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; infer writes a folder of masks there")
+    if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file():
+        raise OutputError(f"--out {out} holds other files and no {SUMMARY}; choose a new or empty folder")
+    for name in names:
+        for suffix in ("_mask.png", "_overlay.png"):
+            check_not_input(out / f"{name}{suffix}", inputs, "--out")
+    check_not_input(out / SUMMARY, inputs, "--out")
 
 
 def output_names(queries: list[Path]) -> list[str]:
@@ -109,6 +124,8 @@ def infer(
         raise CRNetError("give at least one --query image")
     if batch_size < 1:
         raise CRNetError(f"--batch-size must be >= 1, got {batch_size}")
+    names = output_names(queries)
+    check_out(out, names, [*supports, *support_masks, *queries, engine])
     choice = choose_engine(engine, runtime, device)
     runner: Runtime = open_runtime(
         choice.spec, checkpoint=choice.checkpoint, bundle=choice.bundle, device=device
@@ -118,7 +135,6 @@ def infer(
         # Every input is read and checked before anything is computed or written.
         loaded = [load_support(i, m, size) for i, m in zip(supports, support_masks, strict=True)]
         query_images = [read_image(q) for q in queries]
-        out.mkdir(parents=True, exist_ok=True)
         runner.check_batch(len(loaded))
         images = torch.stack([t for t, _ in loaded]).to(device)
         masks = torch.stack([m for _, m in loaded]).to(device)
@@ -127,7 +143,6 @@ def infer(
         if runner.max_batch is not None:
             batch_size = min(batch_size, runner.max_batch)
         records = []
-        names = output_names(queries)
         for start in range(0, len(queries), batch_size):
             chunk = query_images[start : start + batch_size]
             tensors = torch.stack([to_model_input(image, None, size)[0] for image in chunk]).to(device)
@@ -158,5 +173,5 @@ def infer(
         "queries": records,
         "seconds": round(seconds, 3),
     }
-    (out / "infer.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary

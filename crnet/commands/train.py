@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from crnet.config import ModelConfig, TrainConfig
 from crnet.data.episodes import EpisodeDataset, SampleIndex, TrainingEpisodes, collate
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
 from crnet.errors import CRNetError
+from crnet.files import OutputError, explain, write_text
 from crnet.model.crnet import build_model
 from crnet.model.loss import episode_loss
 
@@ -165,12 +166,20 @@ def _check_same_run(stored: dict, model_config: ModelConfig, train_config: Train
             )
 
 
+def _append(path: Path, line: str) -> None:
+    try:
+        with open(path, "a") as log:
+            log.write(line)
+    except OSError as error:
+        raise explain(error, path) from None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint, so a resumed run's log has no duplicate steps."""
     if path.is_file():
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         kept = [line for line in lines if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
 
 
 def train(
@@ -183,11 +192,15 @@ def train(
     resume: bool = False,
     device: str | None = None,
     progress: bool = True,
+    notice: Callable[[str], None] = lambda line: None,
 ) -> Path:
-    """Train; returns the path of the final model checkpoint. Ctrl-C or SIGTERM saves before exiting."""
+    """Train; returns the path of the final model checkpoint. Ctrl-C or SIGTERM saves before exiting;
+    a run killed outright resumes from its last checkpoint exactly as if it had not stopped."""
     out_dir = Path(out_dir)
-    if not 0 <= config.reset_probability <= 1 or config.steps < 1 or config.batch_size < 1:
-        raise CRNetError("steps and batch size must be >= 1 and reset probability within [0, 1]")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} is a file; training writes a run directory there")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / LAST).exists():
+        raise OutputError(f"--out {out_dir} holds other files and no run; choose a new or empty folder")
     if (out_dir / LAST).exists() and not resume:
         raise CRNetError(f"{out_dir} already holds a run; pass --resume to continue it or pick another --out")
     if resume and not (out_dir / LAST).exists():
@@ -214,6 +227,8 @@ def train(
         cache.load_state_dict(stored["cache"])
         _set_rng_state(stored["rng"][group.rank], group.device)
         start = stored["step"]
+        if group.main:
+            notice(f"resuming {out_dir} at step {start} of {config.steps}")
     else:
         torch.manual_seed(config.seed + 1000 * group.rank)  # dropout differs across processes
     network = model
@@ -240,7 +255,10 @@ def train(
         group.barrier()
 
     if group.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise explain(error, out_dir) from None
         _truncate_metrics(out_dir / METRICS, start)
     # The loader gets its own generator: drawing worker seeds from the global one would shift dropout.
     loader = DataLoader(
@@ -313,8 +331,7 @@ def train(
                     "time": time.time(),
                 }
                 if group.main:
-                    with open(out_dir / METRICS, "a") as log:
-                        log.write(json.dumps(record) + "\n")
+                    _append(out_dir / METRICS, json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{mean[0]:.3f}", eps=f"{record['episodes_per_s']:.1f}")
                 window_start, window_episodes, losses = time.perf_counter(), 0, []
             step_start = None

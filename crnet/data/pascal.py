@@ -20,7 +20,7 @@ NUM_CLASSES = 20
 NUM_FOLDS = 4
 IGNORE_LABEL = 255
 SPLIT_FILES = {"train": ("train_aug.txt", "train.txt"), "val": ("val.txt",)}
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: labels with values outside 0..20, 255 are refused while indexing
 # fmt: off
 VOC_CLASS_NAMES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -165,6 +165,12 @@ class VOCTree:
         for image_id in self.ids(split):
             label = read_label(self.label_path(image_id))
             values, counts = np.unique(label, return_counts=True)
+            bad = [int(v) for v in values if v > NUM_CLASSES and v != IGNORE_LABEL]
+            if bad:  # said here, naming the file, rather than later as a class with too few images
+                raise MaskError(
+                    f"label {self.label_path(image_id)} has values {bad[:5]} outside 0..{NUM_CLASSES} and "
+                    f"{IGNORE_LABEL}"
+                )
             pixels[image_id] = {
                 int(v): int(n) for v, n in zip(values, counts, strict=True) if 0 < v <= NUM_CLASSES
             }

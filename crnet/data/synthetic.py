@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from crnet.errors import DataError
+from crnet.files import explain
 
 GENERATOR_VERSION = 2
 IGNORE_INDEX = 255
@@ -727,8 +728,11 @@ def ensure(root: str | Path, **kwargs) -> Path:
                 f"{root} exists, is not a complete synthetic benchmark and holds other files; "
                 "refusing to overwrite it: choose another root or empty it"
             )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    except OSError as error:
+        raise explain(error, root) from None
     try:
         generate(tmp, **kwargs)
         if root.is_dir() and _read_marker(root) is None:
@@ -740,6 +744,8 @@ def ensure(root: str | Path, **kwargs) -> Path:
             if root.is_dir() and _check_marker(root, params):
                 return root
             raise
+    except OSError as error:  # a full disk, say: the partial tree goes (finally), one line says why
+        raise explain(error, root) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -106,18 +106,30 @@ CASES = {
         "is not a VOC tree",
         (),
     ),
-    "eval-data-is-a-file": (lambda f: [*ev(valid)(f), "--data", str(f.corrupt)], "is not a VOC tree", ()),
+    "eval-data-is-a-file": (lambda f: [*ev(valid)(f), "--data", str(f.corrupt)], "'--data'", ()),
     "eval-data-missing": (
         lambda f: [*ev(valid)(f), "--data", str(f.root / "nowhere")],
         "is not a VOC tree",
         (),
     ),
-    "eval-fold-out-of-range": (ev(valid, "--fold", "7"), "fold must be in 0..3", ()),
+    "eval-fold-out-of-range": (
+        ev(valid, "--fold", "7"),
+        "'--fold': Input should be less than or equal to 3",
+        (),
+    ),
     # Fold 1's novel classes 6..10: the fake val split has class 6 once and 7..10 never.
     "eval-fold-without-images": (ev(valid, "--fold", "1"), "fewer than 2 images", ()),
-    "eval-zero-shots": (ev(valid, "--shots", "0"), "shots must be >= 1", ()),
-    "eval-zero-episodes": (ev(valid, "--episodes", "0"), "episodes must be >= 1", ()),
-    "eval-unknown-strategy": (ev(valid, "--strategy", "nope"), "unknown k-shot strategy", ()),
+    "eval-zero-shots": (
+        ev(valid, "--shots", "0"),
+        "'--shots': Input should be greater than or equal to 1",
+        (),
+    ),
+    "eval-zero-episodes": (ev(valid, "--episodes", "0"), "'--episodes': Input should be greater than or", ()),
+    "eval-unknown-strategy": (
+        ev(valid, "--strategy", "nope"),
+        "'nope' is not one of 'average', 'finetune'",
+        (),
+    ),
     "eval-device-cuda": (ev(valid, "--device", "cuda"), "no usable CUDA GPU", (NO_CUDA,)),
     "eval-device-cuda-1": (ev(valid, "--device", "cuda:1"), "no usable CUDA GPU", (NO_CUDA,)),
     "eval-device-unknown": (ev(valid, "--device", "gpu0"), "unknown device", ()),
@@ -134,7 +146,7 @@ CASES = {
     ),
     "train-unknown-preset": (
         tr(lambda f: f.root / "new_run", "--preset", "nope"),
-        "unknown preset 'nope'",
+        "'nope' is not one of 'tiny', 'r50'",
         (),
     ),
     "train-out-holds-a-run": (tr(lambda f: f.run), "already holds a run", ()),
@@ -146,8 +158,12 @@ CASES = {
         "training settings differ from the checkpoint's (lr)",
         (),
     ),
-    "train-fold-out-of-range": (tr(lambda f: f.root / "new_run", "--fold", "9"), "fold must be in 0..3", ()),
-    "train-zero-steps": (tr(lambda f: f.root / "new_run", "--steps", "0"), "must be >= 1", ()),
+    "train-fold-out-of-range": (
+        tr(lambda f: f.root / "new_run", "--fold", "9"),
+        "'--fold': Input should be",
+        (),
+    ),
+    "train-zero-steps": (tr(lambda f: f.root / "new_run", "--steps", "0"), "'--steps': Input should be", ()),
 }
 SUBPROCESS_CASES = [
     "eval-corrupt-checkpoint",

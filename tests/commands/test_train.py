@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from crnet.config import TrainConfig
 from crnet.data.episodes import SampleIndex, TrainingEpisodes
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
 from crnet.errors import CRNetError
+from tests.commands.test_cli import check_user_error
 from tests.ddp_worker import MICRO
+from tests.ddp_worker import config as worker_config
 
 CONFIG = TrainConfig(steps=6, batch_size=2, checkpoint_every=3, log_every=1, workers=0)
 
@@ -144,3 +147,80 @@ def test_ddp_two_gloo_processes(bench_root, tmp_path):
     assert not torch.equal(
         ddp_weights["refinement.classifier.weight"], single_weights["refinement.classifier.weight"]
     )
+
+
+def test_sigkill_between_checkpoints_then_resume_is_bit_exact(bench_root, tmp_path):
+    """A run killed outright (no handler runs) and resumed from its last checkpoint ends byte for byte where
+    an uninterrupted run of the same seed ends: weights, BatchNorm statistics, optimizer, cache, RNG."""
+    steps, every, workers = 16, 4, 1  # one loader process, as the CLI's default
+    straight = train(
+        MICRO, worker_config(steps, every, workers), bench_root, tmp_path / "straight", device="cpu"
+    )
+    run = tmp_path / "killed"
+    repo = Path(__file__).parents[2]
+    command = [
+        sys.executable,
+        "-m",
+        "tests.ddp_worker",
+        str(bench_root),
+        str(run),
+        str(steps),
+        str(every),
+        "1",
+    ]
+    process = subprocess.Popen(command, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        while not (run / LAST).exists():  # the first checkpoint: kill at once, between it and the next
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.005)
+    finally:
+        process.kill()  # SIGKILL
+        process.wait()
+    stopped_at = checkpoint.load(run / LAST)["step"]
+    assert stopped_at < steps
+    notices = []
+    resumed = train(
+        MICRO,
+        worker_config(steps, every, workers),
+        bench_root,
+        run,
+        resume=True,
+        device="cpu",
+        notice=notices.append,
+    )
+    assert notices == [f"resuming {run} at step {stopped_at} of {steps}"]
+    assert resumed.read_bytes() == straight.read_bytes()  # model.pt, byte for byte
+    a, b = checkpoint.load(straight.parent / LAST), checkpoint.load(run / LAST)
+    for key in ("model", "optimizer", "cache", "rng", "step"):
+        assert same_state(a[key], b[key]), key
+
+
+def test_full_disk_during_a_checkpoint_is_one_line(bench_root, small_disk, tmp_path, monkeypatch, capsys):
+    """`crnet train` onto a disk that fills up at the first checkpoint: one error line naming the file,
+    exit code 2, no temporary file left (it would keep the disk full)."""
+    from crnet.commands import cli
+    from tests.test_files import fill_disk_with, leftovers
+
+    place = small_disk or tmp_path
+    if small_disk is None:
+        fill_disk_with(monkeypatch, limit=1024 * 1024)
+    args = [
+        "train",
+        "--out",
+        str(place / "run"),
+        "--data",
+        str(bench_root),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+    ]
+    args += ["--checkpoint-every", "1", "--workers", "0", "--device", "cpu", "--no-progress"]
+    monkeypatch.setattr(sys, "argv", ["crnet", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    stdout, stderr = capsys.readouterr()
+    check_user_error(
+        exit_info.value.code, stdout, stderr, f"no space left on the device writing {place / 'run'}"
+    )
+    assert leftovers(place) == []

@@ -56,7 +56,7 @@ def parse_pbtxt(text: str):
 
 @pytest.fixture(scope="module")
 def repository(micro_bundle, tmp_path_factory):
-    return write_repository(micro_bundle, tmp_path_factory.mktemp("triton") / "models")
+    return write_repository(load_bundle(micro_bundle), tmp_path_factory.mktemp("triton") / "models")
 
 
 def config(repository, name):
@@ -112,4 +112,4 @@ def test_ensemble_is_wired(repository) -> None:
 
 def test_refuses_to_overwrite(repository, micro_bundle) -> None:
     with pytest.raises(CRNetError, match="already exists"):
-        write_repository(micro_bundle, repository)
+        write_repository(load_bundle(micro_bundle), repository)

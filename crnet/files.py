@@ -1,0 +1,265 @@
+"""Writing outputs without losing anything the user did not ask to replace.
+
+- A file is written to a temporary sibling, flushed to disk and renamed over its name: a reader never sees
+  half a file, and a failed write leaves the old file as it was.
+- A directory (a bundle, a Triton repository, the built-in benchmark) is built in a temporary sibling and
+  renamed into place at the end. The rename never replaces what appeared meanwhile (two runs into the same
+  absent output: the second fails); with overwrite, it replaces only a directory that `ours` recognises,
+  never a file, a foreign directory or one holding an input of the command.
+- Temporaries are removed on every failure, and an OSError becomes one line that says what ran out or was
+  refused (DiskFullError for a full disk or quota).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from crnet.errors import CRNetError
+
+
+class OutputError(CRNetError):
+    """An output cannot be written where it was asked for."""
+
+
+class DiskFullError(OutputError):
+    """The device or the user's quota ran out of space while writing an output."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def explain(error: OSError, path: str | Path, doing: str = "writing") -> OutputError:
+    """One line for an OSError met while writing `path`."""
+    if error.errno in DISK_FULL:
+        return DiskFullError(f"no space left on the device {doing} {path}; free some space and run again")
+    reason = {
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "read-only file system",
+        errno.ENOTDIR: "a part of the path is a file, not a directory",
+        errno.EISDIR: "it is a directory",
+        errno.ENAMETOOLONG: "the name is too long",
+    }.get(error.errno, error.strerror or str(error))
+    return OutputError(f"cannot write {path}: {reason}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def check_not_input(out: Path, inputs: Sequence[str | Path], option: str = "--out") -> None:
+    """Refuse an output that is, or would replace a directory holding, one of the command's inputs."""
+    target = Path(os.path.abspath(out))
+    for given in inputs:
+        source = Path(os.path.realpath(given))
+        resolved = Path(os.path.realpath(target))
+        if source == resolved or resolved in source.parents:
+            raise OutputError(f"{option} {out} would replace the input {given}; choose another {option}")
+
+
+def ensure_parent(path: Path) -> None:
+    """Create the directory a file will be written into, or say in one line why it cannot be."""
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is a file, not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"cannot write {path}: a part of {parent} is a file, not a directory") from None
+    except OSError as error:
+        raise explain(error, path) from None
+
+
+def check_writable_file(path: Path, inputs: Sequence[str | Path] = (), option: str = "--json") -> None:
+    """Before a long run: the file can be written (its folder exists or can be made, and takes a file),
+    is not a directory and is not one of the inputs. Nothing is left behind by the check."""
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a directory; give a file name")
+    check_not_input(path, inputs, option)
+    created = [p for p in reversed(path.parents) if not p.exists()]
+    ensure_parent(path)
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as error:
+        raise explain(error, path) from None
+    finally:
+        for folder in reversed(created):  # the check itself leaves nothing behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; on success it is fsynced and renamed over `path`,
+    on any failure removed. OSErrors become OutputError / DiskFullError."""
+    path = Path(path)
+    ensure_parent(path)
+    try:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+    except OSError as error:
+        raise explain(error, path) from None
+    temporary = Path(name)
+    try:
+        yield temporary
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        _remove(temporary)
+        raise explain(error, path) from None
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_file(path) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode())
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+def rename_noreplace(source: Path, target: Path) -> None:
+    """Rename that fails with FileExistsError when `target` exists, atomically where the kernel and file
+    system support renameat2(RENAME_NOREPLACE), else with a check just before the rename."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        result = renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE)
+        if result == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), str(target))
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)
+
+
+def check_output_dir(
+    out: Path,
+    *,
+    what: str,
+    ours: Callable[[Path], bool],
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
+    option: str = "--out",
+) -> bool:
+    """Whether `out` holds an earlier output to replace (False: absent or empty). OutputError when it must
+    not be touched: a file, a foreign or non-empty directory without overwrite, or one holding an input."""
+    check_not_input(out, inputs, option)
+    if not os.path.lexists(out):
+        return False
+    if out.is_symlink() or not out.is_dir():
+        raise OutputError(f"{option} {out} is a file, not a {what} directory; choose another path")
+    if not any(out.iterdir()):
+        return False
+    if not overwrite:
+        raise OutputError(f"{out} already exists; pass --overwrite to replace it")
+    if not ours(out):
+        raise OutputError(
+            f"refusing to replace {out}: it is not a {what} (--overwrite replaces only a {what} written "
+            f"by crnet); choose another {option}"
+        )
+    return True
+
+
+class StagedDirectory:
+    """A directory output built in a temporary sibling and committed by rename.
+
+    `ours(path)` says whether an existing directory is a previous output of the same kind (a bundle with
+    its manifest, say): only such a directory is replaced, and only with overwrite. An empty directory
+    counts as absent. `inputs` are paths the command reads: an output that is or holds one is refused.
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        what: str,
+        ours: Callable[[Path], bool],
+        overwrite: bool = False,
+        inputs: Sequence[str | Path] = (),
+        option: str = "--out",
+    ):
+        self.out, self.what, self.ours, self.overwrite, self.option = Path(out), what, ours, overwrite, option
+        self.inputs = inputs
+        self._check_target()
+        ensure_parent(self.out)
+        try:
+            self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        except OSError as error:
+            raise explain(error, self.out) from None
+
+    def _check_target(self) -> bool:
+        return check_output_dir(
+            self.out,
+            what=self.what,
+            ours=self.ours,
+            overwrite=self.overwrite,
+            inputs=self.inputs,
+            option=self.option,
+        )
+
+    def commit(self) -> Path:
+        """Rename the staged directory into place (see the class docstring); the path written."""
+        out = self.out
+        try:
+            replace = self._check_target()  # again: something may have appeared since the start
+            if not replace and out.is_dir():
+                out.rmdir()  # empty: nothing to lose (fails, and is reported, if a file appeared)
+            if not replace:
+                rename_noreplace(self.root, out)
+                return out
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "previous")
+            try:
+                rename_noreplace(self.root, out)
+            except OSError:
+                os.rename(old / "previous", out)  # put the previous output back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+            return out
+        except FileExistsError:
+            self.abort()
+            raise OutputError(
+                f"{out} appeared while this run was writing it (another run?); pass --overwrite to replace "
+                "it, or choose another path"
+            ) from None
+        except OSError as error:
+            self.abort()
+            raise explain(error, out) from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        _remove(self.root)
+
+    def __enter__(self) -> StagedDirectory:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            self.abort()
+            if isinstance(error, OSError):
+                raise explain(error, self.out) from None

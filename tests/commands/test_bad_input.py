@@ -1,0 +1,454 @@
+"""Bad input of every kind, on every command: one `error:` line, exit code 2, no traceback, nothing of the
+user's changed or removed, no temporary file left (anywhere under the scratch root or HOME).
+
+Kinds: zero, negative, out of range, wrong type, unknown choice; missing file, file instead of directory and
+back; a read-only place; an output that is an input or a foreign directory; a damaged bundle, and bundles
+that pass their checksums but lie (files swapped, sizes edited, exported from another checkpoint). The
+valid parts of each command line are real (a fake VOC tree, a micro checkpoint and its bundle), so a case
+fails for its one bad value only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crnet.bundle import sha256
+from crnet.checkpoint import save_atomic
+from crnet.commands import cli
+from crnet.model.crnet import build_model
+from tests.commands.test_cli import check_user_error
+from tests.ddp_worker import MICRO
+from tests.fake_voc import make_fake_voc
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@dataclass(frozen=True)
+class World:
+    root: Path
+    voc: Path  # a fake VOC tree, valid for fold 0
+    voc_bad_label: Path  # the same with the value 42 in one label
+    checkpoint: Path  # micro model
+    other_checkpoint: Path  # another micro model (other weights)
+    bundle: Path  # exported from `checkpoint`
+    swapped: Path  # encoder and head graphs swapped, checksums recomputed
+    resized: Path  # input size edited in the manifest (model config too), checksums valid
+    inconsistent: Path  # top-level input size edited, model config not
+    damaged: Path  # one byte of a graph changed
+    support: Path
+    mask: Path
+    query: Path
+    a_file: Path  # an ordinary file of the user's
+    folder: Path  # an ordinary directory of the user's, with files in it
+    bundle_with_checkpoint: Path  # a bundle directory that also holds the checkpoint it came from
+    read_only: Path | None  # a read-only place, where one can be made
+
+
+def _rewrite(bundle: Path, change: Callable[[dict], None]) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    change(manifest)
+    for per_precision in manifest["graphs"].values():
+        for entry in per_precision.values():
+            entry["sha256"] = sha256(bundle / entry["file"])
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _read_only(path: Path) -> Path | None:
+    path.mkdir()
+    (path / "keep.txt").write_text("mine")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode == 0:
+        return path
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return path
+    return None  # root, and no mount: nothing here is read-only for it
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, micro_checkpoint, micro_bundle):
+    root = tmp_path_factory.mktemp("bad-input")
+    voc = make_fake_voc(root / "voc")
+    bad_label = Path(shutil.copytree(voc, root / "voc_bad_label"))
+    label_path = bad_label / "SegmentationClassAug" / "2008_000011.png"
+    label = np.array(Image.open(label_path))
+    label[0, 0] = 42
+    Image.fromarray(label).save(label_path)
+    checkpoint = Path(shutil.copy(micro_checkpoint, root / "micro.pt"))
+    torch.manual_seed(1)
+    other = save_atomic(
+        {"model_config": MICRO.to_dict(), "model": build_model(MICRO).state_dict()}, root / "o.pt"
+    )
+    bundle = Path(shutil.copytree(micro_bundle, root / "bundle"))
+    swapped = Path(shutil.copytree(micro_bundle, root / "swapped"))
+    encoder, head = swapped / "encoder.fp32.onnx", swapped / "head.fp32.onnx"
+    encoder_bytes = encoder.read_bytes()
+    encoder.write_bytes(head.read_bytes())
+    head.write_bytes(encoder_bytes)
+    _rewrite(swapped, lambda m: None)
+    resized = Path(shutil.copytree(micro_bundle, root / "resized"))
+
+    def resize(manifest: dict) -> None:
+        manifest["model_config"]["input_size"] = manifest["input_size"] = 65
+        manifest["feature_size"] = 9
+
+    _rewrite(resized, resize)
+    inconsistent = Path(shutil.copytree(micro_bundle, root / "inconsistent"))
+    _rewrite(inconsistent, lambda m: m.update(input_size=65))
+    damaged = Path(shutil.copytree(micro_bundle, root / "damaged"))
+    data = bytearray((damaged / "head.fp32.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (damaged / "head.fp32.onnx").write_bytes(bytes(data))
+    pictures = root / "pictures"
+    pictures.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(pictures / "support.png")
+    mask = np.zeros((40, 50), np.uint8)
+    mask[10:30, 15:40] = 1
+    Image.fromarray(mask).save(pictures / "mask.png")
+    Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(pictures / "query.jpg")
+    (root / "notes.txt").write_text("a file of the user's")
+    folder = root / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"not really a picture, but the user's")
+    holder = Path(shutil.copytree(micro_bundle, root / "holder"))
+    shutil.copy(micro_checkpoint, holder / "model.pt")
+    made = World(
+        root=root,
+        voc=voc,
+        voc_bad_label=bad_label,
+        checkpoint=checkpoint,
+        other_checkpoint=other,
+        bundle=bundle,
+        swapped=swapped,
+        resized=resized,
+        inconsistent=inconsistent,
+        damaged=damaged,
+        support=pictures / "support.png",
+        mask=pictures / "mask.png",
+        query=pictures / "query.jpg",
+        a_file=root / "notes.txt",
+        folder=folder,
+        bundle_with_checkpoint=holder,
+        read_only=_read_only(root / "read-only"),
+    )
+    yield made
+    if made.read_only is not None:
+        subprocess.run(["umount", str(made.read_only)], capture_output=True)
+        made.read_only.chmod(0o755)
+
+
+def new(w: World, name: str = "new") -> str:
+    """A path under the scratch root that does not exist (a failed command must not create it)."""
+    return str(w.root / "absent" / name)
+
+
+def synth(*extra):
+    return lambda w: [
+        "synth",
+        new(w),
+        "--train-per-class",
+        "2",
+        "--val-per-class",
+        "2",
+        "--image-size",
+        "32",
+        *extra,
+    ]
+
+
+def train(*extra, out=new):
+    return lambda w: ["train", "--out", str(out(w)), "--data", str(w.voc), "--no-progress", *extra]
+
+
+def evaluate(*extra, checkpoint=lambda w: w.checkpoint, data=lambda w: w.voc):
+    return lambda w: [
+        "eval",
+        str(checkpoint(w)),
+        "--data",
+        str(data(w)),
+        "--no-progress",
+        "--episodes",
+        "2",
+        *extra,
+    ]
+
+
+def export(*extra, checkpoint=lambda w: w.checkpoint, out=new):
+    return lambda w: ["export", str(checkpoint(w)), "--out", str(out(w)), *extra]
+
+
+def infer(*extra, engine=lambda w: w.bundle, out=new):
+    def build(w: World) -> list[str]:
+        args = [
+            "infer",
+            "--engine",
+            str(engine(w)),
+            "--support",
+            str(w.support),
+            "--support-mask",
+            str(w.mask),
+        ]
+        return [*args, "--query", str(w.query), "--out", str(out(w)), "--no-progress", *extra]
+
+    return build
+
+
+def bench(*extra, checkpoint=lambda w: w.checkpoint, bundle=lambda w: w.bundle):
+    def build(w: World) -> list[str]:
+        args = [
+            "bench",
+            str(checkpoint(w)),
+            "--bundle",
+            str(bundle(w)),
+            "--data",
+            str(w.voc),
+            "--episodes",
+            "2",
+        ]
+        return [
+            *args,
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            new(w, "bench.json"),
+            "--no-progress",
+            *extra,
+        ]
+
+    return build
+
+
+def demo(*extra):
+    return lambda w: ["demo", "--data", str(w.voc), "--episodes", "2", "--no-progress", *extra]
+
+
+def read_only(w: World, name: str = "out") -> str:
+    return str(w.read_only / name)
+
+
+# id -> (arguments, text the one error line must contain)
+CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
+    # synth
+    "synth-image-size-zero": (synth("--image-size", "0"), "'--image-size'"),
+    "synth-image-size-too-small": (synth("--image-size", "8"), "'--image-size'"),
+    "synth-negative-per-class": (synth("--train-per-class", "-5"), "'--train-per-class'"),
+    "synth-empty-benchmark": (synth("--train-per-class", "0", "--val-per-class", "0"), "'--train-per-class'"),
+    "synth-negative-seed": (synth("--seed", "-1"), "'--seed'"),
+    "synth-wrong-type": (synth("--image-size", "big"), "'--image-size'"),
+    "synth-root-is-a-file": (lambda w: ["synth", str(w.a_file)], "is not a directory"),
+    "synth-root-is-a-users-folder": (lambda w: ["synth", str(w.folder)], "refusing to overwrite"),
+    # train
+    "train-zero-steps": (train("--steps", "0"), "'--steps'"),
+    "train-zero-batch": (train("--batch-size", "0"), "'--batch-size'"),
+    "train-negative-lr": (train("--lr", "-1"), "'--lr': must be > 0"),
+    "train-zero-lr": (train("--lr", "0"), "'--lr': must be > 0"),
+    "train-negative-weight-decay": (train("--weight-decay", "-1"), "'--weight-decay'"),
+    "train-reset-probability-above-one": (train("--reset-probability", "1.5"), "'--reset-probability'"),
+    "train-zero-checkpoint-every": (train("--checkpoint-every", "0"), "'--checkpoint-every'"),
+    "train-negative-workers": (train("--workers", "-1"), "'--workers'"),
+    "train-fold-out-of-range": (train("--fold", "4"), "'--fold'"),
+    "train-unknown-preset": (train("--preset", "r101"), "'--preset'"),
+    "train-unknown-optimizer": (train("--optimizer", "adam"), "'--optimizer'"),
+    "train-unknown-precision": (train("--precision", "fp16"), "'--precision'"),
+    "train-steps-not-a-number": (train("--steps", "many"), "'--steps'"),
+    "train-missing-backbone-weights": (train("--backbone-weights", "/nowhere/r50.pth"), "does not exist"),
+    "train-out-is-a-file": (train(out=lambda w: w.a_file), "is a file"),
+    "train-out-is-a-users-folder": (train(out=lambda w: w.folder), "holds other files"),
+    "train-data-is-a-file": (lambda w: [*train()(w), "--data", str(w.a_file)], "'--data'"),
+    "train-data-missing": (lambda w: [*train()(w), "--data", new(w, "voc")], "is not a VOC tree"),
+    "train-resume-nothing": (train("--resume"), "nothing to resume"),
+    "train-device-cuda": (train("--device", "cuda"), "no usable CUDA GPU"),
+    # eval
+    "eval-zero-batch": (evaluate("--batch-size", "0"), "'--batch-size'"),
+    "eval-zero-iterations": (evaluate("--iterations", "0"), "'--iterations'"),
+    "eval-negative-iterations": (evaluate("--iterations", "-1"), "'--iterations'"),
+    "eval-negative-finetune-steps": (evaluate("--finetune-steps", "-3"), "'--finetune-steps'"),
+    "eval-zero-finetune-lr": (evaluate("--finetune-lr", "0"), "'--finetune-lr': must be > 0"),
+    "eval-exit-fraction-above-one": (evaluate("--exit-fraction", "2"), "'--exit-fraction'"),
+    "eval-zero-shots": (evaluate("--shots", "0"), "'--shots'"),
+    "eval-zero-episodes": (evaluate("--episodes", "0"), "'--episodes'"),
+    "eval-unknown-strategy": (evaluate("--strategy", "vote"), "'--strategy'"),
+    "eval-fold-out-of-range": (evaluate("--fold", "7"), "'--fold'"),
+    "eval-checkpoint-is-a-folder": (evaluate(checkpoint=lambda w: w.folder), "is a directory"),
+    "eval-checkpoint-missing": (evaluate(checkpoint=lambda w: new(w, "x.pt")), "checkpoint not found"),
+    "eval-checkpoint-not-torch": (evaluate(checkpoint=lambda w: w.a_file), "cannot read checkpoint"),
+    "eval-json-is-the-checkpoint": (
+        lambda w: [*evaluate()(w), "--json", str(w.checkpoint)],
+        "would replace the input",
+    ),
+    "eval-json-is-a-folder": (lambda w: [*evaluate()(w), "--json", str(w.folder)], "is a directory"),
+    "eval-json-under-a-file": (lambda w: [*evaluate()(w), "--json", str(w.a_file / "r.json")], "is a file"),
+    "eval-label-value-42": (evaluate(data=lambda w: w.voc_bad_label), "has values [42]"),
+    # export
+    "export-zero-iterations": (export("--iterations", "0"), "'--iterations'"),
+    "export-batch-range-decreasing": (export("--batch-range", "4:2:8"), "'--batch-range'"),
+    "export-batch-range-not-numbers": (export("--batch-range", "a:b:c"), "'--batch-range'"),
+    "export-zero-workspace": (export("--workspace-gib", "0"), "'--workspace-gib': must be > 0"),
+    "export-out-is-the-checkpoint": (
+        export("--overwrite", out=lambda w: w.checkpoint),
+        "would replace the input",
+    ),
+    "export-out-holds-the-checkpoint": (
+        export(
+            "--overwrite",
+            checkpoint=lambda w: w.bundle_with_checkpoint / "model.pt",
+            out=lambda w: w.bundle_with_checkpoint,
+        ),
+        "would replace the input",
+    ),
+    "export-overwrite-a-users-folder": (export("--overwrite", out=lambda w: w.folder), "not a crnet bundle"),
+    "export-overwrite-a-file": (export("--overwrite", out=lambda w: w.a_file), "is a file"),
+    "export-out-is-a-file": (export(out=lambda w: w.a_file), "is a file"),
+    "export-existing-bundle": (export(out=lambda w: w.bundle), "already exists; pass --overwrite"),
+    "export-triton-users-folder": (
+        lambda w: export("--overwrite", "--triton", str(w.folder))(w),
+        "not a crnet Triton repository",
+    ),
+    "export-checkpoint-missing": (export(checkpoint=lambda w: new(w, "x.pt")), "checkpoint not found"),
+    "export-timing-cache-is-a-folder": (
+        lambda w: [*export()(w), "--timing-cache", str(w.folder)],
+        "'--timing-cache'",
+    ),
+    # infer
+    "infer-zero-batch": (infer("--batch-size", "0"), "'--batch-size'"),
+    "infer-two-precisions": (infer("--runtime", "onnxruntime:fp16:fp32"), "'--runtime'"),
+    "infer-unknown-runtime": (infer("--runtime", "caffe"), "'--runtime'"),
+    "infer-engine-missing": (infer(engine=lambda w: new(w, "bundle")), "engine not found"),
+    "infer-engine-is-a-users-folder": (infer(engine=lambda w: w.folder), "is not a crnet bundle"),
+    "infer-swapped-graphs": (infer(engine=lambda w: w.swapped), "does not fit bundle"),
+    "infer-edited-input-size": (infer(engine=lambda w: w.resized), "does not fit bundle"),
+    "infer-inconsistent-manifest": (infer(engine=lambda w: w.inconsistent), "contradict its model config"),
+    "infer-damaged-bundle": (infer(engine=lambda w: w.damaged), "does not match its checksum"),
+    "infer-out-is-a-file": (infer(out=lambda w: w.a_file), "is a file"),
+    "infer-out-is-a-users-folder": (infer(out=lambda w: w.folder), "holds other files"),
+    "infer-query-is-a-folder": (lambda w: [*infer()(w), "--query", str(w.folder)], "cannot read image"),
+    "infer-support-missing": (
+        lambda w: [*infer()(w), "--support", new(w, "s.png"), "--support-mask", str(w.mask)],
+        "image not found",
+    ),
+    # bench
+    "bench-zero-shots": (bench("--shots", "0"), "'--shots'"),
+    "bench-zero-batch": (bench("--batch-size", "0"), "'--batch-size'"),
+    "bench-zero-repeats": (bench("--repeats", "0"), "'--repeats'"),
+    "bench-zero-threads": (bench("--threads", "0"), "'--threads'"),
+    "bench-negative-warmup": (bench("--warmup", "-1"), "'--warmup'"),
+    "bench-negative-episodes": (bench("--episodes", "-1"), "'--episodes'"),
+    "bench-unknown-runtime": (bench("--runtime", "onnxruntime:int8"), "'--runtime'"),
+    "bench-bundle-of-another-checkpoint": (
+        bench(checkpoint=lambda w: w.other_checkpoint),
+        "exported from another checkpoint",
+    ),
+    "bench-swapped-graphs": (
+        bench("--runtime", "onnxruntime", bundle=lambda w: w.swapped),
+        "does not fit bundle",
+    ),
+    "bench-edited-input-size": (
+        bench("--runtime", "onnxruntime", bundle=lambda w: w.resized),
+        "does not fit bundle",
+    ),
+    "bench-json-is-the-checkpoint": (
+        lambda w: [*bench()(w), "--json", str(w.checkpoint)],
+        "would replace the input",
+    ),
+    "bench-chart-is-a-folder": (lambda w: [*bench()(w), "--chart", str(w.folder)], "is a directory"),
+    # demo
+    "demo-checkpoint-typo": (demo("--checkpoint", "tiny_fodl0.pt"), "checkpoint not found"),
+    "demo-checkpoint-and-train": (
+        lambda w: [*demo("--train")(w), "--checkpoint", str(w.checkpoint)],
+        "exclude each other",
+    ),
+    "demo-out-is-a-users-folder": (
+        lambda w: [*demo("--checkpoint", str(w.checkpoint))(w), "--out", str(w.folder)],
+        "holds other files",
+    ),
+    "demo-out-is-a-file": (
+        lambda w: [*demo("--checkpoint", str(w.checkpoint))(w), "--out", str(w.a_file)],
+        "is a file",
+    ),
+    "demo-zero-episodes": (demo("--episodes", "0"), "'--episodes'"),
+}
+READ_ONLY_CASES = {
+    "synth-into-read-only": (lambda w: ["synth", read_only(w), "--image-size", "32"], "cannot write"),
+    "train-into-read-only": (train(out=lambda w: read_only(w)), "cannot write"),
+    "eval-json-into-read-only": (
+        lambda w: [*evaluate()(w), "--json", read_only(w, "r.json")],
+        "cannot write",
+    ),
+    "export-into-read-only": (export(out=lambda w: read_only(w)), "cannot write"),
+    "infer-into-read-only": (infer(out=lambda w: read_only(w)), "cannot write"),
+    "bench-json-into-read-only": (lambda w: [*bench()(w), "--json", read_only(w, "b.json")], "cannot write"),
+}
+NEEDS_NO_CUDA = {"train-device-cuda"}
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for directories); index caches beside data excluded."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+        if ".crnet_index" not in p.name
+    }
+
+
+def temporaries(root: Path) -> list[Path]:
+    return [
+        p for p in root.rglob("*") if p.name.endswith(".tmp") or ".partial-" in p.name or ".old-" in p.name
+    ]
+
+
+def run_case(build, expected: str, world: World, tmp_path: Path, monkeypatch, capsys) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.chdir(tmp_path)  # relative defaults (runs/, checkpoints/) land in the test's own folder
+    monkeypatch.setattr(sys, "argv", ["crnet", *build(world)])
+    before = snapshot(world.root)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    stdout, stderr = capsys.readouterr()
+    check_user_error(exit_info.value.code, stdout, stderr, expected)
+    assert snapshot(world.root) == before, "a file of the user's was changed, added or removed"
+    assert temporaries(world.root) == [] and temporaries(tmp_path) == []
+    assert not list(home.iterdir()), "nothing may be written into HOME"
+
+
+def params(cases: dict, marks=()):
+    return [
+        pytest.param(name, marks=[*marks, *([NO_CUDA] if name in NEEDS_NO_CUDA else [])], id=name)
+        for name in cases
+    ]
+
+
+@pytest.mark.parametrize("name", params(CASES))
+def test_bad_input(name, world, tmp_path, monkeypatch, capsys) -> None:
+    run_case(*CASES[name], world, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("name", params(READ_ONLY_CASES))
+def test_read_only_place(name, world, tmp_path, monkeypatch, capsys) -> None:
+    if world.read_only is None:
+        pytest.skip("root writes anywhere, and this machine lets the test mount no read-only file system")
+    run_case(*READ_ONLY_CASES[name], world, tmp_path, monkeypatch, capsys)
+
+
+def test_every_command_is_covered() -> None:
+    commands = {name.split("-")[0] for name in [*CASES, *READ_ONLY_CASES]}
+    assert commands == {"synth", "train", "eval", "export", "infer", "bench", "demo"}

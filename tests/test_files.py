@@ -1,0 +1,190 @@
+"""crnet.files: outputs that never lose a user's file, leave no temporary behind, and say what ran out.
+
+A full disk is a real one where the test may mount a small tmpfs (root on Linux), else a write that raises
+ENOSPC; a read-only place is a read-only tmpfs, else a directory without write permission (not for root).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from crnet import files
+from crnet.checkpoint import load, save_atomic
+from crnet.files import DiskFullError, OutputError, StagedDirectory, atomic_file, write_bytes
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temporaries of crnet.files under root."""
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith(".tmp") or ".partial-" in p.name
+    )
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and directory (None) under root."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A directory nothing can be written into."""
+    place = tmp_path / "read-only"
+    place.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(place)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        if os.geteuid() == 0:
+            pytest.skip("root writes anywhere and may not mount a read-only file system here")
+        place.chmod(0o555)
+    try:
+        yield place
+    finally:
+        if mounted.returncode == 0:
+            subprocess.run(["umount", str(place)], capture_output=True)
+        place.chmod(0o755)
+
+
+def fill_disk_with(monkeypatch, limit: int) -> None:
+    """Where no small file system can be mounted: writes through crnet.files fail after `limit` bytes."""
+    real = Path.write_bytes
+
+    def write_bytes_until_full(self, data):
+        if len(data) > limit:
+            real(self, bytes(data)[:limit])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes_until_full)
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path) -> None:
+    path = tmp_path / "out" / "a.json"
+    write_bytes(path, b"first")
+    with pytest.raises(RuntimeError, match="half way"), atomic_file(path) as temporary:
+        temporary.write_bytes(b"partial")
+        raise RuntimeError("half way")
+    assert path.read_bytes() == b"first" and leftovers(tmp_path) == []
+    write_bytes(path, b"second")
+    assert path.read_bytes() == b"second" and leftovers(tmp_path) == []
+
+
+def test_full_disk_during_a_checkpoint(small_disk, tmp_path, monkeypatch) -> None:
+    """The previous checkpoint survives, no temporary is left, and the error is one line naming the file."""
+    place = small_disk or tmp_path
+    state = {"model": {"w": torch.zeros(64)}}
+    path = save_atomic(state, place / "last.pt")
+    big = {"model": {"w": torch.zeros(2 * 1024 * 1024 // 4)}}  # 2 MiB: more than the disk holds
+    if small_disk is None:
+        fill_disk_with(monkeypatch, limit=1024 * 1024)
+    with pytest.raises(DiskFullError) as error:
+        save_atomic(big, path)
+    message = str(error.value)
+    assert "no space left" in message and str(path) in message and "\n" not in message
+    assert leftovers(place) == []
+    assert torch.equal(load(path)["model"]["w"], state["model"]["w"])
+
+
+def test_unwritable_place_is_one_line(read_only) -> None:
+    before = tree(read_only)
+    with pytest.raises(OutputError, match="cannot write .*(read-only file system|permission denied)"):
+        write_bytes(read_only / "a.json", b"x")
+    with pytest.raises(OutputError, match="cannot write"):
+        files.check_writable_file(read_only / "sub" / "a.json")
+    assert tree(read_only) == before
+
+
+def staged(out: Path, **options) -> StagedDirectory:
+    directory = StagedDirectory(out, what="test output", ours=lambda p: (p / "ours").is_file(), **options)
+    (directory.root / "ours").write_text("new")
+    return directory
+
+
+def test_staged_directory_lands_whole(tmp_path) -> None:
+    assert staged(tmp_path / "out").commit() == tmp_path / "out"
+    assert tree(tmp_path) == {"out": None, "out/ours": b"new"}
+
+
+def test_an_empty_directory_counts_as_absent(tmp_path) -> None:
+    (tmp_path / "out").mkdir()
+    staged(tmp_path / "out").commit()
+    assert (tmp_path / "out/ours").read_text() == "new"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_foreign_directory_is_never_replaced(tmp_path, overwrite) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/thesis.tex").write_text("years of work")
+    before = tree(tmp_path)
+    with pytest.raises(OutputError, match="already exists" if not overwrite else "not a test output"):
+        staged(tmp_path / "out", overwrite=overwrite)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_is_never_replaced(tmp_path, overwrite) -> None:
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(OutputError, match="is a file"):
+        staged(tmp_path / "out", overwrite=overwrite)
+    assert tree(tmp_path) == {"out": b"a file"}
+
+
+def test_an_input_is_never_replaced(tmp_path) -> None:
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle/ours").write_text("old")
+    (tmp_path / "bundle/model.pt").write_text("the input")
+    before = tree(tmp_path)
+    for out, given in (
+        (tmp_path / "bundle", tmp_path / "bundle/model.pt"),
+        (tmp_path / "x.pt", tmp_path / "x.pt"),
+    ):
+        with pytest.raises(OutputError, match="would replace the input"):
+            staged(out, overwrite=True, inputs=[given])
+    assert tree(tmp_path) == before
+
+
+def test_overwrite_replaces_ours(tmp_path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/ours").write_text("old")
+    (tmp_path / "out/stale").write_text("old")
+    staged(tmp_path / "out", overwrite=True).commit()
+    assert tree(tmp_path) == {"out": None, "out/ours": b"new"}
+
+
+def test_second_of_two_runs_into_one_absent_output_fails(tmp_path) -> None:
+    """Both checked at the start while the output was absent; the later commit must not replace it."""
+    first, second = staged(tmp_path / "out"), staged(tmp_path / "out")
+    (first.root / "ours").write_text("first")
+    first.commit()
+    with pytest.raises(OutputError, match="appeared while|already exists"):
+        second.commit()
+    assert tree(tmp_path) == {"out": None, "out/ours": b"first"}
+
+
+def test_what_appeared_meanwhile_is_checked_again_with_overwrite(tmp_path) -> None:
+    directory = staged(tmp_path / "out", overwrite=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/photo.jpg").write_text("not ours")
+    with pytest.raises(OutputError, match="not a test output"):
+        directory.commit()
+    assert tree(tmp_path) == {"out": None, "out/photo.jpg": b"not ours"}
+
+
+def test_rename_noreplace_refuses_an_existing_target(tmp_path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b/x").write_text("kept")
+    with pytest.raises(FileExistsError):
+        files.rename_noreplace(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "c").write_text("file")
+    with pytest.raises(FileExistsError):
+        files.rename_noreplace(tmp_path / "a", tmp_path / "c")
+    assert (tmp_path / "b/x").read_text() == "kept" and (tmp_path / "a").is_dir()
