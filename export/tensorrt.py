@@ -13,6 +13,7 @@ from pathlib import Path
 from crnet.bundle import BatchRange
 from crnet.errors import CRNetError
 from crnet.export.writer import file_entry
+from crnet.files import write_bytes
 from crnet.optional import require
 
 DEFAULT_TIMING_CACHE = Path.home() / ".cache" / "crnet" / "tensorrt"
@@ -76,9 +77,8 @@ def build_engine(
         raise EngineBuildError(
             f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)"
         )
-    engine_path.write_bytes(memoryview(serialized))
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    engine_path.write_bytes(memoryview(serialized))  # inside the staged bundle
+    write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()))
 
 
 def cuda_device_name() -> str | None:

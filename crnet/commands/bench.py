@@ -30,6 +30,7 @@ from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import fold_classes
 from crnet.engines import RuntimeSpec, open_runtime
 from crnet.engines.base import Runtime, RuntimeUnavailable
+from crnet.files import atomic_file
 from crnet.metrics import Agreement, IoUMeter
 from crnet.model.crnet import upsample
 from crnet.optional import require
@@ -350,8 +351,8 @@ def plot_latency(result: dict, path: Path) -> None:
     axis.set_title(f"crnet bench: {result['settings']['input_size']}px, batch {result['settings']['batch']}")
     axis.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     plt.close(figure)
 
 

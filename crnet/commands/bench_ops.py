@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from crnet import ops
+from crnet.files import write_text
 from crnet.model.refinement import Refinement
 
 CHANNELS, SIDE, DILATIONS = 256, 41, (6, 12, 18)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['max_logit_error']:.2e} (of {r['max_logit']:.2f}) |"
         )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
+        write_text(args.json, json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from crnet.config import IMAGENET_MEAN, IMAGENET_STD
+from crnet.files import atomic_file
 
 IGNORE = 255
 DIM = 0.35  # brightness kept outside the object
@@ -101,7 +102,6 @@ def episode_sheet(
         if iou is not None:
             left = label_width + (columns - 1) * (tile + gap) + 2
             draw.text((left, top + tile + 3), f"IoU {iou:.0f}%", fill="black", font=small)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    with atomic_file(path) as temporary:
+        sheet.save(temporary, format="PNG")
+    return Path(path)

@@ -6,6 +6,7 @@ ImageSets/Segmentation/{train_aug.txt | train.txt, val.txt}. The built-in synthe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from crnet.errors import CRNetError, ImageReadError, MaskError, NotAVOCTreeError
+from crnet.files import OutputError, write_text
 
 NUM_CLASSES = 20
 NUM_FOLDS = 4
@@ -201,7 +203,6 @@ def _index_cache_path(root: Path, split: str) -> Path:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    """The index is a cache: where it cannot be written (a full disk, say) the scan is simply redone."""
+    with contextlib.suppress(OutputError):
+        write_text(path, text)
