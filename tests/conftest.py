@@ -1,5 +1,3 @@
-import subprocess
-
 import pytest
 
 from crnet.data import synthetic
@@ -43,16 +41,15 @@ def micro_bundle(micro_checkpoint, tmp_path_factory):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1 MiB file system (tmpfs), or None where the test may not mount one."""
+    """A 1 MiB file system (tmpfs), or None where the test may not mount one (see tests/places.py)."""
+    from tests.places import mount_tmpfs, unmount
+
     mount = tmp_path / "small"
     mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
-    )
-    if result.returncode != 0:
+    if not mount_tmpfs(mount, size="1m"):
         yield None
         return
     try:
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
+        unmount(mount)

@@ -6,9 +6,6 @@ ENOSPC; a read-only place is a read-only tmpfs, else a directory without write p
 
 from __future__ import annotations
 
-import errno
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,13 +14,7 @@ import torch
 from crnet import files
 from crnet.checkpoint import load, save_atomic
 from crnet.files import DiskFullError, OutputError, StagedDirectory, atomic_file, write_bytes
-
-
-def leftovers(root: Path) -> list[str]:
-    """Temporaries of crnet.files under root."""
-    return sorted(
-        str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith(".tmp") or ".partial-" in p.name
-    )
+from tests.places import fill_disk_with, leftovers, read_only_place, release
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -36,34 +27,11 @@ def tree(root: Path) -> dict[str, bytes | None]:
 @pytest.fixture
 def read_only(tmp_path):
     """A directory nothing can be written into."""
-    place = tmp_path / "read-only"
-    place.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(place)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        if os.geteuid() == 0:
-            pytest.skip("root writes anywhere and may not mount a read-only file system here")
-        place.chmod(0o555)
-    try:
-        yield place
-    finally:
-        if mounted.returncode == 0:
-            subprocess.run(["umount", str(place)], capture_output=True)
-        place.chmod(0o755)
-
-
-def fill_disk_with(monkeypatch, limit: int) -> None:
-    """Where no small file system can be mounted: writes through crnet.files fail after `limit` bytes."""
-    real = Path.write_bytes
-
-    def write_bytes_until_full(self, data):
-        if len(data) > limit:
-            real(self, bytes(data)[:limit])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return real(self, data)
-
-    monkeypatch.setattr(Path, "write_bytes", write_bytes_until_full)
+    place = read_only_place(tmp_path / "read-only")
+    if place is None:
+        pytest.skip("root writes anywhere, and this machine lets the test mount no read-only file system")
+    yield place
+    release(place)
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path) -> None:

@@ -575,7 +575,7 @@ _python_format_warning = warnings.formatwarning
 def main() -> None:
     warnings.formatwarning = _format_warning
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # not standalone: click returns an exit code, 130 for Ctrl-C
     except CRNetError as error:
         typer.echo(f"error: {one_line(error)}", err=True)
         sys.exit(2)
@@ -601,6 +601,10 @@ def main() -> None:
         if error.format_message():  # empty when the help was shown for a bare `crnet`
             typer.echo(f"error: {' '.join(error.format_message().split())}", err=True)
         sys.exit(2)
+    if code == 130:
+        typer.echo("interrupted", err=True)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ fails for its one bad value only.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from crnet.model.crnet import build_model
 from tests.commands.test_cli import check_user_error
 from tests.ddp_worker import MICRO
 from tests.fake_voc import make_fake_voc
+from tests.places import leftovers, read_only_place, release
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
@@ -63,20 +62,6 @@ def _rewrite(bundle: Path, change: Callable[[dict], None]) -> None:
         for entry in per_precision.values():
             entry["sha256"] = sha256(bundle / entry["file"])
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-
-
-def _read_only(path: Path) -> Path | None:
-    path.mkdir()
-    (path / "keep.txt").write_text("mine")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
-    )
-    if mounted.returncode == 0:
-        return path
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        return path
-    return None  # root, and no mount: nothing here is read-only for it
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +129,10 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
         a_file=root / "notes.txt",
         folder=folder,
         bundle_with_checkpoint=holder,
-        read_only=_read_only(root / "read-only"),
+        read_only=read_only_place(root / "read-only"),
     )
     yield made
-    if made.read_only is not None:
-        subprocess.run(["umount", str(made.read_only)], capture_output=True)
-        made.read_only.chmod(0o755)
+    release(made.read_only)
 
 
 def new(w: World, name: str = "new") -> str:
@@ -426,7 +409,7 @@ def run_case(build, expected: str, world: World, tmp_path: Path, monkeypatch, ca
     stdout, stderr = capsys.readouterr()
     check_user_error(exit_info.value.code, stdout, stderr, expected)
     assert snapshot(world.root) == before, "a file of the user's was changed, added or removed"
-    assert temporaries(world.root) == [] and temporaries(tmp_path) == []
+    assert leftovers(world.root) == [] and leftovers(tmp_path) == []
     assert not list(home.iterdir()), "nothing may be written into HOME"
 
 

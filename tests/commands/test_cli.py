@@ -236,3 +236,17 @@ def test_broken_image_found_during_eval_is_one_line(files: Files, tmp_path: Path
     args = ["eval", str(files.checkpoint), "--data", str(voc), "--episodes", "8", "--batch-size", "8"]
     result = run_cli([*args, "--no-progress", "--json", str(tmp_path / "out.json")], tmp_path / "home")
     check_user_error(result.returncode, result.stdout, result.stderr, "cannot read image")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
+    import crnet.commands.train as training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    monkeypatch.setattr(sys, "argv", ["crnet", "train", "--out", "unused", "--data", "unused"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.splitlines() == ["interrupted"]

@@ -4,14 +4,17 @@ committed checkpoint against the recipe that trains it."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from crnet.commands import cli
 from crnet.commands.demo import DEMO_RUNTIMES, RECIPE
 from crnet.config import TINY, ModelConfig, TrainConfig
+from crnet.errors import CRNetError
 
 COMMITTED = Path(__file__).parents[2] / "checkpoints" / "tiny_fold0.pt"
 
@@ -63,3 +66,37 @@ def test_readme_train_example_is_the_recipe(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(sys, "argv", [*args, "--data", str(tmp_path), "--device", "cpu"])
     cli.main()
     assert seen["model"] == TINY and seen["config"] == RECIPE
+
+
+@pytest.mark.parametrize(
+    "args, default_exists, trains, message",
+    [
+        ([], True, False, None),  # the committed checkpoint: no training
+        ([], False, True, "no checkpoints/tiny_fold0.pt here: training the tiny recipe first"),
+        (["--train"], True, True, None),  # asked for
+    ],
+)
+def test_demo_trains_only_when_asked_or_when_the_default_is_absent(
+    args, default_exists, trains, message, micro_checkpoint, tmp_path, monkeypatch, capsys
+) -> None:
+    import crnet.commands.demo as demo
+
+    monkeypatch.chdir(tmp_path)
+    if default_exists:
+        (tmp_path / "checkpoints").mkdir()
+        shutil.copy(micro_checkpoint, tmp_path / "checkpoints/tiny_fold0.pt")
+    used = {}
+    monkeypatch.setattr(demo, "train_recipe", lambda *a, **k: used.setdefault("trained", micro_checkpoint))
+
+    def stop_after_choosing(checkpoint, *rest):
+        used["evaluated"] = checkpoint
+        raise CRNetError("stop here")  # the rest of the demo is test_demo_runs_every_stage's
+
+    monkeypatch.setattr(demo, "run_demo", stop_after_choosing)
+    monkeypatch.setattr(sys, "argv", ["crnet", "demo", "--data", str(tmp_path), "--no-progress", *args])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert ("trained" in used) == trains
+    assert used["evaluated"] == (micro_checkpoint if trains else Path("checkpoints/tiny_fold0.pt"))
+    stderr = capsys.readouterr().err
+    assert (message in stderr) if message else "training" not in stderr

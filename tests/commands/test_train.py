@@ -199,7 +199,7 @@ def test_full_disk_during_a_checkpoint_is_one_line(bench_root, small_disk, tmp_p
     """`crnet train` onto a disk that fills up at the first checkpoint: one error line naming the file,
     exit code 2, no temporary file left (it would keep the disk full)."""
     from crnet.commands import cli
-    from tests.test_files import fill_disk_with, leftovers
+    from tests.places import fill_disk_with, leftovers
 
     place = small_disk or tmp_path
     if small_disk is None:
