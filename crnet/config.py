@@ -103,7 +103,8 @@ class TrainConfig:
     precision: str = "auto"
     flip: bool = True  # random horizontal flips
     # Drop training images in which a novel class appears (as background, since it has no label to learn),
-    # as PFENet does on PASCAL-5i; off is the plain protocol: every image holding a base class.
+    # as BAM does (chunbolang/BAM, util/dataset.py, make_dataset(filter_intersection=True) for training).
+    # Off is PFENet's and hsnet's protocol: every image holding a base class is kept.
     exclude_novel_images: bool = False
     # Turn the hue of all images of an episode by one random angle: colour still matches between support
     # and query, but a class's own colours stop being a cue worth memorising.

@@ -1,6 +1,7 @@
 """Siamese encoder: ResNet-50 through layer3 (layer3 dilated, output stride 8) plus a fusion neck.
 
-Module and parameter names follow torchvision's `resnet50`, so its ImageNet state dict loads as is.
+Module and parameter names follow torchvision's `resnet50` (torchvision/models/resnet.py), so its ImageNet
+state dict loads as is.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from crnet.errors import CheckpointError
 
 
 class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck (stride on the 3x3 conv), as in torchvision."""
+    """ResNet v1.5 bottleneck: the stride on the 3x3 conv, as torchvision's Bottleneck (conv2) has it."""
 
     expansion = 4
 
@@ -44,7 +45,8 @@ class Bottleneck(nn.Module):
 
 
 def _layer(in_channels: int, width: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
-    # Like torchvision's replace_stride_with_dilation: the first block keeps the previous dilation (1).
+    # As torchvision's ResNet._make_layer with replace_stride_with_dilation: the first block keeps the
+    # previous dilation (1), the others take the new one.
     layers = [Bottleneck(in_channels, width, stride, dilation=1)]
     layers += [Bottleneck(width * 4, width, 1, dilation) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
