@@ -2,9 +2,10 @@
 checkpoints with exact resume, DDP when launched by torchrun.
 
 Previous-prediction cache (CaNet's history mask: icoz69/CaNet, train.py stores each sample's softmax in
-dataset.history_mask_list, dataset_mask_train.py feeds it back): each training (image, class) pair remembers
-the model's last foreground probability for it; the refinement is trained for one step from that cached prediction, or from
-zeros with probability `reset_probability`, so one step learns to improve any earlier mask.
+dataset.history_mask_list, dataset_mask_train.py feeds it back): each training (image, class) pair
+remembers the model's last foreground probability for it; the refinement is trained for one step from that
+cached prediction, or from zeros with probability `reset_probability`, so one step learns to improve any
+earlier mask.
 """
 
 from __future__ import annotations
