@@ -109,6 +109,9 @@ class TrainConfig:
     # Turn the hue of all images of an episode by one random angle: colour still matches between support
     # and query, but a class's own colours stop being a cue worth memorising.
     hue_turns: bool = False
+    # Pixels a class needs to count in a training image; None: the data's rule (PASCAL 2048, as PFENet and
+    # BAM; the built-in benchmark the same share of its image; VOCTree.min_object_pixels).
+    min_object_pixels: int | None = None
     seed: int = 0
     log_every: int = 20
     checkpoint_every: int = 200
@@ -131,6 +134,7 @@ class TrainConfig:
                 ("log_every", self.log_every >= 1, ">= 1"),
                 ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
                 ("workers", self.workers >= 0, ">= 0"),
+                ("min_object_pixels", self.min_object_pixels is None or self.min_object_pixels >= 1, ">= 1"),
             )
             if not ok
         ]

@@ -4,9 +4,11 @@
     Agreement       a runtime's logits against the reference runtime's (crnet bench)
     output_errors   an exported graph's outputs against PyTorch's (crnet export's check)
 
-mIoU: per class, intersection and union summed over all its episodes, then the mean over the fold's
-classes. FB-IoU: foreground and background IoU, each summed over all episodes, then their mean. Both are
-measured at the label's own resolution, with ignore pixels (255) left out. Results are percentages.
+mIoU: per class, intersection and union summed over all its episodes, then the mean over all the fold's
+classes, a class without episodes counting 0 (hsnet common/logger.py clamps the union to 1 and averages the
+fold's classes; PFENet test.py divides by the number of classes). FB-IoU: foreground and background IoU,
+each summed over all episodes, then their mean. Both are measured at the label's own resolution, with
+ignore pixels (255) left out. Results are percentages.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class IoUMeter:
         self.classes = classes
         self.intersection = dict.fromkeys(classes, 0)
         self.union = dict.fromkeys(classes, 0)
+        self.episodes = dict.fromkeys(classes, 0)
         self.fb_intersection = [0, 0]  # background, foreground
         self.fb_union = [0, 0]
 
@@ -31,6 +34,7 @@ class IoUMeter:
         """prediction (H, W) bool foreground; label (H, W) with 0, 1 and 255."""
         prediction = prediction.bool()  # `~` below must be logical, not bitwise
         valid = label != IGNORE_LABEL
+        self.episodes[class_id] += 1
         for value, predicted in ((0, ~prediction), (1, prediction)):
             target = label == value
             intersection = int((predicted & target).sum())
@@ -42,12 +46,13 @@ class IoUMeter:
                 self.union[class_id] += union
 
     def result(self) -> dict:
-        per_class = {c: 100.0 * self.intersection[c] / self.union[c] for c in self.classes if self.union[c]}
+        per_class = {c: 100.0 * self.intersection[c] / max(self.union[c], 1) for c in self.classes}
         fb = [100.0 * i / u for i, u in zip(self.fb_intersection, self.fb_union, strict=True) if u]
         return {
             "miou": sum(per_class.values()) / len(per_class) if per_class else float("nan"),
             "fbiou": sum(fb) / len(fb) if fb else float("nan"),
             "per_class": {str(c): round(v, 3) for c, v in per_class.items()},
+            "classes_without_episodes": [c for c in self.classes if not self.episodes[c]],
         }
 
 

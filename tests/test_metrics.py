@@ -1,7 +1,8 @@
 """IoUMeter against intersections and unions counted by hand on 4x4 episodes.
 
 Conventions (crnet/metrics.py): per class, intersection and union are summed over all its episodes before
-dividing (not a mean of per-episode IoUs); mIoU is the mean over classes that had episodes; FB-IoU is the
+dividing (not a mean of per-episode IoUs); mIoU is the mean over all the fold's classes, one without episodes
+(or with an empty union) counting 0, as in hsnet and PFENet; FB-IoU is the
 mean of background IoU and foreground IoU, each summed over all episodes; label 255 is left out of both.
 Results are percentages. Expected values are exact fractions; 1e-9 absolute covers float rounding only.
 """
@@ -89,9 +90,9 @@ def test_three_episodes_by_hand() -> None:
     assert abs(class1 - 100 * (3 / 5 + 12 / 16) / 2) > 3
     # Class 2: only C, 2 / 4.
     assert result["per_class"]["2"] == pytest.approx(50.0, abs=TOL)
-    # Class 3 had no episode: not in per_class and not in the mean (else the mean would be 40.5).
-    assert "3" not in result["per_class"]
-    assert result["miou"] == pytest.approx((class1 + 50.0) / 2, abs=TOL)  # 60.714...
+    # Class 3 had no episode: it counts 0 in the mean over the three classes, and is named.
+    assert result["per_class"]["3"] == 0.0 and result["classes_without_episodes"] == [3]
+    assert result["miou"] == pytest.approx((class1 + 50.0 + 0.0) / 3, abs=TOL)  # 40.476...
     # FB-IoU: foreground I = 3 + 12 + 2 = 17, U = 5 + 16 + 4 = 25 -> 68%; background I = 8 + 0 + 8 = 16,
     # U = 10 + 4 + 10 = 24 -> 66.67%; mean 67.33%.
     assert result["fbiou"] == pytest.approx((100 * 17 / 25 + 100 * 16 / 24) / 2, abs=TOL)
@@ -124,21 +125,22 @@ def test_perfect_and_inverted_predictions() -> None:
     assert inverted["miou"] == 0.0 and inverted["fbiou"] == 0.0
 
 
-def test_class_with_empty_union_is_left_out() -> None:
-    # Class 2's only episode has no object and none is predicted: union 0, so the class gets no IoU and
-    # stays out of the mean. Its 12 valid pixels are all background and all predicted background.
+def test_class_with_empty_union_counts_zero() -> None:
+    # Class 2's only episode has no object and none is predicted: union 0, IoU 0 (hsnet clamps the union
+    # to 1). Its 12 valid pixels are all background and all predicted background.
     empty_label = t([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [X, X, X, X]])
-    meter = meter_over([(A_PRED, A_LABEL, 1), (torch.zeros(4, 4, dtype=torch.bool), empty_label, 2)])
+    meter = meter_over([(A_PRED, A_LABEL, 1), (torch.zeros(4, 4, dtype=torch.bool), empty_label, 2)], (1, 2))
     result = meter.result()
-    assert result["per_class"] == {"1": 60.0}
-    assert result["miou"] == pytest.approx(60.0, abs=TOL)
+    assert result["per_class"] == {"1": 60.0, "2": 0.0} and result["classes_without_episodes"] == []
+    assert result["miou"] == pytest.approx(30.0, abs=TOL)
     # Background: I = 8 + 12 = 20, U = 10 + 12 = 22; foreground as A alone: 3 / 5.
     assert result["fbiou"] == pytest.approx((100 * 20 / 22 + 60.0) / 2, abs=TOL)
 
 
-def test_empty_meter_gives_nan() -> None:
+def test_empty_meter() -> None:
     result = IoUMeter((1, 2)).result()
-    assert math.isnan(result["miou"]) and math.isnan(result["fbiou"]) and result["per_class"] == {}
+    assert result["miou"] == 0.0 and result["per_class"] == {"1": 0.0, "2": 0.0}
+    assert result["classes_without_episodes"] == [1, 2] and math.isnan(result["fbiou"])
 
 
 def test_rectangular_labels() -> None:

@@ -68,6 +68,7 @@ class BenchSettings:
     device: str = "cpu"
     eval_batch: int = 16
     fused: bool | None = None  # torch runtimes: the native refinement op (None: when it is built)
+    min_object_pixels: int | None = None  # None: the data's small-object rule
 
 
 def percentile_summary(samples: list[float]) -> dict:
@@ -104,6 +105,7 @@ def episode_loader(settings: BenchSettings, input_size: int, count: int, batch: 
         count=count,
         input_size=input_size,
         batch_size=batch,
+        min_object_pixels=settings.min_object_pixels,
     )
 
 

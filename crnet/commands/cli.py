@@ -82,6 +82,14 @@ FoldOption = Annotated[int, typer.Option(min=0, max=3, help="PASCAL-5i fold: its
 ShotsOption = Annotated[int, typer.Option(min=1, max=100, help="labelled support images per episode")]
 SeedOption = Annotated[int, typer.Option(min=0, help="random seed")]
 CheckpointArgument = Annotated[Path, typer.Argument(help="model checkpoint (model.pt or last.pt)")]
+MinObjectOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="pixels a class needs to count in an image (default: 2048 on PASCAL, as PFENet and BAM; the "
+        "same share of the image on the built-in benchmark; 1 counts every object)",
+    ),
+]
 
 
 def data_root(path: Path | None) -> Path:
@@ -154,6 +162,7 @@ def train(
     hue_turns: Annotated[
         bool, typer.Option(help="turn the hue of each training episode's images by one random angle")
     ] = False,
+    min_object_pixels: MinObjectOption = None,
     seed: SeedOption = 0,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="steps between checkpoints (last.pt)")] = 200,
     workers: Annotated[
@@ -184,6 +193,7 @@ def train(
         precision=precision,
         exclude_novel_images=exclude_novel_images,
         hue_turns=hue_turns,
+        min_object_pixels=min_object_pixels,
         seed=seed,
         checkpoint_every=checkpoint_every,
         workers=workers,
@@ -237,6 +247,7 @@ def evaluate_command(
         ),
     ] = 0.0,
     baseline: Annotated[bool, typer.Option(help="also run the training-free prototype baseline")] = False,
+    min_object_pixels: MinObjectOption = None,
     json_out: Annotated[
         Path | None,
         typer.Option("--json", help="where to write the results (default: beside the checkpoint)"),
@@ -266,6 +277,8 @@ def evaluate_command(
         seed=seed,
         batch_size=batch_size,
         progress=progress,
+        min_object_pixels=min_object_pixels,
+        notice=lambda line: typer.echo(f"warning: {line}", err=True),
     )
     predictor = CRNetPredictor(
         model, resolved, strategy, iterations, finetune_steps, finetune_lr, exit_fraction
@@ -483,6 +496,7 @@ def bench_command(
     fold: FoldOption = 0,
     shots: ShotsOption = 1,
     episodes: Annotated[int, typer.Option(min=0, help="accuracy episodes (0: latency only)")] = 1000,
+    min_object_pixels: MinObjectOption = None,
     batch_size: Annotated[int, typer.Option(min=1, help="episodes per timed call")] = 1,
     warmup: Annotated[int, typer.Option(min=0, help="untimed rounds first")] = 5,
     repeats: Annotated[int, typer.Option(min=1, help="timed rounds")] = 30,
@@ -529,6 +543,7 @@ def bench_command(
         threads=threads,
         device=str(resolved),
         fused=fused,
+        min_object_pixels=min_object_pixels,
     )
 
     result = run_bench(specs, settings, _bar(progress), notice=lambda line: typer.echo(line, err=True))

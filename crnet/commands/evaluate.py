@@ -147,8 +147,12 @@ def evaluate(
     batch_size: int = 16,
     workers: int = 1,
     progress: bool = True,
+    min_object_pixels: int | None = None,
+    notice: Callable[[str], None] = lambda line: None,
 ) -> dict:
-    """Run the predictor on the fold's fixed episodes; returns mIoU, FB-IoU and per-class IoU (percent)."""
+    """Run the predictor on the fold's fixed episodes; returns mIoU, FB-IoU and per-class IoU (percent).
+    A class of the fold that got no episode counts 0 in the mIoU, as in hsnet and PFENet, and is named
+    through `notice`."""
     if shots < 1:
         raise CRNetError(f"shots must be >= 1, got {shots}")
     if episodes < 1:
@@ -164,6 +168,7 @@ def evaluate(
         seed=seed,
         batch_size=batch_size,
         workers=workers,
+        min_object_pixels=min_object_pixels,
     )
     meter = IoUMeter(fold_classes(fold))
     started = time.perf_counter()
@@ -176,12 +181,18 @@ def evaluate(
             bar.update(len(batch["query_label"]))
     seconds = time.perf_counter() - started
     used = getattr(predictor, "iterations_used", None)
+    result = meter.result()
+    if result["classes_without_episodes"]:
+        notice(
+            f"classes {result['classes_without_episodes']} of fold {fold} got no episode in {episodes}: "
+            "they count 0 in the mIoU (give more --episodes)"
+        )
     return {
         "fold": fold,
         "shots": shots,
         "episodes": episodes,
         "seed": seed,
-        **meter.result(),
+        **result,
         **({"mean_iterations": sum(used) / len(used)} if used else {}),
         "seconds": round(seconds, 2),
     }

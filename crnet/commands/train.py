@@ -214,7 +214,8 @@ def train(
     group = Distributed(device)
     tree = VOCTree(data_root)
     excluded = fold_classes(config.fold) if config.exclude_novel_images else ()
-    index = SampleIndex(tree, "train", base_classes(config.fold), exclude_images_with=excluded)
+    threshold = tree.object_threshold(config.min_object_pixels)
+    index = SampleIndex(tree, "train", base_classes(config.fold), threshold, exclude_images_with=excluded)
     episodes = TrainingEpisodes(index, config.shots, config.seed, config.flip, hue_turns=config.hue_turns)
     dataset = EpisodeDataset(tree, index, episodes, model_config.input_size)
 

@@ -76,12 +76,14 @@ class SampleIndex:
 
 
 def fixed_episodes(index: SampleIndex, shots: int, count: int = 1000, seed: int = 0) -> list[EpisodeSpec]:
-    """The fixed evaluation episodes: query (image, class) pairs drawn uniformly, then k other supports."""
+    """The fixed evaluation episodes, as hsnet walks its test list (data/pascal.py: `idx %= len(...)`,
+    no shuffling): episode i queries the fold's (image, class) pair i modulo their number, in sorted
+    order, so every pair is a query before any repeats; its k supports are other images of the class,
+    drawn from numpy's generator seeded with (seed, i) (the same on every machine)."""
     episodes = []
     for i in range(count):
-        rng = np.random.default_rng([seed, i])
-        query, class_id = index.pairs[rng.integers(len(index.pairs))]
-        episodes.append(index.draw(rng, class_id, shots, query=query))
+        query, class_id = index.pairs[i % len(index.pairs)]
+        episodes.append(index.draw(np.random.default_rng([seed, i]), class_id, shots, query=query))
     return episodes
 
 
@@ -224,11 +226,13 @@ def fixed_episode_loader(
     batch_size: int = 16,
     workers: int = 0,
     keep_original: bool = True,
+    min_object_pixels: int | None = None,
 ) -> DataLoader:
-    """Batches of a fold's fixed evaluation episodes (its novel classes, val split); with `keep_original`
-    every query's label at its own resolution, which the metrics are measured at."""
+    """Batches of a fold's fixed evaluation episodes (its novel classes, val split, the tree's small-object
+    rule unless `min_object_pixels` is given); with `keep_original` every query's label at its own
+    resolution, which the metrics are measured at."""
     tree = VOCTree(root)
-    index = SampleIndex(tree, "val", fold_classes(fold))
+    index = SampleIndex(tree, "val", fold_classes(fold), tree.object_threshold(min_object_pixels))
     specs = fixed_episodes(index, shots, count, seed)
     dataset = EpisodeDataset(tree, index, specs, input_size, keep_original=keep_original)
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)

@@ -23,6 +23,10 @@ NUM_FOLDS = 4
 IGNORE_LABEL = 255
 SPLIT_FILES = {"train": ("train_aug.txt", "train.txt"), "val": ("val.txt",)}
 INDEX_VERSION = 2  # 2: labels with values outside 0..20, 255 are refused while indexing
+# The small-object rule of PFENet and BAM (util/dataset.py, make_dataset: `tmp_label.sum() >= 2 * 32 * 32`,
+# on training and test lists): a class counts in an image from 2048 pixels at the original resolution.
+MIN_OBJECT_PIXELS = 2 * 32 * 32
+VOC_IMAGE_AREA = 500 * 375  # a typical PASCAL VOC image; the rule is 1.09 % of it
 # fmt: off
 VOC_CLASS_NAMES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -119,6 +123,20 @@ class VOCTree:
         if isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, str) for n in names):
             return tuple(names)
         return VOC_CLASS_NAMES
+
+    @property
+    def min_object_pixels(self) -> int:
+        """The small-object rule for this tree: 2048 pixels on PASCAL; on the built-in benchmark the same
+        share of the image (2048 / (500 x 375) of its side squared)."""
+        try:
+            side = int(json.loads((self.root / "synthetic.json").read_text())["image_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return MIN_OBJECT_PIXELS
+        return max(1, round(MIN_OBJECT_PIXELS * side * side / VOC_IMAGE_AREA))
+
+    def object_threshold(self, requested: int | None) -> int:
+        """Pixels a class needs to count in an image: `requested`, or this tree's rule when None."""
+        return self.min_object_pixels if requested is None else requested
 
     def split_file(self, split: str) -> Path:
         if split not in SPLIT_FILES:

@@ -26,7 +26,7 @@ from crnet.bundle import sha256
 from crnet.checkpoint import save_atomic
 from crnet.commands import cli
 from crnet.model.crnet import build_model
-from tests.commands.test_cli import check_user_error
+from tests.commands.test_cli import EVERY_OBJECT, check_user_error
 from tests.ddp_worker import MICRO
 from tests.fake_voc import make_fake_voc
 from tests.places import leftovers, read_only_place, release
@@ -155,7 +155,16 @@ def synth(*extra):
 
 
 def train(*extra, out=new):
-    return lambda w: ["train", "--out", str(out(w)), "--data", str(w.voc), "--no-progress", *extra]
+    return lambda w: [
+        "train",
+        "--out",
+        str(out(w)),
+        "--data",
+        str(w.voc),
+        *EVERY_OBJECT,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def evaluate(*extra, checkpoint=lambda w: w.checkpoint, data=lambda w: w.voc):
@@ -164,6 +173,7 @@ def evaluate(*extra, checkpoint=lambda w: w.checkpoint, data=lambda w: w.voc):
         str(checkpoint(w)),
         "--data",
         str(data(w)),
+        *EVERY_OBJECT,
         "--no-progress",
         "--episodes",
         "2",
@@ -200,6 +210,7 @@ def bench(*extra, checkpoint=lambda w: w.checkpoint, bundle=lambda w: w.bundle):
             str(bundle(w)),
             "--data",
             str(w.voc),
+            *EVERY_OBJECT,
             "--episodes",
             "2",
         ]

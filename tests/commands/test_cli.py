@@ -46,7 +46,7 @@ def tiny_state() -> dict:
     torch.manual_seed(0)
     return {
         "model_config": TINY.to_dict(),
-        "train_config": TrainConfig().to_dict(),
+        "train_config": TrainConfig(min_object_pixels=1).to_dict(),  # as the CLI cases train
         "step": 0,
         "model": build_model(TINY).state_dict(),
     }
@@ -81,12 +81,33 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     )
 
 
+# The fake VOC tree's objects are tens of pixels, below PASCAL's 2048-pixel rule: count every object.
+EVERY_OBJECT = ["--min-object-pixels", "1"]
+
+
 def ev(checkpoint: Callable[[Files], Path], *extra: str) -> Callable[[Files], list[str]]:
-    return lambda f: ["eval", str(checkpoint(f)), "--data", str(f.voc), "--no-progress", *extra]
+    return lambda f: [
+        "eval",
+        str(checkpoint(f)),
+        "--data",
+        str(f.voc),
+        *EVERY_OBJECT,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def tr(out: Callable[[Files], Path], *extra: str) -> Callable[[Files], list[str]]:
-    return lambda f: ["train", "--out", str(out(f)), "--data", str(f.voc), "--no-progress", *extra]
+    return lambda f: [
+        "train",
+        "--out",
+        str(out(f)),
+        "--data",
+        str(f.voc),
+        *EVERY_OBJECT,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def valid(f: Files) -> Path:
@@ -233,7 +254,17 @@ def test_user_error_subprocess(name: str, files: Files, tmp_path: Path) -> None:
 def test_broken_image_found_during_eval_is_one_line(files: Files, tmp_path: Path) -> None:
     voc = make_fake_voc(tmp_path / "voc")
     (voc / "JPEGImages/2008_000011.jpg").write_bytes(b"not a jpeg")  # a val image of classes 2, 3, 5
-    args = ["eval", str(files.checkpoint), "--data", str(voc), "--episodes", "8", "--batch-size", "8"]
+    args = [
+        "eval",
+        str(files.checkpoint),
+        "--data",
+        str(voc),
+        "--episodes",
+        "8",
+        "--batch-size",
+        "8",
+        *EVERY_OBJECT,
+    ]
     result = run_cli([*args, "--no-progress", "--json", str(tmp_path / "out.json")], tmp_path / "home")
     check_user_error(result.returncode, result.stdout, result.stderr, "cannot read image")
 

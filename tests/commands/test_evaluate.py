@@ -89,3 +89,32 @@ def test_results_table_is_whole_when_not_a_terminal(capsys) -> None:
     assert len(table) == 4 and len({line.count("|") for line in table}) == 1
     assert table[2] == "| CRNet | 0 | 5 | finetune | 1000 | 57.3 | 76.2 | 206 | 3.62 |"
     assert table[3].endswith("| 43 | - |")
+
+
+def test_a_class_without_episodes_counts_zero_and_is_named(tmp_path) -> None:
+    """Three episodes walk the fake fold's first three pairs (classes 1, 2, 3): 4 and 5 get none."""
+    from tests.fake_voc import make_fake_voc
+
+    voc = make_fake_voc(tmp_path / "voc")
+    notices = []
+
+    def background(batch):  # predicts background everywhere
+        return torch.stack([torch.ones(5, 5), torch.zeros(5, 5)])[None].expand(
+            len(batch["class_id"]), -1, -1, -1
+        )
+
+    result = evaluate(
+        background,
+        voc,
+        fold=0,
+        input_size=33,
+        episodes=3,
+        min_object_pixels=1,
+        progress=False,
+        notice=notices.append,
+    )
+    assert result["classes_without_episodes"] == [4, 5] and result["miou"] == 0.0
+    assert result["per_class"] == {str(c): 0.0 for c in (1, 2, 3, 4, 5)}
+    assert notices == [
+        "classes [4, 5] of fold 0 got no episode in 3: they count 0 in the mIoU (give more --episodes)"
+    ]

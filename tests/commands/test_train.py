@@ -89,11 +89,27 @@ def test_training_without_novel_images(bench_root, tmp_path):
     train(MICRO, config, bench_root, tmp_path, progress=False, device="cpu")
     state = checkpoint.load(tmp_path / LAST)
     tree = VOCTree(bench_root)
-    every = SampleIndex(tree, "train", base_classes(0))
-    kept = SampleIndex(tree, "train", base_classes(0), exclude_images_with=fold_classes(0))
+    rule = tree.min_object_pixels
+    every = SampleIndex(tree, "train", base_classes(0), rule)
+    kept = SampleIndex(tree, "train", base_classes(0), rule, exclude_images_with=fold_classes(0))
     # The run's prediction cache has one slot per kept (image, class) pair: the index it trained on.
     assert len(state["cache"]["seen"]) == len(kept.pairs) < len(every.pairs)
     assert TrainConfig.from_dict(state["train_config"]) == config
+
+
+def test_training_applies_the_small_object_rule(bench_root, tmp_path):
+    """By default a class counts in a training image from the data's rule (25 pixels on this 48-pixel
+    benchmark, 2048 at PASCAL's size); --min-object-pixels 1 counts every object."""
+    tree = VOCTree(bench_root)
+    assert tree.min_object_pixels == round(2048 * 48 * 48 / (500 * 375)) == 25
+    slots = {}
+    for threshold in (None, 1):
+        out = tmp_path / str(threshold)
+        train(MICRO, CONFIG.replace(steps=1, min_object_pixels=threshold), bench_root, out, device="cpu")
+        slots[threshold] = len(checkpoint.load(out / LAST)["cache"]["seen"])
+    base = base_classes(0)
+    assert slots[None] == len(SampleIndex(tree, "train", base, 25).pairs) < slots[1]
+    assert slots[1] == len(SampleIndex(tree, "train", base, 1).pairs)
 
 
 def test_prediction_cache_round_trip_with_flips():
@@ -126,7 +142,7 @@ def test_ddp_two_gloo_processes(bench_root, tmp_path):
 
     # Rank 1's cache updates reached rank 0's checkpoint: every pair either rank drew is marked seen.
     tree = VOCTree(bench_root)
-    index = SampleIndex(tree, "train", base_classes(0))
+    index = SampleIndex(tree, "train", base_classes(0), tree.min_object_pixels)  # as training indexes it
     episodes = TrainingEpisodes(index, 1, seed=0)
     for rank in (0, 1):
         for step in range(4):

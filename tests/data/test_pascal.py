@@ -418,3 +418,16 @@ def test_float_images_are_refused(tmp_path) -> None:
     Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(ImageReadError, match="mode F"):
         read_image(tmp_path / "float.tif")
+
+
+def test_small_object_rule_per_tree(root: Path, tmp_path: Path) -> None:
+    """PASCAL: 2048 pixels, as PFENet and BAM; the built-in benchmark: the same share of its image."""
+    from crnet.data import synthetic
+
+    tree = VOCTree(root)
+    assert tree.min_object_pixels == 2 * 32 * 32
+    assert tree.object_threshold(None) == 2048 and tree.object_threshold(1) == 1
+    # The fake tree's objects are all far below 2048 pixels: under the rule it has no sample at all.
+    assert tree.samples("val", fold_classes(0), tree.min_object_pixels) == []
+    bench = synthetic.generate(tmp_path / "syn", seed=0, train_per_class=2, val_per_class=2, image_size=128)
+    assert VOCTree(bench).min_object_pixels == round(2048 * 128 * 128 / (500 * 375)) == 179
