@@ -34,6 +34,14 @@ class ModelConfig:
     iterations: int = 5  # refinement iterations T at test time
     dropout: float = 0.5
     train_backbone: bool = False  # False: ResNet through layer3 frozen, BatchNorm in eval mode
+    # Where the paper is silent, CaNet's code (icoz69/CaNet, one_shot_network.py) decides unless a measured
+    # reason says otherwise (docs/BENCHMARKS.md, "CaNet's choices"). CaNet: the fusing conv `layer55` is
+    # followed by ReLU and Dropout2d(0.5) and no residual block; every ASPP branch (`layer6_*`) and the
+    # projection (`layer7`) by Dropout2d(0.5).
+    fusion_activation: bool = False  # ReLU after the condition module's fusing conv
+    fusion_dropout: float = 0.0  # Dropout2d after it
+    condition_residual: bool = True  # a residual block after the fusion
+    head_dropout: float = 0.0  # Dropout2d on the ASPP branches and projection
 
     def refinement_iterations(self, requested: int | None = None) -> int:
         """T for one call: `requested`, or this model's default when None. Zero or fewer is an error, never
@@ -149,4 +157,5 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        return cls(**values)
+        # Runs saved before the small-object rule existed counted every object: they resume as they ran.
+        return cls(**{"min_object_pixels": 1, **values})

@@ -29,19 +29,29 @@ def masked_average_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
 
 class Condition(nn.Module):
-    """Tile the prototype, concatenate with the features, 3x3 conv (dilation 2) to C, one residual block."""
+    """Tile the prototype, concatenate with the features, 3x3 conv (dilation 2) to C; then, as configured,
+    ReLU and Dropout2d (CaNet's `layer55`) and a residual block."""
 
-    def __init__(self, channels: int):
+    def __init__(
+        self, channels: int, *, activation: bool = False, dropout: float = 0.0, residual: bool = True
+    ):
         super().__init__()
         self.fuse = nn.Conv2d(2 * channels, channels, 3, padding=2, dilation=2)
-        self.residual = nn.Sequential(
-            nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-        )
+        self.activation, self.dropout = activation, dropout
+        self.residual = None
+        if residual:
+            self.residual = nn.Sequential(
+                nn.ReLU(),
+                nn.Conv2d(channels, channels, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(channels, channels, 3, padding=1),
+            )
 
     def forward(self, features: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
         tiled = prototype[:, :, None, None].expand_as(features)
         x = self.fuse(torch.cat([features, tiled], dim=1))
-        return x + self.residual(x)
+        if self.activation:
+            x = F.relu(x)
+        if self.dropout:
+            x = F.dropout2d(x, self.dropout, self.training)
+        return x if self.residual is None else x + self.residual(x)

@@ -67,8 +67,15 @@ class CRNet(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.cross_reference = CrossReference(config.channels)
-        self.condition = Condition(config.channels)
-        self.refinement = Refinement(config.channels, config.aspp_dilations, fused=fused)
+        self.condition = Condition(
+            config.channels,
+            activation=config.fusion_activation,
+            dropout=config.fusion_dropout,
+            residual=config.condition_residual,
+        )
+        self.refinement = Refinement(
+            config.channels, config.aspp_dilations, fused=fused, head_dropout=config.head_dropout
+        )
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, C, h, w) features at output stride 8."""

@@ -24,8 +24,9 @@ class ResidualBranch(nn.Sequential):
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: image pooling, 1x1 and three dilated 3x3 branches, fused by a 1x1."""
 
-    def __init__(self, channels: int, dilations: tuple[int, int, int]):
+    def __init__(self, channels: int, dilations: tuple[int, int, int], dropout: float = 0.0):
         super().__init__()
+        self.dropout = dropout  # Dropout2d on every branch and on the projection (training only)
         self.image_pool = nn.Conv2d(channels, channels, 1)
         self.branches = nn.ModuleList(
             [nn.Conv2d(channels, channels, 1)]
@@ -35,15 +36,25 @@ class ASPP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = ops.widen(x).mean(dim=(2, 3), keepdim=True).to(x.dtype)  # FP32 reduction under FP16
-        pooled = F.relu(self.image_pool(pooled)).expand_as(x)
-        outs = [pooled] + [F.relu(branch(x)) for branch in self.branches]
-        return F.relu(self.project(torch.cat(outs, dim=1)))
+        pooled = self._drop(F.relu(self.image_pool(pooled))).expand_as(x)
+        outs = [pooled] + [self._drop(F.relu(branch(x))) for branch in self.branches]
+        return self._drop(F.relu(self.project(torch.cat(outs, dim=1))))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout2d(x, self.dropout, self.training) if self.dropout else x
 
 
 class Refinement(nn.Module):
     """h = X + R1([X, y]); h += R2(h); h += R3(h); logits = classifier(ASPP(h))."""
 
-    def __init__(self, channels: int, dilations: tuple[int, int, int], *, fused: bool | None = None):
+    def __init__(
+        self,
+        channels: int,
+        dilations: tuple[int, int, int],
+        *,
+        fused: bool | None = None,
+        head_dropout: float = 0.0,
+    ):
         super().__init__()
         self.dilations = tuple(dilations)
         # The native crnet::refine_loop op at inference (ops.use_native: None = where it can run, True =
@@ -52,7 +63,7 @@ class Refinement(nn.Module):
         self.feedback = ResidualBranch(channels + 2, channels)
         self.residual2 = ResidualBranch(channels, channels)
         self.residual3 = ResidualBranch(channels, channels)
-        self.aspp = ASPP(channels, dilations)
+        self.aspp = ASPP(channels, dilations, head_dropout)
         self.classifier = nn.Conv2d(channels, 2, 1)
 
     def step(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
