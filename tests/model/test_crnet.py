@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from crnet.config import R50, TINY
+from crnet.config import R50, TINY, ModelConfig
 from crnet.errors import CheckpointError, NoSupportError
 from crnet.model.backbone import ResNetTrunk, load_torchvision_weights
 from crnet.model.condition import masked_average_pool
@@ -201,3 +201,57 @@ def test_feature_size_formula(size):
     with torch.no_grad():
         layer2, layer3 = trunk(torch.zeros(1, 3, size, size))
     assert layer3.shape[-1] == layer2.shape[-1] == R50.replace(input_size=size).feature_size
+
+
+CANET = MICRO.replace(fusion_activation=True, fusion_dropout=0.5, condition_residual=False, head_dropout=0.5)
+
+
+def test_canet_condition_is_relu_dropout_without_a_residual_block():
+    """CaNet's layer55: the fusing conv, ReLU, Dropout2d(0.5); no residual block (no weights for one)."""
+    model = build_model(CANET)
+    assert model.condition.residual is None
+    assert not any(name.startswith("condition.residual") for name in model.state_dict())
+    features, prototype = torch.randn(2, MICRO.channels, 5, 5), torch.randn(2, MICRO.channels)
+    fused = model.condition.fuse(torch.cat([features, prototype[:, :, None, None].expand_as(features)], 1))
+    model.eval()
+    assert torch.equal(model.condition(features, prototype), torch.relu(fused))  # dropout off in eval
+    model.train()
+    torch.manual_seed(0)
+    dropped = model.condition(features, prototype)
+    kept = dropped.flatten(2).abs().sum(-1) > 0  # Dropout2d zeroes whole channels, scales the rest by 2
+    assert 0 < kept.float().mean() < 1
+    torch.testing.assert_close(dropped[kept], 2 * torch.relu(fused)[kept])
+
+
+def test_head_dropout_acts_in_training_only_and_keeps_the_native_op():
+    """Dropout in the ASPP has no weights: inference (eager or the native op) is the model without it."""
+    plain, dropped = (
+        build_model(MICRO, fused=False).eval(),
+        build_model(MICRO.replace(head_dropout=0.5)).eval(),
+    )
+    dropped.load_state_dict(plain.state_dict())  # same keys, same weights
+    x = torch.randn(2, MICRO.channels, 5, 5)
+    with torch.no_grad():
+        expected = plain.refinement(x, 3)
+        torch.testing.assert_close(dropped.refinement(x, 3), expected, rtol=1e-4, atol=1e-4)
+    dropped.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not torch.allclose(dropped.refinement.run(x, 1, fused=False)[0], plain.refinement(x, 1))
+
+
+def test_old_configs_load_as_crnet_was():
+    """Checkpoints written before the CaNet options keep their model: ours is the default of each."""
+    stored = {k: v for k, v in MICRO.to_dict().items() if k not in ("fusion_activation", "head_dropout")}
+    config = ModelConfig.from_dict(stored)
+    assert (
+        config.fusion_activation,
+        config.fusion_dropout,
+        config.condition_residual,
+        config.head_dropout,
+    ) == (
+        False,
+        0.0,
+        True,
+        0.0,
+    )
