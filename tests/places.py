@@ -64,3 +64,18 @@ def leftovers(root: Path) -> list[str]:
         for p in root.rglob("*")
         if p.name.endswith(".tmp") or ".partial-" in p.name or ".old-" in p.name
     )
+
+
+def make_read_only(path: Path) -> bool:
+    """Make an existing directory read-only for everyone, root included: a read-only bind mount of itself
+    where mounting is allowed, else (not root) its write permission removed. False where neither works."""
+    bound = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode == 0
+    if bound:
+        remounted = subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True)
+        if remounted.returncode == 0:
+            return True
+        unmount(path)
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return True
+    return False
