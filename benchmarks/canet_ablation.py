@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=1000)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    # Denormal floats flushed to zero, for every variant alike: without it CaNet's condition variant trained
+    # at 0.4 episodes/s on the CPU without AVX-512, against 14 for ours (docs/BENCHMARKS.md).
+    torch.set_flush_denormal(True)
     rows = [run(name, args.data, args.out, args.episodes) for name in args.variant or VARIANTS]
     print("| variant | change | mIoU | FB-IoU | per class |")
     print("|---|---|---|---|---|")
