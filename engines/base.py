@@ -53,10 +53,18 @@ class Runtime(ABC):
         return SupportPrompt.of_shots(self.prompt_per_shot, features, masks)
 
     def episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Query (B, 3, S, S), supports (B, K, 3, S, S), masks (B, K, S, S) -> logits (B, 2, S, S)."""
+        """Query (B, 3, S, S), supports (B, K, 3, S, S), masks (B, K, S, S) -> logits (B, 2, S, S).
+        Supports and queries are encoded in one call (one launch sequence instead of two) where the
+        runtime's batch limit allows."""
         batch, shots = supports.shape[:2]
-        features = self.encode(supports.flatten(0, 1)).unflatten(0, (batch, shots))
-        return self.segment(self.encode(query), self.prompt(features, masks))
+        images = supports.flatten(0, 1)
+        if self.max_batch is None or len(images) + batch <= self.max_batch:
+            features = self.encode(torch.cat([images, query]))
+            support_features, query_features = features[: len(images)], features[len(images) :]
+        else:
+            support_features, query_features = self.encode(images), self.encode(query)
+        prompt = self.prompt(support_features.unflatten(0, (batch, shots)), masks)
+        return self.segment(query_features, prompt)
 
     def check_batch(self, n: int) -> None:
         if self.max_batch is not None and n > self.max_batch:

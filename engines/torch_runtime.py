@@ -9,6 +9,7 @@ import torch
 from crnet import checkpoint, ops
 from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.model.crnet import SupportPrompt
+from crnet.model.fold import fold_batchnorm
 
 # bf16 is torch-only: on CPUs with AVX512-BF16 or AMX (oneDNN) it is the fast CPU path.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -37,7 +38,8 @@ class TorchRuntime(Runtime):
         if precision not in DTYPES:
             raise RuntimeUnavailable(f"torch runtime precision must be fp32, fp16 or bf16, got {precision!r}")
         self.precision, self.dtype = precision, DTYPES[precision]
-        model = checkpoint.load_model(checkpoint_path, self.device)
+        # BatchNorm folded into the convolutions once, at load: inference never updates its statistics.
+        model = fold_batchnorm(checkpoint.load_model(checkpoint_path, self.device))
         self.model = model.to(self.dtype)
         # The native refinement op by default where it has a kernel for this device and dtype (CPU: FP32).
         try:

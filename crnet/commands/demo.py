@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -133,6 +134,25 @@ def run_demo(
 
 
 DEMO_RUNTIMES = ("torch:fp32", "torch:bf16+channels-last", "onnxruntime:fp32", "onnxruntime:fp16")
+GPU_RUNTIMES = ("torch:fp32", "torch:fp16+channels-last", "torch:fp16+channels-last+cuda-graphs")
+
+
+def demo_runtimes(device: torch.device) -> tuple[str, ...]:
+    """The runtimes the demo benches: on a GPU only those that run there (ONNX Runtime with its CUDA
+    provider and TensorRT where installed), never rows that can only say they are unavailable."""
+    if device.type != "cuda":
+        return DEMO_RUNTIMES
+    runtimes = list(GPU_RUNTIMES)
+    try:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            runtimes += ["onnxruntime:fp32+cuda", "onnxruntime:fp16+cuda"]
+    except ImportError:
+        pass
+    if importlib.util.find_spec("tensorrt") is not None:
+        runtimes.append("tensorrt:fp16")
+    return tuple(runtimes)
 
 
 def export_and_bench(
@@ -143,9 +163,16 @@ def export_and_bench(
     from crnet.engines import RuntimeSpec
     from crnet.export.build import export_bundle
 
-    bundle = export_bundle(checkpoint, out / "bundle", fp16=True, overwrite=True, progress=notice).bundle
-    settings = BenchSettings(
-        checkpoint=checkpoint, bundle=bundle, data_root=root, episodes=episodes, device=str(device)
+    runtimes = demo_runtimes(device)
+    engines = "tensorrt:fp16" in runtimes
+    exported = export_bundle(
+        checkpoint, out / "bundle", fp16=True, tensorrt=engines, overwrite=True, progress=notice
     )
-    specs = [RuntimeSpec.parse(text) for text in DEMO_RUNTIMES]
+    if exported.tensorrt_skipped:
+        notice(f"no TensorRT row: {exported.tensorrt_skipped}")
+        runtimes = tuple(r for r in runtimes if r != "tensorrt:fp16")
+    settings = BenchSettings(
+        checkpoint=checkpoint, bundle=exported.bundle, data_root=root, episodes=episodes, device=str(device)
+    )
+    specs = [RuntimeSpec.parse(text) for text in runtimes]
     return run_bench(specs, settings, progress, notice=notice)

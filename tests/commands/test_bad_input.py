@@ -26,7 +26,7 @@ from crnet.bundle import sha256
 from crnet.checkpoint import save_atomic
 from crnet.commands import cli
 from crnet.model.crnet import build_model
-from tests.commands.test_cli import EVERY_OBJECT, check_user_error
+from tests.commands.test_cli import EVERY_OBJECT, check_user_error, written_to_home
 from tests.ddp_worker import MICRO
 from tests.fake_voc import make_fake_voc
 from tests.places import leftovers, read_only_place, release
@@ -421,7 +421,7 @@ def run_case(build, expected: str, world: World, tmp_path: Path, monkeypatch, ca
     check_user_error(exit_info.value.code, stdout, stderr, expected)
     assert snapshot(world.root) == before, "a file of the user's was changed, added or removed"
     assert leftovers(world.root) == [] and leftovers(tmp_path) == []
-    assert not list(home.iterdir()), "nothing may be written into HOME"
+    assert written_to_home(home) == [], "nothing may be written into HOME"
 
 
 def params(cases: dict, marks=()):

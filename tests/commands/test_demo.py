@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from crnet.commands import cli
-from crnet.commands.demo import DEMO_RUNTIMES, RECIPE
+from crnet.commands.demo import DEMO_RUNTIMES, RECIPE, demo_runtimes
 from crnet.config import TINY, ModelConfig, TrainConfig
 from crnet.errors import CRNetError
 
@@ -29,9 +29,12 @@ def test_demo_runs_every_stage(micro_checkpoint, bench_root, tmp_path, monkeypat
     assert [r["shots"] for r in results] == [1, 1, 5]
     assert (out / "episodes.png").is_file() and (out / "bundle" / "manifest.json").is_file()
     bench = json.loads((out / "bench.json").read_text())
-    assert [row["spec"] for row in bench["runtimes"]] == list(DEMO_RUNTIMES)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what --device auto picks
+    assert [row["spec"] for row in bench["runtimes"]] == list(demo_runtimes(device))
     assert all(row["status"] == "ok" for row in bench["runtimes"])
-    assert "onnxruntime fp16" in printed and "CRNet" in printed
+    assert "CRNet" in printed
+    if device.type == "cpu":
+        assert "onnxruntime fp16" in printed
 
 
 def test_committed_checkpoint_is_the_recipes() -> None:
@@ -100,3 +103,12 @@ def test_demo_trains_only_when_asked_or_when_the_default_is_absent(
     assert used["evaluated"] == (micro_checkpoint if trains else Path("checkpoints/tiny_fold0.pt"))
     stderr = capsys.readouterr().err
     assert (message in stderr) if message else "training" not in stderr
+
+
+def test_demo_runtimes_on_a_gpu_are_ones_that_run_there(monkeypatch) -> None:
+    import crnet.commands.demo as demo
+
+    assert demo_runtimes(torch.device("cpu")) == DEMO_RUNTIMES
+    gpu = demo_runtimes(torch.device("cuda"))
+    assert gpu[: len(demo.GPU_RUNTIMES)] == demo.GPU_RUNTIMES
+    assert not any(spec.startswith("onnxruntime:") and not spec.endswith("+cuda") for spec in gpu)

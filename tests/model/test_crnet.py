@@ -255,3 +255,28 @@ def test_old_configs_load_as_crnet_was():
         True,
         0.0,
     )
+
+
+@pytest.mark.parametrize("config", [MICRO, MICRO.replace(train_backbone=False)])
+def test_folded_batchnorm_computes_the_same_features(config):
+    """Inference with BatchNorm folded into the convolutions: no BatchNorm left, the same features up to
+    float32 rounding (the fold itself is computed in float64)."""
+    from crnet.model.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    for module in model.modules():  # non-trivial statistics, as a trained trunk has
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    images = torch.randn(3, 3, MICRO.input_size, MICRO.input_size)
+    with torch.no_grad():
+        expected = model.encode(images)
+        fold_batchnorm(model)
+        folded = model.encode(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batchnorm(build_model(config).train())
