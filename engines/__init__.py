@@ -4,8 +4,9 @@
     features = runtime.encode(images); prompt = runtime.prompt(features, masks); runtime.segment(...)
 
 A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `torch:bf16+channels-last`,
-`torch:fp16+cuda-graphs`, `onnxruntime:fp32`, `onnxruntime:fp16+cuda`, `onnxruntime:fp16+tensorrt`
-(execution providers), `tensorrt:fp16`; every command that takes `--runtime` takes this syntax. Every backend
+`torch:fp16+cuda-graphs`, `torch:fp16+anchor` (plain torch.compile, the anchor of GPU benches),
+`onnxruntime:fp32`, `onnxruntime:fp16+cuda`, `onnxruntime:fp16+tensorrt` (execution providers),
+`tensorrt:fp16`; every command that takes `--runtime` takes this syntax. Every backend
 library is imported only when its runtime is opened.
 """
 
@@ -24,7 +25,7 @@ from crnet.engines.base import Runtime, RuntimeUnavailable
 
 NAMES = ("torch", "onnxruntime", "tensorrt")
 OPTIONS = {
-    "torch": ("compile", "cuda-graphs", "channels-last"),
+    "torch": ("compile", "cuda-graphs", "channels-last", "anchor"),
     "onnxruntime": ("cuda", "tensorrt"),
     "tensorrt": (),
 }
@@ -55,6 +56,8 @@ class RuntimeSpec:
         if unknown:
             allowed = ", ".join(OPTIONS[name]) or "none"
             raise RuntimeUnavailable(f"{name} has no option {unknown[0]!r} (options: {allowed})")
+        if "anchor" in options and len(options) > 1:
+            raise RuntimeUnavailable(f"{text!r}: the anchor is plain torch.compile and takes no other option")
         return cls(name, precision, tuple(options))
 
     def __str__(self) -> str:
@@ -88,6 +91,7 @@ def open_runtime(
             cuda_graphs="cuda-graphs" in spec.options,
             channels_last="channels-last" in spec.options,
             fused=fused,
+            anchor="anchor" in spec.options,
         )
     if bundle is None:
         raise RuntimeUnavailable(f"the {spec.name} runtime needs an exported bundle (crnet export)")

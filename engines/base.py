@@ -4,6 +4,7 @@ Tensors in and out are torch tensors on the runtime's device, FP32:
     encode(images (N, 3, S, S) normalised)                        -> features (N, C, s, s)
     prompt(features (B, K, C, s, s), masks (B, K, S, S) {0,1,255}) -> SupportPrompt, the k shots averaged
     segment(features (B, C, s, s), prompt)                         -> logits (B, 2, S, S) at input size
+    episode(query, supports, masks) and query(images, prompt): the whole episode, the cached-prompt query
 A runtime that cannot load raises RuntimeUnavailable with a one-line reason.
 """
 
@@ -65,6 +66,10 @@ class Runtime(ABC):
             support_features, query_features = self.encode(images), self.encode(query)
         prompt = self.prompt(support_features.unflatten(0, (batch, shots)), masks)
         return self.segment(query_features, prompt)
+
+    def query(self, images: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
+        """The deployed path: query images (B, 3, S, S) against a prompt computed once -> logits."""
+        return self.segment(self.encode(images), prompt)
 
     def check_batch(self, n: int) -> None:
         if self.max_batch is not None and n > self.max_batch:

@@ -1,7 +1,18 @@
-"""PyTorch eager (the reference), optionally FP16/BF16, channels-last, torch.compile and CUDA graphs."""
+"""PyTorch eager (the reference), optionally FP16/BF16, channels-last, torch.compile and CUDA graphs; and the
+plain-PyTorch anchor every GPU bench is measured against.
+
+Compiled (`+compile`, `+cuda-graphs`), an episode is one compiled function (supports and query encoded as
+one batch, prompt, head) and a cached-prompt query another (encode, head), so that under CUDA graphs each is
+one graph replay per input shape; a new shape compiles and captures once.
+
+`+anchor` is what a user writes with torch.compile alone: the checkpoint's model as it is (no folding of
+ours, PyTorch's refinement loop, no native op), channels-last, compiled with inductor's freezing (which
+folds BatchNorm and constant weights) and, on a GPU, mode="reduce-overhead" (CUDA graphs).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -29,17 +40,23 @@ class TorchRuntime(Runtime):
         cuda_graphs: bool = False,
         channels_last: bool = False,
         fused: bool | None = None,
+        anchor: bool = False,
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeUnavailable("torch runtime on cuda: torch sees no CUDA GPU")
-        if cuda_graphs and self.device.type != "cuda":
+        if anchor:
+            fused, channels_last, compile = False, True, True
+            cuda_graphs = self.device.type == "cuda"
+        elif cuda_graphs and self.device.type != "cuda":
             raise RuntimeUnavailable("CUDA graphs need --device cuda")
         if precision not in DTYPES:
             raise RuntimeUnavailable(f"torch runtime precision must be fp32, fp16 or bf16, got {precision!r}")
         self.precision, self.dtype = precision, DTYPES[precision]
         # BatchNorm folded into the convolutions once, at load: inference never updates its statistics.
-        model = fold_batchnorm(checkpoint.load_model(checkpoint_path, self.device))
+        # (The anchor leaves that to inductor's freezing, as a plain-PyTorch user would.)
+        model = checkpoint.load_model(checkpoint_path, self.device)
+        model = model if anchor else fold_batchnorm(model)
         self.model = model.to(self.dtype)
         # The native refinement op by default where it has a kernel for this device and dtype (CPU: FP32).
         try:
@@ -53,11 +70,21 @@ class TorchRuntime(Runtime):
         self.input_size = model.config.input_size
         self.iterations = model.config.refinement_iterations(iterations)
         self._encode, self._segment = self._encoder_forward, self._head_forward
+        self._episode = self._query = None
         if compile or cuda_graphs:
             # reduce-overhead = CUDA graphs: replays each captured shape without host launches.
             mode = "reduce-overhead" if cuda_graphs else "default"
-            self._encode = torch.compile(self._encoder_forward, mode=mode, dynamic=False)
-            self._segment = torch.compile(self._head_forward, mode=mode, dynamic=False)
+            compiled = [
+                torch.compile(f, mode=mode, dynamic=False)
+                for f in (
+                    self._encoder_forward,
+                    self._head_forward,
+                    self._episode_forward,
+                    self._query_forward,
+                )
+            ]
+            self._encode, self._segment, self._episode, self._query = compiled
+        self.anchor = anchor
         self.options = {
             "compile": compile,
             "cuda_graphs": cuda_graphs,
@@ -67,8 +94,16 @@ class TorchRuntime(Runtime):
 
     @property
     def label(self) -> str:
+        if self.anchor:
+            return f"anchor: plain torch {self.precision} compiled" + (
+                " + graphs" if self.options["cuda_graphs"] else ""
+            )
         extras = [name.replace("_", "-") for name, on in self.options.items() if on]
         return " ".join([self.name, self.precision, *extras])
+
+    def _compiling(self):
+        """Inductor's freezing for the anchor, read when a new shape compiles."""
+        return torch._inductor.config.patch(freezing=True) if self.anchor else contextlib.nullcontext()
 
     def _encoder_forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode(images.to(self.dtype).contiguous(memory_format=self.memory_format))
@@ -78,11 +113,37 @@ class TorchRuntime(Runtime):
         prompt = SupportPrompt(vector=vector.to(self.dtype), prototype=prototype.to(self.dtype))
         return self.model.segment(features, prompt, self.iterations, output_size=size).float()
 
+    def _episode_forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Supports then queries as one batch of images, (B, K, S, S) masks -> (B, 2, S, S) FP32 logits."""
+        batch, shots = masks.shape[:2]
+        features = self._encoder_forward(images)
+        support = features[: batch * shots].unflatten(0, (batch, shots))
+        prompt = SupportPrompt.of_shots(self.model.shot_prompts, support, masks)
+        return self._head_forward(features[batch * shots :], prompt.vector, prompt.prototype)
+
+    def _query_forward(self, images: torch.Tensor, vector: torch.Tensor, prototype: torch.Tensor):
+        return self._head_forward(self._encoder_forward(images), vector, prototype)
+
+    @torch.inference_mode()
+    def episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        if self._episode is None:
+            return super().episode(query, supports, masks)
+        with self._compiling():
+            return self._owned(self._episode(torch.cat([supports.flatten(0, 1), query]), masks))
+
+    @torch.inference_mode()
+    def query(self, images: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
+        if self._query is None:
+            return super().query(images, prompt)
+        with self._compiling():
+            return self._owned(self._query(images, prompt.vector, prompt.prototype))
+
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         # FP32 out, as every runtime (the conversion also copies CUDA-graph outputs, which the next replay
         # overwrites while callers may still hold them).
-        features = self._encode(images)
+        with self._compiling():
+            features = self._encode(images)
         return features.float() if features.dtype != torch.float32 else self._owned(features)
 
     def _owned(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -95,4 +156,5 @@ class TorchRuntime(Runtime):
 
     @torch.inference_mode()
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
-        return self._owned(self._segment(features.to(self.dtype), prompt.vector, prompt.prototype))
+        with self._compiling():
+            return self._owned(self._segment(features.to(self.dtype), prompt.vector, prompt.prototype))

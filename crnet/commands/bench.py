@@ -9,7 +9,14 @@ the runtimes taking turns call by call (so that machine noise falls on all of th
     episode  encode supports + encode query + prompt + segment (nothing cached)
     query    encode query + segment, against a prompt computed once (the deployed path)
     encoder  one encode of the query batch
-Reported as median, p90, p99 (ms) and throughput (episodes or queries per second). JSON schema: SCHEMA.
+Reported as median, p90, p99 (ms) and throughput (episodes or queries per second). On a GPU each call is
+also timed by CUDA events on the stream (GPU time: the span from the first kernel's start to the last's end,
+which launch gaps still count in, without the host's final synchronisation).
+
+Against the FLOP floor (crnet.commands.floor): the FLOPs of each kind of call are counted once and the
+device's best matmul rate measured once per run; a row's share of the floor is floor time / its median.
+A row `torch:<precision>+anchor` (plain torch.compile) gives every other row its ratio to the anchor.
+JSON schema: SCHEMA.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from crnet.bundle import Bundle, load_bundle
+from crnet.commands.floor import checkpoint_flops, floor_ms, matmul_rate
 from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import fold_classes
 from crnet.engines import RuntimeSpec, open_runtime
@@ -35,18 +43,23 @@ from crnet.metrics import Agreement, IoUMeter
 from crnet.model.crnet import upsample
 from crnet.optional import require
 
-SCHEMA = "crnet-bench-1"
+SCHEMA = "crnet-bench-2"
 REFERENCE = RuntimeSpec("torch", "fp32")
 
 # The JSON `crnet bench` writes (also documented in docs/BENCHMARKS.md):
-#   schema            "crnet-bench-1"
+#   schema            "crnet-bench-2"
 #   machine           {cpu, threads, device, gpu, torch, onnxruntime, tensorrt, platform}
 #   settings          {checkpoint, bundle, data, fold, shots, episodes, batch, warmup, repeats, iterations}
+#   floor             {flops: {episode, query, encoder}, matmul_tflop_per_s: {precision: rate},
+#                      best_precision, floor_ms: {episode, query, encoder}}
 #   runtimes: [ {
 #     spec, label, status ("ok" | "unavailable"), reason (when unavailable),
 #     latency_ms: {episode|query|encoder: {median, p90, p99, mean, min, samples}},
+#     gpu_ms: {episode|query|encoder: median GPU time by CUDA events} (on a GPU; else absent),
 #     throughput: {episodes_per_s, queries_per_s},
 #     latency_vs_reference: this episode median / the reference episode median (lower is faster),
+#     latency_vs_anchor: this episode median / the anchor row's (when the run has an anchor row),
+#     floor_share: {episode, query}: floor time / this median (1.0 = every FLOP at the matmul rate),
 #     prompt_cache_saving: (episode - query) / encoder, the share of one encoder pass a cached prompt saves,
 #     accuracy: {miou, fbiou, per_class},
 #     agreement: {pixel_agreement, mask_iou, max_abs_logit_error, mean_abs_logit_error}
@@ -84,17 +97,27 @@ def percentile_summary(samples: list[float]) -> dict:
 
 
 class Timer:
-    """Wall time of a callable, the device synchronised before start and before stop."""
+    """Wall time of a callable, the device synchronised before start and before stop; on a GPU also its
+    GPU time, between CUDA events recorded on the current stream around it (None on a CPU)."""
 
     def __init__(self, device: torch.device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.cuda = device.type == "cuda"
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        if self.cuda:
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
 
-    def __call__(self, work: Callable[[], object]) -> float:
+    def __call__(self, work: Callable[[], object]) -> tuple[float, float | None]:
         self.sync()
         start = time.perf_counter()
+        if self.cuda:
+            self.events[0].record()
         work()
+        if self.cuda:
+            self.events[1].record()
         self.sync()
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        gpu = self.events[0].elapsed_time(self.events[1]) / 1000.0 if self.cuda else None
+        return wall, gpu
 
 
 def episode_loader(settings: BenchSettings, input_size: int, count: int, batch: int) -> DataLoader:
@@ -181,22 +204,28 @@ def measure_latency(runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, set
         prompt = runtime.prompt(features, masks)
         work[spec] = {
             "episode": lambda r=runtime: r.episode(query, supports, masks),
-            "query": lambda r=runtime, p=prompt: r.segment(r.encode(query), p),
+            "query": lambda r=runtime, p=prompt: r.query(query, p),
             "encoder": lambda r=runtime: r.encode(query),
         }
     samples = {spec: {kind: [] for kind in calls} for spec, calls in work.items()}
+    gpu_samples = {spec: {kind: [] for kind in calls} for spec, calls in work.items()}
     for round_ in range(settings.warmup + settings.repeats):
         for spec, calls in work.items():
             for kind, call in calls.items():
-                seconds = timer(call)
+                seconds, gpu_seconds = timer(call)
                 if round_ >= settings.warmup:
                     samples[spec][kind].append(seconds)
+                    gpu_samples[spec][kind].append(gpu_seconds)
         bar(1)
     results = {}
     for spec, kinds in samples.items():
         latency = {kind: percentile_summary(values) for kind, values in kinds.items()}
         episode, query_ms, encoder = (latency[k]["median"] for k in ("episode", "query", "encoder"))
+        if timer.cuda:
+            gpu = {kind: float(np.median(values)) * 1000.0 for kind, values in gpu_samples[spec].items()}
+            results[spec] = {"gpu_ms": gpu}
         results[spec] = {
+            **results.get(spec, {}),
             "latency_ms": latency,
             "throughput": {
                 "episodes_per_s": settings.batch * 1000.0 / episode,
@@ -240,6 +269,22 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def measure_floor(settings: BenchSettings, iterations: int) -> dict:
+    """FLOPs of each kind of call at the bench's shape, and the device's best matmul rate."""
+    device = torch.device(settings.device)
+    flops = checkpoint_flops(settings.checkpoint, device, settings.batch, settings.shots, iterations)
+    # On a CPU half precision is often emulated (0.6 GFLOP/s against 65 in FP32 on CPU-2b): FP32 only.
+    precisions = ("fp32", "fp16", "bf16") if device.type == "cuda" else ("fp32",)
+    rates = {precision: matmul_rate(device, precision) for precision in precisions}
+    best = max(rates, key=rates.get)
+    return {
+        "flops": flops.as_dict(),
+        "matmul_tflop_per_s": {precision: rate / 1e12 for precision, rate in rates.items()},
+        "best_precision": best,
+        "floor_ms": {kind: floor_ms(n, rates[best]) for kind, n in flops.as_dict().items()},
+    }
+
+
 def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice=print) -> dict:
     """Open every runtime, measure accuracy (unless episodes == 0) and latency; the JSON document."""
     torch.set_num_threads(settings.threads)
@@ -257,11 +302,17 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
     finally:
         for _, runtime in runtimes:
             runtime.close()
+    floor = measure_floor(settings, runtimes[0][1].iterations)
     reference_ms = latency[REFERENCE]["latency_ms"]["episode"]["median"]
+    anchor = next((spec for spec, _ in runtimes if "anchor" in spec.options), None)
     rows = []
     for spec, runtime in runtimes:
         row = {"spec": str(spec), "label": runtime.label, "status": "ok", **latency[spec]}
-        row["latency_vs_reference"] = row["latency_ms"]["episode"]["median"] / reference_ms
+        medians = {kind: row["latency_ms"][kind]["median"] for kind in ("episode", "query")}
+        row["latency_vs_reference"] = medians["episode"] / reference_ms
+        if anchor is not None:
+            row["latency_vs_anchor"] = medians["episode"] / latency[anchor]["latency_ms"]["episode"]["median"]
+        row["floor_share"] = {kind: floor["floor_ms"][kind] / ms for kind, ms in medians.items()}
         row.update(accuracy.get(spec, {}))
         rows.append(row)
     rows += [
@@ -284,6 +335,7 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
             "iterations": runtimes[0][1].iterations,
             "input_size": runtimes[0][1].input_size,
         },
+        "floor": floor,
         "runtimes": rows,
     }
 
@@ -293,22 +345,33 @@ def _fmt(value, digits=1) -> str:
 
 
 def format_table(result: dict) -> str:
-    """The results as a Markdown table (it reads in a terminal and pastes into docs)."""
-    settings, machine_info = result["settings"], result["machine"]
+    """The results as a Markdown table (it reads in a terminal and pastes into docs). On a GPU a column of
+    GPU time; with an anchor row a column of ratios to it."""
+    settings, machine_info, floor = result["settings"], result["machine"], result["floor"]
     where = machine_info["gpu"] or f"{machine_info['cpu']}, {machine_info['threads']} threads"
+    ok = [row for row in result["runtimes"] if row["status"] == "ok"]
+    gpu = any("gpu_ms" in row for row in ok)
+    anchor = any("latency_vs_anchor" in row for row in ok)
+    rate = floor["matmul_tflop_per_s"][floor["best_precision"]]
+    columns = ["runtime", "episode ms (median / p90 / p99)"]
+    columns += ["episode GPU ms"] if gpu else []
+    columns += ["query ms, cached prompt", "episodes/s", "latency vs torch fp32"]
+    columns += ["latency vs anchor"] if anchor else []
+    columns += ["% of FLOP floor", "mIoU", "FB-IoU", "pixel agreement %", "mask IoU %"]
+    columns += ["max / mean abs logit error"]
     lines = [
         f"{settings['input_size']}x{settings['input_size']}, {settings['shots']}-shot, "
         f"T={settings['iterations']}, batch {settings['batch']}, on {where}; accuracy on "
-        f"{settings['episodes']} episodes of fold {settings['fold']}; agreement vs torch fp32",
+        f"{settings['episodes']} episodes of fold {settings['fold']}; agreement vs torch fp32; FLOP floor "
+        f"{floor['flops']['episode'] / 1e9:.3g} GFLOP per call at {rate:.3g} TFLOP/s "
+        f"({floor['best_precision']} matmul) = {floor['floor_ms']['episode']:.3g} ms",
         "",
-        "| runtime | episode ms (median / p90 / p99) | query ms, cached prompt | episodes/s "
-        "| latency vs torch fp32 | mIoU | FB-IoU | pixel agreement % | mask IoU % "
-        "| max / mean abs logit error |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for row in result["runtimes"]:
         if row["status"] != "ok":
-            lines.append(f"| {row['label']} | unavailable: {row['reason']} |||||||||")
+            lines.append(f"| {row['label']} | unavailable: {row['reason']} |" + "|" * (len(columns) - 2))
             continue
         episode, query = row["latency_ms"]["episode"], row["latency_ms"]["query"]
         accuracy, agreement = row.get("accuracy", {}), row.get("agreement", {})
@@ -317,12 +380,16 @@ def format_table(result: dict) -> str:
             if agreement
             else "-"
         )
-        cells = [
-            row["label"],
-            f"{episode['median']:.1f} / {episode['p90']:.1f} / {episode['p99']:.1f}",
-            f"{query['median']:.1f}",
+        cells = [row["label"], f"{episode['median']:.2f} / {episode['p90']:.2f} / {episode['p99']:.2f}"]
+        cells += [f"{row['gpu_ms']['episode']:.2f}"] if gpu else []
+        cells += [
+            f"{query['median']:.2f}",
             f"{row['throughput']['episodes_per_s']:.1f}",
             f"{row['latency_vs_reference']:.2f}",
+        ]
+        cells += [f"{row['latency_vs_anchor']:.2f}"] if anchor else []
+        cells += [
+            f"{100 * row['floor_share']['episode']:.1f}",
             _fmt(accuracy.get("miou")),
             _fmt(accuracy.get("fbiou")),
             _fmt(agreement.get("pixel_agreement"), 2),

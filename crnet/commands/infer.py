@@ -149,7 +149,7 @@ def infer(
             expanded = SupportPrompt(
                 vector=prompt.vector.expand(len(chunk), -1), prototype=prompt.prototype.expand(len(chunk), -1)
             )
-            logits = runner.segment(runner.encode(tensors), expanded).float().cpu()
+            logits = runner.query(tensors, expanded).float().cpu()
             for i, image in enumerate(chunk):
                 mask = upsample(logits[i : i + 1], image.shape[:2]).argmax(1)[0].numpy().astype(np.uint8)
                 name = names[start + i]

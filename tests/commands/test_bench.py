@@ -71,6 +71,16 @@ def test_schema(result) -> None:
             "max_abs_logit_error",
             "mean_abs_logit_error",
         }
+    floor = result["floor"]
+    assert floor["flops"]["episode"] > floor["flops"]["query"] > floor["flops"]["encoder"] > 0
+    assert set(floor["matmul_tflop_per_s"]) == (
+        {"fp32", "fp16", "bf16"} if torch.cuda.is_available() else {"fp32"}
+    )
+    for row in result["runtimes"]:
+        if row["status"] == "ok":
+            episode_ms = row["latency_ms"]["episode"]["median"]
+            assert row["floor_share"]["episode"] == pytest.approx(floor["floor_ms"]["episode"] / episode_ms)
+            assert ("gpu_ms" in row) == torch.cuda.is_available() and "latency_vs_anchor" not in row
     json.dumps(result)  # serialisable as written
 
 
@@ -103,6 +113,22 @@ def test_table_and_chart(result, tmp_path) -> None:
     pytest.importorskip("matplotlib")
     plot_latency(result, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_anchor_row_gives_every_row_its_ratio(micro_checkpoint, bench_root) -> None:
+    settings = BenchSettings(
+        checkpoint=micro_checkpoint, bundle=None, data_root=bench_root, episodes=2, warmup=1, repeats=2
+    )
+    result = run_bench([RuntimeSpec.parse("torch:fp32+anchor")], settings, no_bar)
+    table = rows(result)
+    anchor = table["torch:fp32+anchor"]
+    assert anchor["latency_vs_anchor"] == 1.0 and anchor["agreement"]["pixel_agreement"] > 99
+    reference = table["torch:fp32"]
+    assert reference["latency_vs_anchor"] == pytest.approx(
+        reference["latency_ms"]["episode"]["median"] / anchor["latency_ms"]["episode"]["median"]
+    )
+    assert "latency vs anchor" in format_table(result).splitlines()[2]
 
 
 def test_percentiles() -> None:

@@ -92,6 +92,7 @@ def test_zero_shots_is_refused(runtime) -> None:
         ("torch:int4", "must be one of fp32, fp16, bf16"),
         ("torch:fp32+turbo", "has no option 'turbo'"),
         ("tensorrt:fp16+compile", "has no option 'compile'"),
+        ("torch:fp16+anchor+channels-last", "anchor is plain torch.compile and takes no other option"),
         ("onnxruntime:", "no precision after it"),
     ],
 )
@@ -155,7 +156,13 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(
     "text",
-    ["torch:fp32", "torch:fp16+channels-last", "torch:fp16+cuda-graphs", "onnxruntime:fp32+cuda"],
+    [
+        "torch:fp32",
+        "torch:fp16+channels-last",
+        "torch:fp16+cuda-graphs",
+        "torch:fp16+anchor",
+        "onnxruntime:fp32+cuda",
+    ],
 )
 def test_gpu_runtimes_match_the_model(text, micro_checkpoint, micro_bundle) -> None:
     spec = RuntimeSpec.parse(text)
@@ -172,6 +179,8 @@ def test_gpu_runtimes_match_the_model(text, micro_checkpoint, micro_bundle) -> N
     ) as runtime:
         for _ in range(3):  # CUDA graphs record on the first calls and replay after
             logits = runtime.episode(query, supports, masks)
+            cached = runtime.query(query, runtime.prompt(runtime.encode(supports[:, 0])[:, None], masks))
+    torch.testing.assert_close(cached, logits, atol=1e-3, rtol=1e-3)
     tolerance = 2e-2 if spec.precision == "fp16" else 1e-3  # TF32 convolutions on Ampere and later
     torch.testing.assert_close(logits, expected, atol=tolerance, rtol=tolerance)
 
@@ -185,6 +194,24 @@ def test_torch_compile_matches_eager(micro_checkpoint) -> None:
     with open_runtime(RuntimeSpec.parse("torch:fp32+compile"), checkpoint=micro_checkpoint) as compiled:
         assert compiled.label == "torch fp32 compile fused"  # the native op runs inside the compiled graph
         logits = compiled.episode(query, supports, masks)
+        prompt = compiled.prompt(compiled.encode(supports[:, 0])[:, None], masks)
+        cached = compiled.query(query, prompt)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_anchor_is_plain_torch_compile(micro_checkpoint) -> None:
+    """The anchor row: the checkpoint's model untouched by crnet (BatchNorm kept for inductor's freezing to
+    fold, PyTorch's loop), compiled whole; the numbers stay eager's."""
+    query, supports, masks = episode(2)
+    with open_runtime(RuntimeSpec("torch"), checkpoint=micro_checkpoint) as eager:
+        expected = eager.episode(query, supports, masks)
+    with open_runtime(RuntimeSpec.parse("torch:fp32+anchor"), checkpoint=micro_checkpoint) as anchor:
+        assert anchor.label == "anchor: plain torch fp32 compiled"  # no CUDA graphs on a CPU
+        assert not anchor.model.refinement.fused and anchor.options["channels_last"]
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in anchor.model.modules())
+        logits = anchor.episode(query, supports, masks)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
