@@ -24,13 +24,15 @@ from crnet.bundle import Bundle
 from crnet.engines.base import Runtime, RuntimeUnavailable
 
 NAMES = ("torch", "onnxruntime", "tensorrt")
+# The deployed GPU path of a checkpoint: what infer, bench and demo run by default on CUDA.
+DEPLOYED_GPU = "torch:fp16+channels-last+cuda-graphs"
 OPTIONS = {
     "torch": ("compile", "cuda-graphs", "channels-last", "anchor"),
     "onnxruntime": ("cuda", "tensorrt"),
     "tensorrt": (),
 }
 
-__all__ = ["NAMES", "Runtime", "RuntimeSpec", "RuntimeUnavailable", "open_runtime"]
+__all__ = ["DEPLOYED_GPU", "NAMES", "Runtime", "RuntimeSpec", "RuntimeUnavailable", "open_runtime"]
 
 
 @dataclass(frozen=True)

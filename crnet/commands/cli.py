@@ -517,12 +517,13 @@ def bench_command(
     """Latency and IoU of every runtime on the same episodes, with agreement to PyTorch FP32."""
     from crnet.commands.bench import BenchSettings, format_table, plot_latency, run_bench
     from crnet.device import resolve_device
-    from crnet.engines import RuntimeSpec
+    from crnet.engines import DEPLOYED_GPU, RuntimeSpec
 
     resolved = resolve_device(device)
     default = ["torch:fp32", "onnxruntime:fp32", "onnxruntime:fp16"]
     if resolved.type == "cuda":
-        default = ["torch:fp32", "torch:fp16+channels-last", "onnxruntime:fp32+cuda", "tensorrt:fp16"]
+        default = ["torch:fp16+channels-last", DEPLOYED_GPU, "torch:fp16+anchor", "onnxruntime:fp32+cuda"]
+        default += ["tensorrt:fp16"]
     specs = [RuntimeSpec.parse(text) for text in runtime or default]
     if any(spec.name != "torch" for spec in specs) and bundle is None:
         raise CRNetError("onnxruntime and tensorrt runtimes need --bundle (make one with `crnet export`)")

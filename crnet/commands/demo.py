@@ -16,6 +16,7 @@ from crnet.commands.visualize import denormalise, episode_sheet
 from crnet.config import TINY, TrainConfig
 from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import VOCTree
+from crnet.engines import DEPLOYED_GPU
 from crnet.files import OutputError, write_text
 from crnet.model.crnet import CRNet, upsample
 
@@ -134,7 +135,7 @@ def run_demo(
 
 
 DEMO_RUNTIMES = ("torch:fp32", "torch:bf16+channels-last", "onnxruntime:fp32", "onnxruntime:fp16")
-GPU_RUNTIMES = ("torch:fp32", "torch:fp16+channels-last", "torch:fp16+channels-last+cuda-graphs")
+GPU_RUNTIMES = ("torch:fp32", "torch:fp16+channels-last", DEPLOYED_GPU, "torch:fp16+anchor")
 
 
 def demo_runtimes(device: torch.device) -> tuple[str, ...]:

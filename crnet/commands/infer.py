@@ -20,7 +20,7 @@ from crnet.commands.visualize import overlay
 from crnet.data.episodes import to_model_input
 from crnet.data.masks import read_binary_mask
 from crnet.data.pascal import read_image
-from crnet.engines import RuntimeSpec, open_runtime
+from crnet.engines import DEPLOYED_GPU, RuntimeSpec, open_runtime
 from crnet.engines.base import Runtime
 from crnet.errors import CRNetError, EmptySupportMaskError, NoSupportError
 from crnet.files import OutputError, atomic_file, check_not_input, write_text
@@ -40,7 +40,7 @@ def choose_engine(path: Path, runtime: str | None, device: torch.device) -> Engi
     if not path.exists():
         raise CRNetError(f"engine not found: {path}")
     if path.is_file() and path.suffix == ".pt":
-        spec = RuntimeSpec.parse(runtime or "torch")
+        spec = RuntimeSpec.parse(runtime or (DEPLOYED_GPU if device.type == "cuda" else "torch"))
         if spec.name != "torch":
             raise CRNetError(f"{path} is a checkpoint: it runs on the torch runtime, not {spec.name}")
         return EngineChoice(spec, path, None)

@@ -280,3 +280,13 @@ def test_a_graph_file_refuses_another_precision(pictures, micro_bundle, tmp_path
             tmp_path,
             runtime="onnxruntime:fp32",
         )
+
+
+def test_a_checkpoint_runs_the_deployed_gpu_path_by_default_on_cuda(micro_checkpoint) -> None:
+    from crnet.commands.infer import choose_engine
+
+    cpu = choose_engine(micro_checkpoint, None, torch.device("cpu")).spec
+    cuda = choose_engine(micro_checkpoint, None, torch.device("cuda")).spec
+    assert str(cpu) == "torch:fp32"
+    assert str(cuda) == "torch:fp16+channels-last+cuda-graphs"
+    assert str(choose_engine(micro_checkpoint, "torch:fp32", torch.device("cuda")).spec) == "torch:fp32"
