@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_cpu(const at::Tensor& features,
                                                    int64_t iterations, double exit_fraction) {
   check_loop_arguments(iterations, exit_fraction);
   TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
-              "crnet::refine_loop on CPU takes float32 or float64, got ", features.scalar_type());
+              "crnet::refine_loop on CPU takes float32 or float64, got " + text(features.scalar_type()));
   const RefineWeights w = unpack_weights(features, previous, weights, dilations);
   return AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "crnet::refine_loop", [&] {
     return refine_loop_typed<scalar_t>(features, previous, w, iterations, exit_fraction);

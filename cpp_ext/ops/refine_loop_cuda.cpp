@@ -23,7 +23,9 @@ namespace {
 
 namespace k = kernels::cuda;
 
-void check(cudaError_t status) { TORCH_CHECK(status == cudaSuccess, "crnet::refine_loop: ", cudaGetErrorString(status)); }
+void check(cudaError_t status) {
+  TORCH_CHECK(status == cudaSuccess, std::string("crnet::refine_loop: ") + cudaGetErrorString(status));
+}
 
 template <typename T>
 struct Raw;  // at::Half and float tensors -> the kernels' pointer types
@@ -140,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_cuda(const at::Tensor& features,
                                                     int64_t iterations, double exit_fraction) {
   check_loop_arguments(iterations, exit_fraction);
   TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kHalf,
-              "crnet::refine_loop on CUDA takes float32 or float16, got ", features.scalar_type());
+              "crnet::refine_loop on CUDA takes float32 or float16, got " + text(features.scalar_type()));
   const RefineWeights w = unpack_weights(features, previous, weights, dilations);
   const c10::cuda::CUDAGuard guard(features.device());
   if (features.scalar_type() == at::kHalf) return refine_loop_typed<at::Half>(features, previous, w, iterations, exit_fraction);

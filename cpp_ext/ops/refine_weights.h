@@ -4,9 +4,27 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdio>
+#include <string>
 #include <vector>
 
 namespace crnet::ops {
+
+// Error messages are built as one std::string, never through c10::str's std::ostringstream: formatting a
+// number through the module's iostreams crashed the process on one CUDA build (torch 2.11), where every
+// check that printed a number segfaulted and the one that printed only text did not.
+inline std::string text(int64_t value) { return std::to_string(value); }
+inline std::string text(double value) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%g", value);
+  return buffer;
+}
+inline std::string text(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+inline std::string text(at::ScalarType type) { return c10::toString(type); }
 
 struct RefineWeights {
   at::Tensor feedback_weight, feedback_bias;    // (C, C + 2, 3, 3): features, then the 2 probabilities
@@ -21,20 +39,21 @@ struct RefineWeights {
 };
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK(t.sizes() == shape, "crnet::refine_loop: ", name, " has shape ", t.sizes(), ", expected ",
-              shape);
+  TORCH_CHECK(t.sizes() == shape, std::string("crnet::refine_loop: ") + name + " has shape " + text(t.sizes()) +
+                                      ", expected " + text(shape));
 }
 
 // Checks features (N, C, H, W), previous (N, 2, H, W) and every weight against C; same dtype and device.
 inline RefineWeights unpack_weights(const at::Tensor& features, const c10::optional<at::Tensor>& previous,
                                     at::TensorList weights, at::IntArrayRef dilations) {
-  TORCH_CHECK(features.dim() == 4, "crnet::refine_loop: features must be (N, C, H, W), got ",
-              features.sizes());
+  TORCH_CHECK(features.dim() == 4,
+              "crnet::refine_loop: features must be (N, C, H, W), got " + text(features.sizes()));
   const int64_t n = features.size(0), c = features.size(1), h = features.size(2), w = features.size(3);
   if (previous.has_value()) check_shape(*previous, {n, 2, h, w}, "previous");
   const int64_t d = static_cast<int64_t>(dilations.size());
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 20 + 2 * d, "crnet::refine_loop: expected ",
-              20 + 2 * d, " weight tensors for ", d, " dilations, got ", weights.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 20 + 2 * d,
+              "crnet::refine_loop: expected " + text(20 + 2 * d) + " weight tensors for " + text(d) +
+                  " dilations, got " + text(static_cast<int64_t>(weights.size())));
   for (const auto& t : weights) {
     TORCH_CHECK(t.scalar_type() == features.scalar_type() && t.device() == features.device(),
                 "crnet::refine_loop: every weight must match the features' dtype and device");
@@ -75,9 +94,9 @@ inline RefineWeights unpack_weights(const at::Tensor& features, const c10::optio
 }
 
 inline void check_loop_arguments(int64_t iterations, double exit_fraction) {
-  TORCH_CHECK(iterations >= 1, "crnet::refine_loop: iterations must be >= 1, got ", iterations);
+  TORCH_CHECK(iterations >= 1, "crnet::refine_loop: iterations must be >= 1, got " + text(iterations));
   TORCH_CHECK(exit_fraction >= 0.0 && exit_fraction <= 1.0,
-              "crnet::refine_loop: exit_fraction must be within [0, 1], got ", exit_fraction);
+              "crnet::refine_loop: exit_fraction must be within [0, 1], got " + text(exit_fraction));
 }
 
 }  // namespace crnet::ops
