@@ -221,11 +221,7 @@ def measure_latency(runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, set
     for spec, kinds in samples.items():
         latency = {kind: percentile_summary(values) for kind, values in kinds.items()}
         episode, query_ms, encoder = (latency[k]["median"] for k in ("episode", "query", "encoder"))
-        if timer.cuda:
-            gpu = {kind: float(np.median(values)) * 1000.0 for kind, values in gpu_samples[spec].items()}
-            results[spec] = {"gpu_ms": gpu}
         results[spec] = {
-            **results.get(spec, {}),
             "latency_ms": latency,
             "throughput": {
                 "episodes_per_s": settings.batch * 1000.0 / episode,
@@ -233,6 +229,9 @@ def measure_latency(runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, set
             },
             "prompt_cache_saving": (episode - query_ms) / encoder,
         }
+        if timer.cuda:
+            gpu = gpu_samples[spec]
+            results[spec]["gpu_ms"] = {kind: float(np.median(v)) * 1000.0 for kind, v in gpu.items()}
     return results
 
 

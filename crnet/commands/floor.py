@@ -16,9 +16,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from crnet import checkpoint
+from crnet.engines.torch_runtime import DTYPES
 from crnet.model.crnet import CRNet
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,11 @@ class EpisodeFlops:
         return {"episode": self.episode, "query": self.query, "encoder": self.encoder}
 
 
-def count(work) -> int:
+def count(work):
+    """(FLOPs of `work()`, its result)."""
     with FlopCounterMode(display=False) as counter:
-        work()
-    return int(counter.get_total_flops())
+        result = work()
+    return int(counter.get_total_flops()), result
 
 
 @torch.no_grad()
@@ -50,11 +50,13 @@ def episode_flops(model: CRNet, batch: int, shots: int, iterations: int) -> Epis
     masks[..., : size // 2, :] = 0
     supports, query = images[: batch * shots], images[batch * shots :]
 
-    encoder = count(lambda: model.encode(query))
-    features = model.encode(query)
-    prompt = model.prompt(model.encode(supports).unflatten(0, (batch, shots)), masks)
-    head = count(lambda: model.segment(features, prompt, iterations, output_size=(size, size), fused=False))
-    prompt_flops = count(lambda: model.prompt(model.encode(supports).unflatten(0, (batch, shots)), masks))
+    encoder, features = count(lambda: model.encode(query))
+    prompt_flops, prompt = count(
+        lambda: model.prompt(model.encode(supports).unflatten(0, (batch, shots)), masks)
+    )
+    head, _ = count(
+        lambda: model.segment(features, prompt, iterations, output_size=(size, size), fused=False)
+    )
     return EpisodeFlops(episode=prompt_flops + encoder + head, query=encoder + head, encoder=encoder)
 
 
