@@ -1,75 +1,83 @@
 #!/usr/bin/env bash
-# The GPU checks of the GPU path, as device runs of under 10 minutes each (not yet timed on a GPU: the
-# torch.compile'd rows compile each shape on first use, so the bench phase is the long one):
+# Every GPU check of the GPU path in one device run of under 9 minutes:
 #
-#     OUT=/some/folder bash benchmarks/gpu_check.sh tests   # build the CUDA backend, the whole test suite
-#     OUT=/some/folder bash benchmarks/gpu_check.sh bench   # build, then the bench tables, ops, a profile
+#     OUT=/some/folder bash benchmarks/gpu_check.sh
 #
-# Files into $OUT (8 come back): build.log, pytest.log, run.log (what was printed); bench_b1.json,
-# bench_b64.json, bench_tiny.json, ops.log, profile.txt. A failing step is logged and the next one runs.
+# 1. build the CUDA backend;
+# 2. at once, in parallel (nothing timed): the whole test suite; the tiny checkpoint's FP16-vs-FP32 accuracy
+#    on 1000 episodes; and one process per bench row and batch size that compiles and captures it, which
+#    fills inductor's on-disk caches so that the timed runs below do not spend minutes compiling;
+# 3. one after the other, the GPU to itself: `crnet bench` of r50 at batch 1 and at batch 64 (all rows side
+#    by side, the anchor among them), the native op against the compiled loop, and a kernel profile.
+# Every step has a deadline inside the overall budget, so a slow step costs the later ones, not the run.
+# Files into $OUT (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json,
+# ops.log, profile.txt, profile.json.
 set -u
 OUT=${OUT:?set OUT to the folder the logs go to}
-PHASE=${1:?say tests or bench}
+BUDGET=${BUDGET:-520}  # seconds, for everything
+START=$(date +%s)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/run.log") 2>&1
-step() { echo; echo "== $* ($(date +%T))"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
+step() { echo; echo "== $* (t=$(($(date +%s) - START)) s)"; }
+# within CAP COMMAND...: run COMMAND for at most CAP seconds and never past the budget (SIGINT first, so
+# that pytest still prints its summary).
+within() {
+  local cap=$1 left=$((START + BUDGET - $(date +%s)))
+  shift
+  ((left < cap)) && cap=$left
+  if ((cap < 15)); then echo "skipped (budget spent): $*"; return 124; fi
+  timeout -s INT -k 10 "$cap" "$@"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
+  --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__)"
 
 step build
-pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || tail -20 "$OUT/build.log"
+pip install --no-build-isolation --no-deps -e . >/tmp/build.log 2>&1 || tail -30 /tmp/build.log
 python3 -c "import crnet.ops as o; print('native op:', o.AVAILABLE, o.MISSING)"
 
-if [ "$PHASE" = tests ]; then
-  step tests
-  timeout 360 python3 -m pytest -q -p no:cacheprovider >"$OUT/pytest.log" 2>&1
-  echo "pytest exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -15
+R50=/tmp/r50_untrained.pt DATA=/tmp/crnet-latency
+ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs
+  torch:fp16+channels-last+cuda-graphs+torch-loop torch:fp16+anchor)
+COMPILED=("${ROWS[@]:1}")
 
-  step "tiny checkpoint, fp16 against fp32 on 1000 episodes"
-  python3 -m crnet synth /tmp/crnet-synthetic >/dev/null
-  timeout 120 python3 -m crnet bench checkpoints/tiny_fold0.pt --data /tmp/crnet-synthetic \
-    --runtime torch:fp16+channels-last --repeats 10 \
-    --json "$OUT/bench_tiny.json" --chart /tmp/chart_tiny.png --no-progress
-  exit 0
-fi
+step "in parallel: tests, tiny FP16 accuracy, compiling every bench row"
+(within 260 python3 -m pytest -q -p no:cacheprovider -n 6 --timeout 180 -rfE >"$OUT/pytest.log" 2>&1
+  echo "pytest exit $? (t=$(($(date +%s) - START)) s)") &
+(python3 -m crnet synth /tmp/crnet-synthetic >/dev/null &&
+  within 250 python3 -m crnet bench checkpoints/tiny_fold0.pt --data /tmp/crnet-synthetic \
+    --runtime torch:fp16+channels-last+cuda-graphs --repeats 5 --warmup 2 \
+    --json "$OUT/bench_tiny.json" --chart /tmp/chart_tiny.png --no-progress >/tmp/tiny.log 2>&1
+  echo "tiny accuracy exit $? (t=$(($(date +%s) - START)) s)") &
+python3 -m crnet synth "$DATA" --train-per-class 2 --val-per-class 10 >/dev/null &
+python3 benchmarks/untrained_checkpoint.py --preset r50 --out "$R50" >/dev/null
+for batch in 1 64; do
+  for spec in "${COMPILED[@]}"; do
+    (within 250 python3 benchmarks/gpu_profile.py "$R50" --spec "$spec" --batch "$batch" --calls 0 \
+      >"/tmp/warm_${batch}_${spec//[:+]/_}.log" 2>&1
+      echo "compiled $spec batch $batch: exit $? (t=$(($(date +%s) - START)) s)") &
+  done
+done
+wait
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -15
+tail -12 /tmp/tiny.log
 
-step "latency data (content does not matter) and an untrained r50"
-DATA=/tmp/crnet-latency
-python3 -m crnet synth "$DATA" --train-per-class 2 --val-per-class 10 >/dev/null
-python3 benchmarks/untrained_checkpoint.py --preset r50 --out /tmp/r50_untrained.pt
-
-RUNTIMES=(
-  --runtime torch:fp16+channels-last
-  --runtime torch:fp16+channels-last+cuda-graphs
-  --runtime torch:fp16+anchor
-)
 for batch in 1 64; do
   step "r50 321 px, 1-shot, T=5, batch $batch"
-  timeout 200 python3 -m crnet bench /tmp/r50_untrained.pt --data "$DATA" "${RUNTIMES[@]}" \
-    --episodes 0 --batch-size "$batch" --warmup 3 --repeats 50 \
-    --json "$OUT/bench_b$batch.json" --chart /tmp/chart_b$batch.png --no-progress
+  args=()
+  for spec in "${ROWS[@]}"; do args+=(--runtime "$spec"); done
+  within 110 python3 -m crnet bench "$R50" --data "$DATA" "${args[@]}" --episodes 0 --batch-size "$batch" \
+    --warmup 5 --repeats 50 --json "$OUT/bench_b$batch.json" --chart "/tmp/chart_b$batch.png" --no-progress
 done
 
-step "native op against the PyTorch loop"
-timeout 60 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1; tail -20 "$OUT/ops.log"
-step "profile: one fp16 episode, eager, fused op"
-timeout 45 python3 - >"$OUT/profile.txt" 2>&1 <<'EOF'
-import torch
-from torch.profiler import ProfilerActivity, profile
+step "native op against the compiled PyTorch loop"
+within 70 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
+tail -25 "$OUT/ops.log"
 
-from crnet.engines import RuntimeSpec, open_runtime
-
-runtime = open_runtime(RuntimeSpec.parse("torch:fp16+channels-last"), checkpoint="/tmp/r50_untrained.pt",
-                       device="cuda")
-query = torch.randn(1, 3, 321, 321, device="cuda")
-supports = torch.randn(1, 1, 3, 321, 321, device="cuda")
-masks = (torch.rand(1, 1, 321, 321, device="cuda") > 0.5).long()
-for _ in range(5):
-    runtime.episode(query, supports, masks)
-torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    runtime.episode(query, supports, masks)
-    torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
-EOF
-head -50 "$OUT/profile.txt"
+step "where the GPU time goes, batch 1"
+within 90 python3 benchmarks/gpu_profile.py "$R50" --batch 1 --json "$OUT/profile.json" \
+  --spec torch:fp16+anchor --spec torch:fp16+channels-last+cuda-graphs \
+  --spec torch:fp16+channels-last+cuda-graphs+torch-loop >"$OUT/profile.txt" 2>&1
+grep -v "^      " "$OUT/profile.txt" | head -60
 step done

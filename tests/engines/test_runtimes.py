@@ -226,6 +226,11 @@ def test_torch_runtime_fused_switch(micro_checkpoint) -> None:
             results[fused] = runtime.episode(query, supports, masks)
     assert torch.equal(results[None], results[True])
     torch.testing.assert_close(results[True], results[False], atol=1e-4, rtol=1e-4)
+    # +torch-loop: one row of a bench runs PyTorch's loop while the others keep the op
+    loop = RuntimeSpec.parse("torch+torch-loop")
+    with open_runtime(loop, checkpoint=micro_checkpoint, fused=True) as runtime:
+        assert not runtime.model.refinement.fused and runtime.label == "torch fp32"
+        assert torch.equal(runtime.episode(query, supports, masks), results[False])
 
 
 def test_torch_runtime_refuses_fused_without_a_kernel(micro_checkpoint) -> None:
