@@ -47,7 +47,7 @@ step "in parallel: tests, tiny FP16 accuracy, compiling every bench row"
   echo "pytest exit $? (t=$(($(date +%s) - START)) s)") &
 (python3 -m crnet synth /tmp/crnet-synthetic >/dev/null &&
   within 250 python3 -m crnet bench checkpoints/tiny_fold0.pt --data /tmp/crnet-synthetic \
-    --runtime torch:fp16+channels-last+cuda-graphs --repeats 5 --warmup 2 \
+    --runtime torch:fp16+channels-last+cuda-graphs --runtime torch:fp16+channels-last --repeats 5 --warmup 2 \
     --json "$OUT/bench_tiny.json" --chart /tmp/chart_tiny.png --no-progress >/tmp/tiny.log 2>&1
   echo "tiny accuracy exit $? (t=$(($(date +%s) - START)) s)") &
 python3 -m crnet synth "$DATA" --train-per-class 2 --val-per-class 10 >/dev/null &
