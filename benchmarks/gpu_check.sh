@@ -1,83 +1,105 @@
 #!/usr/bin/env bash
 # Every GPU check of the GPU path in one device run of under 9 minutes:
 #
-#     OUT=/some/folder bash benchmarks/gpu_check.sh
+#     OUT=/some/folder bash benchmarks/gpu_check.sh              # on the GPU machine
+#     OUT=/tmp/rehearsal REHEARSE=1 bash benchmarks/gpu_check.sh # the same steps on a CPU, small and fast
 #
-# 1. build the CUDA backend;
+# 1. build the CUDA backend with the python that runs the checks (stop at once if crnet does not import);
 # 2. at once, in parallel (nothing timed): the whole test suite; the tiny checkpoint's FP16-vs-FP32 accuracy
 #    on 1000 episodes; and one process per bench row and batch size that compiles and captures it, which
 #    fills inductor's on-disk caches so that the timed runs below do not spend minutes compiling;
 # 3. one after the other, the GPU to itself: `crnet bench` of r50 at batch 1 and at batch 64 (all rows side
 #    by side, the anchor among them), the native op against the compiled loop, and a kernel profile.
 # Every step has a deadline inside the overall budget, so a slow step costs the later ones, not the run.
-# Files into $OUT (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json,
-# ops.log, profile.txt, profile.json.
+# The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
+# before it costs device time. Files into $OUT (8 come back): run.log, pytest.log, bench_b1.json,
+# bench_b64.json, bench_tiny.json, ops.log, profile.txt, profile.json.
 set -u
 OUT=${OUT:?set OUT to the folder the logs go to}
-BUDGET=${BUDGET:-520}  # seconds, for everything
+BUDGET=${BUDGET:-540}  # seconds, for everything
+REHEARSE=${REHEARSE:-0}
 START=$(date +%s)
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/run.log") 2>&1
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
-step() { echo; echo "== $* (t=$(($(date +%s) - START)) s)"; }
+LOG="$OUT/run.log"
+: >"$LOG"
+say() { echo "$*" | tee -a "$LOG"; }
+step() { say ""; say "== $* (t=$(($(date +%s) - START)) s)"; }
 # within CAP COMMAND...: run COMMAND for at most CAP seconds and never past the budget (SIGINT first, so
 # that pytest still prints its summary).
 within() {
   local cap=$1 left=$((START + BUDGET - $(date +%s)))
   shift
   ((left < cap)) && cap=$left
-  if ((cap < 15)); then echo "skipped (budget spent): $*"; return 124; fi
+  if ((cap < 15)); then say "skipped (budget spent): $*"; return 124; fi
   timeout -s INT -k 10 "$cap" "$@"
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
-  --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__)"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
+WORK=$(mktemp -d)
+if ((REHEARSE)); then
+  PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
+  ROWS=(torch:fp32+channels-last torch:fp32+compile torch:fp32+compile+torch-loop torch:fp32+anchor)
+  SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
+else
+  PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 6 --timeout 180)
+  TINY=(torch:fp16+channels-last+cuda-graphs 1000)  # the deployed row, on the standard 1000 episodes
+  ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs
+    torch:fp16+channels-last+cuda-graphs+torch-loop torch:fp16+anchor)
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
+    --format=csv,noheader | tee -a "$LOG"
+fi
+COMPILED=("${ROWS[@]:1}")
+python3 -c "import sys, torch; print(sys.executable, 'torch', torch.__version__)" | tee -a "$LOG"
 
 step build
-pip install --no-build-isolation --no-deps -e . >/tmp/build.log 2>&1 || tail -30 /tmp/build.log
-python3 -c "import crnet.ops as o; print('native op:', o.AVAILABLE, o.MISSING)"
+# `pip` may belong to another python than `python3` (so it was on the H100 image): always python3 -m pip.
+python3 -m pip install --no-build-isolation --no-deps -e . >"$WORK/build.log" 2>&1 || tail -30 "$WORK/build.log"
+if ! python3 -c "import crnet.ops as o; print('native op:', o.AVAILABLE, o.MISSING)" 2>&1 | tee -a "$LOG"; then
+  say "crnet does not import: stopping here"; exit 1
+fi
 
-R50=/tmp/r50_untrained.pt DATA=/tmp/crnet-latency
-ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs
-  torch:fp16+channels-last+cuda-graphs+torch-loop torch:fp16+anchor)
-COMPILED=("${ROWS[@]:1}")
-
+MODEL=$WORK/${PRESET}_untrained.pt LATENCY=$WORK/latency SYNTHETIC=$WORK/synthetic
 step "in parallel: tests, tiny FP16 accuracy, compiling every bench row"
-(within 260 python3 -m pytest -q -p no:cacheprovider -n 6 --timeout 180 -rfE >"$OUT/pytest.log" 2>&1
-  echo "pytest exit $? (t=$(($(date +%s) - START)) s)") &
-(python3 -m crnet synth /tmp/crnet-synthetic >/dev/null &&
-  within 250 python3 -m crnet bench checkpoints/tiny_fold0.pt --data /tmp/crnet-synthetic \
-    --runtime torch:fp16+channels-last+cuda-graphs --runtime torch:fp16+channels-last --repeats 5 --warmup 2 \
-    --json "$OUT/bench_tiny.json" --chart /tmp/chart_tiny.png --no-progress >/tmp/tiny.log 2>&1
-  echo "tiny accuracy exit $? (t=$(($(date +%s) - START)) s)") &
-python3 -m crnet synth "$DATA" --train-per-class 2 --val-per-class 10 >/dev/null &
-python3 benchmarks/untrained_checkpoint.py --preset r50 --out "$R50" >/dev/null
-for batch in 1 64; do
+pids=()
+(within 240 python3 -m pytest -q -p no:cacheprovider "${PYTEST[@]}" -rfE "${TESTS[@]}" \
+  >"$OUT/pytest.log" 2>&1
+  say "pytest exit $? (t=$(($(date +%s) - START)) s)") &
+pids+=($!)
+(python3 -m crnet synth "$SYNTHETIC" "${SYNTH[@]}" >/dev/null &&
+  within 240 python3 -m crnet bench checkpoints/tiny_fold0.pt --data "$SYNTHETIC" "${DEVICE[@]}" \
+    --runtime "${TINY[0]}" --runtime "torch:$P+channels-last" --episodes "${TINY[1]}" --repeats 5 --warmup 2 --json "$OUT/bench_tiny.json" --chart "$WORK/chart_tiny.png" --no-progress \
+    >"$WORK/tiny.log" 2>&1
+  say "tiny accuracy exit $? (t=$(($(date +%s) - START)) s)") &
+pids+=($!)
+python3 -m crnet synth "$LATENCY" --train-per-class 2 --val-per-class 10 >/dev/null &
+pids+=($!)
+python3 benchmarks/untrained_checkpoint.py --preset "$PRESET" --out "$MODEL" >/dev/null
+for batch in "${BATCHES[@]}"; do
   for spec in "${COMPILED[@]}"; do
-    (within 250 python3 benchmarks/gpu_profile.py "$R50" --spec "$spec" --batch "$batch" --calls 0 \
-      >"/tmp/warm_${batch}_${spec//[:+]/_}.log" 2>&1
-      echo "compiled $spec batch $batch: exit $? (t=$(($(date +%s) - START)) s)") &
+    (within 240 python3 benchmarks/gpu_profile.py "$MODEL" --spec "$spec" --batch "$batch" --calls 0 \
+      "${DEVICE[@]}" >"$WORK/warm_${batch}_${spec//[:+]/_}.log" 2>&1
+      say "compiled $spec, batch $batch: exit $? (t=$(($(date +%s) - START)) s)") &
+    pids+=($!)
   done
 done
-wait
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -15
-tail -12 /tmp/tiny.log
+wait "${pids[@]}"  # these jobs only: a bare `wait` would also wait on tee
+grep -E "^(FAILED|ERROR)|passed|failed|node down|crashed" "$OUT/pytest.log" | tail -20 | tee -a "$LOG"
+tail -12 "$WORK/tiny.log" | tee -a "$LOG"
 
-for batch in 1 64; do
-  step "r50 321 px, 1-shot, T=5, batch $batch"
+for batch in "${BATCHES[@]}"; do
+  step "$PRESET, 1-shot, T=5, batch $batch"
   args=()
   for spec in "${ROWS[@]}"; do args+=(--runtime "$spec"); done
-  within 110 python3 -m crnet bench "$R50" --data "$DATA" "${args[@]}" --episodes 0 --batch-size "$batch" \
-    --warmup 5 --repeats 50 --json "$OUT/bench_b$batch.json" --chart "/tmp/chart_b$batch.png" --no-progress
+  within 110 python3 -m crnet bench "$MODEL" --data "$LATENCY" "${args[@]}" "${DEVICE[@]}" --episodes 0 \
+    --batch-size "$batch" --warmup 5 --repeats 50 --json "$OUT/bench_b$batch.json" \
+    --chart "$WORK/chart_b$batch.png" --no-progress 2>&1 | grep -v Warning | tee -a "$LOG"
 done
 
 step "native op against the compiled PyTorch loop"
-within 70 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
-tail -25 "$OUT/ops.log"
+within 90 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
+grep -E "^\||speed|replay" "$OUT/ops.log" | tee -a "$LOG"
 
 step "where the GPU time goes, batch 1"
-within 90 python3 benchmarks/gpu_profile.py "$R50" --batch 1 --json "$OUT/profile.json" \
-  --spec torch:fp16+anchor --spec torch:fp16+channels-last+cuda-graphs \
-  --spec torch:fp16+channels-last+cuda-graphs+torch-loop >"$OUT/profile.txt" 2>&1
-grep -v "^      " "$OUT/profile.txt" | head -60
+within 90 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 --json "$OUT/profile.json" "${DEVICE[@]}" \
+  --spec "${ROWS[3]}" --spec "${ROWS[1]}" --spec "${ROWS[2]}" >"$OUT/profile.txt" 2>&1
+grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG"
 step done
