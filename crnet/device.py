@@ -20,3 +20,14 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise CRNetError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
     return device
+
+
+def flush_denormals_for_inference(device: torch.device) -> None:
+    """On a CPU, treat denormal floats as zero for the rest of this process (inference commands only).
+
+    Activations that decay into the denormal range make x86 float arithmetic take a slow path: on a CPU
+    without AVX-512 the torch runtime ran 25 to 50 times slower (docs/BENCHMARKS.md). Values under 1.2e-38
+    carry nothing a segmentation needs. Training is left alone, so its runs stay bit-identical to earlier
+    ones. GPUs flush denormals in their own kernels' modes; nothing to do there."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)

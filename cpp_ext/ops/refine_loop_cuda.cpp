@@ -1,4 +1,5 @@
-// CUDA backend of crnet::refine_loop (float32, float16).
+// CUDA backend of crnet::refine_loop (float32, float16). This file is the NCHW path; a channels-last input
+// takes the NHWC path (refine_loop_cuda_nhwc.cpp), which follows the same plan in the other layout.
 //
 // The convolutions stay with cuDNN (it picks Winograd or implicit GEMM itself); around them the loop
 // hoists the feature half of the first feedback convolution out of the iterations, runs the feedback step
@@ -12,36 +13,20 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
 #include <numeric>
 
 #include "../kernels/refine_cuda.h"
+#include "../kernels/refine_cuda_nhwc.h"
+#include "cuda_tensors.h"
 #include "early_exit.h"
+#include "refine_loop_cuda_nhwc.h"
 #include "refine_weights.h"
 
 namespace crnet::ops {
 namespace {
 
 namespace k = kernels::cuda;
-
-void check(cudaError_t status) {
-  TORCH_CHECK(status == cudaSuccess, std::string("crnet::refine_loop: ") + cudaGetErrorString(status));
-}
-
-template <typename T>
-struct Raw;  // at::Half and float tensors -> the kernels' pointer types
-template <>
-struct Raw<float> {
-  using type = float;
-};
-template <>
-struct Raw<at::Half> {
-  using type = __half;
-};
-
-template <typename T>
-typename Raw<T>::type* ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<typename Raw<T>::type*>(t.data_ptr<T>()) : nullptr;
-}
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> refine_loop_typed(const at::Tensor& features,
@@ -136,6 +121,17 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_typed(const at::Tensor& features,
   return {logits, at::tensor(used, at::TensorOptions().dtype(at::kLong)).to(x.device())};
 }
 
+// The NHWC kernels move 16-byte packs: every tensor they read whole must start on a 16-byte boundary (a
+// tensor of its own does; a view into another may not, and then the NCHW path runs).
+bool packs_aligned(const at::Tensor& features, const RefineWeights& w) {
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  bool ok = aligned(features) && aligned(w.feedback_bias) && aligned(w.feedback2_bias) && aligned(w.point_bias) &&
+            aligned(w.classifier_weight);
+  for (const auto& b : w.residual_bias) ok = ok && aligned(b);
+  for (const auto& b : w.dilated_bias) ok = ok && aligned(b);
+  return ok;
+}
+
 std::tuple<at::Tensor, at::Tensor> refine_loop_cuda(const at::Tensor& features,
                                                     const c10::optional<at::Tensor>& previous,
                                                     at::TensorList weights, at::IntArrayRef dilations,
@@ -143,9 +139,21 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_cuda(const at::Tensor& features,
   check_loop_arguments(iterations, exit_fraction);
   TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kHalf,
               "crnet::refine_loop on CUDA takes float32 or float16, got " + text(features.scalar_type()));
-  const RefineWeights w = unpack_weights(features, previous, weights, dilations);
   const c10::cuda::CUDAGuard guard(features.device());
-  if (features.scalar_type() == at::kHalf) return refine_loop_typed<at::Half>(features, previous, w, iterations, exit_fraction);
+  const bool half = features.scalar_type() == at::kHalf;
+  // Channels-last in (what a channels-last model hands over): channels-last through, no layout conversion.
+  const int64_t pack = half ? kernels::cuda::kPackChannels<__half> : kernels::cuda::kPackChannels<float>;
+  const bool nhwc = features.dim() == 4 && features.size(1) % pack == 0 && !features.is_contiguous() &&
+                    features.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (nhwc) {
+    const RefineWeights w = unpack_weights(features, previous, weights, dilations, at::MemoryFormat::ChannelsLast);
+    if (packs_aligned(features, w)) {
+      if (half) return refine_loop_cuda_nhwc<at::Half>(features, previous, w, iterations, exit_fraction);
+      return refine_loop_cuda_nhwc<float>(features, previous, w, iterations, exit_fraction);
+    }
+  }
+  const RefineWeights w = unpack_weights(features, previous, weights, dilations);
+  if (half) return refine_loop_typed<at::Half>(features, previous, w, iterations, exit_fraction);
   return refine_loop_typed<float>(features, previous, w, iterations, exit_fraction);
 }
 

@@ -44,8 +44,11 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* 
 }
 
 // Checks features (N, C, H, W), previous (N, 2, H, W) and every weight against C; same dtype and device.
+// The weights in the op's order, shape-checked; 4-d ones in `format` (channels-last for the NHWC path, whose
+// cuDNN convolutions then convert nothing), the rest contiguous.
 inline RefineWeights unpack_weights(const at::Tensor& features, const c10::optional<at::Tensor>& previous,
-                                    at::TensorList weights, at::IntArrayRef dilations) {
+                                    at::TensorList weights, at::IntArrayRef dilations,
+                                    at::MemoryFormat format = at::MemoryFormat::Contiguous) {
   TORCH_CHECK(features.dim() == 4,
               "crnet::refine_loop: features must be (N, C, H, W), got " + text(features.sizes()));
   const int64_t n = features.size(0), c = features.size(1), h = features.size(2), w = features.size(3);
@@ -66,7 +69,8 @@ inline RefineWeights unpack_weights(const at::Tensor& features, const c10::optio
   size_t i = 0;
   auto take = [&](at::IntArrayRef shape, const char* name) {
     check_shape(weights[i], shape, name);
-    return weights[i++].contiguous();
+    const at::Tensor& t = weights[i++];
+    return t.dim() == 4 ? t.contiguous(format) : t.contiguous();
   };
   r.feedback_weight = take({c, c + 2, 3, 3}, "feedback conv1 weight");
   r.feedback_bias = take({c}, "feedback conv1 bias");

@@ -258,9 +258,10 @@ def evaluate_command(
     """mIoU and FB-IoU on the novel classes of a fold, on fixed seeded episodes."""
     from crnet import checkpoint as checkpoints
     from crnet.commands.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
-    from crnet.device import resolve_device
+    from crnet.device import flush_denormals_for_inference, resolve_device
 
     resolved = resolve_device(device)
+    flush_denormals_for_inference(resolved)
     state = checkpoints.load(checkpoint)
     model = checkpoints.model_from_state(state, checkpoint, resolved)
     stored = state.get("train_config", {})
@@ -336,7 +337,7 @@ def demo(
     """Built-in benchmark end to end: tiny model, fold-0 evaluation, pictures, export, runtime bench."""
     from crnet.commands.bench import format_table, plot_latency
     from crnet.commands.demo import check_demo_out, export_and_bench, run_demo, train_recipe
-    from crnet.device import resolve_device
+    from crnet.device import flush_denormals_for_inference, resolve_device
 
     if checkpoint is not None and train_first:
         raise CRNetError("--checkpoint and --train exclude each other: use a trained model or train one")
@@ -356,6 +357,7 @@ def demo(
                 f"no {DEFAULT_CHECKPOINT} here: training the tiny recipe first (about 10 min on 2 CPU cores)"
             )
         checkpoint = train_recipe(out, root, resolved, progress, notice)
+    flush_denormals_for_inference(resolved)  # after training, which stays bit-identical to `crnet train`
     results, picture = run_demo(checkpoint, out, root, episodes, resolved, progress)
     print_results(results)
     typer.echo(f"episodes drawn in {picture}")
@@ -459,9 +461,10 @@ def infer_command(
     from tqdm import tqdm
 
     from crnet.commands.infer import infer
-    from crnet.device import resolve_device
+    from crnet.device import flush_denormals_for_inference, resolve_device
 
     resolved = resolve_device(device)
+    flush_denormals_for_inference(resolved)
     with tqdm(total=len(query), disable=not progress, desc="infer", unit="query", dynamic_ncols=True) as bar:
         summary = infer(
             engine,
@@ -516,10 +519,11 @@ def bench_command(
 ) -> None:
     """Latency and IoU of every runtime on the same episodes, with agreement to PyTorch FP32."""
     from crnet.commands.bench import BenchSettings, format_table, plot_latency, run_bench
-    from crnet.device import resolve_device
+    from crnet.device import flush_denormals_for_inference, resolve_device
     from crnet.engines import DEPLOYED_GPU, RuntimeSpec
 
     resolved = resolve_device(device)
+    flush_denormals_for_inference(resolved)
     default = ["torch:fp32", "onnxruntime:fp32", "onnxruntime:fp16"]
     if resolved.type == "cuda":
         default = ["torch:fp16+channels-last", DEPLOYED_GPU, "torch:fp16+anchor", "onnxruntime:fp32+cuda"]

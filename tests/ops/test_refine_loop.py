@@ -246,3 +246,75 @@ def test_cuda_early_exit_matches_reference():
     logits, used = run_native(module, x, None, 5, torch.float32, device="cuda", exit_fraction=0.2)
     assert used.tolist() == expected_used.tolist()
     assert_close(logits, expected, torch.float32)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "batch, height, width, iterations",
+    [(1, 41, 41, 5), (8, 41, 41, 2), (3, 23, 19, 3)],  # 8 x 41 x 41 pixels: ASPP branches one after another
+)
+def test_cuda_channels_last_matches_float64_reference(dtype, batch, height, width, iterations):
+    """A channels-last input takes the NHWC path (16 channels: whole 16-byte packs in both dtypes)."""
+    module, x, previous = make_case(batch=batch, height=height, width=width, previous=True)
+    expected, _ = reference(module, x, previous, iterations)
+    weights = [
+        channels_last(w.detach().to("cuda", dtype)) if w.dim() == 4 else w.detach().to("cuda", dtype)
+        for w in module.op_weights()
+    ]
+    features = channels_last(x.to("cuda", dtype))
+    assert not features.is_contiguous()
+    logits, used = torch.ops.crnet.refine_loop(
+        features, previous.to("cuda", dtype), weights, list(module.dilations), iterations, 0.0
+    )
+    assert logits.is_contiguous() and logits.shape == (batch, 2, height, width)
+    assert_close(logits.double().cpu(), expected, dtype)
+    assert used.tolist() == [iterations] * batch
+
+
+@CUDA
+@pytest.mark.cuda
+def test_cuda_channels_last_early_exit_matches_reference():
+    """Early exit drops rows mid-loop: the NHWC path must keep the rows it selects channels-last."""
+    module, x, _ = make_case(batch=4, channels=8)
+    expected, expected_used = reference(module, x, None, 5, 0.2)
+    weights = [w.detach().to("cuda", torch.float32) for w in module.op_weights()]
+    logits, used = torch.ops.crnet.refine_loop(
+        channels_last(x.to("cuda", torch.float32)), None, weights, list(module.dilations), 5, 0.2
+    )
+    assert used.cpu().tolist() == expected_used.tolist()
+    assert_close(logits.double().cpu(), expected, torch.float32)
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 8])  # side streams for the ASPP branches at batch 1, none at 8
+def test_cuda_channels_last_op_replays_in_a_cuda_graph(batch):
+    """The whole NHWC call, side streams included, captures as one CUDA graph and replays the eager result."""
+    module, x, _ = make_case(batch=batch, height=41, width=41)
+    weights = [
+        channels_last(w.detach().to("cuda", torch.float16))
+        if w.dim() == 4
+        else w.detach().to("cuda", torch.float16)
+        for w in module.op_weights()
+    ]
+    static = channels_last(torch.zeros(batch, 16, 41, 41, device="cuda", dtype=torch.float16))
+    call = lambda: torch.ops.crnet.refine_loop(static, None, weights, list(module.dilations), 5, 0.0)[0]  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: cuDNN and cuBLAS pick their kernels here
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    for seed in (1, 2):  # fresh inputs each replay: the graph computes the function, not one answer
+        torch.manual_seed(seed)
+        static.copy_(torch.randn(batch, 16, 41, 41, device="cuda", dtype=torch.float16))
+        graph.replay()
+        torch.testing.assert_close(captured, call(), atol=1e-3, rtol=1e-3)
