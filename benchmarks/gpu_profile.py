@@ -91,7 +91,8 @@ def profile_spec(checkpoint: str, text: str, batch: int, calls: int, device: str
 
 
 def report(result: dict) -> str:
-    lines = [f"== {result['label']} ({result['spec']}), batch {result['batch']}"]
+    tuned = ", cudnn.benchmark" if result.get("cudnn_benchmark") else ""
+    lines = [f"== {result['label']} ({result['spec']}), batch {result['batch']}{tuned}"]
     for kind in [k for k in ("episode", "query") if k in result]:
         r = result[kind]
         lines.append(
@@ -113,11 +114,16 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cuda", help="cpu only to check the script: no kernels there")
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms for each shape first"
+    )
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     results = []
     for text in args.spec:
         try:
             results.append(profile_spec(args.checkpoint, text, args.batch, args.calls, args.device))
+            results[-1]["cudnn_benchmark"] = args.cudnn_benchmark
             print(report(results[-1]), flush=True)
         except Exception as error:  # one spec that fails to compile or capture must not lose the others
             print(f"== {text}: failed: {type(error).__name__}: {error}", flush=True)

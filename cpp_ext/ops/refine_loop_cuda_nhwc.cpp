@@ -7,6 +7,7 @@
 // capturable sequence for CUDA graphs).
 #include "refine_loop_cuda_nhwc.h"
 
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -30,26 +31,38 @@ constexpr int64_t kConcurrentPixels = 8192;
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// Event i of this thread on the current device, created once and kept: reused by every call, never destroyed
+// while a capture that recorded it may still be open. (A wait takes the event's latest record at the time.)
+cudaEvent_t pooled_event(size_t i) {
+  static thread_local std::vector<std::vector<cudaEvent_t>> events;  // [device][i]
+  const auto device = static_cast<size_t>(c10::cuda::current_device());
+  if (events.size() <= device) events.resize(device + 1);
+  auto& list = events[device];
+  while (list.size() <= i) {
+    cudaEvent_t event;
+    check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    list.push_back(event);
+  }
+  return list[i];
+}
+
 // Runs work[0] on the caller's stream and the others on pool streams that start after everything already
 // queued on it; the caller's stream then waits for all of them.
 void run_side_by_side(const std::vector<std::function<void()>>& work) {
   const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream();
-  std::vector<cudaEvent_t> events(work.size());
-  for (auto& event : events) check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-  check(cudaEventRecord(events[0], main.stream()));
+  check(cudaEventRecord(pooled_event(0), main.stream()));
   std::vector<c10::cuda::CUDAStream> sides;
   for (size_t j = 1; j < work.size(); ++j) {
     sides.push_back(c10::cuda::getStreamFromPool(false, main.device_index()));
-    check(cudaStreamWaitEvent(sides.back().stream(), events[0], 0));
+    check(cudaStreamWaitEvent(sides.back().stream(), pooled_event(0), 0));
   }
   for (size_t j = 1; j < work.size(); ++j) {
     const c10::cuda::CUDAStreamGuard guard(sides[j - 1]);
     work[j]();
-    check(cudaEventRecord(events[j], sides[j - 1].stream()));
+    check(cudaEventRecord(pooled_event(j), sides[j - 1].stream()));
   }
   work[0]();
-  for (size_t j = 1; j < work.size(); ++j) check(cudaStreamWaitEvent(main.stream(), events[j], 0));
-  for (auto& event : events) check(cudaEventDestroy(event));  // released once their work is done
+  for (size_t j = 1; j < work.size(); ++j) check(cudaStreamWaitEvent(main.stream(), pooled_event(j), 0));
 }
 
 }  // namespace
