@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import math
 import platform
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from crnet.bundle import Bundle, load_bundle
 from crnet.commands.floor import checkpoint_flops, floor_ms, matmul_rate
+from crnet.commands.timer import Timer
 from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import fold_classes
 from crnet.engines import RuntimeSpec, open_runtime
@@ -94,30 +93,6 @@ def percentile_summary(samples: list[float]) -> dict:
         "min": float(ms.min()),
         "samples": len(samples),
     }
-
-
-class Timer:
-    """Wall time of a callable, the device synchronised before start and before stop; on a GPU also its
-    GPU time, between CUDA events recorded on the current stream around it (None on a CPU)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
-        if self.cuda:
-            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-
-    def __call__(self, work: Callable[[], object]) -> tuple[float, float | None]:
-        self.sync()
-        start = time.perf_counter()
-        if self.cuda:
-            self.events[0].record()
-        work()
-        if self.cuda:
-            self.events[1].record()
-        self.sync()
-        wall = time.perf_counter() - start
-        gpu = self.events[0].elapsed_time(self.events[1]) / 1000.0 if self.cuda else None
-        return wall, gpu
 
 
 def episode_loader(settings: BenchSettings, input_size: int, count: int, batch: int) -> DataLoader:

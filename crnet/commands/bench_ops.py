@@ -18,12 +18,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from crnet import ops
+from crnet.commands.timer import Timer
 from crnet.files import write_text
 from crnet.model.refinement import Refinement
 
@@ -37,16 +37,6 @@ def head(device: str, dtype: torch.dtype, seed: int = 0) -> Refinement:
         module.feedback[1].weight[:, CHANNELS:] *= 30
         module.classifier.weight *= 10
     return module.to(device, dtype)
-
-
-def timed(call, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    call()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def compare(device: str, dtype: torch.dtype, batch: int, iterations: int, repeats: int, warmup: int) -> dict:
@@ -65,9 +55,10 @@ def compare(device: str, dtype: torch.dtype, batch: int, iterations: int, repeat
         for _ in range(warmup):
             eager(), fused()
         times = {"eager": [], "fused": []}
-        for _ in range(repeats):
-            times["eager"].append(timed(eager, device))
-            times["fused"].append(timed(fused, device))
+        timer = Timer(torch.device(device))
+        for _ in range(repeats):  # wall time, launch gaps included: what an uncaptured call costs
+            times["eager"].append(timer(eager)[0])
+            times["fused"].append(timer(fused)[0])
         reference = eager().float()
         result = fused().float()
     median = {name: statistics.median(values) * 1e3 for name, values in times.items()}

@@ -9,13 +9,13 @@ floor is floor time / its median time: 100 % would be a device doing nothing but
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from crnet import checkpoint
+from crnet.commands.timer import Timer
 from crnet.engines.torch_runtime import DTYPES
 from crnet.model.crnet import CRNet
 
@@ -70,15 +70,10 @@ def matmul_rate(device: torch.device, precision: str, *, size: int | None = None
     n = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device).to(DTYPES[precision])
     b = torch.randn(n, n, device=device).to(DTYPES[precision])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.matmul(a, b)  # first call: library load, autotuning
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        sync()
-        best = min(best, time.perf_counter() - start)
+    timer = Timer(device)
+    times = [timer(lambda: torch.matmul(a, b)) for _ in range(repeats)]
+    best = min(wall if gpu is None else gpu for wall, gpu in times)  # GPU time where there is one
     return 2.0 * n**3 / best
 
 
