@@ -3,7 +3,7 @@
 // fused with the classifier) with every feature map NHWC, so that cuDNN runs its NHWC tensor-core kernels
 // with no layout conversion and our kernels move 16-byte packs of channels. The 1x1 convolutions are plain
 // GEMMs over (pixels, channels) rows. While a batch is too small to fill the GPU, the ASPP branches run side
-// by side on pool streams (forked from and joined back into the caller's stream, so the call stays one
+// by side on the op's own streams (forked from and joined back into the caller's stream, so the call stays one
 // capturable sequence for CUDA graphs).
 #include "refine_loop_cuda_nhwc.h"
 
@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <exception>
 #include <functional>
 #include <numeric>
 #include <vector>
@@ -25,14 +26,15 @@ namespace {
 
 namespace k = kernels::cuda;
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
-// Up to this many pixels in the batch (about 5 samples of 41 x 41) one 3x3 convolution leaves most of an
+// Up to this many pixels in the batch (four samples of 41 x 41) one 3x3 convolution leaves most of an
 // H100's SMs idle, so the ASPP branches run concurrently.
 constexpr int64_t kConcurrentPixels = 8192;
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// Event i of this thread on the current device, created once and kept: reused by every call, never destroyed
-// while a capture that recorded it may still be open. (A wait takes the event's latest record at the time.)
+// Event and side stream i of this thread on the current device, created once and kept. The streams are the
+// op's own (not torch's pool, which user code and graph captures also draw from), and nothing is destroyed
+// while a capture that recorded it may still be open. A wait takes an event's latest record at the time.
 cudaEvent_t pooled_event(size_t i) {
   static thread_local std::vector<std::vector<cudaEvent_t>> events;  // [device][i]
   const auto device = static_cast<size_t>(c10::cuda::current_device());
@@ -46,23 +48,45 @@ cudaEvent_t pooled_event(size_t i) {
   return list[i];
 }
 
-// Runs work[0] on the caller's stream and the others on pool streams that start after everything already
-// queued on it; the caller's stream then waits for all of them.
+c10::cuda::CUDAStream side_stream(size_t i) {
+  static thread_local std::vector<std::vector<cudaStream_t>> streams;  // [device][i]
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  if (streams.size() <= static_cast<size_t>(device)) streams.resize(device + 1);
+  auto& list = streams[device];
+  while (list.size() <= i) {
+    cudaStream_t stream;
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    list.push_back(stream);
+  }
+  return c10::cuda::getStreamFromExternal(list[i], device);
+}
+
+// Runs work[0] on the caller's stream and the others on side streams that start after everything already
+// queued on it; the caller's stream then waits for all of them, also when a branch throws (an unjoined
+// stream would otherwise break a capture in progress with a message that hides the error).
 void run_side_by_side(const std::vector<std::function<void()>>& work) {
   const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream();
   check(cudaEventRecord(pooled_event(0), main.stream()));
-  std::vector<c10::cuda::CUDAStream> sides;
+  std::exception_ptr failure;
+  auto attempt = [&](const std::function<void()>& branch) {
+    try {
+      branch();
+    } catch (...) {
+      if (!failure) failure = std::current_exception();
+    }
+  };
   for (size_t j = 1; j < work.size(); ++j) {
-    sides.push_back(c10::cuda::getStreamFromPool(false, main.device_index()));
-    check(cudaStreamWaitEvent(sides.back().stream(), pooled_event(0), 0));
+    const c10::cuda::CUDAStream side = side_stream(j - 1);
+    check(cudaStreamWaitEvent(side.stream(), pooled_event(0), 0));
+    {
+      const c10::cuda::CUDAStreamGuard guard(side);
+      attempt(work[j]);
+    }
+    check(cudaEventRecord(pooled_event(j), side.stream()));
   }
-  for (size_t j = 1; j < work.size(); ++j) {
-    const c10::cuda::CUDAStreamGuard guard(sides[j - 1]);
-    work[j]();
-    check(cudaEventRecord(pooled_event(j), sides[j - 1].stream()));
-  }
-  work[0]();
+  attempt(work[0]);
   for (size_t j = 1; j < work.size(); ++j) check(cudaStreamWaitEvent(main.stream(), pooled_event(j), 0));
+  if (failure) std::rethrow_exception(failure);
 }
 
 }  // namespace

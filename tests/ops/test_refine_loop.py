@@ -318,3 +318,27 @@ def test_cuda_channels_last_op_replays_in_a_cuda_graph(batch):
         static.copy_(torch.randn(batch, 16, 41, 41, device="cuda", dtype=torch.float16))
         graph.replay()
         torch.testing.assert_close(captured, call(), atol=1e-3, rtol=1e-3)
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a view that starts one element into its storage: not on a 16-byte boundary."""
+    view = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)[1:].view(t.shape)
+    return view.copy_(t)
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("weights_layout", ["nchw", "misaligned-bias"])
+def test_cuda_channels_last_input_with_other_weights(weights_layout):
+    """Channels-last features with NCHW weights (converted inside the call), or with a bias that cannot be
+    read in 16-byte packs (the NCHW path takes over): the same function either way."""
+    module, x, _ = make_case(batch=1, height=41, width=41)
+    expected, _ = reference(module, x, None, 5)
+    weights = [w.detach().to("cuda", torch.float16) for w in module.op_weights()]
+    if weights_layout == "misaligned-bias":
+        weights[1] = misaligned(weights[1])
+        assert weights[1].data_ptr() % 16 != 0
+    logits, _ = torch.ops.crnet.refine_loop(
+        channels_last(x.to("cuda", torch.float16)), None, weights, list(module.dilations), 5, 0.0
+    )
+    assert_close(logits.double().cpu(), expected, torch.float16)
