@@ -1,12 +1,12 @@
 #include <cuda_fp16.h>
 
+#include "launch.cuh"
 #include "refine_cuda.h"
 
 namespace crnet::kernels::cuda {
 namespace {
 
 constexpr int kBlock = 16;  // feedback: a 16x16 pixel tile per block, its 18x18 halo in shared memory
-constexpr int kThreads = 256;
 
 __device__ __forceinline__ float load(const float* p) { return *p; }
 __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
@@ -111,10 +111,6 @@ __global__ void count_changes_kernel(const T* __restrict__ logits, const T* __re
   if ((threadIdx.x & 31) == 0 && changed != 0) atomicAdd(counts + n, changed);
 }
 
-int blocks_for(int64_t total) {
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<int>(blocks < 65535 * 8 ? blocks : 65535 * 8);
-}
 
 }  // namespace
 

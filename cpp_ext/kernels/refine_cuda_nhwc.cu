@@ -1,11 +1,11 @@
 #include <cuda_fp16.h>
 
+#include "launch.cuh"
 #include "refine_cuda_nhwc.h"
 
 namespace crnet::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -143,10 +143,6 @@ __global__ void project_classify_nhwc_kernel(const T* __restrict__ projected, co
   }
 }
 
-unsigned blocks_for(int64_t threads) {
-  const int64_t blocks = (threads + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8);
-}
 
 }  // namespace
 

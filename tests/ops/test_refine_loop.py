@@ -240,9 +240,13 @@ def test_cuda_matches_float64_reference(dtype, batch, height, width, iterations)
 
 @CUDA
 @pytest.mark.cuda
-def test_cuda_early_exit_matches_reference():
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_cuda_early_exit_matches_reference(layout):
+    """Early exit drops rows mid-loop; the NHWC path must keep the rows it selects channels-last."""
     module, x, _ = make_case(batch=4, channels=8)
     expected, expected_used = reference(module, x, None, 5, 0.2)
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
     logits, used = run_native(module, x, None, 5, torch.float32, device="cuda", exit_fraction=0.2)
     assert used.tolist() == expected_used.tolist()
     assert_close(logits, expected, torch.float32)
@@ -275,20 +279,6 @@ def test_cuda_channels_last_matches_float64_reference(dtype, batch, height, widt
     assert logits.is_contiguous() and logits.shape == (batch, 2, height, width)
     assert_close(logits.double().cpu(), expected, dtype)
     assert used.tolist() == [iterations] * batch
-
-
-@CUDA
-@pytest.mark.cuda
-def test_cuda_channels_last_early_exit_matches_reference():
-    """Early exit drops rows mid-loop: the NHWC path must keep the rows it selects channels-last."""
-    module, x, _ = make_case(batch=4, channels=8)
-    expected, expected_used = reference(module, x, None, 5, 0.2)
-    weights = [w.detach().to("cuda", torch.float32) for w in module.op_weights()]
-    logits, used = torch.ops.crnet.refine_loop(
-        channels_last(x.to("cuda", torch.float32)), None, weights, list(module.dilations), 5, 0.2
-    )
-    assert used.cpu().tolist() == expected_used.tolist()
-    assert_close(logits.double().cpu(), expected, torch.float32)
 
 
 @CUDA
