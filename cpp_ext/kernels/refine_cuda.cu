@@ -111,7 +111,6 @@ __global__ void count_changes_kernel(const T* __restrict__ logits, const T* __re
   if ((threadIdx.x & 31) == 0 && changed != 0) atomicAdd(counts + n, changed);
 }
 
-
 }  // namespace
 
 template <typename T>

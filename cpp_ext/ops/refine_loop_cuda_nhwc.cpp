@@ -32,33 +32,33 @@ constexpr int64_t kConcurrentPixels = 8192;
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// Event and side stream i of this thread on the current device, created once and kept. The streams are the
-// op's own (not torch's pool, which user code and graph captures also draw from), and nothing is destroyed
-// while a capture that recorded it may still be open. A wait takes an event's latest record at the time.
-cudaEvent_t pooled_event(size_t i) {
-  static thread_local std::vector<std::vector<cudaEvent_t>> events;  // [device][i]
+// Item i of this thread's list of CUDA handles for the current device, created on first use and kept:
+// nothing is destroyed while a capture that recorded it may still be open.
+template <typename Handle, typename Create>
+Handle pooled(std::vector<std::vector<Handle>>& lists, size_t i, Create create) {
   const auto device = static_cast<size_t>(c10::cuda::current_device());
-  if (events.size() <= device) events.resize(device + 1);
-  auto& list = events[device];
+  if (lists.size() <= device) lists.resize(device + 1);
+  auto& list = lists[device];
   while (list.size() <= i) {
-    cudaEvent_t event;
-    check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-    list.push_back(event);
+    Handle handle;
+    check(create(&handle));
+    list.push_back(handle);
   }
   return list[i];
 }
 
+// A wait takes an event's latest record at the time, so the same events serve every call.
+cudaEvent_t pooled_event(size_t i) {
+  static thread_local std::vector<std::vector<cudaEvent_t>> events;
+  return pooled(events, i, [](cudaEvent_t* e) { return cudaEventCreateWithFlags(e, cudaEventDisableTiming); });
+}
+
+// The op's own side streams, not torch's pool (which user code and graph captures also draw from).
 c10::cuda::CUDAStream side_stream(size_t i) {
-  static thread_local std::vector<std::vector<cudaStream_t>> streams;  // [device][i]
-  const c10::DeviceIndex device = c10::cuda::current_device();
-  if (streams.size() <= static_cast<size_t>(device)) streams.resize(device + 1);
-  auto& list = streams[device];
-  while (list.size() <= i) {
-    cudaStream_t stream;
-    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    list.push_back(stream);
-  }
-  return c10::cuda::getStreamFromExternal(list[i], device);
+  static thread_local std::vector<std::vector<cudaStream_t>> streams;
+  const cudaStream_t stream =
+      pooled(streams, i, [](cudaStream_t* s) { return cudaStreamCreateWithFlags(s, cudaStreamNonBlocking); });
+  return c10::cuda::getStreamFromExternal(stream, c10::cuda::current_device());
 }
 
 // Runs work[0] on the caller's stream and the others on side streams that start after everything already

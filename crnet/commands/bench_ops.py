@@ -90,13 +90,8 @@ def replayed_ms(call, replays: int) -> tuple[float, torch.Tensor]:
     with torch.cuda.graph(graph):
         output = call()
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays, output
+    _, gpu_seconds = Timer(torch.device("cuda"))(lambda: [graph.replay() for _ in range(replays)])
+    return gpu_seconds * 1000.0 / replays, output
 
 
 def compare_replayed(batch: int, iterations: int, replays: int) -> dict:
