@@ -6,8 +6,9 @@ one batch, prompt, head) and a cached-prompt query another (encode, head), so th
 one graph replay per input shape; a new shape compiles and captures once.
 
 `+anchor` is what a user writes with torch.compile alone: the checkpoint's model as it is (no folding of
-ours, PyTorch's refinement loop, no native op), channels-last, compiled with inductor's freezing (which
-folds BatchNorm and constant weights) and, on a GPU, mode="reduce-overhead" (CUDA graphs).
+ours, PyTorch's refinement loop as the paper writes it, not hoisted, no native op), channels-last, compiled
+with inductor's freezing (which folds BatchNorm and constant weights) and, on a GPU,
+mode="reduce-overhead" (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class TorchRuntime(Runtime):
         except ops.NativeOpUnavailable as error:
             raise RuntimeUnavailable(f"fused refinement: {error}") from None
         self.model.refinement.fused = fused
+        self.model.refinement.hoist = not anchor
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

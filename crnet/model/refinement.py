@@ -1,4 +1,12 @@
-"""Mask refinement: iterate y_t = softmax(classifier(ASPP(h(X, y_{t-1})))) from y_0 = 0."""
+"""Mask refinement: iterate y_t = softmax(classifier(ASPP(h(X, y_{t-1})))) from y_0 = 0.
+
+At inference the PyTorch loop computes once what does not change across iterations (`Refinement.hoisted`):
+the first feedback convolution sees concat(X, y), and ReLU-then-convolution splits over the concatenation,
+conv(relu([X, y])) = conv_X(relu(X)) + conv_y(relu(y)), so the X half (256 of 258 input channels) is
+computed once per call instead of once per iteration; and the ASPP image-pooling branch is constant over
+the pixels, so its share of the 1x1 projection is a per-sample bias, not 256 input channels of every pixel.
+Both are exact rewrites (only rounding differs); the native op does the same.
+"""
 
 from __future__ import annotations
 
@@ -60,6 +68,9 @@ class Refinement(nn.Module):
         # The native crnet::refine_loop op at inference (ops.use_native: None = where it can run, True =
         # required, False = never); off for export (ONNX has no such op).
         self.fused = fused
+        # The PyTorch loop at inference computes the iteration-invariant terms once (`hoisted`); False runs it
+        # exactly as `step` writes it, as plain PyTorch would (the anchor of GPU benches).
+        self.hoist = True
         self.feedback = ResidualBranch(channels + 2, channels)
         self.residual2 = ResidualBranch(channels, channels)
         self.residual3 = ResidualBranch(channels, channels)
@@ -107,8 +118,35 @@ class Refinement(nn.Module):
             )
         if exit_fraction > 0:
             return ops.refine_loop_reference(x, previous, weights, self.dilations, iterations, exit_fraction)
+        used = torch.full((x.shape[0],), iterations, dtype=torch.long, device=x.device)
+        if not grad and not self.training and self.hoist:
+            return self.hoisted(x, iterations, previous), used
         y = x.new_zeros(x.shape[0], 2, *x.shape[2:]) if previous is None else previous
         for _ in range(iterations):
             logits = self.step(x, y)
             y = torch.softmax(ops.widen(logits), dim=1).to(logits.dtype)  # FP32 softmax under FP16
-        return logits, torch.full((x.shape[0],), iterations, dtype=torch.long, device=x.device)
+        return logits, used
+
+    def hoisted(self, x: torch.Tensor, iterations: int, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """The inference loop (eval mode: no dropout), with the iteration-invariant terms computed once."""
+        channels = x.shape[1]
+        first, second = self.feedback[1], self.feedback[3]
+        feature_weight, probability_weight = first.weight[:, :channels], first.weight[:, channels:]
+        project = self.aspp.project
+        pool_weight, branch_weight = project.weight[:, :channels], project.weight[:, channels:]
+        feature_term = F.conv2d(F.relu(x), feature_weight, first.bias, padding=1)
+        # y_0 = 0 adds nothing; a given `previous` is ReLU'd as in the concatenation, softmax needs no ReLU.
+        y = None if previous is None else F.relu(previous)
+        for _ in range(iterations):
+            first_out = (
+                feature_term if y is None else feature_term + F.conv2d(y, probability_weight, padding=1)
+            )
+            h = x + second(F.relu(first_out))
+            h = h + self.residual2(h)
+            h = h + self.residual3(h)
+            pooled = ops.widen(h).mean(dim=(2, 3), keepdim=True).to(h.dtype)
+            pool_bias = F.conv2d(F.relu(self.aspp.image_pool(pooled)), pool_weight, project.bias)
+            branches = torch.cat([F.relu(branch(h)) for branch in self.aspp.branches], dim=1)
+            logits = self.classifier(F.relu(F.conv2d(branches, branch_weight) + pool_bias))
+            y = torch.softmax(ops.widen(logits), dim=1).to(logits.dtype)  # FP32 softmax under FP16
+        return logits

@@ -210,6 +210,7 @@ def test_anchor_is_plain_torch_compile(micro_checkpoint) -> None:
     with open_runtime(RuntimeSpec.parse("torch:fp32+anchor"), checkpoint=micro_checkpoint) as anchor:
         assert anchor.label == "anchor: plain torch fp32 compiled"  # no CUDA graphs on a CPU
         assert not anchor.model.refinement.fused and anchor.options["channels_last"]
+        assert not anchor.model.refinement.hoist  # the loop as the paper writes it
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in anchor.model.modules())
         logits = anchor.episode(query, supports, masks)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

@@ -1,5 +1,7 @@
 """The model: shapes, checkpoint-key compatibility, gradient flow, prompt/segment equivalence, empty masks."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from crnet.errors import CheckpointError, NoSupportError
 from crnet.model.backbone import ResNetTrunk, load_torchvision_weights
 from crnet.model.condition import masked_average_pool
 from crnet.model.crnet import build_model
+from crnet.model.refinement import Refinement
 
 # Small enough for a fast CPU test, same architecture as the presets.
 MICRO = TINY.replace(input_size=33, width=8, blocks=(1, 1, 1), channels=16)
@@ -157,6 +160,7 @@ def test_k_identical_shots_equal_one_shot():
 
 def test_refinement_iterates_from_zeros():
     model = build_model(MICRO, fused=False).eval()  # the paper's loop, exactly (tests/ops: the native op)
+    model.refinement.hoist = False
     x = torch.randn(1, MICRO.channels, 5, 5)
     y = torch.zeros(1, 2, 5, 5)
     with torch.no_grad():
@@ -167,6 +171,28 @@ def test_refinement_iterates_from_zeros():
         assert not torch.equal(model.refinement(x, 1), logits)
     with pytest.raises(ValueError):
         model.refinement(x, 0)
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+@pytest.mark.parametrize("iterations", [1, 2, 4])
+def test_hoisted_inference_loop_is_the_papers_loop(iterations, seeded):
+    """The inference loop computes the X half of the first feedback conv once and the image-pooling branch
+    as a projection bias; in float64 it is the literal loop to rounding. Training runs the literal loop."""
+    refinement = build_model(MICRO, fused=False).refinement.double().eval()
+    x = torch.randn(2, MICRO.channels, 6, 5, dtype=torch.double)
+    previous = torch.randn(2, 2, 6, 5, dtype=torch.double) if seeded else None  # negative too: ReLU'd
+    with torch.no_grad():
+        hoisted = refinement.run(x, iterations, previous)[0]
+        refinement.hoist = False
+        literal = refinement.run(x, iterations, previous)[0]
+    torch.testing.assert_close(hoisted, literal, rtol=1e-12, atol=1e-12)  # float64 summation order only
+    refinement.hoist = True
+    with torch.no_grad(), patch.object(Refinement, "hoisted", side_effect=AssertionError("hoisted")):
+        refinement.train()(x, iterations, previous)  # dropout acts in training: the literal loop
+        refinement.eval()
+        with torch.enable_grad():
+            refinement.run(x.requires_grad_(), iterations, previous)[0].sum().backward()
+    assert x.grad is not None
 
 
 def test_gradients_flow_only_where_they_should():

@@ -1,0 +1,136 @@
+"""What hoisting the iteration-invariant terms out of the PyTorch refinement loop saves: the loop as the paper
+writes it against the hoisted inference loop (crnet/model/refinement.py), at the r50 head's shapes (256
+channels, 41x41, T=5), with random weights, calls alternating so both see the same machine state.
+
+Rows: FLOPs (counted), torch eager, ONNX Runtime on the CPU (each loop exported as its own head-like graph),
+and on a CUDA machine torch FP16 channels-last eager and compiled with CUDA graphs (GPU time).
+
+    python benchmarks/hoisting.py [--batch 1] [--repeats 10] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from crnet.commands.timer import Timer
+from crnet.model.refinement import Refinement
+
+CHANNELS, SIDE, DILATIONS = 256, 41, (6, 12, 18)
+
+
+class Loop(torch.nn.Module):
+    """One refinement loop, hoisted or as written, as a module to export."""
+
+    def __init__(self, refinement: Refinement, hoist: bool, iterations: int):
+        super().__init__()
+        self.refinement, self.hoist, self.iterations = refinement, hoist, iterations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.refinement.hoist = self.hoist
+        return self.refinement(x, self.iterations)
+
+
+def side_by_side(calls: dict, timer: Timer, repeats: int, gpu: bool = False) -> dict[str, float]:
+    """Median ms of each call, alternating; GPU time where asked for."""
+    for call in calls.values():
+        call()
+        call()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            wall, gpu_time = timer(call)
+            times[name].append(1000 * (gpu_time if gpu else wall))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def row(label: str, medians: dict[str, float]) -> str:
+    ratio = medians["literal"] / medians["hoisted"]
+    return f"| {label} | {medians['literal']:.2f} | {medians['hoisted']:.2f} | {ratio:.2f}x |"
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    refinement = Refinement(CHANNELS, DILATIONS, fused=False).eval()
+    x = torch.randn(args.batch, CHANNELS, SIDE, SIDE)
+    loops = {name: Loop(refinement, name == "hoisted", args.iterations) for name in ("literal", "hoisted")}
+    error = (loops["literal"](x) - loops["hoisted"](x)).abs().max().item()
+
+    print(f"refinement loop, {CHANNELS}x{SIDE}x{SIDE}, batch {args.batch}, T={args.iterations}")
+    print("| runtime | as written (ms) | hoisted (ms) | saving |")
+    print("|---|---|---|---|")
+    flops = {}
+    for name, loop in loops.items():
+        with FlopCounterMode(display=False) as counter:
+            loop(x)
+        flops[name] = counter.get_total_flops() / 1e9
+    ratio = flops["literal"] / flops["hoisted"]
+    print(f"| GFLOP (counted) | {flops['literal']:.1f} | {flops['hoisted']:.1f} | {ratio:.2f}x |")
+
+    cpu = Timer(torch.device("cpu"))
+    print(
+        row(
+            f"torch fp32 eager, CPU ({args.threads} threads)",
+            side_by_side(
+                {name: (lambda loop=loop: loop(x)) for name, loop in loops.items()}, cpu, args.repeats
+            ),
+        )
+    )
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print("| onnxruntime | not installed | | |")
+    else:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        sessions = {}
+        with tempfile.TemporaryDirectory() as folder:
+            for name, loop in loops.items():
+                path = Path(folder) / f"{name}.onnx"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # exporter chatter
+                    program = torch.onnx.export(
+                        loop, (x,), input_names=["x"], opset_version=18, dynamo=True, verbose=False
+                    )
+                program.save(str(path))
+                sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = {"x": x.numpy()}
+        calls = {name: (lambda s=session: s.run(None, feed)) for name, session in sessions.items()}
+        print(row(f"onnxruntime fp32, CPU ({args.threads} threads)", side_by_side(calls, cpu, args.repeats)))
+
+    if torch.cuda.is_available():
+        gpu = Timer(torch.device("cuda"))
+        refinement.to("cuda", torch.float16).to(memory_format=torch.channels_last)
+        xg = x.to("cuda", torch.float16).contiguous(memory_format=torch.channels_last)
+        eager = {name: (lambda loop=loop: loop(xg)) for name, loop in loops.items()}
+        print(
+            row(
+                "torch fp16 channels-last eager, CUDA (GPU time)",
+                side_by_side(eager, gpu, args.repeats, True),
+            )
+        )
+        compiled = {}
+        for name, loop in loops.items():
+            graph = torch.compile(loop, mode="reduce-overhead", dynamic=False)
+            compiled[name] = lambda graph=graph: graph(xg)
+        medians = side_by_side(compiled, gpu, args.repeats, True)
+        print(row("torch fp16 channels-last compiled + CUDA graphs (GPU time)", medians))
+    print(f"max |logit difference| FP32 CPU, as written vs hoisted: {error:.2e}")
+
+
+if __name__ == "__main__":
+    main()
