@@ -3,7 +3,9 @@ plain-PyTorch anchor every GPU bench is measured against.
 
 Compiled (`+compile`, `+cuda-graphs`), an episode is one compiled function (supports and query encoded as
 one batch, prompt, head) and a cached-prompt query another (encode, head), so that under CUDA graphs each is
-one graph replay per input shape; a new shape compiles and captures once.
+one graph replay per input shape; a new shape compiles and captures once. `freeze=True` compiles them with
+inductor's freezing too (weights as constants); off by default: it gained nothing measurable on a CPU
+(benchmarks/freezing.py, docs/BENCHMARKS.md).
 
 `+anchor` is what a user writes with torch.compile alone: the checkpoint's model as it is (no folding of
 ours, PyTorch's refinement loop as the paper writes it, not hoisted, no native op), channels-last, compiled
@@ -42,6 +44,7 @@ class TorchRuntime(Runtime):
         channels_last: bool = False,
         fused: bool | None = None,
         anchor: bool = False,
+        freeze: bool = False,
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -86,7 +89,7 @@ class TorchRuntime(Runtime):
                 )
             ]
             self._encode, self._segment, self._episode, self._query = compiled
-        self.anchor = anchor
+        self.anchor, self.freeze = anchor, freeze or anchor
         self.options = {
             "compile": compile,
             "cuda_graphs": cuda_graphs,
@@ -104,8 +107,8 @@ class TorchRuntime(Runtime):
         return " ".join([self.name, self.precision, *extras])
 
     def _compiling(self):
-        """Inductor's freezing for the anchor, read when a new shape compiles."""
-        return torch._inductor.config.patch(freezing=True) if self.anchor else contextlib.nullcontext()
+        """Inductor's freezing, read when a new shape compiles."""
+        return torch._inductor.config.patch(freezing=True) if self.freeze else contextlib.nullcontext()
 
     def _encoder_forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode(images.to(self.dtype).contiguous(memory_format=self.memory_format))

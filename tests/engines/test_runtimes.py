@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
+import torch._inductor.freezing as inductor_freezing
 
 from crnet import checkpoint
 from crnet.bundle import load_bundle
 from crnet.engines import RuntimeSpec, RuntimeUnavailable, open_runtime
+from crnet.engines.torch_runtime import TorchRuntime
 from crnet.errors import CRNetError, NoSupportError
 from crnet.model.crnet import upsample
 
@@ -186,14 +190,19 @@ def test_gpu_runtimes_match_the_model(text, micro_checkpoint, micro_bundle) -> N
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_eager(micro_checkpoint) -> None:
-    """torch.compile (inductor, CPU C++ codegen here) fuses elementwise work; the numbers stay eager's."""
+@pytest.mark.parametrize("freeze", [False, True])
+def test_torch_compile_matches_eager(micro_checkpoint, freeze) -> None:
+    """torch.compile (inductor, CPU C++ codegen here) fuses elementwise work, with or without freezing the
+    weights into constants; the numbers stay eager's."""
     query, supports, masks = episode(1)
     with open_runtime(RuntimeSpec("torch"), checkpoint=micro_checkpoint) as eager:
         expected = eager.episode(query, supports, masks)
-    with open_runtime(RuntimeSpec.parse("torch:fp32+compile"), checkpoint=micro_checkpoint) as compiled:
+    torch._dynamo.reset()  # an unfrozen graph compiled earlier in this process would be reused as it is
+    with TorchRuntime(micro_checkpoint, compile=True, freeze=freeze) as compiled:
         assert compiled.label == "torch fp32 compile fused"  # the native op runs inside the compiled graph
-        logits = compiled.episode(query, supports, masks)
+        with patch("torch._inductor.freezing.freeze", wraps=inductor_freezing.freeze) as freezing:
+            logits = compiled.episode(query, supports, masks)
+        assert freezing.called == freeze
         prompt = compiled.prompt(compiled.encode(supports[:, 0])[:, None], masks)
         cached = compiled.query(query, prompt)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

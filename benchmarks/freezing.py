@@ -1,0 +1,71 @@
+"""Does inductor's freezing pay for crnet's compiled torch rows? Each spec is opened twice, compiled with and
+without freezing, and the two time the same random episode alternately (wall time; GPU time on a GPU).
+
+    python benchmarks/freezing.py CHECKPOINT --spec torch:fp32+compile [--spec ...] [--device cpu]
+        [--batch 1] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from crnet.commands.timer import Timer
+from crnet.engines import RuntimeSpec
+from crnet.engines.torch_runtime import TorchRuntime
+
+
+def open_twice(spec: RuntimeSpec, checkpoint: str, device: str) -> dict[str, TorchRuntime]:
+    options = {
+        "precision": spec.precision,
+        "device": device,
+        "compile": "compile" in spec.options,
+        "cuda_graphs": "cuda-graphs" in spec.options,
+        "channels_last": "channels-last" in spec.options,
+        "fused": False if "torch-loop" in spec.options else None,
+    }
+    return {
+        name: TorchRuntime(checkpoint, freeze=name == "frozen", **options) for name in ("frozen", "plain")
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--spec", action="append", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    timer = Timer(device)
+    print(f"episode median ms, batch {args.batch}, 1-shot, {device}")
+    print("| spec | plain | frozen | plain / frozen | max logit difference |")
+    print("|---|---|---|---|---|")
+    for text in args.spec:
+        runtimes = open_twice(RuntimeSpec.parse(text), args.checkpoint, args.device)
+        size = runtimes["plain"].input_size
+        torch.manual_seed(0)
+        query = torch.randn(args.batch, 3, size, size, device=device)
+        supports = torch.randn(args.batch, 1, 3, size, size, device=device)
+        masks = (torch.rand(args.batch, 1, size, size, device=device) > 0.5).long()
+        # Frozen first: dynamo would serve a frozen runtime the unfrozen graph compiled before it (its guards
+        # do not see the setting), while a frozen graph's guards on its weights keep it to its own runtime.
+        results = {
+            name: [runtime.episode(query, supports, masks) for _ in range(3)][-1]
+            for name, runtime in runtimes.items()
+        }  # compile, capture, warm
+        times = {name: [] for name in runtimes}
+        for _ in range(args.repeats):
+            for name, runtime in runtimes.items():
+                wall, gpu = timer(lambda r=runtime, e=(query, supports, masks): r.episode(*e))
+                times[name].append(1000 * (wall if gpu is None else gpu))
+        plain, frozen = (statistics.median(times[name]) for name in ("plain", "frozen"))
+        error = (results["plain"] - results["frozen"]).abs().max().item()
+        print(f"| {text} | {plain:.2f} | {frozen:.2f} | {plain / frozen:.2f}x | {error:.1e} |")
+
+
+if __name__ == "__main__":
+    torch.inference_mode()(main)()
