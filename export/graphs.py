@@ -21,8 +21,12 @@ from torch import nn
 
 from crnet.bundle import GRAPH_IO, GRAPHS, tensor_shapes
 from crnet.model.crnet import CRNet, SupportPrompt
+from crnet.optional import require
 
 OPSET = 18
+WEIGHT_LIMIT = (
+    1 << 24
+)  # elements: above every weight of r50's graphs (the largest, the neck's 3x3 conv, 3.5M)
 
 
 class EncoderGraph(nn.Module):
@@ -111,6 +115,7 @@ def graph_module(spec: GraphSpec, model: CRNet, iterations: int, dtype: torch.dt
 
 def export_onnx(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor, ...], path: Path) -> None:
     """torch.export-based ONNX export with a symbolic batch on every input and output, one file."""
+    optimizer = require("onnxscript.optimizer", "crnet export (the torch.export-based ONNX exporter)")
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic_shapes = (tuple({0: batch} for _ in spec.inputs),)  # forward(*inputs): one varargs entry
     with warnings.catch_warnings(), torch.no_grad():
@@ -126,4 +131,8 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor,
             external_data=False,
             verbose=False,
         )
+        # Weights sliced by the hoisted refinement loop become weights of their own: the exporter's folding
+        # stops at 8192-element inputs, and a Slice left in front of a Conv keeps its weights from being
+        # build-time constants.
+        optimizer.fold_constants(program.model, input_size_limit=WEIGHT_LIMIT, output_size_limit=WEIGHT_LIMIT)
     program.save(str(path), external_data=False)

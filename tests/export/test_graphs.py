@@ -65,6 +65,17 @@ def test_fp16_graph_has_fp32_io_and_fp16_weights(micro_bundle, name) -> None:
         assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_every_convolution_weight_is_a_stored_constant(micro_bundle, precision) -> None:
+    """The hoisted loop slices its weights; the export stores the slices, so that no Slice sits between a
+    weight and its Conv (TensorRT builds with constant kernels; ONNX Runtime need not fold at load)."""
+    model = onnx.load(load_bundle(micro_bundle).graph(precision, "head"))
+    stored = {t.name for t in model.graph.initializer}
+    convolutions = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convolutions and all(n.input[1] in stored for n in convolutions)
+    assert not [n for n in model.graph.node if n.op_type == "Slice" and n.input[0] in stored]
+
+
 def test_fp16_head_keeps_softmax_and_reductions_in_fp32(micro_bundle) -> None:
     model = onnx.load(load_bundle(micro_bundle).graph("fp16", "head"))
     types = elem_types(model)
