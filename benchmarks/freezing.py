@@ -1,7 +1,7 @@
 """Does inductor's freezing pay for crnet's compiled torch rows? Each spec is opened twice, compiled with and
 without freezing, and the two time the same random episode alternately (wall time; GPU time on a GPU).
 
-    python benchmarks/freezing.py CHECKPOINT --spec torch:fp32+compile [--spec ...] [--device cpu]
+    python benchmarks/freezing.py CHECKPOINT --spec torch:fp32+compile [--spec ...] [--device cuda|cpu]
         [--batch 1] [--repeats 20]
 """
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--spec", action="append", required=True)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()

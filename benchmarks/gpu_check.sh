@@ -1,26 +1,35 @@
 #!/usr/bin/env bash
-# Every GPU check of the GPU path in one device run of under 9 minutes:
+# Every GPU check of the GPU path in two device runs of under 9 minutes each, back to back (the second finds
+# the machine warm: the build, the data and inductor's caches are still there):
 #
-#     OUT=/some/folder bash benchmarks/gpu_check.sh              # on the GPU machine
-#     OUT=/tmp/rehearsal REHEARSE=1 bash benchmarks/gpu_check.sh # the same steps on a CPU, small and fast
+#     OUT=/some/folder bash benchmarks/gpu_check.sh                # part 1, on the GPU machine
+#     OUT=/some/folder PART=2 bash benchmarks/gpu_check.sh         # part 2 (NO_OP=1: rows without the op)
+#     OUT=/tmp/rehearsal REHEARSE=1 [PART=2] bash benchmarks/gpu_check.sh  # the same steps on a CPU
 #
+# Part 1:
 # 1. build the CUDA backend with the python that runs the checks (stop at once if crnet does not import);
 # 2. at once, in parallel (nothing timed): the whole test suite; the tiny checkpoint's FP16-vs-FP32 accuracy
 #    on 1000 episodes; and one process per bench row and batch size that compiles and captures it, which
 #    fills inductor's on-disk caches so that the timed runs below do not spend minutes compiling;
 # 3. one after the other, the GPU to itself: `crnet bench` of r50 at batch 1 and at batch 64 (all rows side
-#    by side, the anchor among them), the native op against the compiled loop, and a kernel profile.
+#    by side, the anchor among them).
+# Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json.
+# Part 2, the GPU to itself throughout: the native op against the compiled loop (bench_ops), a kernel profile
+# of every row, the same with cudnn.benchmark, the hoisted loop against the loop as written, and inductor's
+# freezing for the deployed rows. Files: run2.log, ops.log, profile.txt, profile.json, decisions.txt.
 # Every step has a deadline inside the overall budget, so a slow step costs the later ones, not the run.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
-# before it costs device time. Files into $OUT (8 come back): run.log, pytest.log, bench_b1.json,
-# bench_b64.json, bench_tiny.json, ops.log, profile.txt, profile.json.
+# before it costs device time.
 set -u
 OUT=${OUT:?set OUT to the folder the logs go to}
 BUDGET=${BUDGET:-540}  # seconds, for everything
 REHEARSE=${REHEARSE:-0}
+PART=${PART:-1}
+NO_OP=${NO_OP:-0}
 START=$(date +%s)
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
+((PART == 2)) && LOG="$OUT/run2.log"
 : >"$LOG"
 say() { echo "$*" | tee -a "$LOG"; }
 step() { say ""; say "== $* (t=$(($(date +%s) - START)) s)"; }
@@ -39,11 +48,13 @@ if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
   ROWS=(torch:fp32+channels-last torch:fp32+compile torch:fp32+compile+torch-loop torch:fp32+anchor)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
+  FREEZE=(torch:fp32+compile torch:fp32+compile+torch-loop)
 else
   PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 6 --timeout 180)
   TINY=(torch:fp16+channels-last+cuda-graphs 1000)  # the deployed row, on the standard 1000 episodes
   ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs
     torch:fp16+channels-last+cuda-graphs+torch-loop torch:fp16+anchor)
+  FREEZE=(torch:fp16+channels-last+cuda-graphs torch:fp16+channels-last+cuda-graphs+torch-loop)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
@@ -58,6 +69,33 @@ if ! python3 -c "import crnet.ops as o; print('native op:', o.AVAILABLE, o.MISSI
 fi
 
 MODEL=$WORK/${PRESET}_untrained.pt LATENCY=$WORK/latency SYNTHETIC=$WORK/synthetic
+WITHOUT_OP=("${ROWS[0]}" "${ROWS[2]}" "${ROWS[3]}")  # eager, graphs + PyTorch loop, anchor
+if ((PART == 2)); then
+  python3 benchmarks/untrained_checkpoint.py --preset "$PRESET" --out "$MODEL" >/dev/null
+  ((NO_OP)) && ROWS=("${WITHOUT_OP[@]}") FREEZE=("${FREEZE[1]}")
+  step "native op against the compiled PyTorch loop"
+  ((NO_OP)) || within 120 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
+  grep -E "^\||speed|replay" "$OUT/ops.log" | tee -a "$LOG"
+
+  step "where the GPU time goes, batch 1"
+  within 100 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 --json "$OUT/profile.json" "${DEVICE[@]}" \
+    "${ROWS[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
+  step "the same with cudnn.benchmark (cuDNN times its algorithms per shape): does the anchor or ours gain?"
+  within 70 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" --cudnn-benchmark \
+    "--spec=${ROWS[-1]}" "--spec=${ROWS[1]}" >>"$OUT/profile.txt" 2>&1
+  grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG"
+
+  DECISIONS=$OUT/decisions.txt
+  step "the hoisted PyTorch loop against the loop as written (r50 head, batch 1)"
+  within 100 python3 benchmarks/hoisting.py --repeats 20 "${DEVICE[@]}" >>"$DECISIONS" 2>&1
+  step "inductor's freezing for the deployed rows, batch 1"
+  within 200 python3 benchmarks/freezing.py "$MODEL" "${DEVICE[@]}" --repeats 30 "${FREEZE[@]/#/--spec=}" \
+    >>"$DECISIONS" 2>&1
+  grep -E "^\||^max|^refinement|^episode|Error" "$DECISIONS" | tee -a "$LOG"
+  step done
+  exit 0
+fi
+
 step "in parallel: tests, tiny FP16 accuracy, compiling every bench row"
 pids=()
 # -v: a line per test as it ends, so that a suite cut off at its deadline still says what passed
@@ -93,7 +131,7 @@ tail -12 "$WORK/tiny.log" | tee -a "$LOG"
 # A native op that fails its GPU tests would take the bench down with it: then the rows without it run.
 if grep -qE "FAILED.*(cuda|channels_last)" "$OUT/pytest.log"; then
   say "the native op failed on the GPU: bench rows without it"
-  ROWS=("${ROWS[0]}" "${ROWS[2]}" "${ROWS[3]}")
+  ROWS=("${WITHOUT_OP[@]}")
 fi
 bench() {  # bench BATCH ROW...: one `crnet bench` of these rows, side by side
   local batch=$1 args=()
@@ -108,21 +146,13 @@ bench() {  # bench BATCH ROW...: one `crnet bench` of these rows, side by side
 }
 for batch in "${BATCHES[@]}"; do
   step "$PRESET, 1-shot, T=5, batch $batch"
-  if ! bench "$batch" "${ROWS[@]}" && ((${#ROWS[@]} == 4)); then
+  bench "$batch" "${ROWS[@]}"
+  code=$?
+  # Not after its deadline (124): a compile cut short can leave a truncated file in inductor's cache.
+  if ((code != 0 && code != 124 && ${#ROWS[@]} == 4)); then
     say "the bench failed: once more without the native op's rows"
-    bench "$batch" "${ROWS[0]}" "${ROWS[2]}" "${ROWS[3]}"
+    bench "$batch" "${WITHOUT_OP[@]}"
   fi
 done
-
-step "native op against the compiled PyTorch loop"
-within 90 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
-grep -E "^\||speed|replay" "$OUT/ops.log" | tee -a "$LOG"
-
-step "where the GPU time goes, batch 1"
-within 90 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 --json "$OUT/profile.json" "${DEVICE[@]}" \
-  "${ROWS[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
-step "the same with cudnn.benchmark (cuDNN times its algorithms per shape): does the anchor or ours gain?"
-within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" --cudnn-benchmark \
-  "--spec=${ROWS[-1]}" "--spec=${ROWS[1]}" >>"$OUT/profile.txt" 2>&1
-grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG"
 step done
+

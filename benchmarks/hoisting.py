@@ -2,10 +2,10 @@
 writes it against the hoisted inference loop (crnet/model/refinement.py), at the r50 head's shapes (256
 channels, 41x41, T=5), with random weights, calls alternating so both see the same machine state.
 
-Rows: FLOPs (counted), torch eager, ONNX Runtime on the CPU (each loop exported as its own head-like graph),
-and on a CUDA machine torch FP16 channels-last eager and compiled with CUDA graphs (GPU time).
+Rows: FLOPs (counted); on the CPU torch eager and ONNX Runtime (each loop exported as a graph of its own);
+on a GPU (`--device cuda`) torch FP16 channels-last eager and compiled with CUDA graphs, in GPU time.
 
-    python benchmarks/hoisting.py [--batch 1] [--repeats 10] [--threads 2]
+    python benchmarks/hoisting.py [--device cpu|cuda] [--batch 1] [--repeats 10] [--threads 2]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def row(label: str, medians: dict[str, float]) -> str:
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
@@ -80,56 +81,52 @@ def main() -> None:
         flops[name] = counter.get_total_flops() / 1e9
     ratio = flops["literal"] / flops["hoisted"]
     print(f"| GFLOP (counted) | {flops['literal']:.1f} | {flops['hoisted']:.1f} | {ratio:.2f}x |")
+    if args.device == "cpu":
+        cpu_rows(loops, x, args.threads, args.repeats)
+    else:
+        gpu_rows(refinement, loops, x, args.device, args.repeats)
+    print(f"max |logit difference| FP32 CPU, as written vs hoisted: {error:.2e}")
 
-    cpu = Timer(torch.device("cpu"))
-    print(
-        row(
-            f"torch fp32 eager, CPU ({args.threads} threads)",
-            side_by_side(
-                {name: (lambda loop=loop: loop(x)) for name, loop in loops.items()}, cpu, args.repeats
-            ),
-        )
-    )
+
+def cpu_rows(loops: dict[str, Loop], x: torch.Tensor, threads: int, repeats: int) -> None:
+    timer = Timer(torch.device("cpu"))
+    eager = {name: (lambda loop=loop: loop(x)) for name, loop in loops.items()}
+    print(row(f"torch fp32 eager, CPU ({threads} threads)", side_by_side(eager, timer, repeats)))
     try:
         import onnxruntime as ort
     except ImportError:
         print("| onnxruntime | not installed | | |")
-    else:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        sessions = {}
-        with tempfile.TemporaryDirectory() as folder:
-            for name, loop in loops.items():
-                path = Path(folder) / f"{name}.onnx"
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # exporter chatter
-                    program = torch.onnx.export(
-                        loop, (x,), input_names=["x"], opset_version=18, dynamo=True, verbose=False
-                    )
-                program.save(str(path))
-                sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feed = {"x": x.numpy()}
-        calls = {name: (lambda s=session: s.run(None, feed)) for name, session in sessions.items()}
-        print(row(f"onnxruntime fp32, CPU ({args.threads} threads)", side_by_side(calls, cpu, args.repeats)))
-
-    if torch.cuda.is_available():
-        gpu = Timer(torch.device("cuda"))
-        refinement.to("cuda", torch.float16).to(memory_format=torch.channels_last)
-        xg = x.to("cuda", torch.float16).contiguous(memory_format=torch.channels_last)
-        eager = {name: (lambda loop=loop: loop(xg)) for name, loop in loops.items()}
-        print(
-            row(
-                "torch fp16 channels-last eager, CUDA (GPU time)",
-                side_by_side(eager, gpu, args.repeats, True),
-            )
-        )
-        compiled = {}
+        return
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = {}
+    with tempfile.TemporaryDirectory() as folder:
         for name, loop in loops.items():
-            graph = torch.compile(loop, mode="reduce-overhead", dynamic=False)
-            compiled[name] = lambda graph=graph: graph(xg)
-        medians = side_by_side(compiled, gpu, args.repeats, True)
-        print(row("torch fp16 channels-last compiled + CUDA graphs (GPU time)", medians))
-    print(f"max |logit difference| FP32 CPU, as written vs hoisted: {error:.2e}")
+            path = Path(folder) / f"{name}.onnx"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # exporter chatter
+                program = torch.onnx.export(
+                    loop, (x,), input_names=["x"], opset_version=18, dynamo=True, verbose=False
+                )
+            program.save(str(path))
+            sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    calls = {name: (lambda s=session: s.run(None, feed)) for name, session in sessions.items()}
+    print(row(f"onnxruntime fp32, CPU ({threads} threads)", side_by_side(calls, timer, repeats)))
+
+
+def gpu_rows(refinement: Refinement, loops: dict[str, Loop], x: torch.Tensor, device: str, repeats: int):
+    timer = Timer(torch.device(device))
+    refinement.to(device, torch.float16).to(memory_format=torch.channels_last)
+    x = x.to(device, torch.float16).contiguous(memory_format=torch.channels_last)
+    eager = {name: (lambda loop=loop: loop(x)) for name, loop in loops.items()}
+    print(row("torch fp16 channels-last eager (GPU time)", side_by_side(eager, timer, repeats, True)))
+    compiled = {}
+    for name, loop in loops.items():
+        graph = torch.compile(loop, mode="reduce-overhead", dynamic=False)
+        compiled[name] = lambda graph=graph: graph(x)
+    medians = side_by_side(compiled, timer, repeats, True)
+    print(row("torch fp16 channels-last compiled + CUDA graphs (GPU time)", medians))
 
 
 if __name__ == "__main__":
