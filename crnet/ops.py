@@ -121,6 +121,16 @@ def widen(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
+def spatial_mean(features: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, 1, 1) mean over the pixels, summed in FP32 or wider, in the features' dtype."""
+    return widen(features).mean(dim=(2, 3), keepdim=True).to(features.dtype)
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """The softmax over the 2 classes that feeds the next iteration, computed in FP32 or wider."""
+    return torch.softmax(widen(logits), dim=1).to(logits.dtype)
+
+
 def refine_loop_reference(
     features: torch.Tensor,
     previous: torch.Tensor | None,
@@ -146,7 +156,7 @@ def refine_loop_reference(
         h = x + residual(torch.cat([x, y], 1), fb1, fb1_b, fb2, fb2_b)
         h = h + residual(h, r2a, r2a_b, r2b, r2b_b)
         h = h + residual(h, r3a, r3a_b, r3b, r3b_b)
-        pooled = widen(h).mean(dim=(2, 3), keepdim=True).to(h.dtype)
+        pooled = spatial_mean(h)
         branches = [F.relu(F.conv2d(pooled, pool, pool_b)).expand_as(h), F.relu(F.conv2d(h, point, point_b))]
         branches += [F.relu(F.conv2d(h, w, b, padding=d, dilation=d)) for w, b, d in dilated]
         aspp = F.relu(F.conv2d(torch.cat(branches, 1), project, project_b))
@@ -172,5 +182,5 @@ def refine_loop_reference(
                 break
             active, x, new = active[keep], x[keep], new[keep]
         current = new
-        y = torch.softmax(widen(new), dim=1).to(new.dtype)
+        y = probabilities(new)
     return logits, used

@@ -43,8 +43,7 @@ class ASPP(nn.Module):
         self.project = nn.Conv2d(channels * (len(dilations) + 2), channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = ops.widen(x).mean(dim=(2, 3), keepdim=True).to(x.dtype)  # FP32 reduction under FP16
-        pooled = self._drop(F.relu(self.image_pool(pooled))).expand_as(x)
+        pooled = self._drop(F.relu(self.image_pool(ops.spatial_mean(x)))).expand_as(x)
         outs = [pooled] + [self._drop(F.relu(branch(x))) for branch in self.branches]
         return self._drop(F.relu(self.project(torch.cat(outs, dim=1))))
 
@@ -124,7 +123,7 @@ class Refinement(nn.Module):
         y = x.new_zeros(x.shape[0], 2, *x.shape[2:]) if previous is None else previous
         for _ in range(iterations):
             logits = self.step(x, y)
-            y = torch.softmax(ops.widen(logits), dim=1).to(logits.dtype)  # FP32 softmax under FP16
+            y = ops.probabilities(logits)
         return logits, used
 
     def hoisted(self, x: torch.Tensor, iterations: int, previous: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,9 +143,8 @@ class Refinement(nn.Module):
             h = x + second(F.relu(first_out))
             h = h + self.residual2(h)
             h = h + self.residual3(h)
-            pooled = ops.widen(h).mean(dim=(2, 3), keepdim=True).to(h.dtype)
-            pool_bias = F.conv2d(F.relu(self.aspp.image_pool(pooled)), pool_weight, project.bias)
+            pool_bias = F.conv2d(F.relu(self.aspp.image_pool(ops.spatial_mean(h))), pool_weight, project.bias)
             branches = torch.cat([F.relu(branch(h)) for branch in self.aspp.branches], dim=1)
             logits = self.classifier(F.relu(F.conv2d(branches, branch_weight) + pool_bias))
-            y = torch.softmax(ops.widen(logits), dim=1).to(logits.dtype)  # FP32 softmax under FP16
+            y = ops.probabilities(logits)
         return logits
