@@ -8,11 +8,10 @@ without freezing, and the two time the same random episode alternately (wall tim
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
-from crnet.commands.timer import Timer
+from crnet.commands.timer import Timer, medians_in_turns
 from crnet.engines import RuntimeSpec
 from crnet.engines.torch_runtime import TorchRuntime
 
@@ -57,12 +56,12 @@ def main() -> None:
             name: [runtime.episode(query, supports, masks) for _ in range(3)][-1]
             for name, runtime in runtimes.items()
         }  # compile, capture, warm
-        times = {name: [] for name in runtimes}
-        for _ in range(args.repeats):
-            for name, runtime in runtimes.items():
-                wall, gpu = timer(lambda r=runtime, e=(query, supports, masks): r.episode(*e))
-                times[name].append(1000 * (wall if gpu is None else gpu))
-        plain, frozen = (statistics.median(times[name]) for name in ("plain", "frozen"))
+        calls = {
+            name: (lambda r=runtime, e=(query, supports, masks): r.episode(*e))
+            for name, runtime in runtimes.items()
+        }
+        medians = medians_in_turns(calls, timer, args.repeats, gpu=True)
+        plain, frozen = medians["plain"], medians["frozen"]
         error = (results["plain"] - results["frozen"]).abs().max().item()
         print(f"| {text} | {plain:.2f} | {frozen:.2f} | {plain / frozen:.2f}x | {error:.1e} |")
 

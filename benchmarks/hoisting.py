@@ -11,7 +11,6 @@ on a GPU (`--device cuda`) torch FP16 channels-last eager and compiled with CUDA
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from crnet.commands.timer import Timer
+from crnet.commands.timer import Timer, medians_in_turns
 from crnet.model.refinement import Refinement
 
 CHANNELS, SIDE, DILATIONS = 256, 41, (6, 12, 18)
@@ -38,16 +37,11 @@ class Loop(torch.nn.Module):
 
 
 def side_by_side(calls: dict, timer: Timer, repeats: int, gpu: bool = False) -> dict[str, float]:
-    """Median ms of each call, alternating; GPU time where asked for."""
+    """Median ms of each call, alternating after two warm-up calls each; GPU time where asked for."""
     for call in calls.values():
         call()
         call()
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            wall, gpu_time = timer(call)
-            times[name].append(1000 * (gpu_time if gpu else wall))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return medians_in_turns(calls, timer, repeats, gpu=gpu)
 
 
 def row(label: str, medians: dict[str, float]) -> str:

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 from pathlib import Path
 
 import torch
 
 from crnet import ops
-from crnet.commands.timer import Timer
+from crnet.commands.timer import Timer, medians_in_turns
 from crnet.files import write_text
 from crnet.model.refinement import Refinement
 
@@ -54,14 +53,10 @@ def compare(device: str, dtype: torch.dtype, batch: int, iterations: int, repeat
     with torch.no_grad():
         for _ in range(warmup):
             eager(), fused()
-        times = {"eager": [], "fused": []}
-        timer = Timer(torch.device(device))
-        for _ in range(repeats):  # wall time, launch gaps included: what an uncaptured call costs
-            times["eager"].append(timer(eager)[0])
-            times["fused"].append(timer(fused)[0])
+        # wall time, launch gaps included: what an uncaptured call costs
+        median = medians_in_turns({"eager": eager, "fused": fused}, Timer(torch.device(device)), repeats)
         reference = eager().float()
         result = fused().float()
-    median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     masks_equal = torch.equal(reference.argmax(1), result.argmax(1))
     return {
         "device": device,
