@@ -24,9 +24,8 @@ from crnet.model.crnet import CRNet, SupportPrompt
 from crnet.optional import require
 
 OPSET = 18
-WEIGHT_LIMIT = (
-    1 << 24
-)  # elements: above every weight of r50's graphs (the largest, the neck's 3x3 conv, 3.5M)
+# Elements: above every weight of r50's graphs (the largest, the neck's 3x3 conv, has 3.5M).
+WEIGHT_LIMIT = 1 << 24
 
 
 class EncoderGraph(nn.Module):

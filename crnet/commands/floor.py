@@ -3,9 +3,9 @@
 FLOPs are counted, not estimated: torch's FlopCounterMode runs the checkpoint's model once (the hoisted
 PyTorch refinement loop, whose convolutions the native op computes too; the anchor's loop as written does
 5 % more) on one episode of the bench's shape, and counts every convolution and matmul (2 FLOPs per
-multiply-add). The rate is measured once per run: the best
-of a few large square matmuls in each precision the rows use, on the bench's device. A row's share of the
-floor is floor time / its median time: 100 % would be a device doing nothing but matmuls at that rate.
+multiply-add). The rate is measured once per run: the best of a few large square matmuls in each precision
+the rows use, on the bench's device. A row's share of the floor is floor time / its median time: 100 %
+would be a device doing nothing but matmuls at that rate.
 """
 
 from __future__ import annotations
