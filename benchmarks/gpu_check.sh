@@ -1,35 +1,32 @@
 #!/usr/bin/env bash
-# Every GPU check of the GPU path in two device runs of under 9 minutes each, back to back (the second finds
-# the machine warm: the build, the data and inductor's caches are still there):
+# Every GPU check of the GPU path in ONE device run of under 10 minutes: a drawn task has 15 minutes of
+# device time in all, the machine's start (a minute or two) included, so there is no second call to count on.
 #
-#     OUT=/some/folder bash benchmarks/gpu_check.sh                # part 1, on the GPU machine
-#     OUT=/some/folder PART=2 bash benchmarks/gpu_check.sh         # part 2 (NO_OP=1: rows without the op)
-#     OUT=/tmp/rehearsal REHEARSE=1 [PART=2] bash benchmarks/gpu_check.sh  # the same steps on a CPU
+#     OUT=/some/folder bash benchmarks/gpu_check.sh                 # on the GPU machine (timeout_s 600)
+#     OUT=/tmp/rehearsal REHEARSE=1 BUDGET=700 bash benchmarks/gpu_check.sh   # the same steps on a CPU
 #
-# Part 1:
+# Steps, most important first; each has a deadline inside the overall budget, so a slow step costs the
+# later ones, not the run, and what is left when the budget is spent is skipped and says so:
 # 1. build the CUDA backend with the python that runs the checks (stop at once if crnet does not import);
 # 2. at once, in parallel (nothing timed): the whole test suite; the tiny checkpoint's FP16-vs-FP32 accuracy
-#    on 1000 episodes; and one process per bench row and batch size that compiles and captures it, which
-#    fills inductor's on-disk caches so that the timed runs below do not spend minutes compiling;
-# 3. one after the other, the GPU to itself: `crnet bench` of r50 at batch 1 and at batch 64 (all rows side
-#    by side, the anchor among them).
-# Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json.
-# Part 2, the GPU to itself throughout: the native op against the compiled loop (bench_ops), a kernel profile
-# of every row, the same with cudnn.benchmark, the hoisted loop against the loop as written, and inductor's
-# freezing for the deployed rows. Files: run2.log, ops.log, profile.txt, profile.json, decisions.txt.
-# Every step has a deadline inside the overall budget, so a slow step costs the later ones, not the run.
+#    on 1000 episodes; one process per compiled bench row and batch size that compiles and captures it (the
+#    profiler script with no calls), and one for the ops bench's compiled loop: they fill inductor's on-disk
+#    caches, so that the timed runs below do not spend minutes compiling;
+# 3. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
+#    side by side, the anchor among them); the native op against the compiled loop under graph replay
+#    (bench_ops); a kernel profile of every row at batch 1; and, if time is left, the same profile with
+#    cudnn.benchmark, the hoisted loop against the loop as written, and inductor's freezing.
+# Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
+# profile.txt, profile.json. The hoisting and freezing output goes into run.log.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
 # before it costs device time.
 set -u
 OUT=${OUT:?set OUT to the folder the logs go to}
-BUDGET=${BUDGET:-540}  # seconds, for everything
+BUDGET=${BUDGET:-570}  # seconds, for everything; the device call's timeout_s is 600
 REHEARSE=${REHEARSE:-0}
-PART=${PART:-1}
-NO_OP=${NO_OP:-0}
 START=$(date +%s)
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
-((PART == 2)) && LOG="$OUT/run2.log"
 : >"$LOG"
 say() { echo "$*" | tee -a "$LOG"; }
 step() { say ""; say "== $* (t=$(($(date +%s) - START)) s)"; }
@@ -42,7 +39,9 @@ within() {
   if ((cap < 15)); then say "skipped (budget spent): $*"; return 124; fi
   timeout -s INT -k 10 "$cap" "$@"
 }
+# Many compiling processes at once: fewer compile workers each, so they do not thrash 16 cores.
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4}
 WORK=$(mktemp -d)
 if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
@@ -50,7 +49,7 @@ if ((REHEARSE)); then
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
   FREEZE=(torch:fp32+compile torch:fp32+compile+torch-loop)
 else
-  PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 6 --timeout 180)
+  PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 6 --timeout 150)
   TINY=(torch:fp16+channels-last+cuda-graphs 1000)  # the deployed row, on the standard 1000 episodes
   ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs
     torch:fp16+channels-last+cuda-graphs+torch-loop torch:fp16+anchor)
@@ -59,6 +58,7 @@ else
     --format=csv,noheader | tee -a "$LOG"
 fi
 COMPILED=("${ROWS[@]:1}")
+WITHOUT_OP=("${ROWS[0]}" "${ROWS[2]}" "${ROWS[3]}")  # eager, graphs + PyTorch loop, anchor
 python3 -c "import sys, torch; print(sys.executable, 'torch', torch.__version__)" | tee -a "$LOG"
 
 step build
@@ -67,57 +67,30 @@ python3 -m pip install --no-build-isolation --no-deps -e . >"$WORK/build.log" 2>
 if ! python3 -c "import crnet.ops as o; print('native op:', o.AVAILABLE, o.MISSING)" 2>&1 | tee -a "$LOG"; then
   say "crnet does not import: stopping here"; exit 1
 fi
-
 MODEL=$WORK/${PRESET}_untrained.pt LATENCY=$WORK/latency SYNTHETIC=$WORK/synthetic
-WITHOUT_OP=("${ROWS[0]}" "${ROWS[2]}" "${ROWS[3]}")  # eager, graphs + PyTorch loop, anchor
-if ((PART == 2)); then
-  python3 benchmarks/untrained_checkpoint.py --preset "$PRESET" --out "$MODEL" >/dev/null
-  ((NO_OP)) && ROWS=("${WITHOUT_OP[@]}") FREEZE=("${FREEZE[1]}")
-  step "native op against the compiled PyTorch loop"
-  ((NO_OP)) || within 120 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
-  grep -E "^\||speed|replay" "$OUT/ops.log" | tee -a "$LOG"
-
-  step "where the GPU time goes, batch 1"
-  within 100 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 --json "$OUT/profile.json" "${DEVICE[@]}" \
-    "${ROWS[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
-  step "the same with cudnn.benchmark (cuDNN times its algorithms per shape): does the anchor or ours gain?"
-  within 70 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" --cudnn-benchmark \
-    "--spec=${ROWS[-1]}" "--spec=${ROWS[1]}" >>"$OUT/profile.txt" 2>&1
-  grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG"
-
-  DECISIONS=$OUT/decisions.txt
-  step "the hoisted PyTorch loop against the loop as written (r50 head, batch 1)"
-  within 100 python3 benchmarks/hoisting.py --repeats 20 "${DEVICE[@]}" >>"$DECISIONS" 2>&1
-  step "inductor's freezing for the deployed rows, batch 1"
-  within 200 python3 benchmarks/freezing.py "$MODEL" "${DEVICE[@]}" --repeats 30 "${FREEZE[@]/#/--spec=}" \
-    >>"$DECISIONS" 2>&1
-  grep -E "^\||^max|^refinement|^episode|Error" "$DECISIONS" | tee -a "$LOG"
-  step done
-  exit 0
-fi
 
 step "in parallel: tests, tiny FP16 accuracy, compiling every bench row"
 pids=()
 # -v: a line per test as it ends, so that a suite cut off at its deadline still says what passed
-(within 240 python3 -m pytest -v -p no:cacheprovider "${PYTEST[@]}" -rfE "${TESTS[@]}" \
+(within 200 python3 -m pytest -v -p no:cacheprovider "${PYTEST[@]}" -rfE "${TESTS[@]}" \
   >"$OUT/pytest.log" 2>&1
   say "pytest exit $? (t=$(($(date +%s) - START)) s)") &
 pids+=($!)
 (python3 -m crnet synth "$SYNTHETIC" "${SYNTH[@]}" >/dev/null &&
-  within 240 python3 -m crnet bench checkpoints/tiny_fold0.pt --data "$SYNTHETIC" "${DEVICE[@]}" \
+  within 200 python3 -m crnet bench checkpoints/tiny_fold0.pt --data "$SYNTHETIC" "${DEVICE[@]}" \
     --runtime "${TINY[0]}" --runtime "torch:$P+channels-last" --episodes "${TINY[1]}" --repeats 5 --warmup 2 --json "$OUT/bench_tiny.json" --chart "$WORK/chart_tiny.png" --no-progress \
     >"$WORK/tiny.log" 2>&1
   say "tiny accuracy exit $? (t=$(($(date +%s) - START)) s)") &
 pids+=($!)
 python3 -m crnet synth "$LATENCY" --train-per-class 2 --val-per-class 10 >/dev/null &
 pids+=($!)
-(within 240 python3 -m crnet.commands.bench_ops --repeats 1 --warmup 0 >"$WORK/ops_warm.log" 2>&1
+(within 200 python3 -m crnet.commands.bench_ops --repeats 1 --warmup 0 >"$WORK/ops_warm.log" 2>&1
   say "compiled the ops bench's loops: exit $? (t=$(($(date +%s) - START)) s)") &
 pids+=($!)
 python3 benchmarks/untrained_checkpoint.py --preset "$PRESET" --out "$MODEL" >/dev/null
 for batch in "${BATCHES[@]}"; do
   for spec in "${COMPILED[@]}"; do
-    (within 240 python3 benchmarks/gpu_profile.py "$MODEL" --spec "$spec" --batch "$batch" --calls 0 \
+    (within 200 python3 benchmarks/gpu_profile.py "$MODEL" --spec "$spec" --batch "$batch" --calls 0 \
       "${DEVICE[@]}" >"$WORK/warm_${batch}_${spec//[:+]/_}.log" 2>&1
       say "compiled $spec, batch $batch: exit $? (t=$(($(date +%s) - START)) s)") &
     pids+=($!)
@@ -129,15 +102,16 @@ grep -E " (FAILED|ERROR) |node down|crashed|[0-9]+ passed" "$OUT/pytest.log" | s
 tail -12 "$WORK/tiny.log" | tee -a "$LOG"
 
 # A native op that fails its GPU tests would take the bench down with it: then the rows without it run.
+NO_OP=0
 if grep -qE "FAILED.*(cuda|channels_last)" "$OUT/pytest.log"; then
   say "the native op failed on the GPU: bench rows without it"
-  ROWS=("${WITHOUT_OP[@]}")
+  ROWS=("${WITHOUT_OP[@]}") FREEZE=("${FREEZE[1]}") NO_OP=1
 fi
 bench() {  # bench BATCH ROW...: one `crnet bench` of these rows, side by side
   local batch=$1 args=()
   shift
   for spec in "$@"; do args+=(--runtime "$spec"); done
-  within 110 python3 -m crnet bench "$MODEL" --data "$LATENCY" "${args[@]}" "${DEVICE[@]}" --episodes 0 \
+  within 90 python3 -m crnet bench "$MODEL" --data "$LATENCY" "${args[@]}" "${DEVICE[@]}" --episodes 0 \
     --batch-size "$batch" --warmup 5 --repeats 50 --json "$OUT/bench_b$batch.json" \
     --chart "$WORK/chart_b$batch.png" --no-progress >"$WORK/bench_b$batch.log" 2>&1
   local code=$?
@@ -149,10 +123,31 @@ for batch in "${BATCHES[@]}"; do
   bench "$batch" "${ROWS[@]}"
   code=$?
   # Not after its deadline (124): a compile cut short can leave a truncated file in inductor's cache.
-  if ((code != 0 && code != 124 && ${#ROWS[@]} == 4)); then
+  if ((code != 0 && code != 124 && NO_OP == 0)); then
     say "the bench failed: once more without the native op's rows"
     bench "$batch" "${WITHOUT_OP[@]}"
   fi
 done
-step done
 
+step "native op against the compiled PyTorch loop, GPU time under graph replay"
+((NO_OP)) || within 80 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
+grep -E "^\||speed|replay" "$OUT/ops.log" | tee -a "$LOG"
+
+step "where the GPU time goes, batch 1"
+within 70 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 --json "$OUT/profile.json" "${DEVICE[@]}" \
+  "${ROWS[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
+grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG"
+
+# What is left of the budget goes to the decisions that matter less.
+step "the same with cudnn.benchmark (cuDNN times its algorithms per shape): does the anchor or ours gain?"
+within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" --cudnn-benchmark \
+  "--spec=${ROWS[-1]}" "--spec=${ROWS[1]}" >>"$OUT/profile.txt" 2>&1
+grep -A3 "cudnn.benchmark" "$OUT/profile.txt" | grep -v "^      " | tee -a "$LOG"
+step "the hoisted PyTorch loop against the loop as written (r50 head, batch 1)"
+within 60 python3 benchmarks/hoisting.py --repeats 20 "${DEVICE[@]}" >"$WORK/hoisting.log" 2>&1
+grep -v Warning "$WORK/hoisting.log" | tee -a "$LOG"
+step "inductor's freezing for the deployed rows, batch 1"
+within 120 python3 benchmarks/freezing.py "$MODEL" "${DEVICE[@]}" --repeats 30 "${FREEZE[@]/#/--spec=}" \
+  >"$WORK/freezing.log" 2>&1
+grep -v Warning "$WORK/freezing.log" | tee -a "$LOG"
+step done
