@@ -43,22 +43,23 @@ within() {
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4}
 WORK=$(mktemp -d)
+# ROWS: eager; captured eager code with the op; compiled and captured with the op; the same with PyTorch's
+# loop; the anchor. COMPILED: the rows that compile (warmed up in parallel); WITHOUT_OP: the rows run if the
+# op fails its GPU tests.
 if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
-  ROWS=(torch:fp32+channels-last torch:fp32+compile torch:fp32+compile+torch-loop torch:fp32+anchor)
+  ROWS=(torch:fp32+channels-last torch:fp32 torch:fp32+compile torch:fp32+compile+torch-loop torch:fp32+anchor)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
-  FREEZE=(torch:fp32+compile torch:fp32+compile+torch-loop)
 else
   PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 6 --timeout 150)
-  TINY=(torch:fp16+channels-last+cuda-graphs 1000)  # the deployed row, on the standard 1000 episodes
-  ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs
-    torch:fp16+channels-last+cuda-graphs+torch-loop torch:fp16+anchor)
-  FREEZE=(torch:fp16+channels-last+cuda-graphs torch:fp16+channels-last+cuda-graphs+torch-loop)
+  TINY=(torch:fp16+channels-last+compile+cuda-graphs 1000)  # the deployed row, on the standard 1000 episodes
+  ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs torch:fp16+channels-last+compile+cuda-graphs
+    torch:fp16+channels-last+compile+cuda-graphs+torch-loop torch:fp16+anchor)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
-COMPILED=("${ROWS[@]:1}")
-WITHOUT_OP=("${ROWS[0]}" "${ROWS[2]}" "${ROWS[3]}")  # eager, graphs + PyTorch loop, anchor
+COMPILED=("${ROWS[@]:2}") FREEZE=("${ROWS[2]}" "${ROWS[3]}")
+WITHOUT_OP=("${ROWS[0]}" "${ROWS[3]}" "${ROWS[4]}")
 python3 -c "import sys, torch; print(sys.executable, 'torch', torch.__version__)" | tee -a "$LOG"
 
 step build
@@ -141,7 +142,7 @@ grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG
 # What is left of the budget goes to the decisions that matter less.
 step "the same with cudnn.benchmark (cuDNN times its algorithms per shape): does the anchor or ours gain?"
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" --cudnn-benchmark \
-  "--spec=${ROWS[-1]}" "--spec=${ROWS[1]}" >>"$OUT/profile.txt" 2>&1
+  "--spec=${ROWS[-1]}" "--spec=${FREEZE[0]}" >>"$OUT/profile.txt" 2>&1
 grep -A3 "cudnn.benchmark" "$OUT/profile.txt" | grep -v "^      " | tee -a "$LOG"
 step "the hoisted PyTorch loop against the loop as written (r50 head, batch 1)"
 within 60 python3 benchmarks/hoisting.py --repeats 20 "${DEVICE[@]}" >"$WORK/hoisting.log" 2>&1

@@ -4,8 +4,9 @@
     features = runtime.encode(images); prompt = runtime.prompt(features, masks); runtime.segment(...)
 
 A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `torch:bf16+channels-last`,
-`torch:fp16+cuda-graphs`, `torch:fp16+cuda-graphs+torch-loop` (PyTorch's refinement loop, not the
-native op, whatever --fused says), `torch:fp16+anchor` (plain torch.compile, the anchor of GPU benches),
+`torch:fp16+cuda-graphs` (each episode shape one captured CUDA graph), `torch:fp16+compile+cuda-graphs`
+(inductor's code, captured), `+torch-loop` (PyTorch's refinement loop, not the native op, whatever --fused
+says), `torch:fp16+anchor` (plain torch.compile, the anchor of GPU benches),
 `onnxruntime:fp32`, `onnxruntime:fp16+cuda`, `onnxruntime:fp16+tensorrt` (execution providers),
 `tensorrt:fp16`; every command that takes `--runtime` takes this syntax. Every backend
 library is imported only when its runtime is opened.
@@ -26,7 +27,7 @@ from crnet.engines.base import Runtime, RuntimeUnavailable
 
 NAMES = ("torch", "onnxruntime", "tensorrt")
 # The deployed GPU path of a checkpoint: what infer, bench and demo run by default on CUDA.
-DEPLOYED_GPU = "torch:fp16+channels-last+cuda-graphs"
+DEPLOYED_GPU = "torch:fp16+channels-last+compile+cuda-graphs"
 OPTIONS = {
     "torch": ("compile", "cuda-graphs", "channels-last", "torch-loop", "anchor"),
     "onnxruntime": ("cuda", "tensorrt"),

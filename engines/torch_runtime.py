@@ -1,11 +1,12 @@
 """PyTorch eager (the reference), optionally FP16/BF16, channels-last, torch.compile and CUDA graphs; and the
 plain-PyTorch anchor every GPU bench is measured against.
 
-Compiled (`+compile`, `+cuda-graphs`), an episode is one compiled function (supports and query encoded as
-one batch, prompt, head) and a cached-prompt query another (encode, head), so that under CUDA graphs each is
-one graph replay per input shape; a new shape compiles and captures once. `freeze=True` compiles them with
-inductor's freezing too (weights as constants); off by default: it gained nothing measurable on a CPU
-(benchmarks/freezing.py, docs/BENCHMARKS.md).
+An episode is one function (supports and query encoded as one batch, prompt, head) and a cached-prompt
+query another (encode, head). `+compile` compiles each with inductor; `+cuda-graphs` captures each as one
+CUDA graph per input shape, replayed from static buffers (engines/cuda_graphs.py): a new shape compiles and
+captures once, every later call is one replay. `freeze=True` compiles with inductor's freezing too (weights
+as constants); off by default: it gained nothing measurable on a CPU (benchmarks/freezing.py,
+docs/BENCHMARKS.md).
 
 `+anchor` is what a user writes with torch.compile alone: the checkpoint's model as it is (no folding of
 ours, PyTorch's refinement loop as the paper writes it, not hoisted, no native op), channels-last, compiled
@@ -22,6 +23,7 @@ import torch
 
 from crnet import checkpoint, ops
 from crnet.engines.base import Runtime, RuntimeUnavailable
+from crnet.engines.cuda_graphs import CapturedCalls
 from crnet.model.crnet import SupportPrompt
 from crnet.model.fold import fold_batchnorm
 
@@ -76,19 +78,16 @@ class TorchRuntime(Runtime):
         self.iterations = model.config.refinement_iterations(iterations)
         self._encode, self._segment = self._encoder_forward, self._head_forward
         self._episode = self._query = None
+        functions = [self._encoder_forward, self._head_forward, self._episode_forward, self._query_forward]
+        if compile:
+            # The anchor's CUDA graphs are torch.compile's own (reduce-overhead), as a plain user gets them;
+            # ours are captured below, so inductor compiles without them.
+            mode = "reduce-overhead" if anchor and cuda_graphs else "default"
+            functions = [torch.compile(f, mode=mode, dynamic=False) for f in functions]
+        if cuda_graphs and not anchor:
+            functions = [CapturedCalls(f, self.device) for f in functions]
         if compile or cuda_graphs:
-            # reduce-overhead = CUDA graphs: replays each captured shape without host launches.
-            mode = "reduce-overhead" if cuda_graphs else "default"
-            compiled = [
-                torch.compile(f, mode=mode, dynamic=False)
-                for f in (
-                    self._encoder_forward,
-                    self._head_forward,
-                    self._episode_forward,
-                    self._query_forward,
-                )
-            ]
-            self._encode, self._segment, self._episode, self._query = compiled
+            self._encode, self._segment, self._episode, self._query = functions
         self.anchor, self.freeze = anchor, freeze or anchor
         self.options = {
             "compile": compile,

@@ -164,6 +164,7 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
         "torch:fp32",
         "torch:fp16+channels-last",
         "torch:fp16+cuda-graphs",
+        "torch:fp16+channels-last+compile+cuda-graphs",
         "torch:fp16+anchor",
         "onnxruntime:fp32+cuda",
     ],

@@ -1,0 +1,71 @@
+"""A whole call captured as one CUDA graph per input signature, replayed from static buffers.
+
+The first call with a new signature (shapes, dtypes, strides) copies its inputs into buffers of its own,
+runs the function a few times off the capture (compilation, cuDNN's and Triton's choices, lazy
+initialisation), then captures one call; every later call with that signature copies its inputs into those
+buffers and replays the graph: one launch from the host, whatever the function launches. The output is the
+graph's own tensor, overwritten by the next replay: callers that keep it must copy it.
+
+Unlike torch.compile's mode="reduce-overhead" (CUDA graph trees), a replay checks no guards and no
+parameter addresses: the host cost per call is the input copies and the replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Signature = tuple[tuple[tuple[int, ...], torch.dtype, tuple[int, ...]], ...]
+# capture(function, static inputs) -> (replay, output): `replay()` recomputes `output` in place from the
+# static inputs' current values.
+Capture = Callable[[Callable[..., torch.Tensor], list[torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
+
+
+def capture_cuda_graph(function, inputs: list[torch.Tensor], warmup: int = 3):
+    """The capture recipe of torch.cuda.graphs: warm up on a side stream, then record one call."""
+    side = torch.cuda.Stream(inputs[0].device)
+    side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            function(*inputs)
+    torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = function(*inputs)
+    return graph.replay, output
+
+
+@dataclass
+class _Captured:
+    inputs: list[torch.Tensor]
+    replay: Callable[[], None]
+    output: torch.Tensor
+
+
+class CapturedCalls:
+    """`function` (tensors in, one tensor out, no host synchronisation) as replays of captured graphs."""
+
+    def __init__(
+        self, function: Callable[..., torch.Tensor], device: torch.device, capture: Capture | None = None
+    ):
+        self.function, self.device = function, torch.device(device)
+        self.capture = capture or capture_cuda_graph
+        self.graphs: dict[Signature, _Captured] = {}
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        signature = tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
+        captured = self.graphs.get(signature)
+        if captured is None:
+            # Buffers on the runtime's device whatever the inputs' device: a replay never reads host memory.
+            static = [torch.empty_like(t, device=self.device) for t in inputs]
+            for buffer, tensor in zip(static, inputs, strict=True):
+                buffer.copy_(tensor)
+            replay, output = self.capture(self.function, static)
+            captured = self.graphs[signature] = _Captured(static, replay, output)
+        else:
+            for buffer, tensor in zip(captured.inputs, inputs, strict=True):
+                buffer.copy_(tensor, non_blocking=True)
+        captured.replay()  # also after a capture: recording a call runs none of its kernels
+        return captured.output

@@ -1,0 +1,87 @@
+"""Whole calls captured once per input signature and replayed from static buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crnet.engines.cuda_graphs import CapturedCalls
+from tests.engines.test_runtimes import episode
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def scaled_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (2 * a + b).relu()
+
+
+def recording_capture(captured: list):
+    """A stand-in for a CUDA graph on the CPU: `replay` recomputes the output in place from the static inputs,
+    as a graph's replay does; each capture is recorded with the values it saw."""
+
+    def capture(function, inputs):
+        captured.append([t.clone() for t in inputs])
+        output = function(*inputs)
+        return (lambda: output.copy_(function(*inputs))), output
+
+    return capture
+
+
+def test_one_capture_per_signature_and_replays_see_new_inputs() -> None:
+    captured = []
+    calls = CapturedCalls(scaled_sum, torch.device("cpu"), capture=recording_capture(captured))
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    torch.testing.assert_close(calls(a, b), scaled_sum(a, b))
+    for _ in range(3):  # same signature, new values: replays of the one capture, from the new values
+        a, b = torch.randn(2, 3), torch.randn(2, 3)
+        torch.testing.assert_close(calls(a, b), scaled_sum(a, b))
+    assert len(captured) == 1
+    calls(torch.randn(4, 3), torch.randn(4, 3))  # a new shape
+    calls(a.double(), b.double())  # a new dtype
+    calls(a.t().contiguous().t(), b)  # the same shape with other strides
+    assert len(captured) == len(calls.graphs) == 4
+    # The static buffers are the runtime's own: never the caller's tensors.
+    buffers = [t.data_ptr() for captured in calls.graphs.values() for t in captured.inputs]
+    assert not {a.data_ptr(), b.data_ptr()} & set(buffers)
+
+
+def test_the_output_is_the_graphs_own_tensor() -> None:
+    """Each replay overwrites the output of the last: callers that keep one must copy it."""
+    calls = CapturedCalls(scaled_sum, torch.device("cpu"), capture=recording_capture([]))
+    first = calls(torch.ones(2), torch.zeros(2))
+    kept = first.clone()
+    second = calls(torch.zeros(2), torch.ones(2))
+    assert second is first
+    torch.testing.assert_close(kept, torch.full((2,), 2.0))
+    torch.testing.assert_close(first, torch.ones(2))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_graph_replays_match_eager_calls() -> None:
+    calls = CapturedCalls(scaled_sum, torch.device("cuda"))
+    for shape in [(2, 3), (2, 3), (5, 7), (2, 3)]:
+        a, b = torch.randn(shape), torch.randn(shape)  # host inputs: copied into the device's buffers
+        torch.testing.assert_close(calls(a, b), scaled_sum(a, b).cuda())
+    assert len(calls.graphs) == 2
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("text", ["torch:fp16+channels-last+cuda-graphs", "torch:fp16+compile+cuda-graphs"])
+def test_a_runtime_captures_each_episode_shape_once(text, micro_checkpoint) -> None:
+    from crnet.engines import RuntimeSpec, open_runtime
+
+    def opened(spec: str):
+        return open_runtime(RuntimeSpec.parse(spec), checkpoint=micro_checkpoint, device="cuda")
+
+    with opened(text) as graphs:
+        with opened("torch:fp16") as eager:
+            for batch in (1, 2, 1, 2):
+                query, supports, masks = episode(1, batch)
+                logits = graphs.episode(query.cuda(), supports.cuda(), masks.cuda())
+                again = graphs.episode(query.cuda(), supports.cuda(), masks.cuda())
+                torch.testing.assert_close(logits, again)  # a kept result is the caller's, not the graph's
+                expected = eager.episode(query.cuda(), supports.cuda(), masks.cuda())
+                torch.testing.assert_close(logits, expected, atol=2e-2, rtol=2e-2)
+        assert len(graphs._episode.graphs) == 2
