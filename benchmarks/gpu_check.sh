@@ -53,8 +53,9 @@ if ((REHEARSE)); then
 else
   PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 6 --timeout 150)
   TINY=(torch:fp16+channels-last+compile+cuda-graphs 1000)  # the deployed row, on the standard 1000 episodes
-  ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs torch:fp16+channels-last+compile+cuda-graphs
-    torch:fp16+channels-last+compile+cuda-graphs+torch-loop torch:fp16+anchor)
+  ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs
+    torch:fp16+channels-last+compile+cuda-graphs torch:fp16+channels-last+compile+cuda-graphs+torch-loop
+    torch:fp16+anchor)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
@@ -79,7 +80,8 @@ pids=()
 pids+=($!)
 (python3 -m crnet synth "$SYNTHETIC" "${SYNTH[@]}" >/dev/null &&
   within 200 python3 -m crnet bench checkpoints/tiny_fold0.pt --data "$SYNTHETIC" "${DEVICE[@]}" \
-    --runtime "${TINY[0]}" --runtime "torch:$P+channels-last" --episodes "${TINY[1]}" --repeats 5 --warmup 2 --json "$OUT/bench_tiny.json" --chart "$WORK/chart_tiny.png" --no-progress \
+    --runtime "${TINY[0]}" --runtime "torch:$P+channels-last" --episodes "${TINY[1]}" --repeats 5 --warmup 2 \
+    --json "$OUT/bench_tiny.json" --chart "$WORK/chart_tiny.png" --no-progress \
     >"$WORK/tiny.log" 2>&1
   say "tiny accuracy exit $? (t=$(($(date +%s) - START)) s)") &
 pids+=($!)
@@ -112,7 +114,7 @@ bench() {  # bench BATCH ROW...: one `crnet bench` of these rows, side by side
   local batch=$1 args=()
   shift
   for spec in "$@"; do args+=(--runtime "$spec"); done
-  within 90 python3 -m crnet bench "$MODEL" --data "$LATENCY" "${args[@]}" "${DEVICE[@]}" --episodes 0 \
+  within 100 python3 -m crnet bench "$MODEL" --data "$LATENCY" "${args[@]}" "${DEVICE[@]}" --episodes 0 \
     --batch-size "$batch" --warmup 5 --repeats 50 --json "$OUT/bench_b$batch.json" \
     --chart "$WORK/chart_b$batch.png" --no-progress >"$WORK/bench_b$batch.log" 2>&1
   local code=$?
@@ -131,11 +133,11 @@ for batch in "${BATCHES[@]}"; do
 done
 
 step "native op against the compiled PyTorch loop, GPU time under graph replay"
-((NO_OP)) || within 80 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
+((NO_OP)) || within 70 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
 grep -E "^\||speed|replay" "$OUT/ops.log" | tee -a "$LOG"
 
 step "where the GPU time goes, batch 1"
-within 70 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 --json "$OUT/profile.json" "${DEVICE[@]}" \
+within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 --json "$OUT/profile.json" "${DEVICE[@]}" \
   "${ROWS[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
 grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG"
 

@@ -6,8 +6,9 @@ initialisation), then captures one call; every later call with that signature co
 buffers and replays the graph: one launch from the host, whatever the function launches. The output is the
 graph's own tensor, overwritten by the next replay: callers that keep it must copy it.
 
-Unlike torch.compile's mode="reduce-overhead" (CUDA graph trees), a replay checks no guards and no
-parameter addresses: the host cost per call is the input copies and the replay.
+Host cost per call: the input copies and the replay. torch.compile's mode="reduce-overhead" adds to its
+replay dynamo's guard checks and, in CUDAGraphNode.run (torch/_inductor/cudagraph_trees.py), a check of
+every static input's address and a rebuild of the output tensors.
 """
 
 from __future__ import annotations
