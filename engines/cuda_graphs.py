@@ -55,6 +55,10 @@ class CapturedCalls:
         self.capture = capture or capture_cuda_graph
         self.graphs: dict[Signature, _Captured] = {}
 
+    def release(self) -> None:
+        """Drop every graph with its buffers and memory pool; a later call captures again."""
+        self.graphs.clear()
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         signature = tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
         captured = self.graphs.get(signature)

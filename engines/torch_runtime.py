@@ -150,6 +150,11 @@ class TorchRuntime(Runtime):
             features = self._encode(images)
         return features.float() if features.dtype != torch.float32 else self._owned(features)
 
+    def close(self) -> None:
+        for function in (self._encode, self._segment, self._episode, self._query):
+            if isinstance(function, CapturedCalls):
+                function.release()
+
     def _owned(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.clone() if self.options["cuda_graphs"] else tensor
 

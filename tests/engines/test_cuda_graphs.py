@@ -40,6 +40,9 @@ def test_one_capture_per_signature_and_replays_see_new_inputs() -> None:
     calls(a.double(), b.double())  # a new dtype
     calls(a.t().contiguous().t(), b)  # the same shape with other strides
     assert len(captured) == len(calls.graphs) == 4
+    calls.release()
+    calls(a, b)
+    assert len(captured) == 5 and len(calls.graphs) == 1
     # The static buffers are the runtime's own: never the caller's tensors.
     buffers = [t.data_ptr() for captured in calls.graphs.values() for t in captured.inputs]
     assert not {a.data_ptr(), b.data_ptr()} & set(buffers)
@@ -85,3 +88,4 @@ def test_a_runtime_captures_each_episode_shape_once(text, micro_checkpoint) -> N
                 expected = eager.episode(query.cuda(), supports.cuda(), masks.cuda())
                 torch.testing.assert_close(logits, expected, atol=2e-2, rtol=2e-2)
         assert len(graphs._episode.graphs) == 2
+    assert not graphs._episode.graphs  # closing released them
