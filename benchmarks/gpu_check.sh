@@ -51,7 +51,7 @@ if ((REHEARSE)); then
   ROWS=(torch:fp32+channels-last torch:fp32 torch:fp32+compile torch:fp32+compile+torch-loop torch:fp32+anchor)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
 else
-  PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 6 --timeout 150)
+  PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 6 --timeout 190)
   TINY=(torch:fp16+channels-last+compile+cuda-graphs 1000)  # the deployed row, on the standard 1000 episodes
   ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs
     torch:fp16+channels-last+compile+cuda-graphs torch:fp16+channels-last+compile+cuda-graphs+torch-loop
