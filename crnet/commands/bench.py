@@ -16,6 +16,8 @@ which launch gaps still count in, without the host's final synchronisation).
 Against the FLOP floor (crnet.commands.floor): the FLOPs of each kind of call are counted once and the
 device's best matmul rate measured once per run; a row's share of the floor is floor time / its median.
 A row `torch:<precision>+anchor` (plain torch.compile) gives every other row its ratio to the anchor.
+A runtime that cannot open is reported as unavailable, one whose call raises (a compile or a graph capture
+that fails, say) as failed, each with its reason: the other rows are measured all the same.
 JSON schema: SCHEMA.
 """
 
@@ -37,6 +39,7 @@ from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import fold_classes
 from crnet.engines import RuntimeSpec, open_runtime
 from crnet.engines.base import Runtime, RuntimeUnavailable
+from crnet.errors import CRNetError
 from crnet.files import atomic_file
 from crnet.metrics import Agreement, IoUMeter
 from crnet.model.crnet import upsample
@@ -52,7 +55,7 @@ REFERENCE = RuntimeSpec("torch", "fp32")
 #   floor             {flops: {episode, query, encoder}, matmul_tflop_per_s: {precision: rate},
 #                      best_precision, floor_ms: {episode, query, encoder}}
 #   runtimes: [ {
-#     spec, label, status ("ok" | "unavailable"), reason (when unavailable),
+#     spec, label, status ("ok" | "unavailable" | "failed"), reason (when not ok; "failed": a call raised),
 #     latency_ms: {episode|query|encoder: {median, p90, p99, mean, min, samples}},
 #     gpu_ms: {episode|query|encoder: median GPU time by CUDA events} (on a GPU; else absent),
 #     throughput: {episodes_per_s, queries_per_s},
@@ -136,8 +139,38 @@ def open_all(
     return opened, unavailable
 
 
-def measure_accuracy(runtimes: list[tuple[RuntimeSpec, Runtime]], settings: BenchSettings, progress) -> dict:
-    """mIoU, FB-IoU and agreement with the reference for every runtime, on the same episodes."""
+def failure(error: Exception) -> str:
+    """One line for a runtime whose call raised: the table and JSON keep the other rows."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def first_calls(runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, device: torch.device) -> dict:
+    """Every call kind once on each runtime (each compiles and captures here), so that one that raises is
+    reported as failed instead of ending the bench. The reference may not fail."""
+    query = data["query_image"].to(device)
+    supports, masks = data["support_images"].to(device), data["support_masks"].to(device)
+    failed = {}
+    for spec, runtime in runtimes:
+        try:
+            runtime.check_batch(supports.shape[0] * supports.shape[1])
+            runtime.episode(query, supports, masks)
+            features = runtime.encode(supports.flatten(0, 1)).unflatten(0, supports.shape[:2])
+            runtime.query(query, runtime.prompt(features, masks))
+        except CRNetError:
+            raise  # the user's settings (a batch an engine refuses): one error line, as everywhere
+        except Exception as error:
+            if spec == REFERENCE:
+                raise
+            failed[spec] = failure(error)
+    return failed
+
+
+def measure_accuracy(
+    runtimes: list[tuple[RuntimeSpec, Runtime]], settings: BenchSettings, progress, failed: dict
+) -> dict:
+    """mIoU, FB-IoU and agreement with the reference for every runtime, on the same episodes; a runtime
+    whose call raises joins `failed`."""
     reference = runtimes[0][1]
     batch = min(
         [settings.eval_batch] + [rt.max_batch // settings.shots for _, rt in runtimes if rt.max_batch]
@@ -153,7 +186,15 @@ def measure_accuracy(runtimes: list[tuple[RuntimeSpec, Runtime]], settings: Benc
             supports, masks = data["support_images"].to(device), data["support_masks"].to(device)
             expected = None
             for spec, runtime in runtimes:
-                logits = runtime.episode(query, supports, masks).float().cpu()
+                if spec in failed:
+                    continue
+                try:
+                    logits = runtime.episode(query, supports, masks).float().cpu()
+                except Exception as error:
+                    if spec == REFERENCE:
+                        raise
+                    failed[spec] = failure(error)
+                    continue
                 expected = logits if expected is None else expected
                 agreements[spec].update(logits, expected)
                 for i, label in enumerate(data["query_label"]):
@@ -161,7 +202,9 @@ def measure_accuracy(runtimes: list[tuple[RuntimeSpec, Runtime]], settings: Benc
                     meters[spec].update(resized.argmax(1)[0].bool(), label, int(data["class_id"][i]))
             bar(len(data["query_label"]))
     return {
-        spec: {"accuracy": meters[spec].result(), "agreement": agreements[spec].result()} for spec in meters
+        spec: {"accuracy": meters[spec].result(), "agreement": agreements[spec].result()}
+        for spec in meters
+        if spec not in failed
     }
 
 
@@ -269,18 +312,22 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
     for spec, reason in unavailable.items():
         notice(f"skipping {spec}: {reason}")
     try:
-        accuracy = measure_accuracy(runtimes, settings, progress) if settings.episodes > 0 else {}
         data = latency_batch(settings, runtimes[0][1].input_size)
+        failed = first_calls(runtimes, data, torch.device(settings.device))
+        accuracy = measure_accuracy(runtimes, settings, progress, failed) if settings.episodes > 0 else {}
+        for spec, reason in failed.items():
+            notice(f"{spec} failed: {reason}")
+        measured = [(spec, runtime) for spec, runtime in runtimes if spec not in failed]
         with progress(settings.warmup + settings.repeats, "latency") as bar:
-            latency = measure_latency(runtimes, data, settings, bar)
+            latency = measure_latency(measured, data, settings, bar)
     finally:
         for _, runtime in runtimes:
             runtime.close()
     floor = measure_floor(settings, runtimes[0][1].iterations)
     reference_ms = latency[REFERENCE]["latency_ms"]["episode"]["median"]
-    anchor = next((spec for spec, _ in runtimes if "anchor" in spec.options), None)
+    anchor = next((spec for spec, _ in measured if "anchor" in spec.options), None)
     rows = []
-    for spec, runtime in runtimes:
+    for spec, runtime in measured:
         row = {"spec": str(spec), "label": runtime.label, "status": "ok", **latency[spec]}
         medians = {kind: row["latency_ms"][kind]["median"] for kind in ("episode", "query")}
         row["latency_vs_reference"] = medians["episode"] / reference_ms
@@ -289,6 +336,11 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
         row["floor_share"] = {kind: floor["floor_ms"][kind] / ms for kind, ms in medians.items()}
         row.update(accuracy.get(spec, {}))
         rows.append(row)
+    rows += [
+        {"spec": str(s), "label": r.label, "status": "failed", "reason": failed[s]}
+        for s, r in runtimes
+        if s in failed
+    ]
     rows += [
         {"spec": str(s), "label": str(s), "status": "unavailable", "reason": r}
         for s, r in unavailable.items()
@@ -345,7 +397,7 @@ def format_table(result: dict) -> str:
     ]
     for row in result["runtimes"]:
         if row["status"] != "ok":
-            lines.append(f"| {row['label']} | unavailable: {row['reason']} |" + "|" * (len(columns) - 2))
+            lines.append(f"| {row['label']} | {row['status']}: {row['reason']} |" + "|" * (len(columns) - 2))
             continue
         episode, query = row["latency_ms"]["episode"], row["latency_ms"]["query"]
         accuracy, agreement = row.get("accuracy", {}), row.get("agreement", {})

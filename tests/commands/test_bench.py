@@ -148,3 +148,37 @@ def test_reference_runs_the_bundles_iterations(micro_checkpoint, bench_root, tmp
     result = run_bench([RuntimeSpec("onnxruntime")], settings, no_bar)
     assert result["settings"]["iterations"] == 2
     assert rows(result)["onnxruntime:fp32"]["agreement"]["max_abs_logit_error"] < 1e-3
+
+
+@pytest.mark.parametrize("when", ["first call", "accuracy"])
+def test_a_runtime_whose_call_raises_is_reported_not_fatal(micro_checkpoint, bench_root, monkeypatch, when):
+    """A row that fails (a capture a driver refuses, say) costs its own row only: the others are measured."""
+    import crnet.commands.bench as bench
+
+    def breaking(spec, **options):
+        runtime = bench_open_runtime(spec, **options)
+        if spec.options == ("channels-last",):
+
+            def episode(*args):
+                raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
+
+            runtime.episode = episode
+        return runtime
+
+    bench_open_runtime = bench.open_runtime
+    monkeypatch.setattr(bench, "open_runtime", breaking)
+    settings = BenchSettings(
+        checkpoint=micro_checkpoint, bundle=None, data_root=bench_root, episodes=4, eval_batch=2, repeats=2
+    )
+    if when == "accuracy":
+        monkeypatch.setattr(bench, "first_calls", lambda *args: {})  # the accuracy pass meets it first
+    notices = []
+    specs = [RuntimeSpec.parse(s) for s in ("torch:fp32+channels-last", "torch:fp32+torch-loop")]
+    result = run_bench(specs, settings, no_bar, notice=notices.append)
+    table = rows(result)
+    broken = table["torch:fp32+channels-last"]
+    assert broken["status"] == "failed"
+    assert broken["reason"] == "RuntimeError: operation not permitted when stream is capturing"
+    assert table["torch:fp32"]["status"] == table["torch:fp32+torch-loop"]["status"] == "ok"
+    assert any("torch:fp32+channels-last failed" in line for line in notices)
+    assert "| torch fp32 channels-last fused | failed: RuntimeError" in format_table(result)
