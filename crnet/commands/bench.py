@@ -145,24 +145,35 @@ def failure(error: Exception) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
+def guarded(spec: RuntimeSpec, failed: dict, call, *args):
+    """`call(*args)`, or None when it raised and `spec` joined `failed`. User errors (a batch an engine
+    refuses) and the reference's failures still end the bench."""
+    try:
+        return call(*args)
+    except CRNetError:
+        raise  # the user's settings: one error line, as everywhere
+    except Exception as error:
+        if spec == REFERENCE:
+            raise
+        failed[spec] = failure(error)
+        return None
+
+
 def first_calls(runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, device: torch.device) -> dict:
     """Every call kind once on each runtime (each compiles and captures here), so that one that raises is
-    reported as failed instead of ending the bench. The reference may not fail."""
+    reported as failed instead of ending the bench."""
     query = data["query_image"].to(device)
     supports, masks = data["support_images"].to(device), data["support_masks"].to(device)
+
+    def every_kind(runtime: Runtime) -> None:
+        runtime.check_batch(supports.shape[0] * supports.shape[1])
+        runtime.episode(query, supports, masks)
+        features = runtime.encode(supports.flatten(0, 1)).unflatten(0, supports.shape[:2])
+        runtime.query(query, runtime.prompt(features, masks))
+
     failed = {}
     for spec, runtime in runtimes:
-        try:
-            runtime.check_batch(supports.shape[0] * supports.shape[1])
-            runtime.episode(query, supports, masks)
-            features = runtime.encode(supports.flatten(0, 1)).unflatten(0, supports.shape[:2])
-            runtime.query(query, runtime.prompt(features, masks))
-        except CRNetError:
-            raise  # the user's settings (a batch an engine refuses): one error line, as everywhere
-        except Exception as error:
-            if spec == REFERENCE:
-                raise
-            failed[spec] = failure(error)
+        guarded(spec, failed, every_kind, runtime)
     return failed
 
 
@@ -188,13 +199,10 @@ def measure_accuracy(
             for spec, runtime in runtimes:
                 if spec in failed:
                     continue
-                try:
-                    logits = runtime.episode(query, supports, masks).float().cpu()
-                except Exception as error:
-                    if spec == REFERENCE:
-                        raise
-                    failed[spec] = failure(error)
+                logits = guarded(spec, failed, runtime.episode, query, supports, masks)
+                if logits is None:
                     continue
+                logits = logits.float().cpu()
                 expected = logits if expected is None else expected
                 agreements[spec].update(logits, expected)
                 for i, label in enumerate(data["query_label"]):
