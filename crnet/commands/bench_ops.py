@@ -23,6 +23,7 @@ import torch
 
 from crnet import ops
 from crnet.commands.timer import Timer, medians_in_turns
+from crnet.engines.cuda_graphs import capture_cuda_graph
 from crnet.files import write_text
 from crnet.model.refinement import Refinement
 
@@ -73,19 +74,11 @@ def compare(device: str, dtype: torch.dtype, batch: int, iterations: int, repeat
     }
 
 
-def replayed_ms(call, replays: int) -> tuple[float, torch.Tensor]:
-    """GPU ms per call of `call` captured as one CUDA graph and replayed `replays` times, and its output."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (and compilation) off the capture
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = call()
-    graph.replay()
-    _, gpu_seconds = Timer(torch.device("cuda"))(lambda: [graph.replay() for _ in range(replays)])
+def replayed_ms(call, x: torch.Tensor, replays: int) -> tuple[float, torch.Tensor]:
+    """GPU ms per `call(x)`, captured as one CUDA graph and replayed `replays` times, and its output."""
+    replay, output = capture_cuda_graph(call, [x])  # as the deployed rows capture
+    replay()
+    _, gpu_seconds = Timer(torch.device("cuda"))(lambda: [replay() for _ in range(replays)])
     return gpu_seconds * 1000.0 / replays, output
 
 
@@ -98,15 +91,15 @@ def compare_replayed(batch: int, iterations: int, replays: int) -> dict:
     weights = module.op_weights()
     compiled = torch.compile(lambda t: module.run(t, iterations, fused=False)[0], dynamic=False)
     calls = {
-        "compiled_eager": lambda: compiled(x),
-        "fused": lambda: ops.refine_loop(x, None, weights, DILATIONS, iterations)[0],
+        "compiled_eager": compiled,
+        "fused": lambda t: ops.refine_loop(t, None, weights, DILATIONS, iterations)[0],
     }
     result, outputs = {"batch": batch, "iterations": iterations, "replays": replays}, {}
     with torch.no_grad():
         reference = head("cuda", torch.float32).run(x.float(), iterations, fused=False)[0]  # same seed
         for name, call in calls.items():
             try:
-                result[f"{name}_gpu_ms"], outputs[name] = replayed_ms(call, replays)
+                result[f"{name}_gpu_ms"], outputs[name] = replayed_ms(call, x, replays)
             except Exception as error:  # a capture that fails is the finding: report it
                 result[f"{name}_gpu_ms"], result[f"{name}_error"] = None, f"{type(error).__name__}: {error}"
     for name, output in outputs.items():
