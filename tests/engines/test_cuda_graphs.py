@@ -44,7 +44,7 @@ def test_one_capture_per_signature_and_replays_see_new_inputs() -> None:
     calls(a, b)
     assert len(captured) == 5 and len(calls.graphs) == 1
     # The static buffers are the runtime's own: never the caller's tensors.
-    buffers = [t.data_ptr() for captured in calls.graphs.values() for t in captured.inputs]
+    buffers = [t.data_ptr() for entry in calls.graphs.values() for t in entry.inputs]
     assert not {a.data_ptr(), b.data_ptr()} & set(buffers)
 
 
