@@ -23,6 +23,7 @@ def open_twice(spec: RuntimeSpec, checkpoint: str, device: str) -> dict[str, Tor
         "compile": "compile" in spec.options,
         "cuda_graphs": "cuda-graphs" in spec.options,
         "channels_last": "channels-last" in spec.options,
+        "cudnn_epilogues": "cudnn-epilogues" in spec.options,
         "fused": False if "torch-loop" in spec.options else None,
     }
     return {

@@ -44,23 +44,26 @@ export PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4}
 WORK=$(mktemp -d)
 # ROWS: eager; captured eager code with the op; compiled and captured with the op; the same with PyTorch's
-# loop; the anchor. COMPILED: the rows that compile (warmed up in parallel); WITHOUT_OP: the rows run if the
-# op fails its GPU tests.
+# loop; the anchor; captured eager code with cuDNN's fused epilogues, with the op and with PyTorch's loop.
+# COMPILED: the rows that compile (warmed up in parallel); WITHOUT_OP: the rows run if the op fails its GPU
+# tests. (The rehearsal's CPU refuses the cuDNN rows: they check the bench's and the profile's refusals.)
 if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
-  ROWS=(torch:fp32+channels-last torch:fp32 torch:fp32+compile torch:fp32+compile+torch-loop torch:fp32+anchor)
+  ROWS=(torch:fp32+channels-last torch:fp32 torch:fp32+compile torch:fp32+compile+torch-loop torch:fp32+anchor
+    torch:fp32+cudnn-epilogues+cuda-graphs torch:fp32+cudnn-epilogues+cuda-graphs+torch-loop)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
 else
   PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 6 --timeout 190)
   TINY=(torch:fp16+channels-last+compile+cuda-graphs 1000)  # the deployed row, on the standard 1000 episodes
   ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs
     torch:fp16+channels-last+compile+cuda-graphs torch:fp16+channels-last+compile+cuda-graphs+torch-loop
-    torch:fp16+anchor)
+    torch:fp16+anchor torch:fp16+channels-last+cudnn-epilogues+cuda-graphs
+    torch:fp16+channels-last+cudnn-epilogues+cuda-graphs+torch-loop)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
-COMPILED=("${ROWS[@]:2}") FREEZE=("${ROWS[2]}" "${ROWS[3]}")
-WITHOUT_OP=("${ROWS[0]}" "${ROWS[3]}" "${ROWS[4]}")
+ANCHOR=torch:$P+anchor COMPILED=("${ROWS[@]:2:3}") FREEZE=("${ROWS[2]}" "${ROWS[3]}")
+WITHOUT_OP=("${ROWS[0]}" "${ROWS[3]}" "${ROWS[4]}" "${ROWS[6]}")
 python3 -c "import sys, torch; print(sys.executable, 'torch', torch.__version__)" | tee -a "$LOG"
 
 step build
@@ -114,11 +117,12 @@ bench() {  # bench BATCH ROW...: one `crnet bench` of these rows, side by side
   local batch=$1 args=()
   shift
   for spec in "$@"; do args+=(--runtime "$spec"); done
+  # 50 timed calls at batch 1, 20 at batch 64 (each a few tens of ms): seven rows within the step's cap
   within 100 python3 -m crnet bench "$MODEL" --data "$LATENCY" "${args[@]}" "${DEVICE[@]}" --episodes 0 \
-    --batch-size "$batch" --warmup 5 --repeats 50 --json "$OUT/bench_b$batch.json" \
+    --batch-size "$batch" --warmup 5 --repeats $((batch > 8 ? 20 : 50)) --json "$OUT/bench_b$batch.json" \
     --chart "$WORK/chart_b$batch.png" --no-progress >"$WORK/bench_b$batch.log" 2>&1
   local code=$?
-  grep -v Warning "$WORK/bench_b$batch.log" | tail -14 | tee -a "$LOG"
+  grep -v Warning "$WORK/bench_b$batch.log" | tail -18 | tee -a "$LOG"
   return $code
 }
 for batch in "${BATCHES[@]}"; do
@@ -137,14 +141,17 @@ step "native op against the compiled PyTorch loop, GPU time under graph replay"
 grep -E "^\||speed|replay" "$OUT/ops.log" | tee -a "$LOG"
 
 step "where the GPU time goes, batch 1"
+# The anchor and the cuDNN rows first (what is new), the uncaptured eager row not at all (launch-bound).
+PROFILE=("$ANCHOR" "${ROWS[@]:5}" "${ROWS[@]:1:3}")
+((NO_OP)) && PROFILE=("$ANCHOR" "${ROWS[3]}" "${ROWS[1]}")
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 --json "$OUT/profile.json" "${DEVICE[@]}" \
-  "${ROWS[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
+  "${PROFILE[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
 grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG"
 
 # What is left of the budget goes to the decisions that matter less.
 step "the same with cudnn.benchmark (cuDNN times its algorithms per shape): does the anchor or ours gain?"
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" --cudnn-benchmark \
-  "--spec=${ROWS[-1]}" "--spec=${FREEZE[0]}" >>"$OUT/profile.txt" 2>&1
+  "--spec=$ANCHOR" "--spec=${FREEZE[0]}" >>"$OUT/profile.txt" 2>&1
 grep -A3 "cudnn.benchmark" "$OUT/profile.txt" | grep -v "^      " | tee -a "$LOG"
 step "the hoisted PyTorch loop against the loop as written (r50 head, batch 1)"
 within 60 python3 benchmarks/hoisting.py --repeats 20 "${DEVICE[@]}" >"$WORK/hoisting.log" 2>&1

@@ -127,8 +127,8 @@ def main() -> None:
             print(report(results[-1]), flush=True)
         except Exception as error:  # one spec that fails to compile or capture must not lose the others
             print(f"== {text}: failed: {type(error).__name__}: {error}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        if args.json:  # after every spec: a run cut off at its deadline keeps the specs it finished
+            args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ _announced: set[str] = set()
 if AVAILABLE:
 
     @torch.library.register_fake("crnet::refine_loop")
-    def _refine_loop_fake(features, previous, weights, dilations, iterations, exit_fraction=0.0):
+    def _refine_loop_fake(
+        features, previous, weights, dilations, iterations, exit_fraction=0.0, cudnn_epilogues=False
+    ):
         batch, _, height, width = features.shape
         return features.new_empty(batch, 2, height, width), features.new_empty(batch, dtype=torch.long)
 
@@ -96,16 +98,18 @@ def refine_loop(
     exit_fraction: float = 0.0,
     *,
     native: bool | None = None,
+    cudnn_epilogues: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C, H, W) conditioned features -> last logits (N, 2, H, W) and iterations used per sample (N,).
 
     `weights` in the op's order (`Refinement.op_weights`). With exit_fraction > 0 a sample stops after
     iteration t >= 2 once fewer than that fraction of its mask pixels changed since iteration t - 1.
-    `native` as in `use_native`; the PyTorch twin runs otherwise.
+    `native` as in `use_native`; the PyTorch twin runs otherwise. `cudnn_epilogues`: the op's channels-last
+    CUDA path runs its convolutions that end in a ReLU as cuDNN's fused kernels (the same numbers).
     """
     if use_native(features, native):
         return torch.ops.crnet.refine_loop(
-            features, previous, list(weights), list(dilations), iterations, exit_fraction
+            features, previous, list(weights), list(dilations), iterations, exit_fraction, cudnn_epilogues
         )
     return refine_loop_reference(features, previous, weights, dilations, iterations, exit_fraction)
 

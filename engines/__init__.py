@@ -5,11 +5,11 @@
 
 A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `torch:bf16+channels-last`,
 `torch:fp16+cuda-graphs` (each episode shape one captured CUDA graph), `torch:fp16+compile+cuda-graphs`
-(inductor's code, captured), `+torch-loop` (PyTorch's refinement loop, not the native op, whatever --fused
-says), `torch:fp16+anchor` (plain torch.compile, the anchor of GPU benches),
-`onnxruntime:fp32`, `onnxruntime:fp16+cuda`, `onnxruntime:fp16+tensorrt` (execution providers),
-`tensorrt:fp16`; every command that takes `--runtime` takes this syntax. Every backend
-library is imported only when its runtime is opened.
+(inductor's code, captured), `+cudnn-epilogues` (bias, residual and ReLU inside cuDNN's convolutions),
+`+torch-loop` (PyTorch's refinement loop, not the native op, whatever --fused says), `torch:fp16+anchor`
+(plain torch.compile, the anchor of GPU benches), `onnxruntime:fp32`, `onnxruntime:fp16+cuda`,
+`onnxruntime:fp16+tensorrt` (execution providers), `tensorrt:fp16`; every command that takes `--runtime`
+takes this syntax. Every backend library is imported only when its runtime is opened.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ NAMES = ("torch", "onnxruntime", "tensorrt")
 # The deployed GPU path of a checkpoint: what infer, bench and demo run by default on CUDA.
 DEPLOYED_GPU = "torch:fp16+channels-last+compile+cuda-graphs"
 OPTIONS = {
-    "torch": ("compile", "cuda-graphs", "channels-last", "torch-loop", "anchor"),
+    "torch": ("compile", "cuda-graphs", "channels-last", "cudnn-epilogues", "torch-loop", "anchor"),
     "onnxruntime": ("cuda", "tensorrt"),
     "tensorrt": (),
 }
@@ -96,6 +96,7 @@ def open_runtime(
             channels_last="channels-last" in spec.options,
             fused=False if "torch-loop" in spec.options else fused,
             anchor="anchor" in spec.options,
+            cudnn_epilogues="cudnn-epilogues" in spec.options,
         )
     if bundle is None:
         raise RuntimeUnavailable(f"the {spec.name} runtime needs an exported bundle (crnet export)")

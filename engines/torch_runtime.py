@@ -4,9 +4,10 @@ plain-PyTorch anchor every GPU bench is measured against.
 An episode is one function (supports and query encoded as one batch, prompt, head) and a cached-prompt
 query another (encode, head). `+compile` compiles each with inductor; `+cuda-graphs` captures each as one
 CUDA graph per input shape, replayed from static buffers (engines/cuda_graphs.py): a new shape compiles and
-captures once, every later call is one replay. `freeze=True` compiles with inductor's freezing too (weights
-as constants); off by default: it gained nothing measurable on a CPU (benchmarks/freezing.py,
-docs/BENCHMARKS.md).
+captures once, every later call is one replay. `+cudnn-epilogues` (CUDA) runs each convolution's bias,
+residual add and ReLU inside cuDNN's convolution kernel (crnet/model/conv_epilogues.py). `freeze=True`
+compiles with inductor's freezing too (weights as constants); off by default: it gained nothing measurable
+on a CPU (benchmarks/freezing.py, docs/BENCHMARKS.md).
 
 `+anchor` is what a user writes with torch.compile alone: the checkpoint's model as it is (no folding of
 ours, PyTorch's refinement loop as the paper writes it, not hoisted, no native op), channels-last, compiled
@@ -24,6 +25,7 @@ import torch
 from crnet import checkpoint, ops
 from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.engines.cuda_graphs import CapturedCalls
+from crnet.model.conv_epilogues import fuse_conv_epilogues
 from crnet.model.crnet import SupportPrompt
 from crnet.model.fold import fold_batchnorm
 
@@ -47,6 +49,7 @@ class TorchRuntime(Runtime):
         fused: bool | None = None,
         anchor: bool = False,
         freeze: bool = False,
+        cudnn_epilogues: bool = False,
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -56,6 +59,8 @@ class TorchRuntime(Runtime):
             cuda_graphs = self.device.type == "cuda"
         elif cuda_graphs and self.device.type != "cuda":
             raise RuntimeUnavailable("CUDA graphs need --device cuda")
+        if cudnn_epilogues and (anchor or self.device.type != "cuda"):
+            raise RuntimeUnavailable("cuDNN's fused epilogues need --device cuda (and are not the anchor's)")
         if precision not in DTYPES:
             raise RuntimeUnavailable(f"torch runtime precision must be fp32, fp16 or bf16, got {precision!r}")
         self.precision, self.dtype = precision, DTYPES[precision]
@@ -63,6 +68,8 @@ class TorchRuntime(Runtime):
         # (The anchor leaves that to inductor's freezing, as a plain-PyTorch user would.)
         model = checkpoint.load_model(checkpoint_path, self.device)
         model = model if anchor else fold_batchnorm(model)
+        if cudnn_epilogues:  # bias, residual and ReLU in cuDNN's convolutions (model/conv_epilogues.py)
+            model = fuse_conv_epilogues(model)
         self.model = model.to(self.dtype)
         # The native refinement op by default where it has a kernel for this device and dtype (CPU: FP32).
         try:
@@ -93,6 +100,7 @@ class TorchRuntime(Runtime):
             "compile": compile,
             "cuda_graphs": cuda_graphs,
             "channels_last": channels_last,
+            "cudnn_epilogues": cudnn_epilogues,
             "fused": fused,
         }
 

@@ -196,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_typed(const at::Tensor& features,
 std::tuple<at::Tensor, at::Tensor> refine_loop_cpu(const at::Tensor& features,
                                                    const c10::optional<at::Tensor>& previous,
                                                    at::TensorList weights, at::IntArrayRef dilations,
-                                                   int64_t iterations, double exit_fraction) {
+                                                   int64_t iterations, double exit_fraction,
+                                                   bool /*cudnn_epilogues: no cuDNN on a CPU*/) {
   check_loop_arguments(iterations, exit_fraction);
   TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
               "crnet::refine_loop on CPU takes float32 or float64, got " + text(features.scalar_type()));

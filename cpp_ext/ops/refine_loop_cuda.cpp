@@ -135,7 +135,8 @@ bool packs_aligned(const at::Tensor& features, const RefineWeights& w) {
 std::tuple<at::Tensor, at::Tensor> refine_loop_cuda(const at::Tensor& features,
                                                     const c10::optional<at::Tensor>& previous,
                                                     at::TensorList weights, at::IntArrayRef dilations,
-                                                    int64_t iterations, double exit_fraction) {
+                                                    int64_t iterations, double exit_fraction,
+                                                    bool cudnn_epilogues) {
   check_loop_arguments(iterations, exit_fraction);
   TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kHalf,
               "crnet::refine_loop on CUDA takes float32 or float16, got " + text(features.scalar_type()));
@@ -148,10 +149,13 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_cuda(const at::Tensor& features,
   if (nhwc) {
     const RefineWeights w = unpack_weights(features, previous, weights, dilations, at::MemoryFormat::ChannelsLast);
     if (packs_aligned(features, w)) {
-      if (half) return refine_loop_cuda_nhwc<at::Half>(features, previous, w, iterations, exit_fraction);
-      return refine_loop_cuda_nhwc<float>(features, previous, w, iterations, exit_fraction);
+      if (half) {
+        return refine_loop_cuda_nhwc<at::Half>(features, previous, w, iterations, exit_fraction, cudnn_epilogues);
+      }
+      return refine_loop_cuda_nhwc<float>(features, previous, w, iterations, exit_fraction, cudnn_epilogues);
     }
   }
+  // The NCHW path keeps its own epilogues (it serves inputs that are not channels-last).
   const RefineWeights w = unpack_weights(features, previous, weights, dilations);
   if (half) return refine_loop_typed<at::Half>(features, previous, w, iterations, exit_fraction);
   return refine_loop_typed<float>(features, previous, w, iterations, exit_fraction);

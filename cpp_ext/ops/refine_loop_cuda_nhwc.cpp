@@ -4,7 +4,9 @@
 // with no layout conversion and our kernels move 16-byte packs of channels. The 1x1 convolutions are plain
 // GEMMs over (pixels, channels) rows. While a batch is too small to fill the GPU, the ASPP branches run side
 // by side on the op's own streams (forked from and joined back into the caller's stream, so the call stays one
-// capturable sequence for CUDA graphs).
+// capturable sequence for CUDA graphs). With cudnn_epilogues the convolutions that end in a ReLU (the first of
+// each residual block, the ASPP branches) are cuDNN's fused convolution-bias-ReLU kernels, no epilogue kernel
+// after them; the branches then write maps of their own, concatenated for the projection.
 #include "refine_loop_cuda_nhwc.h"
 
 #include <c10/cuda/CUDAFunctions.h>
@@ -95,7 +97,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor> refine_loop_cuda_nhwc(const at::Tensor& features,
                                                          const c10::optional<at::Tensor>& previous,
                                                          const RefineWeights& w, int64_t iterations,
-                                                         double exit_fraction) {
+                                                         double exit_fraction, bool cudnn_epilogues) {
   using Scalar = typename Raw<T>::type;
   const at::Tensor x = features.contiguous(kChannelsLast);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
@@ -114,6 +116,12 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_cuda_nhwc(const at::Tensor& featu
     return at::conv2d(input, weight, {}, 1, dilation, dilation).contiguous(kChannelsLast);
   };
   auto data = [](const at::Tensor& t) { return ptr<T>(t); };
+  // relu(conv(input) + bias) as one cuDNN kernel, channels-last out.
+  auto conv_relu = [](const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, int64_t padding,
+                      int64_t dilation) {
+    return at::cudnn_convolution_relu(input, weight, bias, {1, 1}, {padding, padding}, {dilation, dilation}, 1)
+        .contiguous(kChannelsLast);
+  };
 
   // Once per call: the feature term of the first feedback convolution, and the 1x1 weights as matrices.
   const at::Tensor feature_weight = w.feedback_weight.narrow(1, 0, channels).contiguous(kChannelsLast);
@@ -142,8 +150,12 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_cuda_nhwc(const at::Tensor& featu
     at::Tensor h = at::empty_like(active_x), h_relu = at::empty_like(active_x);
     epilogue(conv3x3(hidden, w.feedback2_weight, 1), w.feedback2_bias, active_x, false, data(h), channels, h_relu);
     for (int j = 0; j < 4; j += 2) {
-      epilogue(conv3x3(h_relu, w.residual_weight[j], 1), w.residual_bias[j], none, true, data(hidden), channels,
-               none);
+      if (cudnn_epilogues) {
+        hidden = conv_relu(h_relu, w.residual_weight[j], w.residual_bias[j], 1, 1);
+      } else {
+        epilogue(conv3x3(h_relu, w.residual_weight[j], 1), w.residual_bias[j], none, true, data(hidden), channels,
+                 none);
+      }
       at::Tensor next_h = at::empty_like(h), next_relu = j == 0 ? at::empty_like(h) : at::Tensor();
       epilogue(conv3x3(hidden, w.residual_weight[j + 1], 1), w.residual_bias[j + 1], h, false, data(next_h),
                channels, next_relu);
@@ -152,25 +164,40 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_cuda_nhwc(const at::Tensor& featu
     }
 
     // ASPP: the pooling branch as a per-sample projection bias; the other branches write their channel slice
-    // of each pixel's row, so no concatenation.
+    // of each pixel's row, so no concatenation (with cuDNN's epilogues, one concatenation of their maps).
     const at::Tensor pooled = at::relu(at::addmm(w.pool_bias, h.mean({2, 3}), pool_matrix.t()));
     const at::Tensor sample_bias = at::addmm(w.project_bias, pooled, project_pool.t()).contiguous();
-    const at::Tensor stacked = at::empty({n * pixels, branches * channels}, x.options());
+    at::Tensor stacked = at::empty({n * pixels, branches * channels}, x.options());
     const at::Tensor rows = h.permute({0, 2, 3, 1}).reshape({n * pixels, channels});  // a view: h is NHWC
+    std::vector<at::Tensor> maps(branches);  // with cudnn_epilogues: each branch's own NHWC map
     std::vector<std::function<void()>> work{[&] {
-      epilogue(at::matmul(rows, point_matrix.t()), w.point_bias, none, true, data(stacked), branches * channels,
-               none);
+      if (cudnn_epilogues) {
+        maps[0] = conv_relu(h, w.point_weight, w.point_bias, 0, 1);
+      } else {
+        epilogue(at::matmul(rows, point_matrix.t()), w.point_bias, none, true, data(stacked), branches * channels,
+                 none);
+      }
     }};
     for (size_t j = 0; j < w.dilations.size(); ++j) {
       work.push_back([&, j] {
-        epilogue(conv3x3(h, w.dilated_weight[j], w.dilations[j]), w.dilated_bias[j], none, true,
-                 data(stacked) + (1 + j) * channels, branches * channels, none);
+        if (cudnn_epilogues) {
+          maps[1 + j] = conv_relu(h, w.dilated_weight[j], w.dilated_bias[j], w.dilations[j], w.dilations[j]);
+        } else {
+          epilogue(conv3x3(h, w.dilated_weight[j], w.dilations[j]), w.dilated_bias[j], none, true,
+                   data(stacked) + (1 + j) * channels, branches * channels, none);
+        }
       });
     }
     if (n * pixels <= kConcurrentPixels) {
       run_side_by_side(work);
     } else {
       for (const auto& branch : work) branch();
+    }
+    if (cudnn_epilogues) {  // NHWC maps side by side in each pixel's row: (n * pixels, branches * channels)
+      std::vector<at::Tensor> pixel_major;
+      for (const auto& map : maps) pixel_major.push_back(map.permute({0, 2, 3, 1}));  // views: maps are NHWC
+      at::Tensor out = stacked.view({n, height, width, branches * channels});
+      at::cat_out(out, pixel_major, 3);
     }
     const at::Tensor projected = at::matmul(stacked, project_branches.t());  // (n * pixels, channels)
     at::Tensor next = at::empty({n, 2, height, width}, x.options());
@@ -200,9 +227,11 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_cuda_nhwc(const at::Tensor& featu
 
 template std::tuple<at::Tensor, at::Tensor> refine_loop_cuda_nhwc<float>(const at::Tensor&,
                                                                          const c10::optional<at::Tensor>&,
-                                                                         const RefineWeights&, int64_t, double);
+                                                                         const RefineWeights&, int64_t, double,
+                                                                         bool);
 template std::tuple<at::Tensor, at::Tensor> refine_loop_cuda_nhwc<at::Half>(const at::Tensor&,
                                                                             const c10::optional<at::Tensor>&,
-                                                                            const RefineWeights&, int64_t, double);
+                                                                            const RefineWeights&, int64_t, double,
+                                                                            bool);
 
 }  // namespace crnet::ops

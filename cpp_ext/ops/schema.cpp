@@ -4,7 +4,10 @@
 // refinement (y_0 = previous or zeros; for t = 1..T: h = X + R1([X, y]); h += R2(h); h += R3(h);
 // logits = classifier(ASPP(h)); y = softmax(logits)) and returns the last logits (N, 2, H, W) and, per
 // sample, the iterations it used (N,) int64. With exit_fraction > 0 a sample stops after iteration t >= 2
-// once fewer than exit_fraction * H * W of its mask pixels changed since iteration t - 1.
+// once fewer than exit_fraction * H * W of its mask pixels changed since iteration t - 1. With
+// cudnn_epilogues the channels-last CUDA path runs the convolutions that end in a ReLU as cuDNN's fused
+// convolution-bias-ReLU kernels instead of a convolution and an epilogue kernel of ours (the other paths
+// have no such choice and ignore it).
 //
 // weights, in order (the module names of crnet.model.refinement.Refinement):
 //   feedback.1 (C, C+2, 3, 3), bias; feedback.3 (C, C, 3, 3), bias;
@@ -18,7 +21,7 @@
 TORCH_LIBRARY(crnet, m) {
   m.def(
       "refine_loop(Tensor features, Tensor? previous, Tensor[] weights, int[] dilations, int iterations, "
-      "float exit_fraction=0.0) -> (Tensor logits, Tensor iterations_used)");
+      "float exit_fraction=0.0, bool cudnn_epilogues=False) -> (Tensor logits, Tensor iterations_used)");
 }
 
 // `import crnet._C` loads this library, whose static initialisers register the op and its backends.

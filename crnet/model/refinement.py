@@ -41,10 +41,11 @@ class ASPP(nn.Module):
             + [nn.Conv2d(channels, channels, 3, padding=d, dilation=d) for d in dilations]
         )
         self.project = nn.Conv2d(channels * (len(dilations) + 2), channels, 1)
+        self.branch_relu = nn.ReLU()  # an Identity once the branches apply it themselves (conv_epilogues.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self._drop(F.relu(self.image_pool(ops.spatial_mean(x)))).expand_as(x)
-        outs = [pooled] + [self._drop(F.relu(branch(x))) for branch in self.branches]
+        outs = [pooled] + [self._drop(self.branch_relu(branch(x))) for branch in self.branches]
         return self._drop(F.relu(self.project(torch.cat(outs, dim=1))))
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +71,8 @@ class Refinement(nn.Module):
         # The PyTorch loop at inference computes the iteration-invariant terms once (`hoisted`); False runs it
         # exactly as `step` writes it, as plain PyTorch would (the anchor of GPU benches).
         self.hoist = True
+        # The op's convolutions that end in a ReLU as cuDNN's fused kernels (set by conv_epilogues.py).
+        self.cudnn_epilogues = False
         self.feedback = ResidualBranch(channels + 2, channels)
         self.residual2 = ResidualBranch(channels, channels)
         self.residual3 = ResidualBranch(channels, channels)
@@ -113,7 +116,14 @@ class Refinement(nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
         if not grad and ops.use_native(x, self.fused if fused is None else fused):
             return ops.refine_loop(
-                x, previous, weights, self.dilations, iterations, exit_fraction, native=True
+                x,
+                previous,
+                weights,
+                self.dilations,
+                iterations,
+                exit_fraction,
+                native=True,
+                cudnn_epilogues=self.cudnn_epilogues,
             )
         if exit_fraction > 0:
             return ops.refine_loop_reference(x, previous, weights, self.dilations, iterations, exit_fraction)
@@ -144,7 +154,7 @@ class Refinement(nn.Module):
             h = h + self.residual2(h)
             h = h + self.residual3(h)
             pool_bias = F.conv2d(F.relu(self.aspp.image_pool(ops.spatial_mean(h))), pool_weight, project.bias)
-            branches = torch.cat([F.relu(branch(h)) for branch in self.aspp.branches], dim=1)
+            branches = torch.cat([self.aspp.branch_relu(branch(h)) for branch in self.aspp.branches], dim=1)
             logits = self.classifier(F.relu(F.conv2d(branches, branch_weight) + pool_bias))
             y = ops.probabilities(logits)
         return logits

@@ -127,6 +127,8 @@ def test_gpu_runtimes_refuse_without_cuda(micro_checkpoint, micro_bundle) -> Non
         open_runtime(RuntimeSpec("torch"), checkpoint=micro_checkpoint, device="cuda")
     with pytest.raises(RuntimeUnavailable, match="CUDA graphs need --device cuda"):
         open_runtime(RuntimeSpec("torch", options=("cuda-graphs",)), checkpoint=micro_checkpoint)
+    with pytest.raises(RuntimeUnavailable, match="fused epilogues need --device cuda"):
+        open_runtime(RuntimeSpec("torch", options=("cudnn-epilogues",)), checkpoint=micro_checkpoint)
 
 
 def test_cpu_onnxruntime_cannot_take_a_gpu_provider(micro_bundle) -> None:
@@ -165,6 +167,8 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
         "torch:fp16+channels-last",
         "torch:fp16+cuda-graphs",
         "torch:fp16+channels-last+compile+cuda-graphs",
+        "torch:fp16+channels-last+cudnn-epilogues+cuda-graphs",
+        "torch:fp16+channels-last+cudnn-epilogues+compile+cuda-graphs+torch-loop",
         "torch:fp16+anchor",
         "onnxruntime:fp32+cuda",
     ],

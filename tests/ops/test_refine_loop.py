@@ -133,6 +133,17 @@ def test_opcheck():
         torch.library.opcheck(
             torch.ops.crnet.refine_loop.default, (x.float(), prev, weights, list(module.dilations), 3, 0.0)
         )
+    torch.library.opcheck(
+        torch.ops.crnet.refine_loop.default, (x.float(), None, weights, list(module.dilations), 3, 0.0, True)
+    )
+
+
+def test_cudnn_epilogues_change_nothing_on_a_cpu():
+    """The switch is the channels-last CUDA path's; the CPU backend takes it and computes the same."""
+    module, x, previous = make_case(channels=8, height=9, width=11, previous=True)
+    args = (x, previous, [w.detach() for w in module.op_weights()], list(module.dilations), 3, 0.0)
+    plain, switched = torch.ops.crnet.refine_loop(*args), torch.ops.crnet.refine_loop(*args, True)
+    assert torch.equal(plain[0], switched[0]) and torch.equal(plain[1], switched[1])
 
 
 def test_export_keeps_the_op():
@@ -259,13 +270,17 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 @CUDA
 @pytest.mark.cuda
+@pytest.mark.parametrize("cudnn_epilogues", [False, True], ids=["our epilogues", "cudnn epilogues"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "batch, height, width, iterations",
     [(1, 41, 41, 5), (8, 41, 41, 2), (3, 23, 19, 3)],  # 8 x 41 x 41 pixels: ASPP branches one after another
 )
-def test_cuda_channels_last_matches_float64_reference(dtype, batch, height, width, iterations):
-    """A channels-last input takes the NHWC path (16 channels: whole 16-byte packs in both dtypes)."""
+def test_cuda_channels_last_matches_float64_reference(
+    dtype, batch, height, width, iterations, cudnn_epilogues
+):
+    """A channels-last input takes the NHWC path (16 channels: whole 16-byte packs in both dtypes), with our
+    epilogue kernels or cuDNN's fused convolution-bias-ReLU."""
     module, x, previous = make_case(batch=batch, height=height, width=width, previous=True)
     expected, _ = reference(module, x, previous, iterations)
     weights = [
@@ -275,7 +290,13 @@ def test_cuda_channels_last_matches_float64_reference(dtype, batch, height, widt
     features = channels_last(x.to("cuda", dtype))
     assert not features.is_contiguous()
     logits, used = torch.ops.crnet.refine_loop(
-        features, previous.to("cuda", dtype), weights, list(module.dilations), iterations, 0.0
+        features,
+        previous.to("cuda", dtype),
+        weights,
+        list(module.dilations),
+        iterations,
+        0.0,
+        cudnn_epilogues,
     )
     assert logits.is_contiguous() and logits.shape == (batch, 2, height, width)
     assert_close(logits.double().cpu(), expected, dtype)
@@ -284,8 +305,9 @@ def test_cuda_channels_last_matches_float64_reference(dtype, batch, height, widt
 
 @CUDA
 @pytest.mark.cuda
+@pytest.mark.parametrize("cudnn_epilogues", [False, True], ids=["our epilogues", "cudnn epilogues"])
 @pytest.mark.parametrize("batch", [1, 8])  # side streams for the ASPP branches at batch 1, none at 8
-def test_cuda_channels_last_op_replays_in_a_cuda_graph(batch):
+def test_cuda_channels_last_op_replays_in_a_cuda_graph(batch, cudnn_epilogues):
     """The whole NHWC call, side streams included, captures as one CUDA graph and replays the eager result."""
     module, x, _ = make_case(batch=batch, height=41, width=41)
     weights = [
@@ -295,7 +317,8 @@ def test_cuda_channels_last_op_replays_in_a_cuda_graph(batch):
         for w in module.op_weights()
     ]
     static = channels_last(torch.zeros(batch, 16, 41, 41, device="cuda", dtype=torch.float16))
-    call = lambda: torch.ops.crnet.refine_loop(static, None, weights, list(module.dilations), 5, 0.0)[0]  # noqa: E731
+    dilations = list(module.dilations)
+    call = lambda: torch.ops.crnet.refine_loop(static, None, weights, dilations, 5, 0.0, cudnn_epilogues)[0]  # noqa: E731
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture: cuDNN and cuBLAS pick their kernels here

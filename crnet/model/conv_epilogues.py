@@ -1,0 +1,155 @@
+"""Convolutions with their bias, residual add and ReLU fused into one cuDNN kernel, for inference on CUDA.
+
+After BatchNorm folding (fold.py) most convolutions of CRNet are followed by a bias, often a ReLU and, at the
+end of each bottleneck, a residual add. PyTorch runs each of these as its own pass over the feature map, and
+inductor peels the bias off cuDNN's convolution and fuses it with the rest into one pass
+(torch/_inductor/kernel/conv.py, `convolution`: "peel off the bias, cudnn is slower with it"). cuDNN can
+apply all of it in the convolution's own epilogue, relu(conv(x) + bias + residual): no pass at all
+(`aten::cudnn_convolution_relu` and `aten::cudnn_convolution_add_relu`, the ops TorchScript's frozen-graph
+conv-add-relu fusion emits). A batch-64 episode moves several GB through those passes in the encoder; a
+batch-1 episode spends a few microseconds on each of about a hundred of them. Whether cuDNN's fused kernels
+are as fast as its plain ones is measured, not assumed: `+cudnn-epilogues` is a runtime option of its own.
+
+`crnet::conv_bias_relu` is a custom op, so that torch.compile traces it (its fake impl gives the output's
+shape and layout) and CUDA graphs capture it; off CUDA it computes the same with plain PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crnet.model.backbone import Bottleneck, ResNetTrunk
+from crnet.model.refinement import ASPP, Refinement
+
+
+def _layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The output's memory format: channels-last when the input or the weight is (cuDNN's own choice)."""
+    channels_last = any(
+        t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        for t in (x, weight)
+    )
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _output_shape(x, weight, stride, padding, dilation) -> list[int]:
+    spatial = [
+        (size + 2 * pad - dil * (kernel - 1) - 1) // step + 1
+        for size, kernel, step, pad, dil in zip(
+            x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True
+        )
+    ]
+    return [x.shape[0], weight.shape[0], *spatial]
+
+
+@torch.library.custom_op("crnet::conv_bias_relu", mutates_args=())
+def conv_bias_relu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    """relu(conv2d(x, weight) + bias [+ residual]); one cuDNN kernel on CUDA, plain PyTorch elsewhere."""
+    return _unfused(x, weight, bias, residual, stride, padding, dilation)
+
+
+def _unfused(x, weight, bias, residual, stride, padding, dilation) -> torch.Tensor:
+    out = F.conv2d(x, weight, bias, stride, padding, dilation)
+    if residual is not None:
+        out = out + residual
+    return F.relu(out).contiguous(memory_format=_layout(x, weight))
+
+
+@conv_bias_relu.register_kernel("cuda")
+def _conv_bias_relu_cuda(x, weight, bias, residual, stride, padding, dilation):
+    if not (torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled):
+        return _unfused(x, weight, bias, residual, stride, padding, dilation)
+    if residual is None:
+        out = torch.ops.aten.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1)
+    else:
+        out = torch.ops.aten.cudnn_convolution_add_relu(
+            x, weight, residual, 1.0, bias, stride, padding, dilation, 1
+        )
+    return out.contiguous(memory_format=_layout(x, weight))
+
+
+@conv_bias_relu.register_fake
+def _conv_bias_relu_fake(x, weight, bias, residual, stride, padding, dilation):
+    shape = _output_shape(x, weight, stride, padding, dilation)
+    return x.new_empty(shape).contiguous(memory_format=_layout(x, weight))
+
+
+class ConvReLU(nn.Conv2d):
+    """A Conv2d (same parameters, same state-dict keys) that applies its ReLU, and optionally a residual
+    add before it, in the convolution: forward(x, residual=None) = relu(conv(x) + residual)."""
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> ConvReLU:
+        """The fused twin of `conv`, sharing its parameters."""
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"cannot fuse {conv}: grouped, string padding or non-zero padding mode")
+        fused = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            bias=conv.bias is not None,
+            device="meta",
+        )
+        fused.weight, fused.bias = conv.weight, conv.bias
+        return fused.train(conv.training)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        stride, padding, dilation = list(self.stride), list(self.padding), list(self.dilation)
+        return conv_bias_relu(x, self.weight, self.bias, residual, stride, padding, dilation)
+
+
+class FusedBottleneck(nn.Module):
+    """A BatchNorm-folded Bottleneck as three fused convolutions: the last one adds the identity."""
+
+    def __init__(self, block: Bottleneck):
+        super().__init__()
+        if not all(isinstance(getattr(block, f"bn{i}"), nn.Identity) for i in (1, 2, 3)):
+            raise ValueError("fuse the epilogues of a BatchNorm-folded model (crnet.model.fold)")
+        self.conv1, self.conv2, self.conv3 = (ConvReLU.of(getattr(block, f"conv{i}")) for i in (1, 2, 3))
+        self.downsample = block.downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.conv3(self.conv2(self.conv1(x)), residual=identity)
+
+
+def fuse_conv_epilogues(model: nn.Module) -> nn.Module:
+    """Give every convolution of a BatchNorm-folded model that a ReLU follows its ReLU (and the bottlenecks'
+    last convolution its residual add), in place; an inference transform like folding. Returns the model.
+
+    Covered: the trunk's stem and bottlenecks, every Sequential's conv-then-ReLU pair (the encoder's neck,
+    the residual branches of the condition and refinement modules), the ASPP branches, and the same
+    convolutions inside the native refinement op (`crnet::refine_loop`'s cudnn_epilogues)."""
+    for module in list(model.modules()):
+        if isinstance(module, ResNetTrunk):
+            if not isinstance(module.bn1, nn.Identity):
+                raise ValueError("fuse the epilogues of a BatchNorm-folded model (crnet.model.fold)")
+            module.conv1, module.relu = ConvReLU.of(module.conv1), nn.Identity()
+        elif isinstance(module, ASPP):
+            module.branches = nn.ModuleList(ConvReLU.of(branch) for branch in module.branches)
+            module.branch_relu = nn.Identity()
+        elif isinstance(module, Refinement):  # the native op's own convolutions
+            module.cudnn_epilogues = True
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module)):
+                if isinstance(module[i], Bottleneck):
+                    module[i] = FusedBottleneck(module[i])
+                elif (
+                    type(module[i]) is nn.Conv2d
+                    and i + 1 < len(module)
+                    and isinstance(module[i + 1], nn.ReLU)
+                ):
+                    module[i], module[i + 1] = ConvReLU.of(module[i]), nn.Identity()
+    return model
