@@ -64,9 +64,15 @@ def _unfused(x, weight, bias, residual, stride, padding, dilation) -> torch.Tens
     return F.relu(out).contiguous(memory_format=_layout(x, weight))
 
 
+# cuDNN's fused engines want whole 16-byte vectors of channels (8 FP16 ones) in and out; the stem's 3-channel
+# images are not, and there the plain path runs rather than risk "no engine" for one convolution.
+ALIGNED_CHANNELS = 8
+
+
 @conv_bias_relu.register_kernel("cuda")
 def _conv_bias_relu_cuda(x, weight, bias, residual, stride, padding, dilation):
-    if not (torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled):
+    aligned = weight.shape[0] % ALIGNED_CHANNELS == 0 and weight.shape[1] % ALIGNED_CHANNELS == 0
+    if not (aligned and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled):
         return _unfused(x, weight, bias, residual, stride, padding, dilation)
     if residual is None:
         out = torch.ops.aten.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1)
@@ -111,18 +117,32 @@ class ConvReLU(nn.Conv2d):
 
 
 class FusedBottleneck(nn.Module):
-    """A BatchNorm-folded Bottleneck as three fused convolutions: the last one adds the identity."""
+    """A BatchNorm-folded Bottleneck as three fused convolutions, the last of which adds the shortcut.
+
+    A projection shortcut's bias joins the last convolution's, relu(conv3(y) + b3 + (proj(x) + bp)) =
+    relu(conv3(y) + (b3 + bp) + proj(x)), so the projection runs without one: a bare convolution, no pass
+    over its (largest-in-the-block) output for the bias."""
 
     def __init__(self, block: Bottleneck):
         super().__init__()
-        if not all(isinstance(getattr(block, f"bn{i}"), nn.Identity) for i in (1, 2, 3)):
+        norms = [getattr(block, f"bn{i}") for i in (1, 2, 3)]
+        norms += [] if block.downsample is None else [block.downsample[1]]
+        if not all(isinstance(norm, nn.Identity) for norm in norms):
             raise ValueError("fuse the epilogues of a BatchNorm-folded model (crnet.model.fold)")
         self.conv1, self.conv2, self.conv3 = (ConvReLU.of(getattr(block, f"conv{i}")) for i in (1, 2, 3))
         self.downsample = block.downsample
+        if self.downsample is not None:  # computed once, like the fold: later weight updates do not reach it
+            projection = self.downsample[0]
+            self.register_buffer("joint_bias", (self.conv3.bias + projection.bias).detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.conv3(self.conv2(self.conv1(x)), residual=identity)
+        y = self.conv2(self.conv1(x))
+        if self.downsample is None:
+            return self.conv3(y, residual=x)
+        projection, last = self.downsample[0], self.conv3
+        shortcut = F.conv2d(x, projection.weight, None, projection.stride)
+        stride, padding, dilation = list(last.stride), list(last.padding), list(last.dilation)
+        return conv_bias_relu(y, last.weight, self.joint_bias, shortcut, stride, padding, dilation)
 
 
 def fuse_conv_epilogues(model: nn.Module) -> nn.Module:
