@@ -105,7 +105,7 @@ def refine_loop(
     `weights` in the op's order (`Refinement.op_weights`). With exit_fraction > 0 a sample stops after
     iteration t >= 2 once fewer than that fraction of its mask pixels changed since iteration t - 1.
     `native` as in `use_native`; the PyTorch twin runs otherwise. `cudnn_epilogues`: the op's channels-last
-    CUDA path runs its convolutions that end in a ReLU as cuDNN's fused kernels (the same numbers).
+    CUDA path runs its convolutions that end in a ReLU as cuDNN's fused kernels (the same computation).
     """
     if use_native(features, native):
         return torch.ops.crnet.refine_loop(
