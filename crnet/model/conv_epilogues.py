@@ -66,15 +66,17 @@ def _unfused(x, weight, bias, residual, stride, padding, dilation) -> torch.Tens
     return F.relu(out).contiguous(memory_format=_layout(x, weight))
 
 
-# cuDNN's fused engines want whole 16-byte vectors of channels (8 FP16 ones) in and out; the stem's 3-channel
-# images are not, and there the plain path runs rather than risk "no engine" for one convolution.
+# cuDNN's fused engines are built for channels-last maps with whole 16-byte vectors of channels (8 FP16 ones)
+# in and out; elsewhere (an NCHW model, the stem's 3-channel images) the plain path runs rather than risk "no
+# engine" for one convolution.
 ALIGNED_CHANNELS = 8
 
 
 @conv_bias_relu.register_kernel("cuda")
 def _conv_bias_relu_cuda(x, weight, bias, residual, stride, padding, dilation):
     aligned = weight.shape[0] % ALIGNED_CHANNELS == 0 and weight.shape[1] % ALIGNED_CHANNELS == 0
-    if not (aligned and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled):
+    fusable = aligned and _layout(x, weight) == torch.channels_last
+    if not (fusable and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled):
         return _unfused(x, weight, bias, residual, stride, padding, dilation)
     if residual is None:
         out = torch.ops.aten.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1)

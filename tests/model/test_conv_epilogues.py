@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from crnet.model import conv_epilogues as epilogues
 from crnet.model.backbone import Bottleneck
 from crnet.model.conv_epilogues import ConvReLU, FusedBottleneck, conv_bias_relu, fuse_conv_epilogues
 from crnet.model.crnet import build_model
@@ -18,12 +19,13 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 def arguments(device="cpu", dtype=torch.float32, residual=True, channels_last=True, bias=True, step=1):
+    """8 channels in, 16 out: whole 16-byte vectors of FP16 channels, as cuDNN's fused path needs."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 11, 11, generator=generator)
-    weight = torch.randn(6, 8, 3, 3, generator=generator) / 8
+    weight = torch.randn(16, 8, 3, 3, generator=generator) / 8
     out = (11 + 2 * 2 - 2 * 2 - 1) // step + 1
-    extra = [torch.randn(6, generator=generator) if bias else None]
-    extra.append(torch.randn(2, 6, out, out, generator=generator) if residual else None)
+    extra = [torch.randn(16, generator=generator) if bias else None]
+    extra.append(torch.randn(2, 16, out, out, generator=generator) if residual else None)
     tensors = [t if t is None else t.to(device, dtype) for t in (x, weight, *extra)]
     if channels_last:
         tensors[0] = tensors[0].contiguous(memory_format=torch.channels_last)
@@ -109,6 +111,24 @@ def test_cudnn_kernels_match_plain_pytorch(dtype, residual) -> None:
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     # FP16: inputs and output rounded to 11 bits; FP32: cuDNN's TF32 (10-bit mantissa) convolutions.
     torch.testing.assert_close(out.double(), unfused(*args), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_only_aligned_channels_last_convolutions_take_cudnns_fused_path() -> None:
+    """NCHW maps and channel counts off whole 16-byte vectors run the plain path (no "no engine" risk)."""
+    from unittest.mock import patch
+
+    for options, fused in [({}, True), ({"channels_last": False}, False)]:
+        args = arguments("cuda", torch.float16, **options)
+        with patch("crnet.model.conv_epilogues._unfused", wraps=epilogues._unfused) as plain:
+            out = conv_bias_relu(*args)
+        assert plain.called != fused
+        torch.testing.assert_close(out.double(), unfused(*args), rtol=1e-2, atol=1e-2)
+    x, weight, *rest = arguments("cuda", torch.float16, residual=False)
+    with patch("crnet.model.conv_epilogues._unfused", wraps=epilogues._unfused) as plain:
+        conv_bias_relu(x[:, :3], weight[:, :3], *rest)  # 3 input channels, as the stem's images
+    assert plain.called
 
 
 @pytest.mark.cuda
