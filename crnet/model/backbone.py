@@ -103,13 +103,20 @@ def load_torchvision_weights(trunk: ResNetTrunk, path: str | Path) -> None:
         raise CheckpointError(f"{path} is not a ResNet-50 of this width: {' '.join(first[:2])}") from None
 
 
+class Neck(nn.Sequential):
+    """concat(layer2, layer3) -> 3x3 conv (dilation 2) -> ReLU -> Dropout2d; called with the two levels."""
+
+    def forward(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.cat([layer2, layer3], dim=1))
+
+
 class Encoder(nn.Module):
     """Shared by support and query: concat(layer2, layer3) -> 3x3 conv (dilation 2) -> ReLU -> Dropout."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.trunk = ResNetTrunk(config.width, config.blocks)
-        self.neck = nn.Sequential(
+        self.neck = Neck(
             nn.Conv2d(sum(self.trunk.out_channels), config.channels, 3, padding=2, dilation=2),
             nn.ReLU(inplace=True),
             nn.Dropout2d(config.dropout),
@@ -125,5 +132,4 @@ class Encoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        layer2, layer3 = self.trunk(images)
-        return self.neck(torch.cat([layer2, layer3], dim=1))
+        return self.neck(*self.trunk(images))

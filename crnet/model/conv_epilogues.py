@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crnet.model.backbone import Bottleneck, ResNetTrunk
+from crnet.model.backbone import Bottleneck, Encoder, Neck, ResNetTrunk
 from crnet.model.refinement import ASPP, Refinement
 
 
@@ -120,6 +120,56 @@ class ConvReLU(nn.Conv2d):
         return conv_bias_relu(x, self.weight, self.bias, residual, stride, padding, dilation)
 
 
+class PaddedConvReLU(ConvReLU):
+    """A ConvReLU whose input channels are not whole 16-byte vectors (the stem's 3 colours): on channels-last
+    input it pads the image and the weight with zero channels to the next multiple of 8, which adds exact
+    zeros, so that cuDNN's fused path takes it. The padding is one pass over the (3-channel) input; the
+    epilogue it saves is one over the (64-channel) output."""
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> PaddedConvReLU:
+        fused = super().of(conv)
+        channels = -(-conv.in_channels // ALIGNED_CHANNELS) * ALIGNED_CHANNELS
+        padded = F.pad(conv.weight.detach(), (0, 0, 0, 0, 0, channels - conv.in_channels))
+        fused.register_buffer("padded_weight", padded, persistent=False)  # a copy, made once, like the fold
+        return fused
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if _layout(x, self.weight) != torch.channels_last:
+            return super().forward(x, residual)
+        padded = torch.empty(
+            (x.shape[0], self.padded_weight.shape[1], *x.shape[2:]),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=torch.channels_last,
+        )
+        padded[:, x.shape[1] :].zero_()
+        padded[:, : x.shape[1]].copy_(x)
+        stride, padding, dilation = list(self.stride), list(self.padding), list(self.dilation)
+        return conv_bias_relu(padded, self.padded_weight, self.bias, residual, stride, padding, dilation)
+
+
+class FusedNeck(Neck):
+    """The encoder's neck without its concatenation: conv(concat(a, b), W) = conv(a, W_a) + conv(b, W_b), so
+    the layer2 half is a bare convolution whose output joins the layer3 half's fused epilogue as its
+    residual. The 1536-channel concatenation was a pass of its own over the largest map of the encoder."""
+
+    def __init__(self, neck: Neck, layer2_channels: int):
+        conv = neck[0]
+        super().__init__(ConvReLU.of(conv), nn.Identity(), neck[2])  # the same state-dict keys
+        weight = conv.weight.detach()  # split once, like the fold: later weight updates do not reach it
+        self.register_buffer("layer2_weight", weight[:, :layer2_channels].clone(), persistent=False)
+        self.register_buffer("layer3_weight", weight[:, layer2_channels:].clone(), persistent=False)
+
+    def forward(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
+        conv = self[0]
+        stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        partial = F.conv2d(layer2, self.layer2_weight, None, stride, padding, dilation)
+        return self[2](
+            conv_bias_relu(layer3, self.layer3_weight, conv.bias, partial, stride, padding, dilation)
+        )
+
+
 class FusedBottleneck(nn.Module):
     """A BatchNorm-folded Bottleneck as three fused convolutions, the last of which adds the shortcut.
 
@@ -153,14 +203,17 @@ def fuse_conv_epilogues(model: nn.Module) -> nn.Module:
     """Give every convolution of a BatchNorm-folded model that a ReLU follows its ReLU (and the bottlenecks'
     last convolution its residual add), in place; an inference transform like folding. Returns the model.
 
-    Covered: the trunk's stem and bottlenecks, every Sequential's conv-then-ReLU pair (the encoder's neck,
-    the residual branches of the condition and refinement modules), the ASPP branches, and the same
+    Covered: the trunk's stem and bottlenecks, the encoder's neck (without its concatenation), every
+    Sequential's conv-then-ReLU pair (the residual branches of the condition and refinement modules), the
+    ASPP branches, and the same
     convolutions inside the native refinement op (`crnet::refine_loop`'s cudnn_epilogues)."""
     for module in list(model.modules()):
         if isinstance(module, ResNetTrunk):
             if not isinstance(module.bn1, nn.Identity):
                 raise ValueError("fuse the epilogues of a BatchNorm-folded model (crnet.model.fold)")
-            module.conv1, module.relu = ConvReLU.of(module.conv1), nn.Identity()
+            module.conv1, module.relu = PaddedConvReLU.of(module.conv1), nn.Identity()
+        elif isinstance(module, Encoder) and not isinstance(module.neck, FusedNeck):
+            module.neck = FusedNeck(module.neck, module.trunk.out_channels[0])
         elif isinstance(module, ASPP):
             module.branches = nn.ModuleList(ConvReLU.of(branch) for branch in module.branches)
             module.branch_relu = nn.Identity()

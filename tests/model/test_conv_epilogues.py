@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from crnet.model import conv_epilogues as epilogues
 from crnet.model.backbone import Bottleneck
-from crnet.model.conv_epilogues import ConvReLU, FusedBottleneck, conv_bias_relu, fuse_conv_epilogues
+from crnet.model.conv_epilogues import (
+    ConvReLU,
+    FusedBottleneck,
+    FusedNeck,
+    PaddedConvReLU,
+    conv_bias_relu,
+    fuse_conv_epilogues,
+)
 from crnet.model.crnet import build_model
 from crnet.model.fold import fold_batchnorm
 from tests.model.test_crnet import MICRO, episode
@@ -61,11 +68,15 @@ def folded_micro() -> torch.nn.Module:
     return fold_batchnorm(model)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels-last"])
 @pytest.mark.parametrize("fused_loop", [False, True], ids=["PyTorch loop", "native op"])
-def test_a_model_with_fused_epilogues_computes_what_the_folded_model_does(fused_loop) -> None:
+def test_a_model_with_fused_epilogues_computes_what_the_folded_model_does(fused_loop, channels_last) -> None:
+    """Channels-last input also takes the padded stem (zero channels up to 8)."""
     folded = folded_micro()
     folded.refinement.fused = fused_loop
     model = fuse_conv_epilogues(copy.deepcopy(folded))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
     blocks = [m for m in model.modules() if isinstance(m, (Bottleneck, FusedBottleneck))]
     assert blocks and all(isinstance(b, FusedBottleneck) for b in blocks)
     for module in model.modules():  # no ReLU left that a convolution could have applied itself
@@ -73,9 +84,15 @@ def test_a_model_with_fused_epilogues_computes_what_the_folded_model_does(fused_
             pairs = zip(module, list(module)[1:], strict=False)
             assert not any(type(a) is torch.nn.Conv2d and isinstance(b, torch.nn.ReLU) for a, b in pairs)
     assert all(isinstance(branch, ConvReLU) for branch in model.refinement.aspp.branches)
-    assert isinstance(model.encoder.trunk.conv1, ConvReLU)
+    assert isinstance(model.encoder.trunk.conv1, PaddedConvReLU)
+    assert isinstance(model.encoder.neck, FusedNeck)
     assert model.state_dict().keys() == folded.state_dict().keys()  # the same parameters, by name
     query, supports, masks, _ = episode(MICRO)
+    query, supports = (
+        query.contiguous(memory_format=layout),
+        supports.flatten(0, 1).contiguous(memory_format=layout),
+    )
+    supports = supports.unflatten(0, (query.shape[0], -1))
     with torch.inference_mode():
         expected, got = folded(query, supports, masks).query, model(query, supports, masks).query
         features = model.encode(query)
