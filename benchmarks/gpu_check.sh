@@ -15,7 +15,8 @@
 # 3. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them); the native op against the compiled loop under graph replay
 #    (bench_ops); a kernel profile of every row at batch 1; and, if time is left, the same profile with
-#    cudnn.benchmark, the hoisted loop against the loop as written, and inductor's freezing.
+#    cudnn.benchmark, a batch-64 profile of the anchor and a cuDNN-epilogue row, the hoisted loop against the
+#    loop as written, and inductor's freezing.
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
 # profile.txt, profile.json. The hoisting and freezing output goes into run.log.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
@@ -158,6 +159,10 @@ step "the same with cudnn.benchmark (cuDNN times its algorithms per shape): does
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" --cudnn-benchmark \
   "--spec=$ANCHOR" "--spec=${PROFILE[1]}" "--spec=${FREEZE[0]}" >>"$OUT/profile.txt" 2>&1
 grep -A3 "cudnn.benchmark" "$OUT/profile.txt" | grep -v "^      " | tee -a "$LOG"
+step "where the GPU time goes at batch ${BATCHES[1]}: the anchor and the first cuDNN-epilogue row"
+within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "${BATCHES[1]}" --calls 3 "${DEVICE[@]}" \
+  "--spec=$ANCHOR" "--spec=${PROFILE[1]}" >>"$OUT/profile.txt" 2>&1
+grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch ${BATCHES[1]}" -A12 | tee -a "$LOG"
 step "the hoisted PyTorch loop against the loop as written (r50 head, batch 1)"
 within 60 python3 benchmarks/hoisting.py --repeats 20 "${DEVICE[@]}" >"$WORK/hoisting.log" 2>&1
 grep -v Warning "$WORK/hoisting.log" | tee -a "$LOG"
