@@ -93,6 +93,12 @@ def _conv_bias_relu_fake(x, weight, bias, residual, stride, padding, dilation):
     return x.new_empty(shape).contiguous(memory_format=_layout(x, weight))
 
 
+def _require_folded(norms: list[nn.Module]) -> None:
+    """The epilogues fused here are a convolution's bias: a BatchNorm still after one would come too late."""
+    if not all(isinstance(norm, nn.Identity) for norm in norms):
+        raise ValueError("fuse the epilogues of a BatchNorm-folded model (crnet.model.fold)")
+
+
 class ConvReLU(nn.Conv2d):
     """A Conv2d (same parameters, same state-dict keys) that applies its ReLU, and optionally a residual
     add before it, in the convolution: forward(x, residual=None) = relu(conv(x) + residual)."""
@@ -116,8 +122,19 @@ class ConvReLU(nn.Conv2d):
         return fused.train(conv.training)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.with_weights(x, self.weight, self.bias, residual)
+
+    def with_weights(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """This convolution's geometry (stride, padding, dilation) with other weights or another bias: a
+        padded, split or jointly biased version of its own."""
         stride, padding, dilation = list(self.stride), list(self.padding), list(self.dilation)
-        return conv_bias_relu(x, self.weight, self.bias, residual, stride, padding, dilation)
+        return conv_bias_relu(x, weight, bias, residual, stride, padding, dilation)
 
 
 class PaddedConvReLU(ConvReLU):
@@ -145,8 +162,7 @@ class PaddedConvReLU(ConvReLU):
         )
         padded[:, x.shape[1] :].zero_()
         padded[:, : x.shape[1]].copy_(x)
-        stride, padding, dilation = list(self.stride), list(self.padding), list(self.dilation)
-        return conv_bias_relu(padded, self.padded_weight, self.bias, residual, stride, padding, dilation)
+        return self.with_weights(padded, self.padded_weight, self.bias, residual)
 
 
 class FusedNeck(Neck):
@@ -163,11 +179,8 @@ class FusedNeck(Neck):
 
     def forward(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
         conv = self[0]
-        stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
-        partial = F.conv2d(layer2, self.layer2_weight, None, stride, padding, dilation)
-        return self[2](
-            conv_bias_relu(layer3, self.layer3_weight, conv.bias, partial, stride, padding, dilation)
-        )
+        partial = F.conv2d(layer2, self.layer2_weight, None, conv.stride, conv.padding, conv.dilation)
+        return self[2](conv.with_weights(layer3, self.layer3_weight, conv.bias, partial))
 
 
 class FusedBottleneck(nn.Module):
@@ -180,9 +193,7 @@ class FusedBottleneck(nn.Module):
     def __init__(self, block: Bottleneck):
         super().__init__()
         norms = [getattr(block, f"bn{i}") for i in (1, 2, 3)]
-        norms += [] if block.downsample is None else [block.downsample[1]]
-        if not all(isinstance(norm, nn.Identity) for norm in norms):
-            raise ValueError("fuse the epilogues of a BatchNorm-folded model (crnet.model.fold)")
+        _require_folded(norms + ([] if block.downsample is None else [block.downsample[1]]))
         self.conv1, self.conv2, self.conv3 = (ConvReLU.of(getattr(block, f"conv{i}")) for i in (1, 2, 3))
         self.downsample = block.downsample
         if self.downsample is not None:  # computed once, like the fold: later weight updates do not reach it
@@ -193,10 +204,9 @@ class FusedBottleneck(nn.Module):
         y = self.conv2(self.conv1(x))
         if self.downsample is None:
             return self.conv3(y, residual=x)
-        projection, last = self.downsample[0], self.conv3
+        projection = self.downsample[0]
         shortcut = F.conv2d(x, projection.weight, None, projection.stride)
-        stride, padding, dilation = list(last.stride), list(last.padding), list(last.dilation)
-        return conv_bias_relu(y, last.weight, self.joint_bias, shortcut, stride, padding, dilation)
+        return self.conv3.with_weights(y, self.conv3.weight, self.joint_bias, shortcut)
 
 
 def fuse_conv_epilogues(model: nn.Module) -> nn.Module:
@@ -209,8 +219,7 @@ def fuse_conv_epilogues(model: nn.Module) -> nn.Module:
     convolutions inside the native refinement op (`crnet::refine_loop`'s cudnn_epilogues)."""
     for module in list(model.modules()):
         if isinstance(module, ResNetTrunk):
-            if not isinstance(module.bn1, nn.Identity):
-                raise ValueError("fuse the epilogues of a BatchNorm-folded model (crnet.model.fold)")
+            _require_folded([module.bn1])
             module.conv1, module.relu = PaddedConvReLU.of(module.conv1), nn.Identity()
         elif isinstance(module, Encoder) and not isinstance(module.neck, FusedNeck):
             module.neck = FusedNeck(module.neck, module.trunk.out_channels[0])
