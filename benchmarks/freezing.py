@@ -12,22 +12,15 @@ import argparse
 import torch
 
 from crnet.commands.timer import Timer, medians_in_turns
-from crnet.engines import RuntimeSpec
+from crnet.engines import RuntimeSpec, torch_options
 from crnet.engines.torch_runtime import TorchRuntime
 
 
 def open_twice(spec: RuntimeSpec, checkpoint: str, device: str) -> dict[str, TorchRuntime]:
-    options = {
-        "precision": spec.precision,
-        "device": device,
-        "compile": "compile" in spec.options,
-        "cuda_graphs": "cuda-graphs" in spec.options,
-        "channels_last": "channels-last" in spec.options,
-        "cudnn_epilogues": "cudnn-epilogues" in spec.options,
-        "fused": False if "torch-loop" in spec.options else None,
-    }
+    options = torch_options(spec)
     return {
-        name: TorchRuntime(checkpoint, freeze=name == "frozen", **options) for name in ("frozen", "plain")
+        name: TorchRuntime(checkpoint, device=device, freeze=name == "frozen", **options)
+        for name in ("frozen", "plain")
     }
 
 

@@ -34,7 +34,15 @@ OPTIONS = {
     "tensorrt": (),
 }
 
-__all__ = ["DEPLOYED_GPU", "NAMES", "Runtime", "RuntimeSpec", "RuntimeUnavailable", "open_runtime"]
+__all__ = [
+    "DEPLOYED_GPU",
+    "NAMES",
+    "Runtime",
+    "RuntimeSpec",
+    "RuntimeUnavailable",
+    "open_runtime",
+    "torch_options",
+]
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,20 @@ class RuntimeSpec:
         return "+".join([f"{self.name}:{self.precision}", *self.options])
 
 
+def torch_options(spec: RuntimeSpec, fused: bool | None = None) -> dict:
+    """TorchRuntime's keyword arguments for a torch spec (`fused` the default use of the native op, which
+    `+torch-loop` turns off)."""
+    return {
+        "precision": spec.precision,
+        "compile": "compile" in spec.options,
+        "cuda_graphs": "cuda-graphs" in spec.options,
+        "channels_last": "channels-last" in spec.options,
+        "fused": False if "torch-loop" in spec.options else fused,
+        "anchor": "anchor" in spec.options,
+        "cudnn_epilogues": "cudnn-epilogues" in spec.options,
+    }
+
+
 def open_runtime(
     spec: RuntimeSpec,
     *,
@@ -86,18 +108,7 @@ def open_runtime(
             raise RuntimeUnavailable("the torch runtime needs a checkpoint (.pt)")
         from crnet.engines.torch_runtime import TorchRuntime
 
-        return TorchRuntime(
-            checkpoint,
-            precision=spec.precision,
-            device=device,
-            iterations=iterations,
-            compile="compile" in spec.options,
-            cuda_graphs="cuda-graphs" in spec.options,
-            channels_last="channels-last" in spec.options,
-            fused=False if "torch-loop" in spec.options else fused,
-            anchor="anchor" in spec.options,
-            cudnn_epilogues="cudnn-epilogues" in spec.options,
-        )
+        return TorchRuntime(checkpoint, device=device, iterations=iterations, **torch_options(spec, fused))
     if bundle is None:
         raise RuntimeUnavailable(f"the {spec.name} runtime needs an exported bundle (crnet export)")
     if spec.name == "onnxruntime":
