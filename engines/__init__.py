@@ -6,7 +6,8 @@
 A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `torch:bf16+channels-last`,
 `torch:fp16+cuda-graphs` (each episode shape one captured CUDA graph), `torch:fp16+compile+cuda-graphs`
 (inductor's code, captured), `+cudnn-epilogues` (bias, residual and ReLU inside cuDNN's convolutions),
-`+torch-loop` (PyTorch's refinement loop, not the native op, whatever --fused says), `torch:fp16+anchor`
+`+space-to-depth` (the stem's strided 7x7 convolution as a 4x4 one over 2x2 pixel blocks), `+torch-loop`
+(PyTorch's refinement loop, not the native op, whatever --fused says), `torch:fp16+anchor`
 (plain torch.compile, the anchor of GPU benches), `onnxruntime:fp32`, `onnxruntime:fp16+cuda`,
 `onnxruntime:fp16+tensorrt` (execution providers), `tensorrt:fp16`; every command that takes `--runtime`
 takes this syntax. Every backend library is imported only when its runtime is opened.
@@ -29,7 +30,15 @@ NAMES = ("torch", "onnxruntime", "tensorrt")
 # The deployed GPU path of a checkpoint: what infer, bench and demo run by default on CUDA.
 DEPLOYED_GPU = "torch:fp16+channels-last+compile+cuda-graphs"
 OPTIONS = {
-    "torch": ("compile", "cuda-graphs", "channels-last", "cudnn-epilogues", "torch-loop", "anchor"),
+    "torch": (
+        "compile",
+        "cuda-graphs",
+        "channels-last",
+        "cudnn-epilogues",
+        "space-to-depth",
+        "torch-loop",
+        "anchor",
+    ),
     "onnxruntime": ("cuda", "tensorrt"),
     "tensorrt": (),
 }
@@ -87,6 +96,7 @@ def torch_options(spec: RuntimeSpec, fused: bool | None = None) -> dict:
         "fused": False if "torch-loop" in spec.options else fused,
         "anchor": "anchor" in spec.options,
         "cudnn_epilogues": "cudnn-epilogues" in spec.options,
+        "space_to_depth": "space-to-depth" in spec.options,
     }
 
 

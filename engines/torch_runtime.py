@@ -5,7 +5,9 @@ An episode is one function (supports and query encoded as one batch, prompt, hea
 query another (encode, head). `+compile` compiles each with inductor; `+cuda-graphs` captures each as one
 CUDA graph per input shape, replayed from static buffers (engines/cuda_graphs.py): a new shape compiles and
 captures once, every later call is one replay. `+cudnn-epilogues` (CUDA) runs each convolution's bias,
-residual add and ReLU inside cuDNN's convolution kernel (crnet/model/conv_epilogues.py). `freeze=True`
+residual add and ReLU inside cuDNN's convolution kernel (crnet/model/conv_epilogues.py). `+space-to-depth`
+runs the stem's strided 7x7 convolution over 3 colours as a 4x4 one over 2x2 pixel blocks, 16 channels
+(crnet/model/space_to_depth.py). `freeze=True`
 compiles with inductor's freezing too (weights as constants); off by default: it gained nothing measurable
 on a CPU (benchmarks/freezing.py, docs/BENCHMARKS.md).
 
@@ -28,6 +30,7 @@ from crnet.engines.cuda_graphs import CapturedCalls
 from crnet.model.conv_epilogues import fuse_conv_epilogues
 from crnet.model.crnet import SupportPrompt
 from crnet.model.fold import fold_batchnorm
+from crnet.model.space_to_depth import space_to_depth_stem
 
 # bf16 is torch-only: on CPUs with AVX512-BF16 or AMX (oneDNN) it is the fast CPU path.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -50,6 +53,7 @@ class TorchRuntime(Runtime):
         anchor: bool = False,
         freeze: bool = False,
         cudnn_epilogues: bool = False,
+        space_to_depth: bool = False,
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -61,6 +65,8 @@ class TorchRuntime(Runtime):
             raise RuntimeUnavailable("CUDA graphs need --device cuda")
         if cudnn_epilogues and (anchor or self.device.type != "cuda"):
             raise RuntimeUnavailable("cuDNN's fused epilogues need --device cuda (and are not the anchor's)")
+        if space_to_depth and anchor:
+            raise RuntimeUnavailable("the anchor is plain PyTorch: it takes no space-to-depth stem")
         if precision not in DTYPES:
             raise RuntimeUnavailable(f"torch runtime precision must be fp32, fp16 or bf16, got {precision!r}")
         self.precision, self.dtype = precision, DTYPES[precision]
@@ -68,6 +74,8 @@ class TorchRuntime(Runtime):
         # (The anchor leaves that to inductor's freezing, as a plain-PyTorch user would.)
         model = checkpoint.load_model(checkpoint_path, self.device)
         model = model if anchor else fold_batchnorm(model)
+        if space_to_depth:  # the stem over 2x2 pixel blocks (model/space_to_depth.py)
+            model = space_to_depth_stem(model)
         if cudnn_epilogues:  # bias, residual and ReLU in cuDNN's convolutions (model/conv_epilogues.py)
             model = fuse_conv_epilogues(model)
         self.model = model.to(self.dtype)
@@ -101,6 +109,7 @@ class TorchRuntime(Runtime):
             "cuda_graphs": cuda_graphs,
             "channels_last": channels_last,
             "cudnn_epilogues": cudnn_epilogues,
+            "space_to_depth": space_to_depth,
             "fused": fused,
         }
 

@@ -100,3 +100,27 @@ def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(CRNetError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
+
+
+@pytest.mark.parametrize(
+    "spec, cuda, providers, expected",
+    [
+        ("torch", False, None, "cpu"),
+        ("torch:fp16", True, None, "cuda"),
+        ("onnxruntime", True, ["CPUExecutionProvider"], "cpu"),  # pip's CPU build on a GPU machine
+        ("onnxruntime", True, ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"),
+        ("onnxruntime+cuda", True, ["CPUExecutionProvider"], "cuda"),  # asked for: its runtime says why not
+        ("tensorrt:fp16", True, None, "cuda"),
+    ],
+)
+def test_auto_picks_a_device_the_runtime_can_use(spec, cuda, providers, expected, monkeypatch) -> None:
+    import onnxruntime
+
+    from crnet.device import runtime_device
+    from crnet.engines import RuntimeSpec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    if providers is not None:
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: providers)
+    assert runtime_device(RuntimeSpec.parse(spec), None) == torch.device(expected)
+    assert runtime_device(RuntimeSpec.parse(spec), torch.device("cpu")) == torch.device("cpu")  # asked for

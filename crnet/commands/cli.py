@@ -461,10 +461,9 @@ def infer_command(
     from tqdm import tqdm
 
     from crnet.commands.infer import infer
-    from crnet.device import flush_denormals_for_inference, resolve_device
+    from crnet.device import resolve_device
 
-    resolved = resolve_device(device)
-    flush_denormals_for_inference(resolved)
+    resolved = resolve_device(device)  # checked here; "auto" lets the runtime pick (crnet.device)
     with tqdm(total=len(query), disable=not progress, desc="infer", unit="query", dynamic_ncols=True) as bar:
         summary = infer(
             engine,
@@ -473,7 +472,7 @@ def infer_command(
             query,
             out,
             runtime=runtime,
-            device=resolved,
+            device=None if device == "auto" else resolved,
             batch_size=batch_size,
             progress=bar.update,
         )

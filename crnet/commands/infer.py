@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+import crnet.device
 from crnet.bundle import Bundle, load_bundle
 from crnet.commands.visualize import overlay
 from crnet.data.episodes import to_model_input
 from crnet.data.masks import read_binary_mask
 from crnet.data.pascal import read_image
+from crnet.device import runtime_device
 from crnet.engines import DEPLOYED_GPU, RuntimeSpec, open_runtime
 from crnet.engines.base import Runtime
 from crnet.errors import CRNetError, EmptySupportMaskError, NoSupportError
@@ -32,18 +34,21 @@ class EngineChoice:
     spec: RuntimeSpec
     checkpoint: Path | None
     bundle: Bundle | None
+    device: torch.device
 
 
-def choose_engine(path: Path, runtime: str | None, device: torch.device) -> EngineChoice:
+def choose_engine(path: Path, runtime: str | None, device: torch.device | None) -> EngineChoice:
     """What `--engine` names: a checkpoint (torch), a bundle, or a graph/engine file inside a bundle;
-    `runtime` is a spec (NAME[:PRECISION][+OPTION]) or None for the best the engine and device allow."""
+    `runtime` is a spec (NAME[:PRECISION][+OPTION]) or None for the best the engine and device allow;
+    `device` None picks one for the runtime (crnet.device.runtime_device)."""
     if not path.exists():
         raise CRNetError(f"engine not found: {path}")
+    gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
     if path.is_file() and path.suffix == ".pt":
-        spec = RuntimeSpec.parse(runtime or (DEPLOYED_GPU if device.type == "cuda" else "torch"))
+        spec = RuntimeSpec.parse(runtime or (DEPLOYED_GPU if gpu else "torch"))
         if spec.name != "torch":
             raise CRNetError(f"{path} is a checkpoint: it runs on the torch runtime, not {spec.name}")
-        return EngineChoice(spec, path, None)
+        return EngineChoice(spec, path, None, runtime_device(spec, device))
     bundle = load_bundle(path)  # BundleError for foreign files and directories
     if path.is_file():  # a graph or engine inside the bundle fixes runtime and precision
         implied = {".onnx": "onnxruntime", ".plan": "tensorrt"}.get(path.suffix)
@@ -53,11 +58,12 @@ def choose_engine(path: Path, runtime: str | None, device: torch.device) -> Engi
         spec = RuntimeSpec.parse(runtime or implied, defaults={implied: precision})
         if (spec.name, spec.precision) != (implied, precision):
             raise CRNetError(f"{path} is a {precision} {implied} file; --runtime {runtime} asks for another")
-        return EngineChoice(spec, None, bundle)
+        return EngineChoice(spec, None, bundle, runtime_device(spec, device))
     if runtime is None:
         has_engines = "fp16" in bundle.manifest.get("engines", {})
-        runtime = "tensorrt:fp16" if device.type == "cuda" and has_engines else "onnxruntime:fp32"
-    return EngineChoice(RuntimeSpec.parse(runtime, defaults={"tensorrt": "fp16"}), None, bundle)
+        runtime = "tensorrt:fp16" if gpu and has_engines else "onnxruntime:fp32"
+    spec = RuntimeSpec.parse(runtime, defaults={"tensorrt": "fp16"})
+    return EngineChoice(spec, None, bundle, runtime_device(spec, device))
 
 
 def load_support(image_path: Path, mask_path: Path, size: int):
@@ -112,7 +118,7 @@ def infer(
     out: Path,
     *,
     runtime: str | None = None,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = torch.device("cpu"),
     batch_size: int = 8,
     progress=lambda n: None,
 ) -> dict:
@@ -126,7 +132,9 @@ def infer(
         raise CRNetError(f"--batch-size must be >= 1, got {batch_size}")
     names = output_names(queries)
     check_out(out, names, [*supports, *support_masks, *queries, engine])
-    choice = choose_engine(engine, runtime, device)
+    choice = choose_engine(engine, runtime, device)  # device None: the runtime's best
+    device = choice.device
+    crnet.device.flush_denormals_for_inference(device)
     runner: Runtime = open_runtime(
         choice.spec, checkpoint=choice.checkpoint, bundle=choice.bundle, device=device
     )

@@ -24,6 +24,7 @@ from torch import nn
 
 from crnet.model.backbone import Bottleneck, Encoder, Neck, ResNetTrunk
 from crnet.model.refinement import ASPP, Refinement
+from crnet.model.space_to_depth import SpaceToDepthConv
 
 
 def _layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
@@ -220,7 +221,8 @@ def fuse_conv_epilogues(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module, ResNetTrunk):
             _require_folded([module.bn1])
-            module.conv1, module.relu = PaddedConvReLU.of(module.conv1), nn.Identity()
+            if not isinstance(module.conv1, SpaceToDepthConv):  # already aligned: its ReLU stays apart
+                module.conv1, module.relu = PaddedConvReLU.of(module.conv1), nn.Identity()
         elif isinstance(module, Encoder) and not isinstance(module.neck, FusedNeck):
             module.neck = FusedNeck(module.neck, module.trunk.out_channels[0])
         elif isinstance(module, ASPP):

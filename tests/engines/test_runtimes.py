@@ -169,6 +169,7 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
         "torch:fp16+channels-last+compile+cuda-graphs",
         "torch:fp16+channels-last+cudnn-epilogues+cuda-graphs",
         "torch:fp16+channels-last+cudnn-epilogues+compile+cuda-graphs+torch-loop",
+        "torch:fp16+channels-last+space-to-depth+compile+cuda-graphs+torch-loop",
         "torch:fp16+anchor",
         "onnxruntime:fp32+cuda",
     ],
