@@ -11,8 +11,9 @@ channels in a kernel of its own and then runs a strided 7x7 kernel. On the H200 
 321x321, FP16, channels-last) such kernels took 1.3 to 3.1 ms of an episode of 29 to 31 ms
 (docs/results/h200_profile_2026-11-26.txt) for 62 GFLOP. The block map has 4 x 4 = 16 channels (colours
 padded to 4 with zeros): a plain stride-1 convolution with K = 256, the shape of the trunk's other layers.
-The price is 31% more multiply-adds (8 x 8 x 4 against 7 x 7 x 3 taps: the zero taps) and one pass over
-the input to rearrange it.
+The price is zero taps: 8 x 8 x 4 = 256 multiply-adds per output value against 7 x 7 x 3 = 147 (but 392
+for the 8 channels cuDNN pads the colours to), and one pass over the input to rearrange it. On a CPU it is
+slower (benchmarks/stem.py): an option for GPUs.
 """
 
 from __future__ import annotations
