@@ -27,8 +27,11 @@ from crnet.bundle import Bundle
 from crnet.engines.base import Runtime, RuntimeUnavailable
 
 NAMES = ("torch", "onnxruntime", "tensorrt")
-# The deployed GPU path of a checkpoint: what infer, bench and demo run by default on CUDA.
-DEPLOYED_GPU = "torch:fp16+channels-last+compile+cuda-graphs"
+# The deployed GPU path of a checkpoint: what infer, bench and demo run by default on CUDA. PyTorch's loop,
+# not the native op: compiled and captured, it was the faster on the H200 at batch 1 (1.33 against 1.36 ms)
+# and at batch 64 (28.6 against 31.0 ms); inductor's loop beat the op under graph replay too
+# (docs/BENCHMARKS.md).
+DEPLOYED_GPU = "torch:fp16+channels-last+compile+cuda-graphs+torch-loop"
 OPTIONS = {
     "torch": (
         "compile",
