@@ -8,19 +8,23 @@
 # Steps, most important first; each has a deadline inside the overall budget, so a slow step costs the
 # later ones, not the run, and what is left when the budget is spent is skipped and says so:
 # 1. build the CUDA backend with the python that runs the checks (stop at once if crnet does not import);
-# 2. at once, in parallel (nothing timed): the whole test suite; the tiny checkpoint's FP16-vs-FP32 accuracy
-#    on 1000 episodes; one process per compiled bench row and batch size that compiles and captures it (the
+# 2. at once, in parallel (nothing timed): the test suite; the tiny checkpoint's FP16-vs-FP32 accuracy on
+#    1000 episodes; one process per compiled bench row and batch size that compiles and captures it (the
 #    profiler script with no calls), and one for the ops bench's compiled loop: they fill inductor's on-disk
 #    caches, so that the timed runs below do not spend minutes compiling;
 # 3. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them); the native op against the compiled loop under graph replay
-#    (bench_ops); a kernel profile of every row at batch 1; and, if time is left, the same profile with
-#    cudnn.benchmark, a batch-64 profile of the anchor and a cuDNN-epilogue row, the hoisted loop against the
-#    loop as written, and inductor's freezing.
+#    (bench_ops); a kernel profile of every row at batch 1; and, if time is left, the stem alone
+#    (benchmarks/stem.py) and a batch-64 profile of the deployed row and the first candidate.
+# The rows (2026-11-26): the deployed row, the anchor, and the candidates for the batch-64 target that the
+# first H200 run pointed at: cuDNN's fused epilogues made the encoder the fastest there (8.05 against 8.58
+# ms for inductor's) and the stem's strided 7x7 kernel took 1.3 to 3.1 ms, so the same compiled head with
+# both, and with the blocked stem alone.
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
-# profile.txt, profile.json. The hoisting and freezing output goes into run.log.
+# profile.txt, profile.json. The stem's table goes into run.log.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
-# before it costs device time.
+# before it costs device time. Seen on the H200: with pytest's workers compiling too, six compiling
+# processes took over 120 s each; with the suite's mostly CPU tests beside them, at most 104 s.
 set -u
 OUT=${OUT:?set OUT to the folder the logs go to}
 BUDGET=${BUDGET:-570}  # seconds, for everything; the device call's timeout_s is 600
@@ -44,27 +48,24 @@ within() {
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4}
 WORK=$(mktemp -d)
-# ROWS: eager; captured eager code with the op; compiled and captured with the op; the same with PyTorch's
-# loop; the anchor; captured eager code with cuDNN's fused epilogues, with the op and with PyTorch's loop.
-# COMPILED: the rows that compile (warmed up in parallel); WITHOUT_OP: the rows run if the op fails its GPU
-# tests. (The rehearsal's CPU refuses the cuDNN rows: they check the bench's and the profile's refusals.)
+# ROWS: the deployed row, the anchor, then the candidates. All compile (warmed up in parallel), none runs the
+# native op (bench_ops measures it against the compiled loop); the rehearsal's CPU refuses cuDNN's epilogues.
 if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
-  ROWS=(torch:fp32+channels-last torch:fp32 torch:fp32+compile torch:fp32+compile+torch-loop torch:fp32+anchor
-    torch:fp32+cudnn-epilogues+cuda-graphs torch:fp32+cudnn-epilogues+cuda-graphs+torch-loop)
+  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor
+    torch:fp32+cudnn-epilogues+space-to-depth+compile+torch-loop torch:fp32+space-to-depth+compile+torch-loop)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
 else
   PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 6 --timeout 170)
-  TINY=(torch:fp16+channels-last+compile+cuda-graphs 1000)  # the deployed row, on the standard 1000 episodes
-  ROWS=(torch:fp16+channels-last torch:fp16+channels-last+cuda-graphs
-    torch:fp16+channels-last+compile+cuda-graphs torch:fp16+channels-last+compile+cuda-graphs+torch-loop
-    torch:fp16+anchor torch:fp16+channels-last+cudnn-epilogues+cuda-graphs
-    torch:fp16+channels-last+cudnn-epilogues+cuda-graphs+torch-loop)
+  DEPLOYED=torch:fp16+channels-last+compile+cuda-graphs+torch-loop
+  TINY=("$DEPLOYED" 1000)  # the deployed row, on the standard 1000 episodes
+  ROWS=("$DEPLOYED" torch:fp16+anchor
+    torch:fp16+channels-last+cudnn-epilogues+space-to-depth+compile+cuda-graphs+torch-loop
+    torch:fp16+channels-last+space-to-depth+compile+cuda-graphs+torch-loop)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
-ANCHOR=torch:$P+anchor COMPILED=("${ROWS[@]:2:3}") FREEZE=("${ROWS[2]}" "${ROWS[3]}")
-WITHOUT_OP=("${ROWS[0]}" "${ROWS[3]}" "${ROWS[4]}" "${ROWS[6]}")
+COMPILED=("${ROWS[@]}")
 python3 -c "import sys, torch; print(sys.executable, 'torch', torch.__version__)" | tee -a "$LOG"
 
 step build
@@ -108,15 +109,11 @@ say "tests: $(grep -c " PASSED" "$OUT/pytest.log") passed, $(grep -c " SKIPPED" 
 grep -E " (FAILED|ERROR) |node down|crashed|[0-9]+ passed" "$OUT/pytest.log" | sort -u | tail -20 | tee -a "$LOG"
 tail -12 "$WORK/tiny.log" | tee -a "$LOG"
 
-# A native op that fails its GPU tests would take the bench down with it: then the rows without it run (all
-# of them when its own path fails, only the cuDNN-epilogue row with it when that variant alone does).
-NO_OP=0 OP_FAILED=$(grep -E "FAILED.*test_refine_loop.py.*(cuda|channels_last)" "$OUT/pytest.log" | sort -u)
-if [[ -n $OP_FAILED ]] && grep -qv "cudnn epilogues" <<<"$OP_FAILED"; then
-  say "the native op failed on the GPU: bench rows without it"
-  ROWS=("${WITHOUT_OP[@]}") FREEZE=("${FREEZE[1]}") NO_OP=1
-elif [[ -n $OP_FAILED ]]; then
-  say "the native op's cuDNN-epilogue path failed on the GPU: no row runs it"
-  ROWS=("${ROWS[@]:0:5}" "${ROWS[6]}")
+# No bench row runs the native op; a failing op only skips its own bench.
+NO_OP=0
+if grep -qE "FAILED.*test_refine_loop.py.*(cuda|channels_last)" "$OUT/pytest.log"; then
+  say "the native op failed on the GPU: no bench_ops"
+  NO_OP=1
 fi
 bench() {  # bench BATCH ROW...: one `crnet bench` of these rows, side by side
   local batch=$1 args=()
@@ -133,12 +130,6 @@ bench() {  # bench BATCH ROW...: one `crnet bench` of these rows, side by side
 for batch in "${BATCHES[@]}"; do
   step "$PRESET, 1-shot, T=5, batch $batch"
   bench "$batch" "${ROWS[@]}"
-  code=$?
-  # Not after its deadline (124): a compile cut short can leave a truncated file in inductor's cache.
-  if ((code != 0 && code != 124 && NO_OP == 0)); then
-    say "the bench failed: once more without the native op's rows"
-    bench "$batch" "${WITHOUT_OP[@]}"
-  fi
 done
 
 step "native op against the compiled PyTorch loop, GPU time under graph replay"
@@ -146,28 +137,16 @@ step "native op against the compiled PyTorch loop, GPU time under graph replay"
 grep -E "^\||speed|replay" "$OUT/ops.log" | tee -a "$LOG"
 
 step "where the GPU time goes, batch 1"
-# The anchor and the cuDNN rows first (what is new), the uncaptured eager row not at all (launch-bound).
-PROFILE=("$ANCHOR" "${ROWS[@]:5}" "${ROWS[@]:1:3}")
-((NO_OP)) && PROFILE=("$ANCHOR" "${ROWS[3]}" "${ROWS[1]}")
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 --json "$OUT/profile.json" "${DEVICE[@]}" \
-  "${PROFILE[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
+  "${ROWS[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
 grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG"
 
 # What is left of the budget goes to the decisions that matter less.
-# (PROFILE[1]: the first cuDNN-epilogue row; with cudnn.benchmark cuDNN also times its fused plans)
-step "the same with cudnn.benchmark (cuDNN times its algorithms per shape): does the anchor or ours gain?"
-within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" --cudnn-benchmark \
-  "--spec=$ANCHOR" "--spec=${PROFILE[1]}" "--spec=${FREEZE[0]}" >>"$OUT/profile.txt" 2>&1
-grep -A3 "cudnn.benchmark" "$OUT/profile.txt" | grep -v "^      " | tee -a "$LOG"
-step "where the GPU time goes at batch ${BATCHES[1]}: the anchor and the first cuDNN-epilogue row"
+step "the stem alone: strided 7x7 against 2x2 blocks, 2 and 128 images"
+within 40 python3 benchmarks/stem.py --batch 2 --batch 128 "${DEVICE[@]}" >"$WORK/stem.log" 2>&1
+grep -E "^(\||stem)" "$WORK/stem.log" | tee -a "$LOG"
+step "where the GPU time goes at batch ${BATCHES[1]}: the deployed row and the first candidate"
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "${BATCHES[1]}" --calls 3 "${DEVICE[@]}" \
-  "--spec=$ANCHOR" "--spec=${PROFILE[1]}" >>"$OUT/profile.txt" 2>&1
+  "--spec=${ROWS[0]}" "--spec=${ROWS[2]}" >>"$OUT/profile.txt" 2>&1
 grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch ${BATCHES[1]}" -A12 | tee -a "$LOG"
-step "the hoisted PyTorch loop against the loop as written (r50 head, batch 1)"
-within 60 python3 benchmarks/hoisting.py --repeats 20 "${DEVICE[@]}" >"$WORK/hoisting.log" 2>&1
-grep -v Warning "$WORK/hoisting.log" | tee -a "$LOG"
-step "inductor's freezing for the deployed rows, batch 1"
-within 120 python3 benchmarks/freezing.py "$MODEL" "${DEVICE[@]}" --repeats 30 "${FREEZE[@]/#/--spec=}" \
-  >"$WORK/freezing.log" 2>&1
-grep -v Warning "$WORK/freezing.log" | tee -a "$LOG"
 step done
