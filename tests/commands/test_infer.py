@@ -290,3 +290,17 @@ def test_a_checkpoint_runs_the_deployed_gpu_path_by_default_on_cuda(micro_checkp
     assert str(cpu) == "torch:fp32"
     assert str(cuda) == "torch:fp16+channels-last+compile+cuda-graphs+torch-loop"
     assert str(choose_engine(micro_checkpoint, "torch:fp32", torch.device("cuda")).spec) == "torch:fp32"
+
+
+def test_auto_runs_a_bundle_on_the_cpu_where_onnxruntime_has_no_gpu(micro_bundle, monkeypatch) -> None:
+    """On a GPU machine with pip's CPU build of onnxruntime, `auto` (device None) runs the bundle on the CPU
+    rather than refusing; asking for CUDA still asks for it."""
+    import onnxruntime
+
+    from crnet.commands.infer import choose_engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    choice = choose_engine(micro_bundle, None, None)
+    assert str(choice.spec) == "onnxruntime:fp32" and choice.device == torch.device("cpu")
+    assert choose_engine(micro_bundle, None, torch.device("cuda")).device == torch.device("cuda")
