@@ -22,24 +22,6 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def runtime_device(spec, requested: torch.device | None) -> torch.device:
-    """The device a runtime spec runs on: the one asked for, else ('auto') CUDA where the runtime can use
-    it. ONNX Runtime's CPU build, the usual `pip install onnxruntime`, runs on the CPU of a GPU machine
-    rather than refuse; a provider named in the spec (+cuda, +tensorrt) still asks for the GPU."""
-    if requested is not None:
-        return requested
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if spec.name == "onnxruntime" and not set(spec.options) & {"cuda", "tensorrt"}:
-        try:
-            import onnxruntime
-        except ImportError:
-            return torch.device("cpu")  # the runtime says itself that it is missing
-        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            return torch.device("cpu")
-    return torch.device("cuda")
-
-
 def flush_denormals_for_inference(device: torch.device) -> None:
     """On a CPU, treat denormal floats as zero for the rest of this process (inference commands only).
 

@@ -53,6 +53,7 @@ __all__ = [
     "RuntimeSpec",
     "RuntimeUnavailable",
     "open_runtime",
+    "runtime_device",
     "torch_options",
 ]
 
@@ -101,6 +102,24 @@ def torch_options(spec: RuntimeSpec, fused: bool | None = None) -> dict:
         "cudnn_epilogues": "cudnn-epilogues" in spec.options,
         "space_to_depth": "space-to-depth" in spec.options,
     }
+
+
+def runtime_device(spec: RuntimeSpec, requested: torch.device | None) -> torch.device:
+    """The device a runtime spec runs on: the one asked for, else ('auto') CUDA where the runtime can use
+    it. ONNX Runtime's CPU build, the usual `pip install onnxruntime`, runs on the CPU of a GPU machine
+    rather than refuse; a provider named in the spec (+cuda, +tensorrt) still asks for the GPU."""
+    if requested is not None:
+        return requested
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if spec.name == "onnxruntime" and not set(spec.options) & {"cuda", "tensorrt"}:
+        try:
+            import onnxruntime
+        except ImportError:
+            return torch.device("cpu")  # the runtime says itself that it is missing
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return torch.device("cpu")
+    return torch.device("cuda")
 
 
 def open_runtime(

@@ -116,8 +116,7 @@ def test_resolve_device() -> None:
 def test_auto_picks_a_device_the_runtime_can_use(spec, cuda, providers, expected, monkeypatch) -> None:
     import onnxruntime
 
-    from crnet.device import runtime_device
-    from crnet.engines import RuntimeSpec
+    from crnet.engines import RuntimeSpec, runtime_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     if providers is not None:

@@ -21,8 +21,7 @@ from crnet.commands.visualize import overlay
 from crnet.data.episodes import to_model_input
 from crnet.data.masks import read_binary_mask
 from crnet.data.pascal import read_image
-from crnet.device import runtime_device
-from crnet.engines import DEPLOYED_GPU, RuntimeSpec, open_runtime
+from crnet.engines import DEPLOYED_GPU, RuntimeSpec, open_runtime, runtime_device
 from crnet.engines.base import Runtime
 from crnet.errors import CRNetError, EmptySupportMaskError, NoSupportError
 from crnet.files import OutputError, atomic_file, check_not_input, write_text
@@ -40,7 +39,7 @@ class EngineChoice:
 def choose_engine(path: Path, runtime: str | None, device: torch.device | None) -> EngineChoice:
     """What `--engine` names: a checkpoint (torch), a bundle, or a graph/engine file inside a bundle;
     `runtime` is a spec (NAME[:PRECISION][+OPTION]) or None for the best the engine and device allow;
-    `device` None picks one for the runtime (crnet.device.runtime_device)."""
+    `device` None picks one for the runtime (crnet.engines.runtime_device)."""
     if not path.exists():
         raise CRNetError(f"engine not found: {path}")
     gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
