@@ -70,15 +70,22 @@ __global__ void feedback_nhwc_kernel(const T* __restrict__ feature_term, const T
       prob[1][t] = p1;
     }
     const Pack<T> term = load_pack(feature_term + pixel * channels + g * V);
+    float acc[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = to_float(term.v[v]);
+    // Tap by tap: each tap's weights for this pack are one 16-byte load, and the warp's threads (consecutive
+    // packs) read consecutive 16 bytes. (Weights per channel, 18 apart, took a scalar load per channel and tap
+    // from 32 cache lines per warp: 3.1 ms of a batch-64 episode on the H200 for 5 calls.)
+#pragma unroll
+    for (int j = 0; j < 18; ++j) {
+      const Pack<T> w = load_pack(weight + static_cast<int64_t>(j) * channels + g * V);
+      const float p = j < 9 ? prob[0][j] : prob[1][j - 9];
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[v] += to_float(w.v[v]) * p;
+    }
     Pack<T> result;
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const T* w = weight + static_cast<int64_t>(g * V + v) * 18;
-      float acc = to_float(term.v[v]);
-#pragma unroll
-      for (int t = 0; t < 9; ++t) acc += to_float(w[t]) * prob[0][t] + to_float(w[9 + t]) * prob[1][t];
-      result.v[v] = from_float<T>(fmaxf(acc, 0.f));
-    }
+    for (int v = 0; v < V; ++v) result.v[v] = from_float<T>(fmaxf(acc[v], 0.f));
     store_pack(out + pixel * channels + g * V, result);
   }
 }

@@ -17,7 +17,7 @@ inline constexpr int kPackChannels = 16 / static_cast<int>(sizeof(T));
 
 // out = relu(feature_term + conv3x3(softmax(logits) or probabilities, weight)), NHWC in and out; logits and
 // probabilities (N, 2, H, W), at most one non-null (neither: the first iteration from zeros); weight
-// (K, 2, 3, 3) contiguous.
+// (2, 3, 3, K) contiguous, tap-major: one tap's weights for a pack of channels are one 16-byte load.
 template <typename T>
 cudaError_t feedback_nhwc(const T* feature_term, const T* logits, const T* probabilities, const T* weight,
                           int batch, int channels, int height, int width, T* out, cudaStream_t stream);

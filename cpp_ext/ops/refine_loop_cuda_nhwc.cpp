@@ -125,7 +125,8 @@ std::tuple<at::Tensor, at::Tensor> refine_loop_cuda_nhwc(const at::Tensor& featu
 
   // Once per call: the feature term of the first feedback convolution, and the 1x1 weights as matrices.
   const at::Tensor feature_weight = w.feedback_weight.narrow(1, 0, channels).contiguous(kChannelsLast);
-  const at::Tensor probability_weight = w.feedback_weight.narrow(1, channels, 2).contiguous();  // (K, 2, 3, 3)
+  // Tap-major, (2, 3, 3, K): a thread reads one tap's weights for its pack of channels with one coalesced load.
+  const at::Tensor probability_weight = w.feedback_weight.narrow(1, channels, 2).permute({1, 2, 3, 0}).contiguous();
   at::Tensor feature_term = at::empty_like(x);
   epilogue(conv3x3(x.relu(), feature_weight, 1), w.feedback_bias, none, false, data(feature_term), channels, none);
   const at::Tensor pool_matrix = w.pool_weight.reshape({channels, channels});
