@@ -8,9 +8,11 @@ stride 1), with W'[o, (c, p, q), a, b] = W[o, c, 2a + p, 2b + q] (zero at 7), ex
 
 Why: over 3 colours the stem cannot feed tensor cores whole 16-byte vectors, so cuDNN pads the image to 8
 channels in a kernel of its own and then runs a strided 7x7 kernel. On the H200 at batch 64 (128 images of
-321x321, FP16, channels-last) such kernels took 1.3 to 3.1 ms of an episode of 29 to 31 ms
-(docs/results/h200_profile_2026-11-26.txt) for 62 GFLOP. The block map has 4 x 4 = 16 channels (colours
-padded to 4 with zeros): a plain stride-1 convolution with K = 256, the shape of the trunk's other layers.
+321x321, FP16, channels-last) the stem's kernel took 1.34 ms for its 62 GFLOP in the cuDNN-epilogue row's
+episode of 31 ms (the kernel the batch-1 profile runs once for the stem), and the anchor's largest single
+call, 3.09 ms, ran beside 12 calls of cuDNN's channel-padding kernel
+(docs/results/h200_profile_2026-11-26.txt). The block map has 4 x 4 = 16 channels (colours padded to 4
+with zeros): a plain stride-1 convolution with K = 256, the shape of the trunk's other layers.
 The price is zero taps: 8 x 8 x 4 = 256 multiply-adds per output value against 7 x 7 x 3 = 147 (but 392
 for the 8 channels cuDNN pads the colours to), and one pass over the input to rearrange it. On a CPU it is
 slower (benchmarks/stem.py): an option for GPUs.
