@@ -8,23 +8,25 @@
 # Steps, most important first; each has a deadline inside the overall budget, so a slow step costs the
 # later ones, not the run, and what is left when the budget is spent is skipped and says so:
 # 1. build the CUDA backend with the python that runs the checks (stop at once if crnet does not import);
-# 2. at once, in parallel (nothing timed): the test suite; the tiny checkpoint's FP16-vs-FP32 accuracy on
-#    1000 episodes; one process per compiled bench row and batch size that compiles and captures it (the
-#    profiler script with no calls), and one for the ops bench's compiled loop: they fill inductor's on-disk
-#    caches, so that the timed runs below do not spend minutes compiling;
-# 3. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
+# 2. the test suite (-n 12), with nothing compiling beside it; meanwhile the data, the untrained r50 and
+#    the tiny checkpoint's FP16-vs-FP32 accuracy on 1000 episodes;
+# 3. in parallel, nothing timed: one process per compiled bench row and batch size that compiles and
+#    captures it (the profiler script with no calls), and one for the ops bench's compiled loop: they fill
+#    inductor's on-disk caches, so that the timed runs below do not spend minutes compiling;
+# 4. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them); the native op against the compiled loop under graph replay
 #    (bench_ops); a kernel profile of every row at batch 1; and, if time is left, the stem alone
 #    (benchmarks/stem.py) and a batch-64 profile of the deployed row and the first candidate.
 # The rows (2026-11-26): the deployed row, the anchor, and the candidates for the batch-64 target that the
 # first H200 run pointed at: cuDNN's fused epilogues made the encoder the fastest there (8.05 against 8.58
-# ms for inductor's) and the stem's strided 7x7 kernel took 1.3 to 3.1 ms, so the same compiled head with
+# ms for inductor's) and the stem's kernel took 1.34 ms of a 31 ms episode, so the same compiled head with
 # both, and with the blocked stem alone.
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
 # profile.txt, profile.json. The stem's table goes into run.log.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
 # before it costs device time. Seen on the H200: with pytest's workers compiling too, six compiling
-# processes took over 120 s each; with the suite's mostly CPU tests beside them, at most 104 s.
+# processes took over 120 s each; with the suite's mostly CPU tests beside them, at most 104 s. Hence the
+# suite first, alone.
 set -u
 OUT=${OUT:?set OUT to the folder the logs go to}
 BUDGET=${BUDGET:-570}  # seconds, for everything; the device call's timeout_s is 600
@@ -56,7 +58,7 @@ if ((REHEARSE)); then
     torch:fp32+cudnn-epilogues+space-to-depth+compile+torch-loop torch:fp32+space-to-depth+compile+torch-loop)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
 else
-  PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 6 --timeout 170)
+  PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 12 --timeout 150)
   DEPLOYED=torch:fp16+channels-last+compile+cuda-graphs+torch-loop
   TINY=("$DEPLOYED" 1000)  # the deployed row, on the standard 1000 episodes
   ROWS=("$DEPLOYED" torch:fp16+anchor
@@ -76,15 +78,17 @@ if ! python3 -c "import crnet.ops as o; print('native op:', o.AVAILABLE, o.MISSI
 fi
 MODEL=$WORK/${PRESET}_untrained.pt LATENCY=$WORK/latency SYNTHETIC=$WORK/synthetic
 
-step "in parallel: tests, tiny FP16 accuracy, compiling every bench row"
+step "the test suite, the GPU and most cores to itself; meanwhile the data and the tiny FP16 accuracy"
 pids=()
-# -v: a line per test as it ends, so that a suite cut off at its deadline still says what passed
-(within 180 python3 -m pytest -v -p no:cacheprovider "${PYTEST[@]}" -rfE "${TESTS[@]}" \
+# -v: a line per test as it ends, so that a suite cut off at its deadline still says what passed. Alone:
+# beside six compiling processes the suite got through 388 tests in 180 s on the H200 (2026-11-26); its
+# longest test takes 47 s on 2 CPU cores, the whole of it 306 s there.
+(within 160 python3 -m pytest -v -p no:cacheprovider "${PYTEST[@]}" -rfE "${TESTS[@]}" \
   >"$OUT/pytest.log" 2>&1
   say "pytest exit $? (t=$(($(date +%s) - START)) s)") &
 pids+=($!)
 (python3 -m crnet synth "$SYNTHETIC" "${SYNTH[@]}" >/dev/null &&
-  within 180 python3 -m crnet bench checkpoints/tiny_fold0.pt --data "$SYNTHETIC" "${DEVICE[@]}" \
+  within 160 python3 -m crnet bench checkpoints/tiny_fold0.pt --data "$SYNTHETIC" "${DEVICE[@]}" \
     --runtime "${TINY[0]}" --runtime "torch:$P+channels-last" --episodes "${TINY[1]}" --repeats 5 --warmup 2 \
     --json "$OUT/bench_tiny.json" --chart "$WORK/chart_tiny.png" --no-progress \
     >"$WORK/tiny.log" 2>&1
@@ -92,22 +96,26 @@ pids+=($!)
 pids+=($!)
 python3 -m crnet synth "$LATENCY" --train-per-class 2 --val-per-class 10 >/dev/null &
 pids+=($!)
-(within 180 python3 -m crnet.commands.bench_ops --repeats 1 --warmup 0 >"$WORK/ops_warm.log" 2>&1
+python3 benchmarks/untrained_checkpoint.py --preset "$PRESET" --out "$MODEL" >/dev/null
+wait "${pids[@]}"  # these jobs only: a bare `wait` would also wait on tee
+say "tests: $(grep -c " PASSED" "$OUT/pytest.log") passed, $(grep -c " SKIPPED" "$OUT/pytest.log") skipped"
+grep -E " (FAILED|ERROR) |node down|crashed|[0-9]+ passed" "$OUT/pytest.log" | sort -u | tail -20 | tee -a "$LOG"
+tail -12 "$WORK/tiny.log" | tee -a "$LOG"
+
+step "in parallel: compiling every bench row and the ops bench's loop"
+pids=()
+(within 150 python3 -m crnet.commands.bench_ops --repeats 1 --warmup 0 >"$WORK/ops_warm.log" 2>&1
   say "compiled the ops bench's loops: exit $? (t=$(($(date +%s) - START)) s)") &
 pids+=($!)
-python3 benchmarks/untrained_checkpoint.py --preset "$PRESET" --out "$MODEL" >/dev/null
 for batch in "${BATCHES[@]}"; do
   for spec in "${COMPILED[@]}"; do
-    (within 180 python3 benchmarks/gpu_profile.py "$MODEL" --spec "$spec" --batch "$batch" --calls 0 \
+    (within 150 python3 benchmarks/gpu_profile.py "$MODEL" --spec "$spec" --batch "$batch" --calls 0 \
       "${DEVICE[@]}" >"$WORK/warm_${batch}_${spec//[:+]/_}.log" 2>&1
       say "compiled $spec, batch $batch: exit $? (t=$(($(date +%s) - START)) s)") &
     pids+=($!)
   done
 done
-wait "${pids[@]}"  # these jobs only: a bare `wait` would also wait on tee
-say "tests: $(grep -c " PASSED" "$OUT/pytest.log") passed, $(grep -c " SKIPPED" "$OUT/pytest.log") skipped"
-grep -E " (FAILED|ERROR) |node down|crashed|[0-9]+ passed" "$OUT/pytest.log" | sort -u | tail -20 | tee -a "$LOG"
-tail -12 "$WORK/tiny.log" | tee -a "$LOG"
+wait "${pids[@]}"
 
 # No bench row runs the native op; a failing op only skips its own bench.
 NO_OP=0
