@@ -476,7 +476,8 @@ def infer_command(
             batch_size=batch_size,
             progress=bar.update,
         )
-    typer.echo(f"{summary['runtime']}: {len(summary['queries'])} masks in {out} ({summary['seconds']:.2f} s)")
+    count, seconds = len(summary["queries"]), summary["seconds"]
+    typer.echo(f"{summary['runtime']} on {summary['device']}: {count} masks in {out} ({seconds:.2f} s)")
 
 
 @app.command("bench")

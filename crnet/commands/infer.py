@@ -176,6 +176,7 @@ def infer(
     summary = {
         "engine": str(engine),
         "runtime": str(choice.spec),
+        "device": str(device),
         "supports": [str(s) for s in supports],
         "queries": records,
         "seconds": round(seconds, 3),

@@ -66,7 +66,7 @@ def test_masks_and_overlays_at_each_query_size(engine, pictures, micro_bundle, m
         "checkpoint": "torch:fp32",
         "graph-file": "onnxruntime:fp16",
     }
-    assert summary["runtime"] == expected_runtime[engine]
+    assert summary["runtime"] == expected_runtime[engine] and summary["device"] == "cpu"
     for query, record in zip(queries, summary["queries"], strict=True):
         mask = np.asarray(Image.open(tmp_path / record["mask"]))
         assert mask.shape == Image.open(query).size[::-1]
