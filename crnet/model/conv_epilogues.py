@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crnet.model.backbone import Bottleneck, Encoder, Neck, ResNetTrunk
+from crnet.model.conv_twin import conv_twin
 from crnet.model.refinement import ASPP, Refinement
 from crnet.model.space_to_depth import SpaceToDepthConv
 
@@ -109,18 +110,7 @@ class ConvReLU(nn.Conv2d):
         """The fused twin of `conv`, sharing its parameters."""
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"cannot fuse {conv}: grouped, string padding or non-zero padding mode")
-        fused = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            bias=conv.bias is not None,
-            device="meta",
-        )
-        fused.weight, fused.bias = conv.weight, conv.bias
-        return fused.train(conv.training)
+        return conv_twin(cls, conv)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self.with_weights(x, self.weight, self.bias, residual)

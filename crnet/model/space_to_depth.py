@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crnet.model.backbone import ResNetTrunk
+from crnet.model.conv_twin import conv_twin
 
 # Channels of the block map are whole 16-byte vectors of FP16: colours are padded to a multiple of this / 4.
 ALIGNED_CHANNELS = 8
@@ -55,16 +56,7 @@ class SpaceToDepthConv(nn.Conv2d):
             or isinstance(conv.padding, str)
         ):
             raise ValueError(f"space-to-depth takes a plain stride-2 convolution, not {conv}")
-        blocked = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            bias=conv.bias is not None,
-            device="meta",
-        )
-        blocked.weight, blocked.bias = conv.weight, conv.bias
+        blocked = conv_twin(cls, conv)
         blocked.channels = -(-conv.in_channels * 4 // ALIGNED_CHANNELS) * ALIGNED_CHANNELS // 4
         weight = conv.weight.detach()
         kernel = [size + size % 2 for size in conv.kernel_size]  # even: whole 2x2 blocks of taps
@@ -73,7 +65,7 @@ class SpaceToDepthConv(nn.Conv2d):
         weight = weight.unflatten(2, (kernel[0] // 2, 2)).unflatten(4, (kernel[1] // 2, 2))  # O,C,a,p,b,q
         weight = weight.permute(0, 1, 3, 5, 2, 4).flatten(1, 3)  # O, (c, p, q), a, b
         blocked.register_buffer("blocked_weight", weight.contiguous(), persistent=False)
-        return blocked.train(conv.training)
+        return blocked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Padded so that the block map's stride-1 output has exactly the stride-2 output's size:
