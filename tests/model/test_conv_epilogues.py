@@ -105,17 +105,23 @@ def test_only_a_folded_model_takes_fused_epilogues() -> None:
         fuse_conv_epilogues(build_model(MICRO).eval())
 
 
-@pytest.mark.slow
-def test_torch_compile_traces_the_op() -> None:
-    """Inductor sees the op through its fake impl (shape and channels-last layout) and calls it."""
-    model = fuse_conv_epilogues(folded_micro()).to(memory_format=torch.channels_last)
+def assert_encoder_compiles_whole(model: torch.nn.Module) -> None:
+    """torch.compile traces the channels-last encoder of `model` as one graph (fullgraph: no graph break)
+    and computes what it does eagerly."""
+    model = model.to(memory_format=torch.channels_last)
     images = torch.randn(2, 3, MICRO.input_size, MICRO.input_size).contiguous(
         memory_format=torch.channels_last
     )
     torch._dynamo.reset()
-    compiled = torch.compile(model.encode, fullgraph=True)  # fullgraph: no graph break around the op
+    compiled = torch.compile(model.encode, fullgraph=True)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(images), model.encode(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_the_op() -> None:
+    """Inductor sees the op through its fake impl (shape and channels-last layout) and calls it."""
+    assert_encoder_compiles_whole(fuse_conv_epilogues(folded_micro()))
 
 
 @pytest.mark.cuda

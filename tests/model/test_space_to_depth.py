@@ -13,7 +13,7 @@ from crnet.engines.torch_runtime import TorchRuntime
 from crnet.model.conv_epilogues import fuse_conv_epilogues
 from crnet.model.space_to_depth import SpaceToDepthConv, space_to_depth, space_to_depth_stem
 from tests.engines.test_runtimes import episode
-from tests.model.test_conv_epilogues import folded_micro
+from tests.model.test_conv_epilogues import assert_encoder_compiles_whole, folded_micro
 from tests.model.test_crnet import MICRO
 from tests.model.test_crnet import episode as model_episode
 
@@ -94,11 +94,4 @@ def test_the_runtime_option_blocks_the_stem(micro_checkpoint) -> None:
 
 @pytest.mark.slow
 def test_torch_compile_traces_the_blocked_stem() -> None:
-    model = space_to_depth_stem(folded_micro()).to(memory_format=torch.channels_last)
-    images = torch.randn(2, 3, MICRO.input_size, MICRO.input_size).contiguous(
-        memory_format=torch.channels_last
-    )
-    torch._dynamo.reset()
-    compiled = torch.compile(model.encode, fullgraph=True)
-    with torch.inference_mode():
-        torch.testing.assert_close(compiled(images), model.encode(images), rtol=1e-5, atol=1e-5)
+    assert_encoder_compiles_whole(space_to_depth_stem(folded_micro()))
