@@ -4,6 +4,8 @@
 #
 #     OUT=/some/folder bash benchmarks/gpu_check.sh                 # on the GPU machine (timeout_s 600)
 #     OUT=/tmp/rehearsal REHEARSE=1 BUDGET=700 bash benchmarks/gpu_check.sh   # the same steps on a CPU
+#     OUT=... BUDGET=230 CHECK_ROWS="torch:fp16+anchor ..." CHECK_BATCHES=64 CHECK_TESTS="tests/ops" \
+#         bash benchmarks/gpu_check.sh     # a short check after a change: what the budget leaves is skipped
 #
 # Steps, most important first; each has a deadline inside the overall budget, so a slow step costs the
 # later ones, not the run, and what is left when the budget is spent is skipped and says so:
@@ -67,6 +69,10 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
+# A shorter run after a change, for a session's last minutes (with BUDGET): other rows, batch sizes or tests.
+[[ -n ${CHECK_ROWS:-} ]] && read -ra ROWS <<<"$CHECK_ROWS"
+[[ -n ${CHECK_BATCHES:-} ]] && read -ra BATCHES <<<"$CHECK_BATCHES"
+[[ -n ${CHECK_TESTS:-} ]] && read -ra TESTS <<<"$CHECK_TESTS"
 COMPILED=("${ROWS[@]}")
 python3 -c "import sys, torch; print(sys.executable, 'torch', torch.__version__)" | tee -a "$LOG"
 
@@ -153,8 +159,9 @@ grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG
 step "the stem alone: strided 7x7 against 2x2 blocks, 2 and 128 images"
 within 40 python3 benchmarks/stem.py --batch 2 --batch 128 "${DEVICE[@]}" >"$WORK/stem.log" 2>&1
 grep -E "^(\||stem)" "$WORK/stem.log" | tee -a "$LOG"
-step "where the GPU time goes at batch ${BATCHES[1]}: the deployed row and the first candidate"
-within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "${BATCHES[1]}" --calls 3 "${DEVICE[@]}" \
-  "--spec=${ROWS[0]}" "--spec=${ROWS[2]}" >>"$OUT/profile.txt" 2>&1
-grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch ${BATCHES[1]}" -A12 | tee -a "$LOG"
+LARGE=${BATCHES[-1]}
+step "where the GPU time goes at batch $LARGE: the deployed row and the first candidate"
+within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 "${DEVICE[@]}" \
+  "--spec=${ROWS[0]}" "--spec=${ROWS[2]:-${ROWS[0]}}" >>"$OUT/profile.txt" 2>&1
+grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12 | tee -a "$LOG"
 step done
