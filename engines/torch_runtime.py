@@ -7,9 +7,9 @@ CUDA graph per input shape, replayed from static buffers (engines/cuda_graphs.py
 captures once, every later call is one replay. `+cudnn-epilogues` (CUDA) runs each convolution's bias,
 residual add and ReLU inside cuDNN's convolution kernel (crnet/model/conv_epilogues.py). `+space-to-depth`
 runs the stem's strided 7x7 convolution over 3 colours as a 4x4 one over 2x2 pixel blocks, 16 channels
-(crnet/model/space_to_depth.py). `freeze=True`
-compiles with inductor's freezing too (weights as constants); off by default: it gained nothing measurable
-on a CPU (benchmarks/freezing.py, docs/BENCHMARKS.md).
+(crnet/model/space_to_depth.py). `freeze=True` compiles with inductor's freezing too (weights as
+constants); off by default: it gained nothing measurable on a CPU or on the H200 (benchmarks/freezing.py,
+docs/BENCHMARKS.md).
 
 `+anchor` is what a user writes with torch.compile alone: the checkpoint's model as it is (no folding of
 ours, PyTorch's refinement loop as the paper writes it, not hoisted, no native op), channels-last, compiled

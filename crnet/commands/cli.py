@@ -463,7 +463,7 @@ def infer_command(
     from crnet.commands.infer import infer
     from crnet.device import resolve_device
 
-    resolved = resolve_device(device)  # checked here; "auto" lets the runtime pick (crnet.device)
+    resolved = resolve_device(device)  # checked here; "auto" lets the runtime pick (engines.runtime_device)
     with tqdm(total=len(query), disable=not progress, desc="infer", unit="query", dynamic_ncols=True) as bar:
         summary = infer(
             engine,
