@@ -28,10 +28,10 @@ from crnet.engines.base import Runtime, RuntimeUnavailable
 
 NAMES = ("torch", "onnxruntime", "tensorrt")
 # The deployed GPU path of a checkpoint: what infer, bench and demo run by default on CUDA. PyTorch's loop,
-# not the native op: compiled and captured, it was the faster on the H200 at batch 1 (1.33 against 1.36 ms)
-# and at batch 64 (28.6 against 31.0 ms); inductor's loop beat the op under graph replay too
-# (docs/BENCHMARKS.md).
-DEPLOYED_GPU = "torch:fp16+channels-last+compile+cuda-graphs+torch-loop"
+# not the native op (under graph replay the two tie), compiled, with cuDNN's fused epilogues and the stem over
+# 2x2 pixel blocks: the fastest row of both H200 runs of 2026-11-26 at batch 1 (1.22 against 1.33 ms for the
+# compiled loop alone) and at batch 64 (26.3 against 28.4 ms) (docs/BENCHMARKS.md).
+DEPLOYED_GPU = "torch:fp16+channels-last+cudnn-epilogues+space-to-depth+compile+cuda-graphs+torch-loop"
 OPTIONS = {
     "torch": (
         "compile",

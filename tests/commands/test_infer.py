@@ -288,7 +288,8 @@ def test_a_checkpoint_runs_the_deployed_gpu_path_by_default_on_cuda(micro_checkp
     cpu = choose_engine(micro_checkpoint, None, torch.device("cpu")).spec
     cuda = choose_engine(micro_checkpoint, None, torch.device("cuda")).spec
     assert str(cpu) == "torch:fp32"
-    assert str(cuda) == "torch:fp16+channels-last+compile+cuda-graphs+torch-loop"
+    deployed = "torch:fp16+channels-last+cudnn-epilogues+space-to-depth+compile+cuda-graphs+torch-loop"
+    assert str(cuda) == deployed
     assert str(choose_engine(micro_checkpoint, "torch:fp32", torch.device("cuda")).spec) == "torch:fp32"
 
 
