@@ -17,14 +17,14 @@
 #    inductor's on-disk caches, so that the timed runs below do not spend minutes compiling;
 # 4. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them); the native op against the compiled loop under graph replay
-#    (bench_ops); a kernel profile of every row at batch 1; and, if time is left, the stem alone
-#    (benchmarks/stem.py) and a batch-64 profile of the deployed row and the first candidate.
-# The rows (2026-11-26): the deployed row, the anchor, and the candidates for the batch-64 target that the
-# first H200 run pointed at: cuDNN's fused epilogues made the encoder the fastest there (8.05 against 8.58
-# ms for inductor's) and the stem's kernel took 1.34 ms of a 31 ms episode, so the same compiled head with
-# both, and with the blocked stem alone.
+#    (bench_ops); a kernel profile of every row at batch 1; and, if time is left, the dilated branches alone
+#    (benchmarks/banded_aspp.py) and a batch-64 profile of the deployed row and the first candidate.
+# The rows (since the second H200 session of 2026-11-26): the deployed row, the anchor, and the candidate for
+# the batch-64 target, missed there by 2.5%: the deployed row with the ASPP's dilated branches banded (half
+# the multiply-adds of the dilation-18 branch read padding; the banded blocks cost copies of their input).
+# Three rows leave the suite 230 s: in 160 s it got through 425 of its 707 tests.
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
-# profile.txt, profile.json. The stem's table goes into run.log.
+# profile.txt, profile.json. The banded branches' table goes into run.log.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
 # before it costs device time. Seen on the H200: with pytest's workers compiling too, six compiling
 # processes took over 120 s each; with the suite's mostly CPU tests beside them, at most 104 s. Hence the
@@ -56,16 +56,14 @@ WORK=$(mktemp -d)
 # native op (bench_ops measures it against the compiled loop); the rehearsal's CPU refuses cuDNN's epilogues.
 if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
-  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor
-    torch:fp32+cudnn-epilogues+space-to-depth+compile+torch-loop torch:fp32+space-to-depth+compile+torch-loop)
+  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+space-to-depth+banded-aspp+compile+torch-loop)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
 else
-  PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 12 --timeout 150)
-  DEPLOYED=torch:fp16+channels-last+compile+cuda-graphs+torch-loop
+  PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 14 --timeout 200 --durations 30)
+  DEPLOYED=torch:fp16+channels-last+cudnn-epilogues+space-to-depth+compile+cuda-graphs+torch-loop
   TINY=("$DEPLOYED" 1000)  # the deployed row, on the standard 1000 episodes
   ROWS=("$DEPLOYED" torch:fp16+anchor
-    torch:fp16+channels-last+cudnn-epilogues+space-to-depth+compile+cuda-graphs+torch-loop
-    torch:fp16+channels-last+space-to-depth+compile+cuda-graphs+torch-loop)
+    torch:fp16+channels-last+cudnn-epilogues+space-to-depth+banded-aspp+compile+cuda-graphs+torch-loop)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
@@ -87,9 +85,10 @@ MODEL=$WORK/${PRESET}_untrained.pt LATENCY=$WORK/latency SYNTHETIC=$WORK/synthet
 step "the test suite, the GPU and most cores to itself; meanwhile the data and the tiny FP16 accuracy"
 pids=()
 # -v: a line per test as it ends, so that a suite cut off at its deadline still says what passed. Alone:
-# beside six compiling processes the suite got through 388 tests in 180 s on the H200 (2026-11-26); its
-# longest test takes 47 s on 2 CPU cores, the whole of it 306 s there.
-(within 160 python3 -m pytest -v -p no:cacheprovider "${PYTEST[@]}" -rfE "${TESTS[@]}" \
+# beside six compiling processes the suite got through 388 tests in 180 s on the H200 (2026-11-26), alone
+# 425 in 160 s; on 2 CPU cores the whole of it takes 290 s. --durations names the slow ones. One thread per
+# worker: 12 workers with torch's default of a thread per core had 16 cores oversubscribed 12 times.
+(OMP_NUM_THREADS=1 within 230 python3 -m pytest -v -p no:cacheprovider "${PYTEST[@]}" -rfE "${TESTS[@]}" \
   >"$OUT/pytest.log" 2>&1
   say "pytest exit $? (t=$(($(date +%s) - START)) s)") &
 pids+=($!)
@@ -106,6 +105,7 @@ python3 benchmarks/untrained_checkpoint.py --preset "$PRESET" --out "$MODEL" >/d
 wait "${pids[@]}"  # these jobs only: a bare `wait` would also wait on tee
 say "tests: $(grep -c " PASSED" "$OUT/pytest.log") passed, $(grep -c " SKIPPED" "$OUT/pytest.log") skipped"
 grep -E " (FAILED|ERROR) |node down|crashed|[0-9]+ passed" "$OUT/pytest.log" | sort -u | tail -20 | tee -a "$LOG"
+grep -A12 "slowest .*durations" "$OUT/pytest.log" | tee -a "$LOG"
 tail -12 "$WORK/tiny.log" | tee -a "$LOG"
 
 step "in parallel: compiling every bench row and the ops bench's loop"
@@ -156,9 +156,9 @@ within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 --json "$OUT/prof
 grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG"
 
 # What is left of the budget goes to the decisions that matter less.
-step "the stem alone: strided 7x7 against 2x2 blocks, 2 and 128 images"
-within 40 python3 benchmarks/stem.py --batch 2 --batch 128 "${DEVICE[@]}" >"$WORK/stem.log" 2>&1
-grep -E "^(\||stem)" "$WORK/stem.log" | tee -a "$LOG"
+step "the ASPP's dilated branches alone: padded against banded, batch 1 and 64"
+within 40 python3 benchmarks/banded_aspp.py --batch 1 --batch "${BATCHES[-1]}" "${DEVICE[@]}" >"$WORK/banded.log" 2>&1
+grep -E "^(\||ASPP)" "$WORK/banded.log" | tee -a "$LOG"
 LARGE=${BATCHES[-1]}
 step "where the GPU time goes at batch $LARGE: the deployed row and the first candidate"
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 "${DEVICE[@]}" \

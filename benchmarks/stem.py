@@ -10,9 +10,8 @@ float64.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from layer_bench import layer_bench_arguments
 from torch import nn
 
 from crnet.model.space_to_depth import SpaceToDepthConv
@@ -42,17 +41,7 @@ def gpu_ms(call, device: torch.device, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--batch", type=int, action="append", help="images per call (repeatable)")
-    parser.add_argument("--size", type=int, default=321)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-compile", action="store_true", help="eager rows only")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    args, device, dtype = layer_bench_arguments(__doc__, "images per call (repeatable)", 321)
     torch.manual_seed(0)
     strided = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=True).to(device)
     blocked = SpaceToDepthConv.of(strided)

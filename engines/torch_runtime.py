@@ -7,7 +7,9 @@ CUDA graph per input shape, replayed from static buffers (engines/cuda_graphs.py
 captures once, every later call is one replay. `+cudnn-epilogues` (CUDA) runs each convolution's bias,
 residual add and ReLU inside cuDNN's convolution kernel (crnet/model/conv_epilogues.py). `+space-to-depth`
 runs the stem's strided 7x7 convolution over 3 colours as a 4x4 one over 2x2 pixel blocks, 16 channels
-(crnet/model/space_to_depth.py). `freeze=True` compiles with inductor's freezing too (weights as
+(crnet/model/space_to_depth.py). `+banded-aspp` computes the ASPP's dilated branches in blocks of output
+pixels that read the map with the same taps, skipping the taps that read zero padding
+(crnet/model/banded_conv.py). `freeze=True` compiles with inductor's freezing too (weights as
 constants); off by default: it gained nothing measurable on a CPU or on the H200 (benchmarks/freezing.py,
 docs/BENCHMARKS.md).
 
@@ -27,6 +29,7 @@ import torch
 from crnet import checkpoint, ops
 from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.engines.cuda_graphs import CapturedCalls
+from crnet.model.banded_conv import band_aspp
 from crnet.model.conv_epilogues import fuse_conv_epilogues
 from crnet.model.crnet import SupportPrompt
 from crnet.model.fold import fold_batchnorm
@@ -54,6 +57,7 @@ class TorchRuntime(Runtime):
         freeze: bool = False,
         cudnn_epilogues: bool = False,
         space_to_depth: bool = False,
+        banded_aspp: bool = False,
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -65,8 +69,8 @@ class TorchRuntime(Runtime):
             raise RuntimeUnavailable("CUDA graphs need --device cuda")
         if cudnn_epilogues and (anchor or self.device.type != "cuda"):
             raise RuntimeUnavailable("cuDNN's fused epilogues need --device cuda (and are not the anchor's)")
-        if space_to_depth and anchor:
-            raise RuntimeUnavailable("the anchor is plain PyTorch: it takes no space-to-depth stem")
+        if (space_to_depth or banded_aspp) and anchor:
+            raise RuntimeUnavailable("the anchor is plain PyTorch: no space-to-depth stem, no banded ASPP")
         if precision not in DTYPES:
             raise RuntimeUnavailable(f"torch runtime precision must be fp32, fp16 or bf16, got {precision!r}")
         self.precision, self.dtype = precision, DTYPES[precision]
@@ -78,6 +82,9 @@ class TorchRuntime(Runtime):
             model = space_to_depth_stem(model)
         if cudnn_epilogues:  # bias, residual and ReLU in cuDNN's convolutions (model/conv_epilogues.py)
             model = fuse_conv_epilogues(model)
+        if banded_aspp:  # after the epilogues: a branch with its ReLU keeps it in each block
+            size = model.config.feature_size
+            model = band_aspp(model, (size, size))
         self.model = model.to(self.dtype)
         # The native refinement op by default where it has a kernel for this device and dtype (CPU: FP32).
         try:
@@ -110,6 +117,7 @@ class TorchRuntime(Runtime):
             "channels_last": channels_last,
             "cudnn_epilogues": cudnn_epilogues,
             "space_to_depth": space_to_depth,
+            "banded_aspp": banded_aspp,
             "fused": fused,
         }
 
