@@ -6,6 +6,8 @@
 #     OUT=/tmp/rehearsal REHEARSE=1 BUDGET=700 bash benchmarks/gpu_check.sh   # the same steps on a CPU
 #     OUT=... BUDGET=230 CHECK_ROWS="torch:fp16+anchor ..." CHECK_BATCHES=64 CHECK_TESTS="tests/ops" \
 #         bash benchmarks/gpu_check.sh     # a short check after a change: what the budget leaves is skipped
+#     OMP_NUM_THREADS=1 timeout -s INT 200 python3 benchmarks/unreached_tests.py -- -n 14 >$OUT/rest.log
+#                                      # then, on the still-warm machine: the tests its suite did not reach
 #
 # Steps, most important first; each has a deadline inside the overall budget, so a slow step costs the
 # later ones, not the run, and what is left when the budget is spent is skipped and says so:
@@ -103,6 +105,7 @@ python3 -m crnet synth "$LATENCY" --train-per-class 2 --val-per-class 10 >/dev/n
 pids+=($!)
 python3 benchmarks/untrained_checkpoint.py --preset "$PRESET" --out "$MODEL" >/dev/null
 wait "${pids[@]}"  # these jobs only: a bare `wait` would also wait on tee
+cp "$OUT/pytest.log" /tmp/crnet_gpu_check_pytest.log  # for benchmarks/unreached_tests.py on the warm machine
 say "tests: $(grep -c " PASSED" "$OUT/pytest.log") passed, $(grep -c " SKIPPED" "$OUT/pytest.log") skipped"
 grep -E " (FAILED|ERROR) |node down|crashed|[0-9]+ passed" "$OUT/pytest.log" | sort -u | tail -20 | tee -a "$LOG"
 grep -A12 "slowest .*durations" "$OUT/pytest.log" | tee -a "$LOG"
