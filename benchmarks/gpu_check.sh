@@ -12,18 +12,19 @@
 # Steps, most important first; each has a deadline inside the overall budget, so a slow step costs the
 # later ones, not the run, and what is left when the budget is spent is skipped and says so:
 # 1. build the CUDA backend with the python that runs the checks (stop at once if crnet does not import);
-# 2. the test suite (-n 12), with nothing compiling beside it; meanwhile the data, the untrained r50 and
+# 2. the test suite (-n 14, a thread each), with nothing compiling beside it; meanwhile the data, the untrained r50 and
 #    the tiny checkpoint's FP16-vs-FP32 accuracy on 1000 episodes;
 # 3. in parallel, nothing timed: one process per compiled bench row and batch size that compiles and
 #    captures it (the profiler script with no calls), and one for the ops bench's compiled loop: they fill
 #    inductor's on-disk caches, so that the timed runs below do not spend minutes compiling;
 # 4. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them); the native op against the compiled loop under graph replay
-#    (bench_ops); a kernel profile of every row at batch 1; and, if time is left, the dilated branches alone
-#    (benchmarks/banded_aspp.py) and a batch-64 profile of the deployed row and the first candidate.
+#    (bench_ops); a batch-64 kernel profile of the deployed row and the candidate (the first run's was cut
+#    off); and, if time is left, the deployed row's batch-64 profile with cudnn.benchmark, the dilated
+#    branches alone (benchmarks/banded_aspp.py) and a batch-1 profile of every row.
 # The rows (since the second H200 session of 2026-11-26): the deployed row, the anchor, and the candidate for
 # the batch-64 target, missed there by 2.5%: the deployed row with the ASPP's dilated branches banded (half
-# the multiply-adds of the dilation-18 branch read padding; the banded blocks cost copies of their input).
+# the multiply-adds of the dilation-18 branch read padding; the price is 9 smaller convolutions per branch).
 # Three rows leave the suite 230 s: in 160 s it got through 425 of its 707 tests.
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
 # profile.txt, profile.json. The banded branches' table goes into run.log.
@@ -153,18 +154,22 @@ step "native op against the compiled PyTorch loop, GPU time under graph replay"
 ((NO_OP)) || within 70 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
 grep -E "^\||speed|replay" "$OUT/ops.log" | tee -a "$LOG"
 
-step "where the GPU time goes, batch 1"
-within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 --json "$OUT/profile.json" "${DEVICE[@]}" \
-  "${ROWS[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
-grep -v "^      " "$OUT/profile.txt" | grep -v Warning | head -60 | tee -a "$LOG"
-
-# What is left of the budget goes to the decisions that matter less.
-step "the ASPP's dilated branches alone: padded against banded, batch 1 and 64"
-within 40 python3 benchmarks/banded_aspp.py --batch 1 --batch "${BATCHES[-1]}" "${DEVICE[@]}" >"$WORK/banded.log" 2>&1
-grep -E "^(\||ASPP)" "$WORK/banded.log" | tee -a "$LOG"
 LARGE=${BATCHES[-1]}
 step "where the GPU time goes at batch $LARGE: the deployed row and the first candidate"
-within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 "${DEVICE[@]}" \
-  "--spec=${ROWS[0]}" "--spec=${ROWS[2]:-${ROWS[0]}}" >>"$OUT/profile.txt" 2>&1
+within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 --json "$OUT/profile.json" \
+  "${DEVICE[@]}" "--spec=${ROWS[0]}" "--spec=${ROWS[2]:-${ROWS[0]}}" >"$OUT/profile.txt" 2>&1
 grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12 | tee -a "$LOG"
+
+# What is left of the budget goes to the decisions that matter less.
+step "the deployed row at batch $LARGE with cudnn.benchmark: do cuDNN's timed choices beat its heuristics?"
+within 45 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 --cudnn-benchmark "${DEVICE[@]}" \
+  "--spec=${ROWS[0]}" >>"$OUT/profile.txt" 2>&1
+grep -E "^(==|episode|query)" "$OUT/profile.txt" | tail -3 | tee -a "$LOG"
+step "the ASPP's dilated branches alone: padded against banded, batch 1 and $LARGE"
+within 40 python3 benchmarks/banded_aspp.py --batch 1 --batch "$LARGE" "${DEVICE[@]}" >"$WORK/banded.log" 2>&1
+grep -E "^(\||ASPP)" "$WORK/banded.log" | tee -a "$LOG"
+step "where the GPU time goes, batch 1"
+within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" "${ROWS[@]/#/--spec=}" \
+  >>"$OUT/profile.txt" 2>&1
+grep -E "^(==|episode|query)" "$OUT/profile.txt" | grep "batch 1$" -A2 | tee -a "$LOG"
 step done
