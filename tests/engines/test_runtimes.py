@@ -10,7 +10,7 @@ import torch._inductor.freezing as inductor_freezing
 
 from crnet import checkpoint
 from crnet.bundle import load_bundle
-from crnet.engines import RuntimeSpec, RuntimeUnavailable, open_runtime
+from crnet.engines import DEPLOYED_GPU, RuntimeSpec, RuntimeUnavailable, open_runtime
 from crnet.engines.torch_runtime import TorchRuntime
 from crnet.errors import CRNetError, NoSupportError
 from crnet.model.crnet import upsample
@@ -168,8 +168,8 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
         "torch:fp16+cuda-graphs",
         "torch:fp16+channels-last+compile+cuda-graphs",
         "torch:fp16+channels-last+cudnn-epilogues+cuda-graphs",
-        "torch:fp16+channels-last+cudnn-epilogues+compile+cuda-graphs+torch-loop",
-        "torch:fp16+channels-last+space-to-depth+compile+cuda-graphs+torch-loop",
+        DEPLOYED_GPU,  # compiled, captured, cuDNN's epilogues, the blocked stem
+        "torch:fp16+channels-last+cudnn-epilogues+space-to-depth+banded-aspp+compile+cuda-graphs+torch-loop",
         "torch:fp16+anchor",
         "onnxruntime:fp32+cuda",
     ],
