@@ -7,7 +7,8 @@ A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `tor
 `torch:fp16+cuda-graphs` (each episode shape one captured CUDA graph), `torch:fp16+compile+cuda-graphs`
 (inductor's code, captured), `+cudnn-epilogues` (bias, residual and ReLU inside cuDNN's convolutions),
 `+space-to-depth` (the stem's strided 7x7 convolution as a 4x4 one over 2x2 pixel blocks), `+banded-aspp`
-(the dilated ASPP branches without the taps that read only padding), `+torch-loop`
+(the dilated ASPP branches without the taps that read only padding), `+cudnn-benchmark` (cuDNN times its
+algorithms for each convolution shape), `+torch-loop`
 (PyTorch's refinement loop, not the native op, whatever --fused says), `torch:fp16+anchor`
 (plain torch.compile, the anchor of GPU benches), `onnxruntime:fp32`, `onnxruntime:fp16+cuda`,
 `onnxruntime:fp16+tensorrt` (execution providers), `tensorrt:fp16`; every command that takes `--runtime`
@@ -41,6 +42,7 @@ OPTIONS = {
         "cudnn-epilogues",
         "space-to-depth",
         "banded-aspp",
+        "cudnn-benchmark",
         "torch-loop",
         "anchor",
     ),
@@ -104,6 +106,7 @@ def torch_options(spec: RuntimeSpec, fused: bool | None = None) -> dict:
         "cudnn_epilogues": "cudnn-epilogues" in spec.options,
         "space_to_depth": "space-to-depth" in spec.options,
         "banded_aspp": "banded-aspp" in spec.options,
+        "cudnn_benchmark": "cudnn-benchmark" in spec.options,
     }
 
 

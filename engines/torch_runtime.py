@@ -9,9 +9,10 @@ residual add and ReLU inside cuDNN's convolution kernel (crnet/model/conv_epilog
 runs the stem's strided 7x7 convolution over 3 colours as a 4x4 one over 2x2 pixel blocks, 16 channels
 (crnet/model/space_to_depth.py). `+banded-aspp` computes the ASPP's dilated branches in blocks of output
 pixels that read the map with the same taps, skipping the taps that read zero padding
-(crnet/model/banded_conv.py). `freeze=True` compiles with inductor's freezing too (weights as
-constants); off by default: it gained nothing measurable on a CPU or on the H200 (benchmarks/freezing.py,
-docs/BENCHMARKS.md).
+(crnet/model/banded_conv.py). `+cudnn-benchmark` lets cuDNN time its algorithms for each new convolution
+shape of this runtime's calls and keep the fastest, instead of its heuristics' choice. `freeze=True`
+compiles with inductor's freezing too (weights as constants); off by default: it gained nothing measurable
+on a CPU or on the H200 (benchmarks/freezing.py, docs/BENCHMARKS.md).
 
 `+anchor` is what a user writes with torch.compile alone: the checkpoint's model as it is (no folding of
 ours, PyTorch's refinement loop as the paper writes it, not hoisted, no native op), channels-last, compiled
@@ -58,6 +59,7 @@ class TorchRuntime(Runtime):
         cudnn_epilogues: bool = False,
         space_to_depth: bool = False,
         banded_aspp: bool = False,
+        cudnn_benchmark: bool = False,
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -69,6 +71,8 @@ class TorchRuntime(Runtime):
             raise RuntimeUnavailable("CUDA graphs need --device cuda")
         if cudnn_epilogues and (anchor or self.device.type != "cuda"):
             raise RuntimeUnavailable("cuDNN's fused epilogues need --device cuda (and are not the anchor's)")
+        if cudnn_benchmark and (anchor or self.device.type != "cuda"):
+            raise RuntimeUnavailable("cuDNN's benchmark mode needs --device cuda (and is not the anchor's)")
         if (space_to_depth or banded_aspp) and anchor:
             raise RuntimeUnavailable("the anchor is plain PyTorch: no space-to-depth stem, no banded ASPP")
         if precision not in DTYPES:
@@ -111,6 +115,7 @@ class TorchRuntime(Runtime):
         if compile or cuda_graphs:
             self._encode, self._segment, self._episode, self._query = functions
         self.anchor, self.freeze = anchor, freeze or anchor
+        self.cudnn_benchmark = cudnn_benchmark
         self.options = {
             "compile": compile,
             "cuda_graphs": cuda_graphs,
@@ -118,6 +123,7 @@ class TorchRuntime(Runtime):
             "cudnn_epilogues": cudnn_epilogues,
             "space_to_depth": space_to_depth,
             "banded_aspp": banded_aspp,
+            "cudnn_benchmark": cudnn_benchmark,
             "fused": fused,
         }
 
@@ -130,9 +136,15 @@ class TorchRuntime(Runtime):
         extras = [name.replace("_", "-") for name, on in self.options.items() if on]
         return " ".join([self.name, self.precision, *extras])
 
-    def _compiling(self):
-        """Inductor's freezing, read when a new shape compiles."""
-        return torch._inductor.config.patch(freezing=True) if self.freeze else contextlib.nullcontext()
+    def _compiling(self) -> contextlib.ExitStack:
+        """Inductor's freezing, read when a new shape compiles; cuDNN's benchmark mode, read when a
+        convolution of a new shape first runs (after a CUDA graph's capture, replays choose nothing)."""
+        stack = contextlib.ExitStack()
+        if self.freeze:
+            stack.enter_context(torch._inductor.config.patch(freezing=True))
+        if self.cudnn_benchmark:
+            stack.enter_context(_cudnn_benchmark())
+        return stack
 
     def _encoder_forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode(images.to(self.dtype).contiguous(memory_format=self.memory_format))
@@ -192,3 +204,15 @@ class TorchRuntime(Runtime):
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
         with self._compiling():
             return self._owned(self._segment(features.to(self.dtype), prompt.vector, prompt.prototype))
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark():
+    """torch.backends.cudnn.benchmark on for the calls of one runtime, as it was after them: the flag is
+    global, and the other rows of a bench run in the same process."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

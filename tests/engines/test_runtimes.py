@@ -131,6 +131,36 @@ def test_gpu_runtimes_refuse_without_cuda(micro_checkpoint, micro_bundle) -> Non
         open_runtime(RuntimeSpec("torch", options=("cudnn-epilogues",)), checkpoint=micro_checkpoint)
 
 
+def test_cudnn_benchmark_is_one_runtimes_and_a_gpus(micro_checkpoint) -> None:
+    """The flag is global: a runtime with the option turns it on for its own calls only, and puts it back
+    even when a call fails; off a GPU the option is refused."""
+    from crnet.engines.torch_runtime import _cudnn_benchmark
+
+    with pytest.raises(RuntimeUnavailable, match="benchmark mode needs --device cuda"):
+        open_runtime(RuntimeSpec("torch", options=("cudnn-benchmark",)), checkpoint=micro_checkpoint)
+    before = torch.backends.cudnn.benchmark
+    with pytest.raises(ZeroDivisionError), _cudnn_benchmark():
+        assert torch.backends.cudnn.benchmark
+        _ = 1 / 0
+    assert torch.backends.cudnn.benchmark == before
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cudnn_benchmark_runs_the_same_episode_on_cuda(micro_checkpoint) -> None:
+    query, supports, masks = (x.cuda() for x in episode(1))
+    with open_runtime(
+        RuntimeSpec.parse("torch:fp16+channels-last+torch-loop"), checkpoint=micro_checkpoint, device="cuda"
+    ) as plain:
+        expected = plain.episode(query, supports, masks)
+    before = torch.backends.cudnn.benchmark
+    spec = RuntimeSpec.parse("torch:fp16+channels-last+cudnn-benchmark+torch-loop")
+    with open_runtime(spec, checkpoint=micro_checkpoint, device="cuda") as tuned:
+        logits = tuned.episode(query, supports, masks)
+    assert torch.backends.cudnn.benchmark == before
+    torch.testing.assert_close(logits, expected, atol=2e-2, rtol=2e-2)
+
+
 def test_cpu_onnxruntime_cannot_take_a_gpu_provider(micro_bundle) -> None:
     with pytest.raises(RuntimeUnavailable, match="does not run on device cpu"):
         open_runtime(RuntimeSpec("onnxruntime", options=("cuda",)), bundle=load_bundle(micro_bundle))
