@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crnet.model.conv_epilogues import ConvReLU, conv_bias_relu
-from crnet.model.conv_twin import conv_twin
+from crnet.model.conv_twin import conv_twin, layout_of
 from crnet.model.refinement import ASPP
 
 
@@ -79,7 +79,7 @@ class BandedConv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = self._blocks(x.shape[2:])
         columns = len(blocks) // len({rows for rows, _ in blocks})
-        layout = _layout(x)  # each block's output in the input's layout, so that the joins keep it
+        layout = layout_of(x)  # each block's output in the input's layout, so that the joins keep it
         outs = [self._block(x, rows, cols).contiguous(memory_format=layout) for rows, cols in blocks]
         lines = [torch.cat(outs[i : i + columns], dim=3) for i in range(0, len(outs), columns)]
         return torch.cat(lines, dim=2)
@@ -108,11 +108,6 @@ class BandedConv(nn.Conv2d):
 
 def _name(taps: tuple[int, int, int, int]) -> str:
     return "taps_{}{}_{}{}".format(*taps)
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def band_aspp(model: nn.Module, size: tuple[int, int]) -> nn.Module:

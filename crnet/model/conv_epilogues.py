@@ -23,18 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from crnet.model.backbone import Bottleneck, Encoder, Neck, ResNetTrunk
-from crnet.model.conv_twin import conv_twin
+from crnet.model.conv_twin import conv_twin, layout_of
 from crnet.model.refinement import ASPP, Refinement
 from crnet.model.space_to_depth import SpaceToDepthConv
-
-
-def _layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
-    """The output's memory format: channels-last when the input or the weight is (cuDNN's own choice)."""
-    channels_last = any(
-        t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-        for t in (x, weight)
-    )
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _output_shape(x, weight, stride, padding, dilation) -> list[int]:
@@ -65,7 +56,8 @@ def _unfused(x, weight, bias, residual, stride, padding, dilation) -> torch.Tens
     out = F.conv2d(x, weight, bias, stride, padding, dilation)
     if residual is not None:
         out = out + residual
-    return F.relu(out).contiguous(memory_format=_layout(x, weight))
+    # The output channels-last when the input or the weight is: cuDNN's own choice, on every path here.
+    return F.relu(out).contiguous(memory_format=layout_of(x, weight))
 
 
 # cuDNN's fused engines are built for channels-last maps with whole 16-byte vectors of channels (8 FP16 ones)
@@ -77,7 +69,7 @@ ALIGNED_CHANNELS = 8
 @conv_bias_relu.register_kernel("cuda")
 def _conv_bias_relu_cuda(x, weight, bias, residual, stride, padding, dilation):
     aligned = weight.shape[0] % ALIGNED_CHANNELS == 0 and weight.shape[1] % ALIGNED_CHANNELS == 0
-    fusable = aligned and _layout(x, weight) == torch.channels_last
+    fusable = aligned and layout_of(x, weight) == torch.channels_last
     if not (fusable and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled):
         return _unfused(x, weight, bias, residual, stride, padding, dilation)
     if residual is None:
@@ -86,13 +78,13 @@ def _conv_bias_relu_cuda(x, weight, bias, residual, stride, padding, dilation):
         out = torch.ops.aten.cudnn_convolution_add_relu(
             x, weight, residual, 1.0, bias, stride, padding, dilation, 1
         )
-    return out.contiguous(memory_format=_layout(x, weight))
+    return out.contiguous(memory_format=layout_of(x, weight))
 
 
 @conv_bias_relu.register_fake
 def _conv_bias_relu_fake(x, weight, bias, residual, stride, padding, dilation):
     shape = _output_shape(x, weight, stride, padding, dilation)
-    return x.new_empty(shape).contiguous(memory_format=_layout(x, weight))
+    return x.new_empty(shape).contiguous(memory_format=layout_of(x, weight))
 
 
 def _require_folded(norms: list[nn.Module]) -> None:
@@ -143,7 +135,7 @@ class PaddedConvReLU(ConvReLU):
         return fused
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if _layout(x, self.weight) != torch.channels_last:
+        if layout_of(x, self.weight) != torch.channels_last:
             return super().forward(x, residual)
         padded = torch.empty(
             (x.shape[0], self.padded_weight.shape[1], *x.shape[2:]),

@@ -1,10 +1,22 @@
 """A convolution's inference form as another Conv2d subclass that shares its parameters (so its state-dict
-keys too): the fused-epilogue convolutions (conv_epilogues.py) and the stem over pixel blocks
-(space_to_depth.py) are built this way."""
+keys too): the fused-epilogue convolutions (conv_epilogues.py), the stem over pixel blocks
+(space_to_depth.py) and the banded ASPP branches (banded_conv.py) are built this way, and keep the memory
+format they are given."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+
+def layout_of(*tensors: torch.Tensor) -> torch.memory_format:
+    """Channels-last when any of these 4-D tensors is (and is not also plain contiguous, as a tensor with one
+    channel or one pixel is both), else contiguous."""
+    channels_last = any(
+        t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        for t in tensors
+    )
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def conv_twin(cls: type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crnet.model.backbone import ResNetTrunk
-from crnet.model.conv_twin import conv_twin
+from crnet.model.conv_twin import conv_twin, layout_of
 
 # Channels of the block map are whole 16-byte vectors of FP16: colours are padded to a multiple of this / 4.
 ALIGNED_CHANNELS = 8
@@ -38,8 +38,7 @@ def space_to_depth(x: torch.Tensor, block_height: int, block_width: int, channel
     blocks = blocks.permute(0, 1, 3, 5, 2, 4).flatten(1, 3)  # N, C * 4, h, w
     if channels > x.shape[1]:
         blocks = F.pad(blocks, (0, 0, 0, 0, 0, 4 * (channels - x.shape[1])))
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return blocks.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return blocks.contiguous(memory_format=layout_of(x))
 
 
 class SpaceToDepthConv(nn.Conv2d):
