@@ -10,34 +10,14 @@ float64.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from layer_bench import layer_bench_arguments
 from torch import nn
 
+from crnet.commands.timer import Timer, medians_in_turns
 from crnet.model.space_to_depth import SpaceToDepthConv
-
-
-def gpu_ms(call, device: torch.device, repeats: int) -> float:
-    """Median milliseconds per call (CUDA events on a GPU, wall time on a CPU), after warm-up."""
-    import statistics
-    import time
-
-    for _ in range(3):
-        call()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            call()
-            samples.append((time.perf_counter() - began) * 1000)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -50,6 +30,7 @@ def main() -> None:
     if not args.no_compile:
         compiled = {f"{name}, compiled": torch.compile(m, dynamic=False) for name, m in variants.items()}
         variants |= compiled
+    timer = Timer(device)
     print(f"stem, {args.size}x{args.size} images, {dtype}, channels-last, on {device}")
     print("| images | variant | ms per call | vs strided | max abs difference |")
     print("|---|---|---|---|---|")
@@ -63,7 +44,10 @@ def main() -> None:
         base = None
         for name, module in variants.items():
             with torch.inference_mode():
-                ms = gpu_ms(lambda m=module, x=images: m(x), device, args.repeats)
+                call = functools.partial(module, images)
+                for _ in range(3):  # warm-up (and compilation)
+                    call()
+                ms = medians_in_turns({name: call}, timer, args.repeats, gpu=True)[name]
                 error = (module(images).double() - reference).abs().max().item()
             base = base or ms
             print(f"| {batch} | {name} | {ms:.3f} | {base / ms:.2f}x | {error:.1e} |", flush=True)
