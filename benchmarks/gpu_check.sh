@@ -26,7 +26,9 @@
 # for the batch-64 target, missed there by 2.5%: the deployed row with the ASPP's dilated branches banded
 # (half the multiply-adds of the dilation-18 branch read padding; the price is 9 smaller convolutions per
 # branch), and with cuDNN timing its algorithms (the first session measured that only in batch-1 kernel
-# time, where it lost). The suite gets 230 s: in 160 s it got through 425 of its 707 tests.
+# time, where it lost; that row captures on a thread of its own, since PyTorch caches cuDNN's choices per
+# thread, whoever chose them: engines/cuda_graphs.py). The suite gets 230 s: in 160 s it got through 425
+# of its 707 tests.
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
 # profile.txt, profile.json. The banded branches' table goes into run.log.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script

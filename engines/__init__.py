@@ -7,9 +7,9 @@ A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `tor
 `torch:fp16+cuda-graphs` (each episode shape one captured CUDA graph), `torch:fp16+compile+cuda-graphs`
 (inductor's code, captured), `+cudnn-epilogues` (bias, residual and ReLU inside cuDNN's convolutions),
 `+space-to-depth` (the stem's strided 7x7 convolution as a 4x4 one over 2x2 pixel blocks), `+banded-aspp`
-(the dilated ASPP branches without the taps that read only padding), `+cudnn-benchmark` (cuDNN times its
-algorithms for each convolution shape), `+torch-loop`
-(PyTorch's refinement loop, not the native op, whatever --fused says), `torch:fp16+anchor`
+(the dilated ASPP branches without the taps that read only padding), `+cudnn-benchmark` (with
+`+cuda-graphs`: cuDNN times its algorithms for each convolution it captures), `+torch-loop` (PyTorch's
+refinement loop, not the native op, whatever --fused says), `torch:fp16+anchor`
 (plain torch.compile, the anchor of GPU benches), `onnxruntime:fp32`, `onnxruntime:fp16+cuda`,
 `onnxruntime:fp16+tensorrt` (execution providers), `tensorrt:fp16`; every command that takes `--runtime`
 takes this syntax. Every backend library is imported only when its runtime is opened.

@@ -13,7 +13,9 @@ every static input's address and a rebuild of the output tensors.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,51 @@ def capture_cuda_graph(function, inputs: list[torch.Tensor], warmup: int = 3):
     with torch.cuda.graph(graph):
         output = function(*inputs)
     return graph.replay, output
+
+
+class CaptureOnOwnThread:
+    """A Capture that runs on one thread of its own, inside `within()` (a context manager entered there around
+    each capture), in the caller's grad and inference modes; replays run on the caller's thread.
+
+    What it is for: PyTorch keeps the plans cuDNN chose for its convolutions in a per-thread cache whose key
+    is the convolution (shapes, strides, dtypes, alignment), not how the plan was chosen, and a cached plan
+    runs whatever torch.backends.cudnn.benchmark says now (`_get_benchmark_cache`, `run_single_conv` and
+    `run_fused_conv` in aten/src/ATen/native/cudnn/Conv_v8.cpp). So two runtimes in one thread with the same
+    convolutions, one timing cuDNN's algorithms and one taking its heuristics' choice, would both run
+    whichever chose first. Captured on a thread of its own, a runtime's graphs hold its own choices, and the
+    other runtimes of the process never see them."""
+
+    def __init__(
+        self, within: Callable[[], contextlib.AbstractContextManager], capture: Capture | None = None
+    ):
+        self.within, self.capture = within, capture or capture_cuda_graph
+        self.thread: ThreadPoolExecutor | None = None  # started by the first capture, ended by close()
+
+    def __call__(self, function: Callable[..., torch.Tensor], inputs: list[torch.Tensor]):
+        # Grad and inference modes and the current CUDA device and stream are per thread: the capture records
+        # what the caller's thread would have run, after what the caller queued (the inputs' copies).
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        cuda = bool(inputs) and inputs[0].is_cuda
+        stream = torch.cuda.current_stream(inputs[0].device) if cuda else None  # None: nothing to set
+
+        def capture():
+            with (
+                torch.inference_mode(inference),
+                torch.set_grad_enabled(grad),
+                torch.cuda.stream(stream),
+                self.within(),
+            ):
+                return self.capture(function, inputs)
+
+        if self.thread is None:
+            self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crnet-capture")
+        return self.thread.submit(capture).result()
+
+    def close(self) -> None:
+        """End the thread (with its cached cuDNN plans); a later capture starts another."""
+        if self.thread is not None:
+            self.thread.shutdown(wait=True)
+            self.thread = None
 
 
 @dataclass

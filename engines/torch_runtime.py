@@ -9,8 +9,9 @@ residual add and ReLU inside cuDNN's convolution kernel (crnet/model/conv_epilog
 runs the stem's strided 7x7 convolution over 3 colours as a 4x4 one over 2x2 pixel blocks, 16 channels
 (crnet/model/space_to_depth.py). `+banded-aspp` computes the ASPP's dilated branches in blocks of output
 pixels that read the map with the same taps, skipping the taps that read zero padding
-(crnet/model/banded_conv.py). `+cudnn-benchmark` lets cuDNN time its algorithms for each new convolution
-shape of this runtime's calls and keep the fastest, instead of its heuristics' choice. `freeze=True`
+(crnet/model/banded_conv.py). `+cudnn-benchmark` lets cuDNN time its algorithms for each convolution of
+this runtime's graphs and keep the fastest, instead of its heuristics' choice; it captures on a thread of
+its own, where PyTorch keeps those choices apart from other runtimes' (engines/cuda_graphs.py). `freeze=True`
 compiles with inductor's freezing too (weights as constants); off by default: it gained nothing measurable
 on a CPU or on the H200 (benchmarks/freezing.py, docs/BENCHMARKS.md).
 
@@ -29,7 +30,7 @@ import torch
 
 from crnet import checkpoint, ops
 from crnet.engines.base import Runtime, RuntimeUnavailable
-from crnet.engines.cuda_graphs import CapturedCalls
+from crnet.engines.cuda_graphs import CapturedCalls, CaptureOnOwnThread
 from crnet.model.banded_conv import band_aspp
 from crnet.model.conv_epilogues import fuse_conv_epilogues
 from crnet.model.crnet import SupportPrompt
@@ -73,6 +74,8 @@ class TorchRuntime(Runtime):
             raise RuntimeUnavailable("cuDNN's fused epilogues need --device cuda (and are not the anchor's)")
         if cudnn_benchmark and (anchor or self.device.type != "cuda"):
             raise RuntimeUnavailable("cuDNN's benchmark mode needs --device cuda (and is not the anchor's)")
+        if cudnn_benchmark and not cuda_graphs:
+            raise RuntimeUnavailable("cuDNN's benchmark mode chooses at capture: add +cuda-graphs")
         if (space_to_depth or banded_aspp) and anchor:
             raise RuntimeUnavailable("the anchor is plain PyTorch: no space-to-depth stem, no banded ASPP")
         if precision not in DTYPES:
@@ -110,12 +113,13 @@ class TorchRuntime(Runtime):
             # ours are captured below, so inductor compiles without them.
             mode = "reduce-overhead" if anchor and cuda_graphs else "default"
             functions = [torch.compile(f, mode=mode, dynamic=False) for f in functions]
+        # cuDNN's timed choices are made on a thread of this runtime's own, and kept there (cuda_graphs.py).
+        self._capture_thread = CaptureOnOwnThread(_cudnn_benchmark) if cudnn_benchmark else None
         if cuda_graphs and not anchor:
-            functions = [CapturedCalls(f, self.device) for f in functions]
+            functions = [CapturedCalls(f, self.device, self._capture_thread) for f in functions]
         if compile or cuda_graphs:
             self._encode, self._segment, self._episode, self._query = functions
         self.anchor, self.freeze = anchor, freeze or anchor
-        self.cudnn_benchmark = cudnn_benchmark
         self.options = {
             "compile": compile,
             "cuda_graphs": cuda_graphs,
@@ -136,15 +140,9 @@ class TorchRuntime(Runtime):
         extras = [name.replace("_", "-") for name, on in self.options.items() if on]
         return " ".join([self.name, self.precision, *extras])
 
-    def _compiling(self) -> contextlib.ExitStack:
-        """Inductor's freezing, read when a new shape compiles; cuDNN's benchmark mode, read when a
-        convolution of a new shape first runs (after a CUDA graph's capture, replays choose nothing)."""
-        stack = contextlib.ExitStack()
-        if self.freeze:
-            stack.enter_context(torch._inductor.config.patch(freezing=True))
-        if self.cudnn_benchmark:
-            stack.enter_context(_cudnn_benchmark())
-        return stack
+    def _compiling(self) -> contextlib.AbstractContextManager:
+        """Inductor's freezing, read when a new shape compiles."""
+        return torch._inductor.config.patch(freezing=True) if self.freeze else contextlib.nullcontext()
 
     def _encoder_forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode(images.to(self.dtype).contiguous(memory_format=self.memory_format))
@@ -191,6 +189,8 @@ class TorchRuntime(Runtime):
         for function in (self._encode, self._segment, self._episode, self._query):
             if isinstance(function, CapturedCalls):
                 function.release()
+        if self._capture_thread is not None:
+            self._capture_thread.close()
 
     def _owned(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.clone() if self.options["cuda_graphs"] else tensor
@@ -208,8 +208,8 @@ class TorchRuntime(Runtime):
 
 @contextlib.contextmanager
 def _cudnn_benchmark():
-    """torch.backends.cudnn.benchmark on for the calls of one runtime, as it was after them: the flag is
-    global, and the other rows of a bench run in the same process."""
+    """torch.backends.cudnn.benchmark on for one runtime's captures, as it was after them: the flag is global,
+    and the other rows of a bench run in the same process."""
     before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:

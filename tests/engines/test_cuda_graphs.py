@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import pytest
 import torch
 
-from crnet.engines.cuda_graphs import CapturedCalls
+from crnet.engines.cuda_graphs import CapturedCalls, CaptureOnOwnThread
 from tests.engines.test_runtimes import episode
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -59,6 +62,47 @@ def test_the_output_is_the_graphs_own_tensor() -> None:
     torch.testing.assert_close(first, torch.ones(2))
 
 
+def test_a_capture_thread_captures_on_one_thread_of_its_own() -> None:
+    """Every capture on the same thread, not the caller's, inside the setting it was given and in the
+    caller's modes; the replays on the caller's thread; a failed capture raises to the caller and stores
+    nothing; after close() the next capture starts a new thread."""
+    setting, seen, captured = {"on": False}, [], []
+    recording = recording_capture(captured)
+
+    @contextlib.contextmanager
+    def switched_on():
+        setting["on"] = True
+        try:
+            yield
+        finally:
+            setting["on"] = False
+
+    def capture(function, inputs):
+        seen.append((threading.get_ident(), setting["on"], torch.is_inference_mode_enabled()))
+        if inputs[0].shape[0] == 3:
+            raise ValueError("this shape cannot be captured")
+        return recording(function, inputs)
+
+    thread = CaptureOnOwnThread(switched_on, capture)
+    calls = CapturedCalls(scaled_sum, torch.device("cpu"), capture=thread)
+    with torch.inference_mode():
+        for shape in [(2, 4), (2, 4), (5, 4)]:
+            a, b = torch.randn(shape), torch.randn(shape)
+            torch.testing.assert_close(calls(a, b), scaled_sum(a, b))
+        with pytest.raises(ValueError, match="cannot be captured"):
+            calls(torch.randn(3, 4), torch.randn(3, 4))
+    assert len(seen) == 3 and len(captured) == len(calls.graphs) == 2  # one capture per shape
+    idents = {ident for ident, _, _ in seen}
+    assert len(idents) == 1 and threading.get_ident() not in idents
+    assert all(on and inference for _, on, inference in seen) and not setting["on"]
+    calls(torch.randn(7, 4), torch.randn(7, 4))  # outside inference mode: so is its capture
+    assert seen[-1][2] is False and seen[-1][0] in idents
+    thread.close()
+    calls(torch.randn(8, 4), torch.randn(8, 4))
+    assert seen[-1][0] != threading.get_ident() and len(calls.graphs) == 4
+    thread.close()
+
+
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_graph_replays_match_eager_calls() -> None:
@@ -67,6 +111,19 @@ def test_cuda_graph_replays_match_eager_calls() -> None:
         a, b = torch.randn(shape), torch.randn(shape)  # host inputs: copied into the device's buffers
         torch.testing.assert_close(calls(a, b), scaled_sum(a, b).cuda())
     assert len(calls.graphs) == 2
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_graphs_captured_on_a_thread_of_their_own_replay_on_the_callers() -> None:
+    thread = CaptureOnOwnThread(contextlib.nullcontext)
+    calls = CapturedCalls(scaled_sum, torch.device("cuda"), capture=thread)
+    with torch.inference_mode():
+        for shape in [(2, 3), (2, 3), (5, 7), (2, 3)]:
+            a, b = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda")
+            torch.testing.assert_close(calls(a, b), scaled_sum(a, b))
+    assert len(calls.graphs) == 2
+    thread.close()
 
 
 @pytest.mark.cuda

@@ -132,8 +132,8 @@ def test_gpu_runtimes_refuse_without_cuda(micro_checkpoint, micro_bundle) -> Non
 
 
 def test_cudnn_benchmark_is_one_runtimes_and_a_gpus(micro_checkpoint) -> None:
-    """The flag is global: a runtime with the option turns it on for its own calls only, and puts it back
-    even when a call fails; off a GPU the option is refused."""
+    """The flag is global: a runtime with the option turns it on for its own captures only, and puts it back
+    even when one fails; off a GPU the option is refused."""
     from crnet.engines.torch_runtime import _cudnn_benchmark
 
     with pytest.raises(RuntimeUnavailable, match="benchmark mode needs --device cuda"):
@@ -154,9 +154,14 @@ def test_cudnn_benchmark_runs_the_same_episode_on_cuda(micro_checkpoint) -> None
     ) as plain:
         expected = plain.episode(query, supports, masks)
     before = torch.backends.cudnn.benchmark
-    spec = RuntimeSpec.parse("torch:fp16+channels-last+cudnn-benchmark+torch-loop")
+    with pytest.raises(RuntimeUnavailable, match="add \\+cuda-graphs"):
+        untimed = RuntimeSpec.parse("torch:fp16+cudnn-benchmark")
+        open_runtime(untimed, checkpoint=micro_checkpoint, device="cuda")
+    spec = RuntimeSpec.parse("torch:fp16+channels-last+cudnn-benchmark+cuda-graphs+torch-loop")
     with open_runtime(spec, checkpoint=micro_checkpoint, device="cuda") as tuned:
         logits = tuned.episode(query, supports, masks)
+        assert tuned._capture_thread.thread is not None  # captured (and timed cuDNN) on its own thread
+        torch.testing.assert_close(tuned.episode(query, supports, masks), logits)  # a replay
     assert torch.backends.cudnn.benchmark == before
     torch.testing.assert_close(logits, expected, atol=2e-2, rtol=2e-2)
 
