@@ -14,6 +14,7 @@ from pathlib import Path
 
 from crnet.config import ModelConfig
 from crnet.errors import CRNetError
+from crnet.files import holds_only
 
 FORMAT = "crnet-bundle-1"
 MANIFEST = "manifest.json"
@@ -163,6 +164,22 @@ def is_bundle(path: Path) -> bool:
         return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def is_replaceable_bundle(path: Path) -> bool:
+    """Whether `export --overwrite` may replace a directory: a bundle (damaged or not) holding nothing but
+    its manifest and the files the manifest lists, so that replacing it loses nothing else."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+        listed = [
+            entry["file"]
+            for section in ("graphs", "engines")
+            for per_precision in manifest[section].values()
+            for entry in per_precision.values()
+        ]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return False
+    return manifest.get("format") == FORMAT and holds_only(Path(path), [MANIFEST, *listed])
 
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:

@@ -18,8 +18,8 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
 
 from crnet.errors import CRNetError
 
@@ -59,13 +59,30 @@ def _remove(path: Path) -> None:
 
 
 def check_not_input(out: Path, inputs: Sequence[str | Path], option: str = "--out") -> None:
-    """Refuse an output that is, or would replace a directory holding, one of the command's inputs."""
-    target = Path(os.path.abspath(out))
+    """Refuse an output that is, or would replace a directory holding, one of the command's inputs, or that
+    lies inside an input directory (a dataset, a bundle), which writing it would change."""
+    resolved = Path(os.path.realpath(os.path.abspath(out)))
     for given in inputs:
         source = Path(os.path.realpath(given))
-        resolved = Path(os.path.realpath(target))
         if source == resolved or resolved in source.parents:
             raise OutputError(f"{option} {out} would replace the input {given}; choose another {option}")
+        if source in resolved.parents and source.is_dir():
+            raise OutputError(f"{option} {out} is inside the input {given}; choose another {option}")
+
+
+def holds_only(folder: Path, names: Iterable[str]) -> bool:
+    """Whether everything in `folder` is one of `names` (paths relative to it; a named folder counts with
+    all it holds, a folder on the way to a named path for itself): an earlier output of ours to which
+    nothing was added, which an overwrite can replace without losing anything else."""
+    allowed = {PurePosixPath(name) for name in names}
+    on_the_way = {parent for name in allowed for parent in name.parents}
+    for path in folder.rglob("*"):
+        relative = PurePosixPath(path.relative_to(folder).as_posix())
+        if relative in allowed or allowed & set(relative.parents):
+            continue
+        if not (relative in on_the_way and path.is_dir() and not path.is_symlink()):
+            return False
+    return True
 
 
 def ensure_parent(path: Path) -> None:
@@ -177,8 +194,8 @@ def check_output_dir(
         raise OutputError(f"{out} already exists; pass --overwrite to replace it")
     if not ours(out):
         raise OutputError(
-            f"refusing to replace {out}: it is not a {what} (--overwrite replaces only a {what} written "
-            f"by crnet); choose another {option}"
+            f"refusing to replace {out}: it is not a {what}, or holds other files too (--overwrite replaces "
+            f"only a {what} written by crnet, with nothing added); choose another {option}"
         )
     return True
 

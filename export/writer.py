@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crnet.bundle import FORMAT, MANIFEST, BatchRange, is_bundle, sha256
+from crnet.bundle import FORMAT, MANIFEST, BatchRange, is_replaceable_bundle, sha256
 from crnet.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from crnet.files import StagedDirectory, write_text
 
@@ -50,7 +50,9 @@ class BundleWriter(StagedDirectory):
     --overwrite replaces only an existing bundle, never a file, a foreign directory or the checkpoint."""
 
     def __init__(self, out: Path, *, overwrite: bool = False, inputs: tuple[Path, ...] = ()):
-        super().__init__(out, what="crnet bundle", ours=is_bundle, overwrite=overwrite, inputs=inputs)
+        super().__init__(
+            out, what="crnet bundle", ours=is_replaceable_bundle, overwrite=overwrite, inputs=inputs
+        )
 
     def commit(self, manifest: dict) -> Path:
         write_text(self.root / MANIFEST, json.dumps(manifest, indent=2) + "\n")

@@ -156,3 +156,33 @@ def test_rename_noreplace_refuses_an_existing_target(tmp_path) -> None:
     with pytest.raises(FileExistsError):
         files.rename_noreplace(tmp_path / "a", tmp_path / "c")
     assert (tmp_path / "b/x").read_text() == "kept" and (tmp_path / "a").is_dir()
+
+
+def test_holds_only_names_what_an_earlier_output_may_hold(tmp_path) -> None:
+    """A named file, anything inside a named folder, and the folders on the way to a named file; nothing
+    else (an added file, a folder of the user's next to ours)."""
+    out = tmp_path / "out"
+    (out / "bundle" / "deep").mkdir(parents=True)
+    (out / "bundle" / "deep" / "x.onnx").write_text("ours")
+    (out / "graphs").mkdir()
+    (out / "graphs" / "a.onnx").write_text("ours")
+    (out / "results.json").write_text("{}")
+    names = ["results.json", "bundle", "graphs/a.onnx"]
+    assert files.holds_only(out, names)
+    assert files.holds_only(out, [*names, "absent.png"])  # a damaged earlier output: still ours
+    (out / "graphs" / "notes.txt").write_text("the user's")
+    assert not files.holds_only(out, names)
+    (out / "graphs" / "notes.txt").unlink()
+    (out / "mine").mkdir()  # an empty folder of the user's is theirs too
+    assert not files.holds_only(out, names)
+
+
+def test_an_output_inside_an_input_folder_is_refused(tmp_path) -> None:
+    data = tmp_path / "data"
+    (data / "JPEGImages").mkdir(parents=True)
+    with pytest.raises(OutputError, match="is inside the input"):
+        files.check_not_input(data / "JPEGImages" / "chart.png", [data], "--chart")
+    files.check_not_input(tmp_path / "chart.png", [data], "--chart")  # beside it: fine
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    files.check_not_input(tmp_path / "eval.json", [checkpoint], "--json")  # beside a file input: fine

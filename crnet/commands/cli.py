@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,13 +34,21 @@ def _default_data() -> Path:
     return Path.home() / ".cache" / "crnet" / f"synthetic-v{GENERATOR_VERSION}"
 
 
+MAX_WORKSPACE_GIB = 1024  # above any GPU's memory; TensorRT takes the limit as a 64-bit byte count
 DEFAULT_DATA = _default_data()  # versioned: a newer generator never meets an older tree
 DEFAULT_CHECKPOINT = Path("checkpoints/tiny_fold0.pt")
 
 
 def _positive(value: float | None) -> float | None:
-    if value is not None and not value > 0:
-        raise typer.BadParameter(f"must be > 0, got {value}")
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise typer.BadParameter(f"must be > 0 and finite, got {value}")
+    return value
+
+
+def _workspace(value: float) -> float:
+    _positive(value)
+    if value > MAX_WORKSPACE_GIB:
+        raise typer.BadParameter(f"must be at most {MAX_WORKSPACE_GIB} GiB, got {value}")
     return value
 
 
@@ -268,7 +278,7 @@ def evaluate_command(
     fold = stored.get("fold", 0) if fold is None else fold
     suffix = f"fold{fold}_{shots}shot" + (f"_{strategy}" if shots > 1 else "")
     json_out = json_out or checkpoint.parent / f"eval_{suffix}.json"
-    check_output(json_out, [checkpoint], "--json")
+    check_output(json_out, [checkpoint, data or DEFAULT_DATA], "--json")
     root = data_root(data)
     common = dict(
         fold=fold,
@@ -392,7 +402,10 @@ def export_command(
         Path | None, typer.Option(help="also write a Triton model repository here (absent or empty)")
     ] = None,
     workspace_gib: Annotated[
-        float, typer.Option(callback=_positive, help="TensorRT builder workspace limit, GiB, > 0")
+        float,
+        typer.Option(
+            callback=_workspace, help=f"TensorRT builder workspace limit, GiB, > 0, <= {MAX_WORKSPACE_GIB}"
+        ),
     ] = 4.0,
     timing_cache: Annotated[
         Path | None, typer.Option(dir_okay=False, help="TensorRT timing cache file, read and updated")
@@ -405,6 +418,8 @@ def export_command(
     from crnet.bundle import BatchRange
     from crnet.export.build import export_bundle
 
+    if timing_cache is not None:  # read, then rewritten: never the checkpoint
+        check_output(timing_cache, [checkpoint], "--timing-cache")
     if triton is not None:  # checked before the export, so that a bad --triton costs nothing
         from crnet.export.triton import check_repository_out
 
@@ -532,7 +547,9 @@ def bench_command(
     if any(spec.name != "torch" for spec in specs) and bundle is None:
         raise CRNetError("onnxruntime and tensorrt runtimes need --bundle (make one with `crnet export`)")
     chart = chart or json_out.with_suffix(".png")
-    inputs = [checkpoint] + ([bundle] if bundle else [])
+    if os.path.realpath(chart) == os.path.realpath(json_out):
+        raise CRNetError(f"--chart {chart} is the --json file; give the chart another name")
+    inputs = [checkpoint, data or DEFAULT_DATA] + ([bundle] if bundle else [])
     check_output(json_out, inputs, "--json")
     check_output(chart, inputs, "--chart")
     settings = BenchSettings(

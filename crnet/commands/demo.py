@@ -17,7 +17,7 @@ from crnet.config import TINY, TrainConfig
 from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import VOCTree
 from crnet.engines import DEPLOYED_GPU
-from crnet.files import OutputError, write_text
+from crnet.files import OutputError, holds_only, write_text
 from crnet.model.crnet import CRNet, upsample
 
 # The committed checkpoint checkpoints/tiny_fold0.pt is this recipe's result, reproduced by
@@ -59,19 +59,25 @@ def train_recipe(out: Path, root: Path, device: torch.device, progress: bool, no
 RESULTS = "results.json"
 
 
+# What the demo writes into OUT (bundle/ and train/ are checked again by export and train when replaced).
+OUTPUTS = (RESULTS, "episodes.png", "bench.json", "bench.png", "bundle", "train")
+
+
 def check_demo_out(out: Path) -> None:
-    """The demo writes results.json, episodes.png, bench.json/png, bundle/ and train/ into OUT: it must be
-    new, empty, or an earlier demo's (its results.json), so that no other file there is replaced."""
+    """OUT must be new, empty, or an earlier demo's (its results.json, and nothing but the demo's outputs),
+    so that no other file there is replaced."""
     if not out.exists():
         return
     if not out.is_dir():
         raise OutputError(f"--out {out} is a file; the demo writes a directory there")
     try:
-        earlier = "results" in json.loads((out / RESULTS).read_text())
-    except (OSError, ValueError, TypeError):
+        earlier = {"checkpoint", "results"} <= json.loads((out / RESULTS).read_text()).keys()
+    except (OSError, ValueError, TypeError, AttributeError):
         earlier = False
-    if any(out.iterdir()) and not earlier:
-        raise OutputError(f"--out {out} holds other files and no earlier demo; choose a new or empty folder")
+    if any(out.iterdir()) and not (earlier and holds_only(out, OUTPUTS)):
+        raise OutputError(
+            f"--out {out} holds other files than an earlier demo's; choose a new or empty folder"
+        )
 
 
 def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, count: int = 6) -> Path:

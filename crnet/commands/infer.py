@@ -24,7 +24,7 @@ from crnet.data.pascal import read_image
 from crnet.engines import DEPLOYED_GPU, RuntimeSpec, open_runtime, runtime_device
 from crnet.engines.base import Runtime
 from crnet.errors import CRNetError, EmptySupportMaskError, NoSupportError
-from crnet.files import OutputError, atomic_file, check_not_input, write_text
+from crnet.files import OutputError, atomic_file, check_not_input, holds_only, write_text
 from crnet.model.crnet import SupportPrompt, upsample
 
 
@@ -85,13 +85,27 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 SUMMARY = "infer.json"
 
 
+def earlier_output(out: Path) -> bool:
+    """Whether a folder holds an earlier infer's output and nothing else: its infer.json and the masks and
+    overlays that infer.json lists."""
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+        masks = [record["mask"] for record in summary["queries"]]
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    overlays = [mask.removesuffix("_mask.png") + "_overlay.png" for mask in masks]
+    return holds_only(out, [SUMMARY, *masks, *overlays])
+
+
 def check_out(out: Path, names: list[str], inputs: list[Path]) -> None:
-    """OUT must be new, empty, or an earlier infer's (its infer.json): the masks and overlays replace
+    """OUT must be new, empty, or an earlier infer's (see earlier_output): the masks and overlays replace
     only files of that kind, and never an input image or mask."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; infer writes a folder of masks there")
-    if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file():
-        raise OutputError(f"--out {out} holds other files and no {SUMMARY}; choose a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not earlier_output(out):
+        raise OutputError(
+            f"--out {out} holds other files than an earlier infer's; choose a new or empty folder"
+        )
     for name in names:
         for suffix in ("_mask.png", "_overlay.png"):
             check_not_input(out / f"{name}{suffix}", inputs, "--out")
@@ -99,13 +113,15 @@ def check_out(out: Path, names: list[str], inputs: list[Path]) -> None:
 
 
 def output_names(queries: list[Path]) -> list[str]:
-    """Query file stems, made unique (two queries may share a name in different folders)."""
-    seen: dict[str, int] = {}
-    names = []
+    """Query file stems, made unique (two queries may share a name in different folders, and a numbered
+    name may be another query's stem: a/x, b/x, x_1 give x, x_1, x_1_1)."""
+    names: list[str] = []
     for query in queries:
-        count = seen.get(query.stem, 0)
-        seen[query.stem] = count + 1
-        names.append(query.stem if count == 0 else f"{query.stem}_{count}")
+        name, count = query.stem, 0
+        while name in names:
+            count += 1
+            name = f"{query.stem}_{count}"
+        names.append(name)
     return names
 
 

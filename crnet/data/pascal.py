@@ -113,26 +113,42 @@ class VOCTree:
             raise NotAVOCTreeError(f"{self.root} is not a VOC tree: missing {', '.join(missing)}/")
         self._samples: dict[str, list[tuple[str, int]]] = {}
 
+    def _benchmark_settings(self) -> tuple[tuple[str, ...], int] | None:
+        """The built-in benchmark's class names and image side, from its synthetic.json; None on a tree
+        without one (PASCAL). A damaged one is an error: read as PASCAL, the tree would be scored by
+        PASCAL's small-object rule without a word."""
+        marker = self.root / "synthetic.json"
+        if not os.path.lexists(marker):
+            return None
+        try:
+            meta = json.loads(marker.read_text())
+            names, side = meta["class_names"], int(meta["image_size"])
+            if not (
+                isinstance(names, list)
+                and len(names) == NUM_CLASSES
+                and all(isinstance(n, str) for n in names)
+            ):
+                raise ValueError(f"class_names is not a list of {NUM_CLASSES} names")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise NotAVOCTreeError(
+                f"{marker} is damaged ({error}); write the benchmark again (crnet synth) or remove the file"
+            ) from None
+        return tuple(names), side
+
     @property
     def class_names(self) -> tuple[str, ...]:
         """Names of class ids 1..20: the built-in benchmark's (from its synthetic.json), else PASCAL VOC's."""
-        try:
-            names = json.loads((self.root / "synthetic.json").read_text())["class_names"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return VOC_CLASS_NAMES
-        if isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, str) for n in names):
-            return tuple(names)
-        return VOC_CLASS_NAMES
+        settings = self._benchmark_settings()
+        return VOC_CLASS_NAMES if settings is None else settings[0]
 
     @property
     def min_object_pixels(self) -> int:
         """The small-object rule for this tree: 2048 pixels on PASCAL; on the built-in benchmark the same
         share of the image (2048 / (500 x 375) of its side squared)."""
-        try:
-            side = int(json.loads((self.root / "synthetic.json").read_text())["image_size"])
-        except (OSError, ValueError, KeyError, TypeError):
+        settings = self._benchmark_settings()
+        if settings is None:
             return MIN_OBJECT_PIXELS
-        return max(1, round(MIN_OBJECT_PIXELS * side * side / VOC_IMAGE_AREA))
+        return max(1, round(MIN_OBJECT_PIXELS * settings[1] ** 2 / VOC_IMAGE_AREA))
 
     def object_threshold(self, requested: int | None) -> int:
         """Pixels a class needs to count in an image: `requested`, or this tree's rule when None."""

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crnet.bundle import sha256
+from crnet.bundle import FORMAT, sha256
 from crnet.checkpoint import save_atomic
 from crnet.commands import cli
 from crnet.model.crnet import build_model
@@ -52,6 +52,11 @@ class World:
     a_file: Path  # an ordinary file of the user's
     folder: Path  # an ordinary directory of the user's, with files in it
     bundle_with_checkpoint: Path  # a bundle directory that also holds the checkpoint it came from
+    bundle_with_notes: Path  # a bundle directory to which the user added a file
+    manifest_only: Path  # a user's folder whose only crnet file is a manifest naming the bundle format
+    users_infer_json: Path  # a user's folder with a file of their own called infer.json
+    users_results_json: Path  # a user's folder with a results.json that has a "results" key
+    voc_damaged_marker: Path  # the fake VOC tree with an unreadable synthetic.json
     read_only: Path | None  # a read-only place, where one can be made
 
 
@@ -112,6 +117,22 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
     (folder / "holiday.jpg").write_bytes(b"not really a picture, but the user's")
     holder = Path(shutil.copytree(micro_bundle, root / "holder"))
     shutil.copy(micro_checkpoint, holder / "model.pt")
+    with_notes = Path(shutil.copytree(micro_bundle, root / "with_notes"))
+    (with_notes / "NOTES.txt").write_text("the user's notes on this export")
+    manifest_only = root / "manifest_only"
+    manifest_only.mkdir()
+    (manifest_only / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    (manifest_only / "precious.txt").write_text("the user's")
+    users_infer = root / "users_infer"
+    users_infer.mkdir()
+    (users_infer / "infer.json").write_text('{"my": "config"}')
+    (users_infer / "photo.txt").write_text("the user's")
+    users_results = root / "users_results"
+    users_results.mkdir()
+    (users_results / "results.json").write_text('{"results": []}')
+    (users_results / "bench.json").write_text("the user's")
+    damaged_marker = Path(shutil.copytree(voc, root / "voc_damaged_marker"))
+    (damaged_marker / "synthetic.json").write_text("{bad")
     made = World(
         root=root,
         voc=voc,
@@ -129,6 +150,11 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
         a_file=root / "notes.txt",
         folder=folder,
         bundle_with_checkpoint=holder,
+        bundle_with_notes=with_notes,
+        manifest_only=manifest_only,
+        users_infer_json=users_infer,
+        users_results_json=users_results,
+        voc_damaged_marker=damaged_marker,
         read_only=read_only_place(root / "read-only"),
     )
     yield made
@@ -253,6 +279,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "train-zero-batch": (train("--batch-size", "0"), "'--batch-size'"),
     "train-negative-lr": (train("--lr", "-1"), "'--lr': must be > 0"),
     "train-zero-lr": (train("--lr", "0"), "'--lr': must be > 0"),
+    "train-infinite-lr": (train("--lr", "inf"), "'--lr': must be > 0 and finite"),
     "train-negative-weight-decay": (train("--weight-decay", "-1"), "'--weight-decay'"),
     "train-reset-probability-above-one": (train("--reset-probability", "1.5"), "'--reset-probability'"),
     "train-zero-checkpoint-every": (train("--checkpoint-every", "0"), "'--checkpoint-every'"),
@@ -275,6 +302,10 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "eval-negative-iterations": (evaluate("--iterations", "-1"), "'--iterations'"),
     "eval-negative-finetune-steps": (evaluate("--finetune-steps", "-3"), "'--finetune-steps'"),
     "eval-zero-finetune-lr": (evaluate("--finetune-lr", "0"), "'--finetune-lr': must be > 0"),
+    "eval-infinite-finetune-lr": (
+        evaluate("--finetune-lr", "inf"),
+        "'--finetune-lr': must be > 0 and finite",
+    ),
     "eval-exit-fraction-above-one": (evaluate("--exit-fraction", "2"), "'--exit-fraction'"),
     "eval-zero-shots": (evaluate("--shots", "0"), "'--shots'"),
     "eval-zero-episodes": (evaluate("--episodes", "0"), "'--episodes'"),
@@ -290,11 +321,36 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "eval-json-is-a-folder": (lambda w: [*evaluate()(w), "--json", str(w.folder)], "is a directory"),
     "eval-json-under-a-file": (lambda w: [*evaluate()(w), "--json", str(w.a_file / "r.json")], "is a file"),
     "eval-label-value-42": (evaluate(data=lambda w: w.voc_bad_label), "has values [42]"),
+    "eval-json-inside-the-data": (
+        lambda w: [*evaluate()(w), "--json", str(w.voc / "ImageSets" / "results.json")],
+        "is inside the input",
+    ),
+    "eval-damaged-benchmark-marker": (  # without --min-object-pixels: the tree's own rule is read
+        lambda w: ["eval", str(w.checkpoint), "--data", str(w.voc_damaged_marker), "--episodes", "2"],
+        "synthetic.json is damaged",
+    ),
     # export
     "export-zero-iterations": (export("--iterations", "0"), "'--iterations'"),
     "export-batch-range-decreasing": (export("--batch-range", "4:2:8"), "'--batch-range'"),
     "export-batch-range-not-numbers": (export("--batch-range", "a:b:c"), "'--batch-range'"),
     "export-zero-workspace": (export("--workspace-gib", "0"), "'--workspace-gib': must be > 0"),
+    "export-infinite-workspace": (
+        export("--workspace-gib", "inf"),
+        "'--workspace-gib': must be > 0 and finite",
+    ),
+    "export-huge-workspace": (export("--workspace-gib", "1e300"), "'--workspace-gib': must be at most"),
+    "export-timing-cache-is-the-checkpoint": (
+        lambda w: [*export()(w), "--timing-cache", str(w.checkpoint)],
+        "would replace the input",
+    ),
+    "export-overwrite-a-bundle-the-user-added-to": (
+        export("--overwrite", out=lambda w: w.bundle_with_notes),
+        "holds other files too",
+    ),
+    "export-overwrite-a-folder-with-only-a-manifest": (
+        export("--overwrite", out=lambda w: w.manifest_only),
+        "not a crnet bundle",
+    ),
     "export-out-is-the-checkpoint": (
         export("--overwrite", out=lambda w: w.checkpoint),
         "would replace the input",
@@ -332,6 +388,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "infer-damaged-bundle": (infer(engine=lambda w: w.damaged), "does not match its checksum"),
     "infer-out-is-a-file": (infer(out=lambda w: w.a_file), "is a file"),
     "infer-out-is-a-users-folder": (infer(out=lambda w: w.folder), "holds other files"),
+    "infer-out-holds-a-users-infer-json": (infer(out=lambda w: w.users_infer_json), "holds other files"),
     "infer-query-is-a-folder": (lambda w: [*infer()(w), "--query", str(w.folder)], "cannot read image"),
     "infer-support-missing": (
         lambda w: [*infer()(w), "--support", new(w, "s.png"), "--support-mask", str(w.mask)],
@@ -364,6 +421,18 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
         "would replace the input",
     ),
     "bench-chart-is-a-folder": (lambda w: [*bench()(w), "--chart", str(w.folder)], "is a directory"),
+    "bench-chart-is-the-json": (
+        lambda w: [*bench()(w), "--chart", new(w, "bench.json")],
+        "is the --json file",
+    ),
+    "bench-json-named-like-its-chart": (
+        lambda w: [*bench()(w), "--json", new(w, "b.png")],
+        "is the --json file",
+    ),
+    "bench-chart-inside-the-data": (
+        lambda w: [*bench()(w), "--chart", str(w.voc / "JPEGImages" / "chart.png")],
+        "is inside the input",
+    ),
     # demo
     "demo-checkpoint-typo": (demo("--checkpoint", "tiny_fodl0.pt"), "checkpoint not found"),
     "demo-checkpoint-and-train": (
@@ -372,6 +441,10 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     ),
     "demo-out-is-a-users-folder": (
         lambda w: [*demo("--checkpoint", str(w.checkpoint))(w), "--out", str(w.folder)],
+        "holds other files",
+    ),
+    "demo-out-holds-a-users-results-json": (
+        lambda w: [*demo("--checkpoint", str(w.checkpoint))(w), "--out", str(w.users_results_json)],
         "holds other files",
     ),
     "demo-out-is-a-file": (

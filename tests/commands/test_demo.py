@@ -112,3 +112,22 @@ def test_demo_runtimes_on_a_gpu_are_ones_that_run_there(monkeypatch) -> None:
     gpu = demo_runtimes(torch.device("cuda"))
     assert gpu[: len(demo.GPU_RUNTIMES)] == demo.GPU_RUNTIMES
     assert not any(spec.startswith("onnxruntime:") and not spec.endswith("+cuda") for spec in gpu)
+
+
+def test_the_demo_replaces_only_an_earlier_demos_output(tmp_path) -> None:
+    from crnet.commands.demo import check_demo_out
+
+    out = tmp_path / "demo"
+    (out / "bundle").mkdir(parents=True)
+    (out / "bundle" / "manifest.json").write_text("{}")
+    for name in ("episodes.png", "bench.json", "bench.png"):
+        (out / name).write_bytes(b"ours")
+    (out / "results.json").write_text(json.dumps({"checkpoint": "c.pt", "results": []}))
+    check_demo_out(out)
+    (out / "mine.txt").write_text("the user's")
+    with pytest.raises(CRNetError, match="holds other files"):
+        check_demo_out(out)
+    (out / "mine.txt").unlink()
+    (out / "results.json").write_text(json.dumps({"results": []}))  # a results.json of the user's
+    with pytest.raises(CRNetError, match="holds other files"):
+        check_demo_out(out)

@@ -93,6 +93,19 @@ def test_k_shot_uses_every_support(pictures, micro_checkpoint, tmp_path) -> None
     assert len(summary["supports"]) == 2
 
 
+def test_a_second_run_replaces_only_an_earlier_infers_output(pictures, micro_checkpoint, tmp_path) -> None:
+    def run():
+        support, mask = [pictures / "support.png"], [pictures / "mask.png"]
+        return infer(micro_checkpoint, support, mask, [pictures / "query.jpg"], tmp_path / "out")
+
+    run()
+    run()  # into its own earlier output
+    (tmp_path / "out" / "notes.txt").write_text("the user's")
+    with pytest.raises(CRNetError, match="holds other files"):
+        run()
+    assert (tmp_path / "out" / "notes.txt").read_text() == "the user's"
+
+
 def test_output_names_are_unique() -> None:
     assert output_names([Path("a/x.jpg"), Path("b/x.png"), Path("y.jpg"), Path("c/x.jpg")]) == [
         "x",
@@ -100,6 +113,9 @@ def test_output_names_are_unique() -> None:
         "y",
         "x_2",
     ]
+    # A numbered name that is also another query's stem, either way round.
+    assert output_names([Path("a/x.jpg"), Path("b/x.jpg"), Path("x_1.jpg")]) == ["x", "x_1", "x_1_1"]
+    assert output_names([Path("x_1.jpg"), Path("a/x.jpg"), Path("b/x.jpg")]) == ["x_1", "x", "x_2"]
 
 
 @pytest.mark.parametrize(

@@ -133,3 +133,17 @@ def test_tensorrt_missing_still_writes_the_bundle(micro_checkpoint, tmp_path) ->
     assert "tensorrt" in result.tensorrt_skipped and "pip install tensorrt" in result.tensorrt_skipped
     bundle = load_bundle(result.bundle)
     assert bundle.manifest["format"] == FORMAT and bundle.manifest["engines"] == {}
+
+
+def test_overwrite_may_replace_a_bundle_with_nothing_added(copy, tmp_path) -> None:
+    from crnet.bundle import is_replaceable_bundle
+
+    assert is_replaceable_bundle(copy)
+    (copy / "head.fp16.onnx").unlink()  # damaged: still only the bundle's files
+    assert is_replaceable_bundle(copy)
+    (copy / "NOTES.txt").write_text("the user's notes on this export")
+    assert not is_replaceable_bundle(copy)
+    manifest_only = tmp_path / "manifest_only"
+    manifest_only.mkdir()
+    (manifest_only / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    assert not is_replaceable_bundle(manifest_only)  # it lists no files: its others cannot be the bundle's
