@@ -10,12 +10,13 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from crnet.errors import CRNetError, ImageReadError, MaskError, NotAVOCTreeError
+from crnet.errors import CRNetError, CRNetWarning, ImageReadError, MaskError, NotAVOCTreeError
 from crnet.files import OutputError, write_text
 
 NUM_CLASSES = 20
@@ -53,11 +54,26 @@ def base_classes(fold: int) -> tuple[int, ...]:
     return tuple(c for c in range(1, NUM_CLASSES + 1) if c not in novel)
 
 
+def open_image(path: Path) -> Image.Image:
+    """Image.open, with PIL's warning about a very large image (two lines of PIL's source) as one crnet
+    warning; above twice PIL's limit it refuses the image (DecompressionBombError, an ImageReadError here)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            message = f"{path} has {image.width * image.height} pixels: reading it takes much memory"
+            warnings.warn(message, CRNetWarning, stacklevel=3)
+        else:
+            warnings.warn(warning.message, warning.category, stacklevel=3)
+    return image
+
+
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3); grayscale, palette, RGBA, CMYK and 16-bit grayscale are converted.
     Raises ImageReadError."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             if image.mode.startswith("I;16"):  # PIL would clip 16-bit values to 255, not scale them
                 gray = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
                 return np.repeat(gray[:, :, None], 3, axis=2)
@@ -77,7 +93,7 @@ def read_image(path: Path) -> np.ndarray:
 def read_label(path: Path) -> np.ndarray:
     """Single-channel uint8 (H, W) label map, palette indices kept as they are. Raises ImageReadError."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             if image.mode not in ("L", "P"):
                 raise MaskError(f"label {path} must be a single-channel 8-bit PNG, got mode {image.mode}")
             return np.asarray(image, dtype=np.uint8)  # palette PNGs keep their indices

@@ -11,8 +11,10 @@ fails for its one bad value only.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,7 @@ class World:
     mask: Path
     query: Path
     a_file: Path  # an ordinary file of the user's
+    a_pickle: Path  # a pickle file of the user's, not a checkpoint (torch.load warns about its protocol)
     folder: Path  # an ordinary directory of the user's, with files in it
     bundle_with_checkpoint: Path  # a bundle directory that also holds the checkpoint it came from
     bundle_with_notes: Path  # a bundle directory to which the user added a file
@@ -112,6 +115,7 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
     Image.fromarray(mask).save(pictures / "mask.png")
     Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(pictures / "query.jpg")
     (root / "notes.txt").write_text("a file of the user's")
+    (root / "list.pkl").write_bytes(pickle.dumps([1, 2], protocol=4))
     folder = root / "photos"
     folder.mkdir()
     (folder / "holiday.jpg").write_bytes(b"not really a picture, but the user's")
@@ -148,6 +152,7 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
         mask=pictures / "mask.png",
         query=pictures / "query.jpg",
         a_file=root / "notes.txt",
+        a_pickle=root / "list.pkl",
         folder=folder,
         bundle_with_checkpoint=holder,
         bundle_with_notes=with_notes,
@@ -314,6 +319,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "eval-checkpoint-is-a-folder": (evaluate(checkpoint=lambda w: w.folder), "is a directory"),
     "eval-checkpoint-missing": (evaluate(checkpoint=lambda w: new(w, "x.pt")), "checkpoint not found"),
     "eval-checkpoint-not-torch": (evaluate(checkpoint=lambda w: w.a_file), "cannot read checkpoint"),
+    "eval-checkpoint-a-plain-pickle": (evaluate(checkpoint=lambda w: w.a_pickle), "cannot read checkpoint"),
     "eval-json-is-the-checkpoint": (
         lambda w: [*evaluate()(w), "--json", str(w.checkpoint)],
         "would replace the input",
@@ -490,10 +496,13 @@ def run_case(build, expected: str, world: World, tmp_path: Path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)  # relative defaults (runs/, checkpoints/) land in the test's own folder
     monkeypatch.setattr(sys, "argv", ["crnet", *build(world)])
     before = snapshot(world.root)
-    with pytest.raises(SystemExit) as exit_info:
+    # Recorded, not left to pytest's warning capture: each would be a line of its own before the error.
+    with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         cli.main()
     stdout, stderr = capsys.readouterr()
     check_user_error(exit_info.value.code, stdout, stderr, expected)
+    assert [str(w.message) for w in caught] == [], "a warning besides the one error line"
     assert snapshot(world.root) == before, "a file of the user's was changed, added or removed"
     assert leftovers(world.root) == [] and leftovers(tmp_path) == []
     assert written_to_home(home) == [], "nothing may be written into HOME"

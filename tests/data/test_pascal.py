@@ -433,3 +433,23 @@ def test_small_object_rule_per_tree(root: Path, tmp_path: Path) -> None:
     assert tree.samples("val", fold_classes(0), tree.min_object_pixels) == []
     bench = synthetic.generate(tmp_path / "syn", seed=0, train_per_class=2, val_per_class=2, image_size=128)
     assert VOCTree(bench).min_object_pixels == round(2048 * 128 * 128 / (500 * 375)) == 179
+
+
+def test_a_very_large_image_is_one_crnet_warning(tmp_path, monkeypatch) -> None:
+    """Between PIL's limit and twice it: one crnet warning (a `warning:` line in the CLI), not PIL's two
+    lines of source; above twice the limit: an ImageReadError."""
+    import warnings
+
+    from crnet.errors import CRNetWarning
+
+    Image.fromarray(np.zeros((11, 11, 3), np.uint8)).save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 121 pixels: over the limit, under twice it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pascal.read_image(tmp_path / "large.png").shape == (11, 11, 3)
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (CRNetWarning, f"{tmp_path / 'large.png'} has 121 pixels: reading it takes much memory")
+    ]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    with pytest.raises(ImageReadError, match="decompression bomb"):
+        pascal.read_image(tmp_path / "large.png")
