@@ -456,7 +456,7 @@ def infer_command(
     support_mask: Annotated[
         list[Path], typer.Option(help="its mask PNG: 0 background, 1 object, 255 ignore")
     ],
-    query: Annotated[list[Path], typer.Option(help="query image (repeat, or pass many)")],
+    query: Annotated[list[Path], typer.Option(help="query image (repeat for more)")],
     out: Annotated[
         Path, typer.Option(help="folder for masks, overlays and infer.json (new, empty, or an earlier --out)")
     ],

@@ -16,14 +16,15 @@ import torch
 from PIL import Image
 
 import crnet.device
-from crnet.bundle import Bundle, load_bundle
+from crnet import checkpoint as checkpoints
+from crnet.bundle import MANIFEST, Bundle, load_bundle
 from crnet.commands.visualize import overlay
 from crnet.data.episodes import to_model_input
 from crnet.data.masks import read_binary_mask
 from crnet.data.pascal import read_image
 from crnet.engines import DEPLOYED_GPU, RuntimeSpec, open_runtime, runtime_device
 from crnet.engines.base import Runtime
-from crnet.errors import CRNetError, EmptySupportMaskError, NoSupportError
+from crnet.errors import CheckpointError, CRNetError, EmptySupportMaskError, NoSupportError
 from crnet.files import OutputError, atomic_file, check_not_input, holds_only, write_text
 from crnet.model.crnet import SupportPrompt, upsample
 
@@ -43,7 +44,17 @@ def choose_engine(path: Path, runtime: str | None, device: torch.device | None) 
     if not path.exists():
         raise CRNetError(f"engine not found: {path}")
     gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    if path.is_file() and path.suffix == ".pt":
+    # A file that is not a graph or engine of a bundle may be a checkpoint under another name (.pth, .PT).
+    in_a_bundle = path.suffix in (".onnx", ".plan") or (path.parent / MANIFEST).is_file()
+    if path.is_file() and (path.suffix == ".pt" or not in_a_bundle):
+        if path.suffix != ".pt":
+            try:
+                checkpoints.load(path)
+            except CheckpointError:
+                raise CRNetError(
+                    f"--engine {path} is neither a crnet checkpoint nor a graph or engine in a bundle (give "
+                    "a bundle directory, a file in one, or a .pt checkpoint)"
+                ) from None
         spec = RuntimeSpec.parse(runtime or (DEPLOYED_GPU if gpu else "torch"))
         if spec.name != "torch":
             raise CRNetError(f"{path} is a checkpoint: it runs on the torch runtime, not {spec.name}")

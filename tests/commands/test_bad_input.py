@@ -388,6 +388,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "infer-unknown-runtime": (infer("--runtime", "caffe"), "'--runtime'"),
     "infer-engine-missing": (infer(engine=lambda w: new(w, "bundle")), "engine not found"),
     "infer-engine-is-a-users-folder": (infer(engine=lambda w: w.folder), "is not a crnet bundle"),
+    "infer-engine-is-an-image": (infer(engine=lambda w: w.support), "is neither a crnet checkpoint"),
     "infer-swapped-graphs": (infer(engine=lambda w: w.swapped), "does not fit bundle"),
     "infer-edited-input-size": (infer(engine=lambda w: w.resized), "does not fit bundle"),
     "infer-inconsistent-manifest": (infer(engine=lambda w: w.inconsistent), "contradict its model config"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -106,6 +107,13 @@ def test_a_second_run_replaces_only_an_earlier_infers_output(pictures, micro_che
     assert (tmp_path / "out" / "notes.txt").read_text() == "the user's"
 
 
+def test_a_checkpoint_under_another_name_is_a_checkpoint(pictures, micro_checkpoint, tmp_path) -> None:
+    renamed = Path(shutil.copy(micro_checkpoint, tmp_path / "model.PTH"))
+    support, mask = [pictures / "support.png"], [pictures / "mask.png"]
+    summary = infer(renamed, support, mask, [pictures / "query.jpg"], tmp_path / "out")
+    assert summary["runtime"] == "torch:fp32"
+
+
 def test_output_names_are_unique() -> None:
     assert output_names([Path("a/x.jpg"), Path("b/x.png"), Path("y.jpg"), Path("c/x.jpg")]) == [
         "x",
@@ -148,7 +156,7 @@ def deploy_cases(p: Path, bundle: Path, checkpoint: Path, tmp: Path) -> dict:
 
     return {
         "infer-missing-engine": (run(tmp / "nothing"), "engine not found"),
-        "infer-foreign-file": (run(p / "query.jpg"), "is not a crnet bundle"),
+        "infer-foreign-file": (run(p / "query.jpg"), "is neither a crnet checkpoint nor a graph"),
         "infer-foreign-dir": (run(p), "is not a crnet bundle"),
         "infer-broken-query": (
             ["infer", "--engine", str(checkpoint), *support, "--query", str(p / "broken.jpg"), *out],
