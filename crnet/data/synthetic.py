@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from crnet.errors import DataError
-from crnet.files import explain
+from crnet.files import ensure_parent, explain
 
 GENERATOR_VERSION = 2
 IGNORE_INDEX = 255
@@ -717,7 +717,7 @@ def ensure(root: str | Path, **kwargs) -> Path:
     BenchmarkRootError (a ValueError and a crnet DataError); user data is never deleted.
     """
     params = _params(**kwargs)
-    root = Path(root)
+    root = Path(os.path.realpath(root)) if Path(root).is_symlink() else Path(root)  # a link: where it points
     if root.exists() and not root.is_dir():
         raise BenchmarkRootError(f"{root} exists and is not a directory")
     if root.is_dir():
@@ -728,8 +728,8 @@ def ensure(root: str | Path, **kwargs) -> Path:
                 f"{root} exists, is not a complete synthetic benchmark and holds other files; "
                 "refusing to overwrite it: choose another root or empty it"
             )
+    ensure_parent(root)  # OutputError in one line when a part of the path is a file or cannot be made
     try:
-        root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     except OSError as error:
         raise explain(error, root) from None

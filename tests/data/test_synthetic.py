@@ -241,3 +241,21 @@ def test_invalid_parameters(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="main_class"):
         synthetic.render_sample(0, 0, 0, 21)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_linked_root_is_written_where_it_points(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    synthetic.ensure(tmp_path / "link", **SMALL)
+    assert (tmp_path / "link").is_symlink() and (target / "synthetic.json").is_file()
+    synthetic.ensure(tmp_path / "link", **SMALL)  # and found there again
+
+
+def test_a_root_below_a_file_is_one_line(tmp_path: Path) -> None:
+    from crnet.files import OutputError
+
+    (tmp_path / "a_file").write_text("the user's")
+    with pytest.raises(OutputError, match="a_file is a file, not a directory"):
+        synthetic.ensure(tmp_path / "a_file" / "bench", **SMALL)
+    assert (tmp_path / "a_file").read_text() == "the user's"
