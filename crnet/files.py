@@ -117,6 +117,21 @@ def check_writable_file(path: Path, inputs: Sequence[str | Path] = (), option: s
                 folder.rmdir()
 
 
+def check_writable_place(path: Path) -> None:
+    """Before a long run: a directory output can be staged beside `path` (its folder exists or can be made,
+    and takes a new entry). Nothing is left behind by the check."""
+    created = [p for p in reversed(path.parents) if not p.exists()]
+    try:
+        ensure_parent(path)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.check-", dir=path.parent))
+    except OSError as error:
+        raise explain(error, path) from None
+    finally:
+        for folder in reversed(created):  # the check itself leaves nothing behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; on success it is fsynced and renamed over `path`,
@@ -186,7 +201,11 @@ def check_output_dir(
     check_not_input(out, inputs, option)
     if not os.path.lexists(out):
         return False
-    if out.is_symlink() or not out.is_dir():
+    if out.is_symlink():
+        raise OutputError(
+            f"{option} {out} is a symbolic link, not a {what} directory; give the directory itself"
+        )
+    if not out.is_dir():
         raise OutputError(f"{option} {out} is a file, not a {what} directory; choose another path")
     if not any(out.iterdir()):
         return False

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from crnet.bundle import GRAPH_IO, Bundle, tensor_shapes
-from crnet.files import StagedDirectory, check_output_dir
+from crnet.files import StagedDirectory, check_output_dir, check_writable_place
 
 PREFIX = "crnet_"
 README = """# CRNet on Triton Inference Server
@@ -129,6 +129,7 @@ TARGET = {"what": "crnet Triton repository", "ours": is_repository, "option": "-
 def check_repository_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Before an export: OutputError when --triton could not be written (see crnet.files)."""
     check_output_dir(Path(out), overwrite=overwrite, inputs=inputs, **TARGET)
+    check_writable_place(Path(out))
 
 
 def write_repository(

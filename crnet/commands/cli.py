@@ -45,6 +45,12 @@ def _positive(value: float | None) -> float | None:
     return value
 
 
+def _non_negative(value: float) -> float:
+    if not (value >= 0 and math.isfinite(value)):
+        raise typer.BadParameter(f"must be >= 0 and finite, got {value}")
+    return value
+
+
 def _workspace(value: float) -> float:
     _positive(value)
     if value > MAX_WORKSPACE_GIB:
@@ -155,7 +161,7 @@ def train(
     lr: Annotated[
         float, typer.Option(callback=_positive, help="peak learning rate, > 0 (poly decay)")
     ] = 2.5e-3,
-    weight_decay: Annotated[float, typer.Option(min=0.0, help="weight decay")] = 5e-4,
+    weight_decay: Annotated[float, typer.Option(callback=_non_negative, help="weight decay, >= 0")] = 5e-4,
     reset_probability: Annotated[
         float,
         typer.Option(
@@ -423,7 +429,10 @@ def export_command(
     if triton is not None:  # checked before the export, so that a bad --triton costs nothing
         from crnet.export.triton import check_repository_out
 
-        check_repository_out(triton, overwrite, [checkpoint, out])
+        bundle, repository = os.path.realpath(out), os.path.realpath(triton)
+        if os.path.commonpath([bundle, repository]) in (bundle, repository):
+            raise CRNetError(f"--triton {triton} and --out {out} overlap; give each a folder of its own")
+        check_repository_out(triton, overwrite, [checkpoint])
     result = export_bundle(
         checkpoint,
         out,

@@ -111,6 +111,8 @@ def earlier_output(out: Path) -> bool:
 def check_out(out: Path, names: list[str], inputs: list[Path]) -> None:
     """OUT must be new, empty, or an earlier infer's (see earlier_output): the masks and overlays replace
     only files of that kind, and never an input image or mask."""
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"--out {out} is a symbolic link to nothing; give a folder")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; infer writes a folder of masks there")
     if out.is_dir() and any(out.iterdir()) and not earlier_output(out):

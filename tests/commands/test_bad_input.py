@@ -60,6 +60,8 @@ class World:
     users_infer_json: Path  # a user's folder with a file of their own called infer.json
     users_results_json: Path  # a user's folder with a results.json that has a "results" key
     voc_damaged_marker: Path  # the fake VOC tree with an unreadable synthetic.json
+    broken_link: Path  # a symbolic link to nothing
+    link_to_folder: Path  # a symbolic link to an empty folder
     read_only: Path | None  # a read-only place, where one can be made
 
 
@@ -137,6 +139,9 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
     (users_results / "bench.json").write_text("the user's")
     damaged_marker = Path(shutil.copytree(voc, root / "voc_damaged_marker"))
     (damaged_marker / "synthetic.json").write_text("{bad")
+    (root / "broken_link").symlink_to(root / "nowhere")
+    (root / "empty").mkdir()
+    (root / "link_to_folder").symlink_to(root / "empty")
     made = World(
         root=root,
         voc=voc,
@@ -160,6 +165,8 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
         users_infer_json=users_infer,
         users_results_json=users_results,
         voc_damaged_marker=damaged_marker,
+        broken_link=root / "broken_link",
+        link_to_folder=root / "link_to_folder",
         read_only=read_only_place(root / "read-only"),
     )
     yield made
@@ -286,6 +293,10 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "train-zero-lr": (train("--lr", "0"), "'--lr': must be > 0"),
     "train-infinite-lr": (train("--lr", "inf"), "'--lr': must be > 0 and finite"),
     "train-negative-weight-decay": (train("--weight-decay", "-1"), "'--weight-decay'"),
+    "train-infinite-weight-decay": (
+        train("--weight-decay", "inf"),
+        "'--weight-decay': must be >= 0 and finite",
+    ),
     "train-reset-probability-above-one": (train("--reset-probability", "1.5"), "'--reset-probability'"),
     "train-zero-checkpoint-every": (train("--checkpoint-every", "0"), "'--checkpoint-every'"),
     "train-negative-workers": (train("--workers", "-1"), "'--workers'"),
@@ -373,6 +384,8 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "export-overwrite-a-file": (export("--overwrite", out=lambda w: w.a_file), "is a file"),
     "export-out-is-a-file": (export(out=lambda w: w.a_file), "is a file"),
     "export-existing-bundle": (export(out=lambda w: w.bundle), "already exists; pass --overwrite"),
+    "export-triton-is-the-out": (lambda w: export("--triton", new(w))(w), "overlap"),
+    "export-triton-inside-the-out": (lambda w: export("--triton", new(w, "new/triton"))(w), "overlap"),
     "export-triton-users-folder": (
         lambda w: export("--overwrite", "--triton", str(w.folder))(w),
         "not a crnet Triton repository",
@@ -394,6 +407,8 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "infer-inconsistent-manifest": (infer(engine=lambda w: w.inconsistent), "contradict its model config"),
     "infer-damaged-bundle": (infer(engine=lambda w: w.damaged), "does not match its checksum"),
     "infer-out-is-a-file": (infer(out=lambda w: w.a_file), "is a file"),
+    "infer-out-is-a-broken-link": (infer(out=lambda w: w.broken_link), "symbolic link to nothing"),
+    "export-out-is-a-link": (export(out=lambda w: w.link_to_folder), "is a symbolic link"),
     "infer-out-is-a-users-folder": (infer(out=lambda w: w.folder), "holds other files"),
     "infer-out-holds-a-users-infer-json": (infer(out=lambda w: w.users_infer_json), "holds other files"),
     "infer-query-is-a-folder": (lambda w: [*infer()(w), "--query", str(w.folder)], "cannot read image"),
@@ -468,6 +483,10 @@ READ_ONLY_CASES = {
         "cannot write",
     ),
     "export-into-read-only": (export(out=lambda w: read_only(w)), "cannot write"),
+    "export-triton-into-read-only": (  # found before the bundle is written, not after
+        lambda w: export("--triton", read_only(w, "triton"))(w),
+        "cannot write",
+    ),
     "infer-into-read-only": (infer(out=lambda w: read_only(w)), "cannot write"),
     "bench-json-into-read-only": (lambda w: [*bench()(w), "--json", read_only(w, "b.json")], "cannot write"),
 }
