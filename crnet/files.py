@@ -104,22 +104,12 @@ def check_writable_file(path: Path, inputs: Sequence[str | Path] = (), option: s
     if path.is_dir():
         raise OutputError(f"{option} {path} is a directory; give a file name")
     check_not_input(path, inputs, option)
-    created = [p for p in reversed(path.parents) if not p.exists()]
-    ensure_parent(path)
-    try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
-            pass
-    except OSError as error:
-        raise explain(error, path) from None
-    finally:
-        for folder in reversed(created):  # the check itself leaves nothing behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+    check_writable_place(path)
 
 
 def check_writable_place(path: Path) -> None:
-    """Before a long run: a directory output can be staged beside `path` (its folder exists or can be made,
-    and takes a new entry). Nothing is left behind by the check."""
+    """Before a long run: an output can be written or staged beside `path` (its folder exists or can be
+    made, and takes a new entry). Nothing is left behind by the check."""
     created = [p for p in reversed(path.parents) if not p.exists()]
     try:
         ensure_parent(path)
