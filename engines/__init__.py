@@ -81,6 +81,9 @@ class RuntimeSpec:
         allowed = ("fp32", "fp16", "bf16") if name == "torch" else ("fp32", "fp16")
         if precision not in allowed:
             raise RuntimeUnavailable(f"{name} precision in {text!r} must be one of {', '.join(allowed)}")
+        twice = [o for o in options if options.count(o) > 1]
+        if twice:
+            raise RuntimeUnavailable(f"{text!r} names the option {twice[0]!r} twice")
         unknown = [o for o in options if o not in OPTIONS[name]]
         if unknown:
             allowed = ", ".join(OPTIONS[name]) or "none"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from crnet.data.pascal import IGNORE_LABEL, read_label
-from crnet.errors import EmptySupportMaskError, MaskError, NoSupportError
+from crnet.errors import CRNetWarning, EmptySupportMaskError, MaskError, NoSupportError
 
 ALLOWED_VALUES = (0, 1, IGNORE_LABEL)
 
@@ -35,6 +36,12 @@ def check_binary_mask(
 
 def read_binary_mask(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
     """A checked support mask from a single-channel PNG."""
+    if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        warnings.warn(
+            f"mask {path} is a JPEG: its lossy compression changes mask pixels; save masks as PNG",
+            CRNetWarning,
+            stacklevel=2,
+        )
     mask = read_label(Path(path))
     check_binary_mask(mask, image_shape, name=f"mask {path}")
     return mask

@@ -96,11 +96,19 @@ def load_torchvision_weights(trunk: ResNetTrunk, path: str | Path) -> None:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
     state = {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
+    expected = trunk.state_dict().keys()
+    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    if missing or unexpected:  # named by count and a few examples: the full lists run to hundreds of keys
+        examples = [", ".join(keys[:3]) or "-" for keys in (missing, unexpected)]
+        raise CheckpointError(
+            f"{path} is not a torchvision resnet50 state dict: {len(missing)} keys missing (such as "
+            f"{examples[0]}), {len(unexpected)} unexpected (such as {examples[1]})"
+        )
     try:
         trunk.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()
-        raise CheckpointError(f"{path} is not a ResNet-50 of this width: {' '.join(first[:2])}") from None
+    except RuntimeError as error:  # a tensor of another shape: the first mismatch is enough
+        mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), "")
+        raise CheckpointError(f"{path} is not a ResNet-50 of this width: {mismatch[:200]}") from None
 
 
 class Neck(nn.Sequential):

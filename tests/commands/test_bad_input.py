@@ -424,6 +424,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "bench-negative-warmup": (bench("--warmup", "-1"), "'--warmup'"),
     "bench-negative-episodes": (bench("--episodes", "-1"), "'--episodes'"),
     "bench-unknown-runtime": (bench("--runtime", "onnxruntime:int8"), "'--runtime'"),
+    "bench-an-option-twice": (bench("--runtime", "torch+compile+compile"), "option 'compile' twice"),
     "bench-bundle-of-another-checkpoint": (
         bench(checkpoint=lambda w: w.other_checkpoint),
         "exported from another checkpoint",

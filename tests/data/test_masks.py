@@ -221,3 +221,17 @@ def test_support_mask_of_another_size() -> None:
     masks = torch.ones(1, 2, H, W + 2, dtype=torch.long)
     with pytest.raises(MaskError, match=f"is {W + 2}x{H} but its image is {W}x{H}"):
         check_support_set(images, masks)
+
+
+def test_a_jpeg_mask_is_read_with_a_warning(tmp_path) -> None:
+    """JPEG's lossy compression changes mask pixels (an edge's 1s become 0s or other values): one warning,
+    then the mask is checked as any other."""
+    import contextlib
+
+    from crnet.errors import CRNetWarning
+
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 1
+    Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=100)
+    with pytest.warns(CRNetWarning, match="is a JPEG"), contextlib.suppress(MaskError):
+        read_binary_mask(tmp_path / "mask.jpg", (32, 32))

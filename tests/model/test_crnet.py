@@ -60,15 +60,25 @@ def test_torchvision_weight_file_loads_and_drops_layer4(tmp_path):
     assert all(torch.equal(fresh.state_dict()[k], state[k]) for k in fresh.state_dict())
 
 
-@pytest.mark.parametrize("content", [b"not a checkpoint", None])
-def test_bad_weight_files_raise_checkpoint_error(tmp_path, content):
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"not a checkpoint", "cannot read"),
+        ("width", "not a ResNet-50 of this width: size mismatch for conv1.weight"),
+        ("keys", "not a torchvision resnet50 state dict: [0-9]+ keys missing .*1 unexpected \\(such as head"),
+    ],
+)
+def test_bad_weight_files_raise_checkpoint_error(tmp_path, content, message):
     path = tmp_path / "resnet.pth"
-    if content is None:  # a real file of the wrong width
+    if content == "width":  # a real file of the wrong width
         torch.save(ResNetTrunk(16, (1, 1, 1)).state_dict(), path)
+    elif content == "keys":  # another model's weights: named by count and example, in one short line
+        torch.save({"head": torch.zeros(1)}, path)
     else:
         path.write_bytes(content)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=message) as error:
         load_torchvision_weights(ResNetTrunk(8, (1, 1, 1)), path)
+    assert len(str(error.value)) < 400 and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("config", [MICRO, MICRO.replace(input_size=40), TINY], ids=["33", "40", "tiny"])
