@@ -7,6 +7,7 @@ is the same for every model and a resumed training run draws the same episodes i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from crnet.config import IMAGENET_MEAN, IMAGENET_STD
 from crnet.data.pascal import IGNORE_LABEL, VOCTree, fold_classes
-from crnet.errors import DataError
+from crnet.errors import CRNetWarning, DataError
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ def fixed_episodes(index: SampleIndex, shots: int, count: int = 1000, seed: int 
     no shuffling): episode i queries the fold's (image, class) pair i modulo their number, in sorted
     order, so every pair is a query before any repeats; its k supports are other images of the class,
     drawn from numpy's generator seeded with (seed, i) (the same on every machine)."""
+    few = sorted(c for c, images in index.images.items() if 0 < len(images) - 1 < shots)
+    if few:  # drawn with replacement there: a k-shot episode with fewer than k different supports
+        named = f"class {few[0]} has" if len(few) == 1 else f"classes {', '.join(map(str, few))} have"
+        warnings.warn(f"{named} fewer than {shots} other images: supports repeat", CRNetWarning, stacklevel=2)
     episodes = []
     for i in range(count):
         query, class_id = index.pairs[i % len(index.pairs)]

@@ -4,6 +4,7 @@ tensors of EpisodeDataset (sizes, mask semantics, flips, full-resolution labels)
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from crnet.data.episodes import (
     hue_rotation,
 )
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
-from crnet.errors import DataError
+from crnet.errors import CRNetWarning, DataError
 from tests.fake_voc import BY_ID, make_fake_voc, truth
 
 NOVEL = fold_classes(0)  # 1..5: each in >= 2 val images of the fake tree
@@ -104,8 +105,14 @@ def check_episode(index: SampleIndex, episode: EpisodeSpec, classes, shots: int)
 
 @pytest.mark.parametrize("shots", [1, 2, 5])
 def test_fixed_episodes_are_valid(val_index: SampleIndex, shots: int) -> None:
-    # Class 1 has 2 val images: with 5 shots its single other image is repeated, never the query.
-    episodes = fixed_episodes(val_index, shots, count=100, seed=0)
+    # Class 1 has 2 val images: with 5 shots its single other image is repeated, never the query, and a
+    # warning says so (only then).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        episodes = fixed_episodes(val_index, shots, count=100, seed=0)
+    repeats = [str(w.message) for w in caught if issubclass(w.category, CRNetWarning)]
+    assert len(repeats) == (shots > 1)
+    assert all(r.startswith(("class 1 has", "classes 1,")) and f"fewer than {shots}" in r for r in repeats)
     assert len(episodes) == 100
     for episode in episodes:
         check_episode(val_index, episode, NOVEL, shots)
