@@ -158,12 +158,14 @@ def _signature(sides: list[list[tuple]]) -> str:
     return f"({side(sides[0])}) -> ({side(sides[1])})"
 
 
-def is_bundle(path: Path) -> bool:
-    """Whether a directory is a crnet bundle (its manifest names the format), damaged or not."""
-    try:
-        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+def file_entries(manifest: dict) -> list[dict]:
+    """The manifest's entry ({"file", "sha256", ...}) for every graph and engine it lists."""
+    return [
+        entry
+        for section in ("graphs", "engines")
+        for per_precision in manifest[section].values()
+        for entry in per_precision.values()
+    ]
 
 
 def is_replaceable_bundle(path: Path) -> bool:
@@ -171,12 +173,7 @@ def is_replaceable_bundle(path: Path) -> bool:
     its manifest and the files the manifest lists, so that replacing it loses nothing else."""
     try:
         manifest = json.loads((Path(path) / MANIFEST).read_text())
-        listed = [
-            entry["file"]
-            for section in ("graphs", "engines")
-            for per_precision in manifest[section].values()
-            for entry in per_precision.values()
-        ]
+        listed = [entry["file"] for entry in file_entries(manifest)]
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return False
     return manifest.get("format") == FORMAT and holds_only(Path(path), [MANIFEST, *listed])
@@ -200,13 +197,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path} has format {found!r}; this crnet reads {FORMAT!r}")
     try:
         _check_manifest(manifest)
-        entries = [
-            entry
-            for section in ("graphs", "engines")
-            for per_precision in manifest[section].values()
-            for entry in per_precision.values()
-        ]
-        files = [(root / entry["file"], entry["sha256"]) for entry in entries]
+        files = [(root / entry["file"], entry["sha256"]) for entry in file_entries(manifest)]
         manifest["iterations"], manifest["batch"]["max"]  # noqa: B018 - presence check
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise BundleError(f"{manifest_path} is incomplete or malformed ({error})") from None
