@@ -9,7 +9,9 @@ residual add and ReLU inside cuDNN's convolution kernel (crnet/model/conv_epilog
 runs the stem's strided 7x7 convolution over 3 colours as a 4x4 one over 2x2 pixel blocks, 16 channels
 (crnet/model/space_to_depth.py). `+banded-aspp` computes the ASPP's dilated branches in blocks of output
 pixels that read the map with the same taps, skipping the taps that read zero padding
-(crnet/model/banded_conv.py). `+cudnn-benchmark` lets cuDNN time its algorithms for each convolution of
+(crnet/model/banded_conv.py). `+concurrent-aspp` (CUDA, PyTorch's loop) runs the ASPP's independent
+branches each on a CUDA stream of its own, so that the captured graph may run them side by side
+(crnet/model/concurrent_aspp.py). `+cudnn-benchmark` lets cuDNN time its algorithms for each convolution of
 this runtime's graphs and keep the fastest, instead of its heuristics' choice; it captures on a thread of
 its own, where PyTorch keeps those choices apart from other runtimes' (engines/cuda_graphs.py). `freeze=True`
 compiles with inductor's freezing too (weights as constants); off by default: it gained nothing measurable
@@ -32,6 +34,7 @@ from crnet import checkpoint, ops
 from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.engines.cuda_graphs import CapturedCalls, CaptureOnOwnThread
 from crnet.model.banded_conv import band_aspp
+from crnet.model.concurrent_aspp import concurrent_aspp as concurrent_aspp_of
 from crnet.model.conv_epilogues import fuse_conv_epilogues
 from crnet.model.crnet import SupportPrompt
 from crnet.model.fold import fold_batchnorm
@@ -60,6 +63,7 @@ class TorchRuntime(Runtime):
         cudnn_epilogues: bool = False,
         space_to_depth: bool = False,
         banded_aspp: bool = False,
+        concurrent_aspp: bool = False,
         cudnn_benchmark: bool = False,
     ):
         self.device = torch.device(device)
@@ -76,8 +80,12 @@ class TorchRuntime(Runtime):
             raise RuntimeUnavailable("cuDNN's benchmark mode needs --device cuda (and is not the anchor's)")
         if cudnn_benchmark and not cuda_graphs:
             raise RuntimeUnavailable("cuDNN's benchmark mode chooses at capture: add +cuda-graphs")
-        if (space_to_depth or banded_aspp) and anchor:
-            raise RuntimeUnavailable("the anchor is plain PyTorch: no space-to-depth stem, no banded ASPP")
+        if (space_to_depth or banded_aspp or concurrent_aspp) and anchor:
+            raise RuntimeUnavailable("the anchor is plain PyTorch: no space-to-depth stem, no ASPP of ours")
+        if concurrent_aspp and self.device.type != "cuda":
+            raise RuntimeUnavailable("the concurrent ASPP runs on CUDA streams: it needs --device cuda")
+        if concurrent_aspp and banded_aspp:
+            raise RuntimeUnavailable("+concurrent-aspp runs the ASPP's own convolutions: not +banded-aspp")
         if precision not in DTYPES:
             raise RuntimeUnavailable(f"torch runtime precision must be fp32, fp16 or bf16, got {precision!r}")
         self.precision, self.dtype = precision, DTYPES[precision]
@@ -92,12 +100,16 @@ class TorchRuntime(Runtime):
         if banded_aspp:  # after the epilogues: a branch with its ReLU keeps it in each block
             size = model.config.feature_size
             model = band_aspp(model, (size, size))
+        if concurrent_aspp:  # after the epilogues: each branch keeps its fused ReLU
+            model = concurrent_aspp_of(model)
         self.model = model.to(self.dtype)
         # The native refinement op by default where it has a kernel for this device and dtype (CPU: FP32).
         try:
             fused = ops.use_native(torch.empty(0, device=self.device, dtype=self.dtype), fused)
         except ops.NativeOpUnavailable as error:
             raise RuntimeUnavailable(f"fused refinement: {error}") from None
+        if concurrent_aspp and fused:
+            raise RuntimeUnavailable("the concurrent ASPP is in PyTorch's refinement loop: add +torch-loop")
         self.model.refinement.fused = fused
         self.model.refinement.hoist = not anchor
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -127,6 +139,7 @@ class TorchRuntime(Runtime):
             "cudnn_epilogues": cudnn_epilogues,
             "space_to_depth": space_to_depth,
             "banded_aspp": banded_aspp,
+            "concurrent_aspp": concurrent_aspp,
             "cudnn_benchmark": cudnn_benchmark,
             "fused": fused,
         }

@@ -51,6 +51,16 @@ class ASPP(nn.Module):
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout2d(x, self.dropout, self.training) if self.dropout else x
 
+    def hoisted_terms(
+        self, x: torch.Tensor, pool_weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the hoisted loop takes of the ASPP (eval mode): the pixel branches' outputs, concatenated, and
+        the image-pooling branch's share of the projection (`pool_weight`, its first input channels) with the
+        projection's `bias`, as a per-sample bias (N, C, 1, 1)."""
+        pool_bias = F.conv2d(F.relu(self.image_pool(ops.spatial_mean(x))), pool_weight, bias)
+        branches = torch.cat([self.branch_relu(branch(x)) for branch in self.branches], dim=1)
+        return branches, pool_bias
+
 
 class Refinement(nn.Module):
     """h = X + R1([X, y]); h += R2(h); h += R3(h); logits = classifier(ASPP(h))."""
@@ -153,8 +163,7 @@ class Refinement(nn.Module):
             h = x + second(F.relu(first_out))
             h = h + self.residual2(h)
             h = h + self.residual3(h)
-            pool_bias = F.conv2d(F.relu(self.aspp.image_pool(ops.spatial_mean(h))), pool_weight, project.bias)
-            branches = torch.cat([self.aspp.branch_relu(branch(h)) for branch in self.aspp.branches], dim=1)
+            branches, pool_bias = self.aspp.hoisted_terms(h, pool_weight, project.bias)
             logits = self.classifier(F.relu(F.conv2d(branches, branch_weight) + pool_bias))
             y = ops.probabilities(logits)
         return logits
