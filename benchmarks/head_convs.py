@@ -11,13 +11,18 @@ Forms, for one dilation-1 convolution and for the ASPP's three dilated branches 
 - the same with the plans cuDNN's timing chose (benchmark mode, on a capture thread of its own);
 - im2col, then one cuBLAS(Lt) matrix product with the bias and ReLU in its epilogue (the three ASPP
   branches as one batched product), eager and compiled by inductor;
-- inductor with max-autotune (its Triton convolution templates against ATen's), one convolution only.
+- inductor with max-autotune (its Triton convolution templates against ATen's), one convolution only;
+- the three branches with the image-pooling term, written into one concatenation, on one stream and each
+  on a CUDA stream of its own (`+concurrent-aspp`, crnet/model/concurrent_aspp.py): both do the same
+  work, a little more than the deployed form's (the pooling term and the copies into the concatenation).
 On a GPU each form is captured as a CUDA graph and timed in GPU time per replay, in turns. On a CPU (a
 check of the script) they are timed in wall time, and "cuDNN" is PyTorch's CPU convolution. Random FP16
 channels-last weights and features (FP32 on a CPU); the max difference is against float64.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +32,7 @@ from torch import nn
 from crnet.commands.timer import Timer, medians_in_turns
 from crnet.engines.cuda_graphs import CapturedCalls, CaptureOnOwnThread
 from crnet.engines.torch_runtime import _cudnn_benchmark
+from crnet.model.concurrent_aspp import _terms, aspp_terms
 from crnet.model.conv_epilogues import ConvReLU
 
 DILATIONS = (6, 12, 18)  # the r50 preset's
@@ -89,6 +95,22 @@ def forms(conv: nn.Conv2d, branches: list[nn.Conv2d], compile: bool, cuda: bool)
         timed = "cuDNN, fused ReLU, benchmark mode"
         table[f"{one}: {timed}"] = (fused, [0], "one", _cudnn_benchmark)
         table[f"{three}: {timed}"] = (cudnn_branches, [1, 2, 3], "aspp", _cudnn_benchmark)
+        # The pooling term's two 1x1 convolutions: random, like every weight here.
+        channels, like = conv.out_channels, {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        pool = [0.05 * torch.randn(channels, channels, 1, 1, **like) for _ in range(2)]
+        terms = [pool[0], None, pool[1], None, [b.weight for b in branches], [b.bias for b in branches]]
+        terms += [list(DILATIONS), True]
+
+        def one_stream(x):
+            branches_out, _ = _terms(x, *terms, forks=[contextlib.nullcontext()] * 4)
+            return list(branches_out.chunk(3, dim=1))
+
+        def own_streams(x):
+            return list(aspp_terms(x, *terms)[0].chunk(3, dim=1))
+
+        joined = "cuDNN, fused ReLU, with pooling term and concatenation"
+        table[f"{three}: {joined}, one stream"] = (one_stream, [1, 2, 3], "aspp", None)
+        table[f"{three}: {joined}, a stream each"] = (own_streams, [1, 2, 3], "aspp", None)
     if compile:
         table[f"{one}: im2col + GEMM, compiled"] = (torch.compile(gemm, dynamic=False), [0], "one", None)
         table[f"{three}: im2col + batched GEMM, compiled"] = (
