@@ -31,8 +31,10 @@
 # time, where it lost; that row captures on a thread of its own, since PyTorch caches cuDNN's choices per
 # thread, whoever chose them: engines/cuda_graphs.py); and one for the batch-1 target: the deployed row with
 # the ASPP's branches each on a CUDA stream of its own, so that the graph may run the four convolutions and
-# the pooling term side by side (crnet/model/concurrent_aspp.py). The suite gets 230 s: in 160 s it got
-# through 425 of its 707 tests.
+# the pooling term side by side (crnet/model/concurrent_aspp.py), and with the loop's 3x3 convolutions as
+# our Triton kernels, ReLUs and skips inside, the reduction split where the map leaves SMs idle
+# (engines/triton_conv.py; its first call times its tiles and splits, Triton's compiles are cached on disk
+# by the warm-up step). The suite gets 230 s: in 160 s it got through 425 of its 707 tests.
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
 # profile.txt, profile.json. The banded branches' table goes into run.log.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
@@ -74,7 +76,7 @@ else
   TINY=("$DEPLOYED" 1000)  # the deployed row, on the standard 1000 episodes
   ROWS=("$DEPLOYED" torch:fp16+anchor
     torch:fp16+channels-last+cudnn-epilogues+space-to-depth+banded-aspp+compile+cuda-graphs+torch-loop
-    "$DEPLOYED+cudnn-benchmark" "$DEPLOYED+concurrent-aspp")
+    "$DEPLOYED+cudnn-benchmark" "$DEPLOYED+concurrent-aspp" "$DEPLOYED+triton-head")
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
@@ -145,8 +147,8 @@ bench() {  # bench BATCH ROW...: one `crnet bench` of these rows, side by side
   local batch=$1 args=()
   shift
   for spec in "$@"; do args+=(--runtime "$spec"); done
-  # 50 timed calls at batch 1, 20 at batch 64 (each a few tens of ms): five rows within the step's cap
-  within $((batch > 8 ? 120 : 100)) python3 -m crnet bench "$MODEL" --data "$LATENCY" "${args[@]}" \
+  # 50 timed calls at batch 1, 20 at batch 64 (each a few tens of ms): six rows within the step's cap
+  within $((batch > 8 ? 130 : 110)) python3 -m crnet bench "$MODEL" --data "$LATENCY" "${args[@]}" \
     "${DEVICE[@]}" --episodes 0 --batch-size "$batch" --warmup 5 --repeats $((batch > 8 ? 20 : 50)) \
     --json "$OUT/bench_b$batch.json" --chart "$WORK/chart_b$batch.png" --no-progress >"$WORK/bench_b$batch.log" 2>&1
   local code=$?

@@ -14,7 +14,8 @@ Forms, for one dilation-1 convolution and for the ASPP's three dilated branches 
 - inductor with max-autotune (its Triton convolution templates against ATen's), one convolution only;
 - the three branches with the image-pooling term, written into one concatenation, on one stream and each
   on a CUDA stream of its own (`+concurrent-aspp`, crnet/model/concurrent_aspp.py): both do the same
-  work, a little more than the deployed form's (the pooling term and the copies into the concatenation).
+  work, a little more than the deployed form's (the pooling term and the copies into the concatenation);
+- our Triton kernel (`+triton-head`, engines/triton_conv.py), its tile and split chosen by timing.
 On a GPU each form is captured as a CUDA graph and timed in GPU time per replay, in turns. On a CPU (a
 check of the script) they are timed in wall time, and "cuDNN" is PyTorch's CPU convolution. Random FP16
 channels-last weights and features (FP32 on a CPU); the max difference is against float64.
@@ -108,6 +109,22 @@ def forms(conv: nn.Conv2d, branches: list[nn.Conv2d], compile: bool, cuda: bool)
         def own_streams(x):
             return list(aspp_terms(x, *terms)[0].chunk(3, dim=1))
 
+        from crnet.engines.triton_conv import conv2d_nhwc, pack_weight
+
+        packed = [pack_weight(c.weight) for c in (conv, *branches)]
+
+        def triton_conv(x, i):
+            c = (conv, *branches)[i]
+            return conv2d_nhwc(x, packed[i], c.bias, None, (3, 3), c.padding, c.dilation, False, True, slot=i)
+
+        def triton_one(x):
+            return triton_conv(x, 0)
+
+        def triton_branches(x):
+            return [triton_conv(x, i) for i in (1, 2, 3)]
+
+        table[f"{one}: Triton, split by timing"] = (triton_one, [0], "one", None)
+        table[f"{three}: Triton, split by timing"] = (triton_branches, [1, 2, 3], "aspp", None)
         joined = "cuDNN, fused ReLU, with pooling term and concatenation"
         table[f"{three}: {joined}, one stream"] = (one_stream, [1, 2, 3], "aspp", None)
         table[f"{three}: {joined}, a stream each"] = (own_streams, [1, 2, 3], "aspp", None)

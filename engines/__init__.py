@@ -8,7 +8,8 @@ A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `tor
 (inductor's code, captured), `+cudnn-epilogues` (bias, residual and ReLU inside cuDNN's convolutions),
 `+space-to-depth` (the stem's strided 7x7 convolution as a 4x4 one over 2x2 pixel blocks), `+banded-aspp`
 (the dilated ASPP branches without the taps that read only padding), `+concurrent-aspp` (the ASPP's
-branches on CUDA streams of their own, side by side), `+cudnn-benchmark` (with
+branches on CUDA streams of their own, side by side), `+triton-head` (the refinement loop's 3x3
+convolutions as Triton kernels of ours, ReLUs and residual adds inside), `+cudnn-benchmark` (with
 `+cuda-graphs`: cuDNN times its algorithms for each convolution it captures), `+torch-loop` (PyTorch's
 refinement loop, not the native op, whatever --fused says), `torch:fp16+anchor`
 (plain torch.compile, the anchor of GPU benches), `onnxruntime:fp32`, `onnxruntime:fp16+cuda`,
@@ -44,6 +45,7 @@ OPTIONS = {
         "space-to-depth",
         "banded-aspp",
         "concurrent-aspp",
+        "triton-head",
         "cudnn-benchmark",
         "torch-loop",
         "anchor",
@@ -112,6 +114,7 @@ def torch_options(spec: RuntimeSpec, fused: bool | None = None) -> dict:
         "space_to_depth": "space-to-depth" in spec.options,
         "banded_aspp": "banded-aspp" in spec.options,
         "concurrent_aspp": "concurrent-aspp" in spec.options,
+        "triton_head": "triton-head" in spec.options,
         "cudnn_benchmark": "cudnn-benchmark" in spec.options,
     }
 

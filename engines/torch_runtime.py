@@ -11,11 +11,13 @@ runs the stem's strided 7x7 convolution over 3 colours as a 4x4 one over 2x2 pix
 pixels that read the map with the same taps, skipping the taps that read zero padding
 (crnet/model/banded_conv.py). `+concurrent-aspp` (CUDA, PyTorch's loop) runs the ASPP's independent
 branches each on a CUDA stream of its own, so that the captured graph may run them side by side
-(crnet/model/concurrent_aspp.py). `+cudnn-benchmark` lets cuDNN time its algorithms for each convolution of
-this runtime's graphs and keep the fastest, instead of its heuristics' choice; it captures on a thread of
-its own, where PyTorch keeps those choices apart from other runtimes' (engines/cuda_graphs.py). `freeze=True`
-compiles with inductor's freezing too (weights as constants); off by default: it gained nothing measurable
-on a CPU or on the H200 (benchmarks/freezing.py, docs/BENCHMARKS.md).
+(crnet/model/concurrent_aspp.py). `+triton-head` (CUDA, PyTorch's loop) runs the loop's 3x3 convolutions
+as Triton kernels of ours, with their ReLUs and residual adds inside and the reduction split where the
+map is small (engines/triton_head.py). `+cudnn-benchmark` lets cuDNN time its algorithms for each
+convolution of this runtime's graphs and keep the fastest, instead of its heuristics' choice; it captures on
+a thread of its own, where PyTorch keeps those choices apart from other runtimes' (engines/cuda_graphs.py).
+`freeze=True` compiles with inductor's freezing too (weights as constants); off by default: it gained
+nothing measurable on a CPU or on the H200 (benchmarks/freezing.py, docs/BENCHMARKS.md).
 
 `+anchor` is what a user writes with torch.compile alone: the checkpoint's model as it is (no folding of
 ours, PyTorch's refinement loop as the paper writes it, not hoisted, no native op), channels-last, compiled
@@ -64,6 +66,7 @@ class TorchRuntime(Runtime):
         space_to_depth: bool = False,
         banded_aspp: bool = False,
         concurrent_aspp: bool = False,
+        triton_head: bool = False,
         cudnn_benchmark: bool = False,
     ):
         self.device = torch.device(device)
@@ -80,10 +83,12 @@ class TorchRuntime(Runtime):
             raise RuntimeUnavailable("cuDNN's benchmark mode needs --device cuda (and is not the anchor's)")
         if cudnn_benchmark and not cuda_graphs:
             raise RuntimeUnavailable("cuDNN's benchmark mode chooses at capture: add +cuda-graphs")
-        if (space_to_depth or banded_aspp or concurrent_aspp) and anchor:
+        if (space_to_depth or banded_aspp or concurrent_aspp or triton_head) and anchor:
             raise RuntimeUnavailable("the anchor is plain PyTorch: no space-to-depth stem, no ASPP of ours")
         if concurrent_aspp and self.device.type != "cuda":
             raise RuntimeUnavailable("the concurrent ASPP runs on CUDA streams: it needs --device cuda")
+        if triton_head:
+            _require_triton(self.device, anchor, banded_aspp or concurrent_aspp)
         if concurrent_aspp and banded_aspp:
             raise RuntimeUnavailable("+concurrent-aspp runs the ASPP's own convolutions: not +banded-aspp")
         if precision not in DTYPES:
@@ -102,14 +107,19 @@ class TorchRuntime(Runtime):
             model = band_aspp(model, (size, size))
         if concurrent_aspp:  # after the epilogues: each branch keeps its fused ReLU
             model = concurrent_aspp_of(model)
+        if triton_head:  # after the epilogues: the 1x1 branch keeps cuDNN's
+            from crnet.engines.triton_head import triton_head as triton_head_of
+
+            model = triton_head_of(model)
         self.model = model.to(self.dtype)
         # The native refinement op by default where it has a kernel for this device and dtype (CPU: FP32).
         try:
             fused = ops.use_native(torch.empty(0, device=self.device, dtype=self.dtype), fused)
         except ops.NativeOpUnavailable as error:
             raise RuntimeUnavailable(f"fused refinement: {error}") from None
-        if concurrent_aspp and fused:
-            raise RuntimeUnavailable("the concurrent ASPP is in PyTorch's refinement loop: add +torch-loop")
+        if (concurrent_aspp or triton_head) and fused:
+            option = "+concurrent-aspp" if concurrent_aspp else "+triton-head"
+            raise RuntimeUnavailable(f"{option} is in PyTorch's refinement loop: add +torch-loop")
         self.model.refinement.fused = fused
         self.model.refinement.hoist = not anchor
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -140,6 +150,7 @@ class TorchRuntime(Runtime):
             "space_to_depth": space_to_depth,
             "banded_aspp": banded_aspp,
             "concurrent_aspp": concurrent_aspp,
+            "triton_head": triton_head,
             "cudnn_benchmark": cudnn_benchmark,
             "fused": fused,
         }
@@ -217,6 +228,22 @@ class TorchRuntime(Runtime):
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
         with self._compiling():
             return self._owned(self._segment(features.to(self.dtype), prompt.vector, prompt.prototype))
+
+
+def _require_triton(device: torch.device, anchor: bool, other_aspp: bool) -> None:
+    """Where +triton-head can run: CUDA, Triton installed, our model, the ASPP's own convolutions."""
+    if anchor or device.type != "cuda":
+        raise RuntimeUnavailable(
+            "+triton-head runs Triton kernels of ours: it needs --device cuda, not the anchor"
+        )
+    if other_aspp:
+        raise RuntimeUnavailable(
+            "+triton-head runs the ASPP's own convolutions: not with another ASPP option"
+        )
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise RuntimeUnavailable("+triton-head needs Triton: pip install triton") from None
 
 
 @contextlib.contextmanager

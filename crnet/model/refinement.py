@@ -28,6 +28,14 @@ class ResidualBranch(nn.Sequential):
             nn.Conv2d(channels, channels, 3, padding=1),
         )
 
+    def residual_block(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole block, x + branch(x) (an inference form may fuse the add into the last convolution)."""
+        return x + self(x)
+
+    def tail(self, first: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """skip + conv2(relu(first)): the block from its first convolution's output (before its ReLU) on."""
+        return skip + self[3](F.relu(first))
+
 
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: image pooling, 1x1 and three dilated 3x3 branches, fused by a 1x1."""
@@ -149,7 +157,7 @@ class Refinement(nn.Module):
     def hoisted(self, x: torch.Tensor, iterations: int, previous: torch.Tensor | None = None) -> torch.Tensor:
         """The inference loop (eval mode: no dropout), with the iteration-invariant terms computed once."""
         channels = x.shape[1]
-        first, second = self.feedback[1], self.feedback[3]
+        first = self.feedback[1]
         feature_weight, probability_weight = first.weight[:, :channels], first.weight[:, channels:]
         project = self.aspp.project
         pool_weight, branch_weight = project.weight[:, :channels], project.weight[:, channels:]
@@ -160,9 +168,8 @@ class Refinement(nn.Module):
             first_out = (
                 feature_term if y is None else feature_term + F.conv2d(y, probability_weight, padding=1)
             )
-            h = x + second(F.relu(first_out))
-            h = h + self.residual2(h)
-            h = h + self.residual3(h)
+            h = self.feedback.tail(first_out, x)
+            h = self.residual3.residual_block(self.residual2.residual_block(h))
             branches, pool_bias = self.aspp.hoisted_terms(h, pool_weight, project.bias)
             logits = self.classifier(F.relu(F.conv2d(branches, branch_weight) + pool_bias))
             y = ops.probabilities(logits)

@@ -1,8 +1,6 @@
-"""The ASPP's branches on streams of their own compute the hoisted loop's very terms: through the model in
-both layouts, with and without cuDNN's fused ReLU, as a custom op torch.compile traces without a break, and
-on CUDA inside a captured graph; the runtime option says where it cannot run."""
-
-import copy
+"""The ASPP's branches on streams of their own compute the hoisted loop's very terms: the twin, the custom
+op and its fake, the streams, and on CUDA inside a captured graph and the runtime (what the head options
+share: tests/engines/test_head_options.py)."""
 
 import pytest
 import torch
@@ -12,12 +10,10 @@ from crnet.engines import RuntimeSpec, RuntimeUnavailable, open_runtime
 from crnet.engines.torch_runtime import TorchRuntime
 from crnet.model.banded_conv import band_aspp
 from crnet.model.concurrent_aspp import ConcurrentASPP, _side_streams, aspp_terms, concurrent_aspp
-from crnet.model.conv_epilogues import fuse_conv_epilogues
 from crnet.model.refinement import ASPP
 from tests.engines.test_runtimes import episode
 from tests.model.test_conv_epilogues import folded_micro
 from tests.model.test_crnet import MICRO
-from tests.model.test_crnet import episode as model_episode
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,25 +32,6 @@ def terms_arguments(aspp: ASPP, x: torch.Tensor) -> tuple:
         [branch.dilation[0] for branch in aspp.branches],
         False,
     )
-
-
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"])
-@pytest.mark.parametrize("epilogues", [False, True], ids=["plain", "fused epilogues"])
-def test_a_concurrent_model_computes_what_the_folded_model_does(layout, epilogues) -> None:
-    folded = folded_micro()
-    folded.refinement.fused = False  # the PyTorch loop, whose hoisted terms these are
-    base = fuse_conv_epilogues(copy.deepcopy(folded)) if epilogues else folded
-    model = concurrent_aspp(copy.deepcopy(base)).to(memory_format=layout)
-    base = base.to(memory_format=layout)
-    aspp = model.refinement.aspp
-    assert type(aspp) is ConcurrentASPP
-    assert model.state_dict().keys() == folded.state_dict().keys()  # the same parameters, by name
-    query, supports, masks, _ = model_episode(MICRO)
-    query = query.contiguous(memory_format=layout)
-    with torch.inference_mode():
-        got, expected = model(query, supports, masks).query, base(query, supports, masks).query
-    # The same operations in the same order on a CPU: equal, not merely close.
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_the_twin_shares_the_aspps_modules_and_keeps_its_forward() -> None:
@@ -86,24 +63,6 @@ def test_only_the_aspps_own_convolutions_run_concurrently() -> None:
     aspp.branches[2] = nn.Conv2d(16, 16, 3, padding=1, dilation=2)
     with pytest.raises(ValueError, match="size-keeping"):
         ConcurrentASPP.of(aspp)
-
-
-def test_the_runtime_option_says_where_it_cannot_run(micro_checkpoint) -> None:
-    with pytest.raises(RuntimeUnavailable, match="needs --device cuda"):
-        open_runtime(RuntimeSpec.parse("torch+concurrent-aspp+torch-loop"), checkpoint=micro_checkpoint)
-    with pytest.raises(RuntimeUnavailable, match="no ASPP of ours"):
-        TorchRuntime(micro_checkpoint, anchor=True, concurrent_aspp=True)
-
-
-@pytest.mark.slow
-def test_torch_compile_traces_the_concurrent_terms_in_one_graph() -> None:
-    refinement = fuse_conv_epilogues(folded_micro()).refinement.to(memory_format=torch.channels_last)
-    concurrent = concurrent_aspp(copy.deepcopy(refinement))
-    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last)
-    torch._dynamo.reset()
-    compiled = torch.compile(concurrent.hoisted, fullgraph=True)
-    with torch.inference_mode():
-        torch.testing.assert_close(compiled(x, 3), refinement.hoisted(x, 3), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.cuda

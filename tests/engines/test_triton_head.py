@@ -1,0 +1,141 @@
+"""The Triton head: its kernel against float64 for every epilogue, split and geometry (in Triton's
+interpreter on a CPU, compiled on a GPU), the split counters left at zero, the custom op's fake, and on
+CUDA the runtime with its graphs captured (what the head options share: test_head_options.py)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from crnet.engines import DEPLOYED_GPU, RuntimeSpec, RuntimeUnavailable, open_runtime
+from crnet.engines.torch_runtime import TorchRuntime
+from crnet.engines.triton_head import TritonConv, TritonResidualBranch, triton_conv
+from tests.engines.test_runtimes import episode
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (batch, channels, out channels, height, width, kernel, dilation, relu in, relu out, residual, bias, layout)
+CASES = [
+    (1, 32, 32, 9, 9, 3, 1, False, False, False, True, "NHWC"),  # plain
+    (2, 32, 48, 9, 7, 3, 2, True, True, True, True, "NHWC"),  # everything, out channels past one tile
+    (1, 64, 32, 11, 11, 3, 6, False, True, False, False, "NHWC"),  # wide dilation, no bias
+    (2, 24, 32, 5, 5, 1, 1, True, False, True, True, "NCHW"),  # 1x1, channels short of a step, NCHW in
+]
+# Checked in a process of its own: TRITON_INTERPRET must be set before the kernel is defined.
+INTERPRETED = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torch.nn.functional as F
+    from crnet.engines import triton_conv as tc
+
+    results = []
+    for case in json.loads(sys.argv[1]):
+        n, c, oc, h, w, k, d, relu_in, relu_out, res, bias, layout = case
+        layout = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+        torch.manual_seed(0)
+        x = torch.randn(n, c, h, w).contiguous(memory_format=layout)
+        weight = torch.randn(oc, c, k, k) * 0.1
+        b = torch.randn(oc) if bias else None
+        r = torch.randn(n, oc, h, w).contiguous(memory_format=torch.channels_last) if res else None
+        p = d * (k - 1) // 2
+        source = (x.relu() if relu_in else x).double()
+        ref = F.conv2d(source, weight.double(), None if b is None else b.double(), 1, p, d)
+        ref = ref + r.double() if r is not None else ref
+        ref = ref.relu() if relu_out else ref
+        for config in (tc.CONFIGS[0], tc.CONFIGS[2], tc.CONFIGS[3], tc.CONFIGS[4]):  # split 1, 3, 4, 32x64 2
+            got = tc.conv2d_nhwc(x, tc.pack_weight(weight), b, r, (k, k), (p, p), (d, d), relu_in, relu_out,
+                                 slot=3, config=config)
+            results.append({
+                "error": (got.double() - ref).abs().max().item(),
+                "channels_last": got.is_contiguous(memory_format=torch.channels_last),
+                "split": config.split,
+                "counters": int(tc._COUNTERS[torch.device("cpu")].abs().sum()),
+            })
+    print(json.dumps(results))
+    """
+)
+
+
+def test_the_kernel_in_tritons_interpreter_is_the_convolution() -> None:
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", INTERPRETED, json.dumps(CASES)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 4 * len(CASES) and {r["split"] for r in results} == {1, 2, 3, 4}
+    for result in results:
+        assert result["error"] < 1e-5  # FP32 products summed in FP32, against float64
+        assert result["channels_last"]
+        assert result["counters"] == 0  # every split tile's last part reset its counter
+
+
+def test_the_op_and_its_fake_agree() -> None:
+    torch.manual_seed(0)
+    conv = TritonConv.of(torch.nn.Conv2d(8, 6, 3, padding=2, dilation=2))
+    x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 6, 7, 7)
+    for res, flags in [(None, (False, False)), (residual, (True, True))]:
+        args = (
+            x,
+            conv.weight.detach(),
+            conv.packed,
+            conv.bias.detach(),
+            res,
+            [2, 2],
+            [2, 2],
+            *flags,
+            conv.slot,
+        )
+        torch.library.opcheck(triton_conv, args)
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("config", range(9), ids=lambda i: f"config{i}")
+def test_every_configuration_on_cuda_is_the_convolution(config) -> None:
+    """The r50 head's shape, FP16 channels-last, each tile and split compiled for this GPU."""
+    pytest.importorskip("triton")
+    from crnet.engines import triton_conv as tc
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=12, dilation=12).cuda().half()
+    x = torch.randn(1, 256, 41, 41, device="cuda", dtype=torch.half).contiguous(
+        memory_format=torch.channels_last
+    )
+    residual = torch.randn_like(x)
+    with torch.inference_mode():
+        expected = (conv(x.relu()) + residual).relu()
+        got = tc.conv2d_nhwc(
+            x, tc.pack_weight(conv.weight), conv.bias, residual, (3, 3), (12, 12), (12, 12), True, True,
+            slot=5, config=tc.CONFIGS[config],
+        )  # fmt: skip
+        torch.cuda.synchronize()
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+    assert int(tc._COUNTERS[got.device].abs().sum()) == 0
+
+
+@pytest.mark.cuda
+@CUDA
+def test_the_triton_head_on_cuda_captured_and_replayed(micro_checkpoint) -> None:
+    pytest.importorskip("triton")
+    query, supports, masks = (x.cuda() for x in episode(1))
+    base = "torch:fp16+channels-last+cudnn-epilogues+cuda-graphs+torch-loop"
+    with open_runtime(RuntimeSpec.parse(base), checkpoint=micro_checkpoint, device="cuda") as plain:
+        expected = plain.episode(query, supports, masks)
+    with open_runtime(
+        RuntimeSpec.parse(base + "+triton-head"), checkpoint=micro_checkpoint, device="cuda"
+    ) as head:
+        assert isinstance(head.model.refinement.residual2, TritonResidualBranch)
+        for _ in range(3):  # the timing and capture, then replays
+            torch.testing.assert_close(head.episode(query, supports, masks), expected, rtol=2e-2, atol=2e-2)
+    with pytest.raises(RuntimeUnavailable, match="add \\+torch-loop"):
+        TorchRuntime(micro_checkpoint, device="cuda", precision="fp16", triton_head=True, fused=True)
+    with pytest.raises(RuntimeUnavailable, match="another ASPP option"):
+        TorchRuntime(micro_checkpoint, device="cuda", triton_head=True, concurrent_aspp=True)
+    assert RuntimeSpec.parse(DEPLOYED_GPU + "+triton-head")  # the row gpu_check.sh benches
