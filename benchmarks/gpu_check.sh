@@ -132,7 +132,9 @@ for batch in "${BATCHES[@]}"; do
   for spec in "${COMPILED[@]}"; do
     (within 150 python3 benchmarks/gpu_profile.py "$MODEL" --spec "$spec" --batch "$batch" --calls 0 \
       "${DEVICE[@]}" >"$WORK/warm_${batch}_${spec//[:+]/_}.log" 2>&1
-      say "compiled $spec, batch $batch: exit $? (t=$(($(date +%s) - START)) s)") &
+      code=$?
+      echo $code >"$WORK/warm_${batch}_${spec//[:+]/_}.exit"
+      say "compiled $spec, batch $batch: exit $code (t=$(($(date +%s) - START)) s)") &
     pids+=($!)
   done
 done
@@ -156,9 +158,24 @@ bench() {  # bench BATCH ROW...: one `crnet bench` of these rows, side by side
   grep -v Warning "$WORK/bench_b$batch.log" | tail -18 | tee -a "$LOG"
   return $code
 }
+# A row whose compile-and-capture process failed (not one that ran out of time) stays out of its bench: a
+# kernel that faults there would leave the CUDA context of the bench's process, and every row in it, broken.
+rows_that_warmed() {  # rows_that_warmed BATCH: the rows to bench at that batch size
+  local batch=$1 code
+  for spec in "${ROWS[@]}"; do
+    code=$(cat "$WORK/warm_${batch}_${spec//[:+]/_}.exit" 2>/dev/null || echo 0)
+    if ((code == 0 || code == 124 || code == 137)) || [[ $spec == "${ROWS[0]}" || $spec == *anchor ]]; then
+      echo "$spec"
+    else
+      say "left out of the batch-$batch bench: $spec (its warm-up exited $code:" \
+        "$(grep -v Warning "$WORK/warm_${batch}_${spec//[:+]/_}.log" | tail -1))" >&2
+    fi
+  done
+}
 for batch in "${BATCHES[@]}"; do
   step "$PRESET, 1-shot, T=5, batch $batch"
-  bench "$batch" "${ROWS[@]}"
+  mapfile -t BENCHED < <(rows_that_warmed "$batch")
+  bench "$batch" "${BENCHED[@]}"
 done
 
 step "native op against the compiled PyTorch loop, GPU time under graph replay"
