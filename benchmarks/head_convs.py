@@ -15,7 +15,8 @@ Forms, for one dilation-1 convolution and for the ASPP's three dilated branches 
 - the three branches with the image-pooling term, written into one concatenation, on one stream and each
   on a CUDA stream of its own (`+concurrent-aspp`, crnet/model/concurrent_aspp.py): both do the same
   work, a little more than the deployed form's (the pooling term and the copies into the concatenation);
-- our Triton kernel (`+triton-head`, engines/triton_conv.py), its tile and split chosen by timing.
+- our Triton kernel (`+triton-head`, engines/triton_conv.py), its tile and split chosen by timing; the
+  three branches as one launch, each into its channels of one output.
 On a GPU each form is captured as a CUDA graph and timed in GPU time per replay, in turns. On a CPU (a
 check of the script) they are timed in wall time, and "cuDNN" is PyTorch's CPU convolution. Random FP16
 channels-last weights and features (FP32 on a CPU); the max difference is against float64.
@@ -109,22 +110,25 @@ def forms(conv: nn.Conv2d, branches: list[nn.Conv2d], compile: bool, cuda: bool)
         def own_streams(x):
             return list(aspp_terms(x, *terms)[0].chunk(3, dim=1))
 
-        from crnet.engines.triton_conv import conv2d_nhwc, pack_weight
+        from crnet.engines.triton_conv import branches_nhwc, conv2d_nhwc, pack_weight
 
-        packed = [pack_weight(c.weight) for c in (conv, *branches)]
-
-        def triton_conv(x, i):
-            c = (conv, *branches)[i]
-            return conv2d_nhwc(x, packed[i], c.bias, None, (3, 3), c.padding, c.dilation, False, True, slot=i)
+        # Names of their own: the closures above read `stacked` and `stacked_bias` when called.
+        packed_one, packed_three = (
+            pack_weight(conv.weight),
+            torch.stack([pack_weight(b.weight) for b in branches]),
+        )
+        bias_three = torch.stack([b.bias.detach() for b in branches])
+        geometries = [(d, d, d, d, 0, 9) for d in DILATIONS]
 
         def triton_one(x):
-            return triton_conv(x, 0)
+            return conv2d_nhwc(x, packed_one, conv.bias, None, (3, 3), (1, 1), (1, 1), False, True, slot=0)
 
-        def triton_branches(x):
-            return [triton_conv(x, i) for i in (1, 2, 3)]
+        def triton_branches(x):  # one launch, each branch into its channels of one output
+            out = branches_nhwc(x, packed_three, bias_three, None, (3, 3), geometries, False, True, slot=1)
+            return list(out.chunk(3, dim=1))
 
         table[f"{one}: Triton, split by timing"] = (triton_one, [0], "one", None)
-        table[f"{three}: Triton, split by timing"] = (triton_branches, [1, 2, 3], "aspp", None)
+        table[f"{three}: Triton, one launch, split by timing"] = (triton_branches, [1, 2, 3], "aspp", None)
         joined = "cuDNN, fused ReLU, with pooling term and concatenation"
         table[f"{three}: {joined}, one stream"] = (one_stream, [1, 2, 3], "aspp", None)
         table[f"{three}: {joined}, a stream each"] = (own_streams, [1, 2, 3], "aspp", None)

@@ -37,6 +37,7 @@ def _conv_kernel(
     out_ptr,
     part_ptr,
     count_ptr,
+    geometry_ptr,
     H,
     W,
     C,
@@ -56,11 +57,7 @@ def _conv_kernel(
     soh,
     sow,
     soc,
-    PAD_H,
-    PAD_W,
-    DIL_H,
-    DIL_W,
-    KH: tl.constexpr,
+    TAPS: tl.constexpr,
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -72,10 +69,18 @@ def _conv_kernel(
     BK: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    """out[m, o] = epilogue(sum over taps t and channels c of prologue(x[pixel m moved by t, c]) * w[t, c, o])
-    for output pixels m = (n, oh, ow) and channels o; program (tile, part) sums its part of the steps."""
+    """Branch b's out[m, b * OC + o] = epilogue(sum over its taps t and channels c of
+    prologue(x[pixel m moved by t, c]) * w[b, t, c, o]) for output pixels m = (n, oh, ow); program
+    (tile, part, branch) sums its part of the branch's steps. Each branch's geometry is six numbers:
+    padding (h, w), dilation (h, w), first tap and number of taps (of a KH x KW kernel, row-major)."""
     tile = tl.program_id(0)
     part = tl.program_id(1)
+    branch = tl.program_id(2)
+    geometry = geometry_ptr + branch * 6
+    pad_h, pad_w = tl.load(geometry), tl.load(geometry + 1)
+    dil_h, dil_w = tl.load(geometry + 2), tl.load(geometry + 3)
+    first_tap, taps = tl.load(geometry + 4), tl.load(geometry + 5)
+    w_ptr += branch * TAPS * C * OC
     tiles_n = tl.cdiv(OC, BN)
     pid_m = tile // tiles_n
     pid_n = tile % tiles_n
@@ -89,16 +94,16 @@ def _conv_kernel(
     n_ok = rn < OC
 
     c_steps = tl.cdiv(C, BK)
-    steps = KH * KW * c_steps
+    steps = taps * c_steps
     per_part = tl.cdiv(steps, SPLIT)
     first = part * per_part
     last = tl.minimum(first + per_part, steps)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for step in range(first, last):
-        tap = step // c_steps
+        tap = first_tap + step // c_steps
         cc = (step % c_steps) * BK + rk
-        ih = oh - PAD_H + (tap // KW) * DIL_H
-        iw = ow - PAD_W + (tap % KW) * DIL_W
+        ih = oh - pad_h + (tap // KW) * dil_h
+        iw = ow - pad_w + (tap % KW) * dil_w
         inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # outside: the zero padding
         c_ok = cc < C
         a_ptrs = x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (cc * sxc)[None, :]
@@ -113,23 +118,26 @@ def _conv_kernel(
             acc += tl.dot(a, b)
 
     ok = m_ok[:, None] & n_ok[None, :]
+    rc = branch * OC + rn  # the branch's channels of the output (and of the residual)
+    bias_ptr += branch * OC
     if SPLIT > 1:
         # Publish this part; the last part of the tile to arrive adds all parts up in order 0..SPLIT-1.
-        part_ptrs = part_ptr + (rm * OC)[:, None] + rn[None, :]
+        part_ptrs = part_ptr + branch * SPLIT * M * OC + (rm * OC)[:, None] + rn[None, :]
         tl.store(part_ptrs + part * M * OC, acc, mask=ok)
         tl.debug_barrier()  # every thread's stores before the release below
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        counter = count_ptr + branch * tl.num_programs(0) + tile
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT - 1:
             tl.debug_barrier()
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for p in range(SPLIT):
                 acc += tl.load(part_ptrs + p * M * OC, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next call
-            _epilogue(acc, bias_ptr, res_ptr, out_ptr, rn, n, oh, ow, ok, n_ok, srn, srh, srw, src, son, soh,
-                      sow, soc, HAS_BIAS, HAS_RES, RELU_OUT)  # fmt: skip
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
+            _epilogue(acc, bias_ptr, res_ptr, out_ptr, rn, rc, n, oh, ow, ok, n_ok, srn, srh, srw, src, son,
+                      soh, sow, soc, HAS_BIAS, HAS_RES, RELU_OUT)  # fmt: skip
     else:
-        _epilogue(acc, bias_ptr, res_ptr, out_ptr, rn, n, oh, ow, ok, n_ok, srn, srh, srw, src, son, soh, sow,
-                  soc, HAS_BIAS, HAS_RES, RELU_OUT)  # fmt: skip
+        _epilogue(acc, bias_ptr, res_ptr, out_ptr, rn, rc, n, oh, ow, ok, n_ok, srn, srh, srw, src, son, soh,
+                  sow, soc, HAS_BIAS, HAS_RES, RELU_OUT)  # fmt: skip
 
 
 @triton.jit
@@ -139,6 +147,7 @@ def _epilogue(
     res_ptr,
     out_ptr,
     rn,
+    rc,
     n,
     oh,
     ow,
@@ -156,15 +165,15 @@ def _epilogue(
     HAS_RES: tl.constexpr,
     RELU_OUT: tl.constexpr,
 ):
-    """relu?(acc + bias + residual) in FP32, rounded once into the output."""
+    """relu?(acc + bias + residual) in FP32, rounded once into the output's channels rc."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
-        r_ptrs = res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + (rn * src)[None, :]
+        r_ptrs = res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + (rc * src)[None, :]
         acc += tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)
     if RELU_OUT:
         acc = tl.maximum(acc, 0.0)
-    o_ptrs = out_ptr + (n * son + oh * soh + ow * sow)[:, None] + (rn * soc)[None, :]
+    o_ptrs = out_ptr + (n * son + oh * soh + ow * sow)[:, None] + (rc * soc)[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -180,10 +189,11 @@ class Config:
     stages: int
 
 
-# The candidates timed for each shape, few since each is compiled for each variant of the epilogue: small
-# tiles and split reductions for maps that leave SMs idle (the r50 head's 36 steps, 9 taps x 256 channels
-# / 64, split 2, 3 or 4 ways), larger tiles for large batches.
-CONFIGS = [
+# The candidates timed for each shape, few since each is compiled for each variant of the epilogue. Maps
+# that leave SMs idle (fewer 64x64 tiles, all branches together, than twice the SMs): small tiles and the
+# reduction split (the r50 head's 36 steps, 9 taps x 256 channels / 64, split 2, 3 or 4 ways). Larger maps:
+# larger tiles, unsplit.
+SMALL_MAP_CONFIGS = [
     Config(64, 64, 64, 1, 4, 3),
     Config(64, 64, 64, 2, 4, 3),
     Config(64, 64, 64, 3, 4, 3),
@@ -191,14 +201,20 @@ CONFIGS = [
     Config(32, 64, 64, 2, 4, 3),
     Config(64, 32, 64, 3, 4, 3),
     Config(64, 128, 64, 1, 4, 3),
+]
+LARGE_MAP_CONFIGS = [
+    Config(64, 64, 64, 1, 4, 3),
+    Config(64, 128, 64, 1, 4, 3),
     Config(128, 64, 64, 1, 4, 3),
     Config(128, 128, 64, 1, 8, 3),
 ]
-SPLIT_ONLY_BELOW = 2  # small: the unsplit 64x64 tiles would be fewer than twice the SMs
-SLOTS, SLOT_TILES = 64, 4096  # counters: one block per calling convolution, one counter per tile
+CONFIGS = list(dict.fromkeys(SMALL_MAP_CONFIGS + LARGE_MAP_CONFIGS))
+SMALL_BELOW = 2  # a map is small when its 64x64 tiles are fewer than twice the SMs
+SLOTS, SLOT_TILES = 64, 4096  # counters: one block per calling convolution, one counter per tile and branch
 
 _CHOSEN: dict[tuple, Config] = {}
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_GEOMETRIES: dict[tuple, torch.Tensor] = {}
 _LOCK = threading.Lock()
 
 
@@ -206,18 +222,14 @@ def _tiles(config: Config, pixels: int, out_channels: int) -> int:
     return triton.cdiv(pixels, config.bm) * triton.cdiv(out_channels, config.bn)
 
 
-def candidates(pixels: int, out_channels: int, device: torch.device) -> list[Config]:
+def candidates(pixels: int, out_channels: int, branches: int, device: torch.device) -> list[Config]:
     """The configurations worth timing for this GEMM size on this device."""
     if device.type != "cuda":
         return [CONFIGS[0]]  # the interpreter: nothing to time
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    small = _tiles(CONFIGS[0], pixels, out_channels) < SPLIT_ONLY_BELOW * sms
-    return [
-        c
-        for c in CONFIGS
-        if (c.bm * c.bn <= 64 * 64) == small  # small tiles for small maps, large ones for large maps
-        and (c.split == 1 or _tiles(c, pixels, out_channels) <= SLOT_TILES)
-    ]
+    small = branches * _tiles(CONFIGS[0], pixels, out_channels) < SMALL_BELOW * sms
+    configs = SMALL_MAP_CONFIGS if small else LARGE_MAP_CONFIGS
+    return [c for c in configs if c.split == 1 or branches * _tiles(c, pixels, out_channels) <= SLOT_TILES]
 
 
 def _counters(device: torch.device, slot: int) -> torch.Tensor:
@@ -225,6 +237,16 @@ def _counters(device: torch.device, slot: int) -> torch.Tensor:
         if device not in _COUNTERS:  # zero once; every call leaves its counters at zero again
             _COUNTERS[device] = torch.zeros(SLOTS * SLOT_TILES, dtype=torch.int32, device=device)
     return _COUNTERS[device][(slot % SLOTS) * SLOT_TILES :]
+
+
+def _geometry(numbers: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The branches' geometry as a tensor on the device, made once (a copy from the host is not allowed
+    while a CUDA graph is being captured)."""
+    with _LOCK:
+        key = (numbers, device)
+        if key not in _GEOMETRIES:
+            _GEOMETRIES[key] = torch.tensor(numbers, dtype=torch.int32, device=device)
+    return _GEOMETRIES[key]
 
 
 def conv2d_nhwc(
@@ -243,29 +265,63 @@ def conv2d_nhwc(
     """relu?(conv2d(relu?(x), weight) + bias + residual), stride 1, channels-last out; `packed` is the
     weight as (KH * KW * C, OC) rows, tap-major (pack_weight). `slot` keeps the split counters of
     convolutions that may run at the same time apart; `config` overrides the timed choice (tests)."""
+    if any(2 * pad != d * (k - 1) for pad, d, k in zip(padding, dilation, kernel, strict=True)):
+        raise ValueError(f"the Triton convolution keeps the map's size: padding {padding} with {kernel}")
+    taps = kernel[0] * kernel[1]
+    geometry = (*padding, *dilation, 0, taps)
+    bias = None if bias is None else bias[None]
+    return branches_nhwc(x, packed[None], bias, residual, kernel, [geometry], relu_in, relu_out, slot, config)
+
+
+def branches_nhwc(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    kernel: tuple[int, int],
+    geometries: list[tuple[int, ...]],
+    relu_in: bool,
+    relu_out: bool,
+    slot: int = 0,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """Several convolutions of one map in one launch, their outputs concatenated along the channels: branch b
+    with weight packed[b] (KH * KW * C, OC), bias[b], and geometry (padding h, w, dilation h, w, first tap,
+    taps). Every branch must keep the map's size (a 1x1 convolution is the centre tap of a 3x3 one with
+    padding and dilation 1)."""
     batch, channels, height, width = x.shape
-    out_channels = packed.shape[1]
-    out_h = height + 2 * padding[0] - dilation[0] * (kernel[0] - 1)
-    out_w = width + 2 * padding[1] - dilation[1] * (kernel[1] - 1)
+    count, _, out_channels = packed.shape
     out = torch.empty(
-        (batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+        (batch, count * out_channels, height, width),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last,
     )
-    pixels = batch * out_h * out_w
+    pixels = batch * height * width
     if pixels == 0:
         return out
-    key = (tuple(x.shape), out_channels, kernel, padding, dilation, x.dtype, x.device, residual is not None)
+    key = (
+        tuple(x.shape),
+        count,
+        out_channels,
+        kernel,
+        tuple(geometries),
+        x.dtype,
+        x.device,
+        residual is None,
+    )
     counters = _counters(x.device, slot)
+    geometry = _geometry(tuple(v for g in geometries for v in g), x.device)
 
     def launch(config: Config, parts: torch.Tensor | None) -> None:
-        grid = (_tiles(config, pixels, out_channels), config.split)
+        grid = (_tiles(config, pixels, out_channels), config.split, count)
         res = residual if residual is not None else out
         _conv_kernel[grid](
             x, packed, bias if bias is not None else packed, res, out,
-            parts if parts is not None else out, counters,
-            height, width, channels, out_channels, out_h, out_w, pixels,
+            parts if parts is not None else out, counters, geometry,
+            height, width, channels, out_channels, height, width, pixels,
             *_nhwc_strides(x), *_nhwc_strides(res), *_nhwc_strides(out),
-            padding[0], padding[1], dilation[0], dilation[1],
-            KH=kernel[0], KW=kernel[1], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            TAPS=kernel[0] * kernel[1], KW=kernel[1], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
             RELU_IN=relu_in, RELU_OUT=relu_out, IEEE=x.dtype == torch.float32,
             BM=config.bm, BN=config.bn, BK=config.bk, SPLIT=config.split,
             num_warps=config.warps, num_stages=config.stages,
@@ -274,11 +330,13 @@ def conv2d_nhwc(
     def parts_for(config: Config) -> torch.Tensor | None:
         if config.split == 1:
             return None
-        return torch.empty((config.split, pixels, out_channels), dtype=torch.float32, device=x.device)
+        shape = (count, config.split, pixels, out_channels)
+        return torch.empty(shape, dtype=torch.float32, device=x.device)
 
     config = config or _CHOSEN.get(key)
     if config is None:
-        config = _choose(key, candidates(pixels, out_channels, x.device), launch, parts_for, x.device)
+        configs = candidates(pixels, out_channels, count, x.device)
+        config = _choose(key, configs, launch, parts_for, x.device)
     launch(config, parts_for(config))
     return out
 

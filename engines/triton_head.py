@@ -4,11 +4,13 @@ on CUDA. What changes, per iteration of the hoisted loop (crnet/model/refinement
 - each residual block, relu(h) -> conv -> relu -> conv -> + h, is two kernels: the first convolution reads
   relu(h) and writes its ReLU'd output, the second adds its bias and h in its epilogue;
 - the feedback block's second convolution reads relu of the first one's output and adds X;
-- the ASPP's 3x3 branches each apply their ReLU in their epilogue.
+- the ASPP's four pixel branches (the 1x1 as the centre tap of a 3x3) are one kernel launch, every
+  branch's tiles at once, each writing its ReLU'd output straight into its channels of the concatenation
+  the projection reads: no stream to fork, no copy to concatenate.
 
-`crnet::triton_conv` is a custom op, so torch.compile traces it as one call (its fake impl gives the output's
-shape and layout) and CUDA graphs capture its launch; off CUDA it computes the same with plain PyTorch ops.
-The 1x1 convolutions stay PyTorch's (matrix products, cuBLAS's with cuDNN's epilogues).
+`crnet::triton_conv` and `crnet::triton_branches` are custom ops, so torch.compile traces each as one call
+(its fake impl gives the output's shape and layout) and CUDA graphs capture its launch; off CUDA they compute
+the same with plain PyTorch ops. The other 1x1 convolutions stay PyTorch's (matrix products).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crnet import ops
 from crnet.model.conv_epilogues import ConvReLU
 from crnet.model.conv_twin import conv_twin
 from crnet.model.refinement import ASPP, Refinement, ResidualBranch
@@ -67,19 +70,49 @@ def _triton_conv_fake(x, weight, packed, bias, residual, padding, dilation, relu
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
 
 
+@torch.library.custom_op("crnet::triton_branches", mutates_args=())
+def triton_branches(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    packed: torch.Tensor,
+    biases: list[torch.Tensor],
+    stacked_bias: torch.Tensor,
+    geometry: list[int],
+    slot: int,
+) -> torch.Tensor:
+    """concat(relu(conv2d(x, weights[b], biases[b], dilation of branch b, the padding that keeps the size)))
+    over the branches b, channels-last; `packed` and `stacked_bias` are what the CUDA kernel reads, and
+    `geometry` six numbers per branch (triton_conv.branches_nhwc). Off CUDA, plain PyTorch."""
+    outs = []
+    for b, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+        dilation = geometry[6 * b + 2 : 6 * b + 4]
+        padding = [d * (k - 1) // 2 for d, k in zip(dilation, weight.shape[2:], strict=True)]
+        outs.append(F.relu(F.conv2d(x, weight, bias, 1, padding, dilation)))
+    return torch.cat(outs, dim=1).contiguous(memory_format=torch.channels_last)
+
+
+@triton_branches.register_kernel("cuda")
+def _triton_branches_cuda(x, weights, packed, biases, stacked_bias, geometry, slot):
+    from crnet.engines.triton_conv import branches_nhwc
+
+    geometries = [tuple(geometry[i : i + 6]) for i in range(0, len(geometry), 6)]
+    return branches_nhwc(x, packed, stacked_bias, None, (3, 3), geometries, False, True, slot)
+
+
+@triton_branches.register_fake
+def _triton_branches_fake(x, weights, packed, biases, stacked_bias, geometry, slot):
+    shape = (x.shape[0], sum(w.shape[0] for w in weights), *x.shape[2:])
+    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+
+
 class TritonConv(nn.Conv2d):
     """A stride-1 Conv2d (same parameters, same state-dict keys) run by crnet::triton_conv, with the ReLU of
     its input and, after its bias, a residual add and a ReLU as the caller asks."""
 
     @classmethod
     def of(cls, conv: nn.Conv2d) -> TritonConv:
-        if (
-            conv.stride != (1, 1)
-            or conv.groups != 1
-            or conv.padding_mode != "zeros"
-            or isinstance(conv.padding, str)
-        ):
-            raise ValueError(f"the Triton convolution takes plain stride-1 convolutions, not {conv}")
+        if not _keeps_size(conv) or conv.padding_mode != "zeros":
+            raise ValueError(f"the Triton convolution takes size-keeping stride-1 convolutions, not {conv}")
         twin = conv_twin(cls, conv)
         # The weight as the kernel reads it, made once like the fold's (later weight updates do not reach it).
         twin.register_buffer("packed", _pack(conv.weight), persistent=False)
@@ -127,27 +160,76 @@ class TritonResidualBranch(ResidualBranch):
         return self[3](first, skip, relu_in=True)
 
 
-class ReLUTritonConv(TritonConv):
-    """A TritonConv that applies its ReLU after the bias: an ASPP branch, its branch_relu inside."""
+class TritonASPP(ASPP):
+    """An ASPP (the same parameters, the same state-dict keys) whose hoisted terms compute its four pixel
+    branches as one crnet::triton_branches launch; its forward, which training and the paper's loop use, is
+    the ASPP's own."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x, relu_out=True)
+    @classmethod
+    def of(cls, aspp: ASPP) -> TritonASPP:
+        pool = aspp.image_pool
+        for branch in aspp.branches:
+            if (
+                type(branch) not in (nn.Conv2d, ConvReLU)
+                or not _keeps_size(branch)
+                or branch.kernel_size[0] > 3
+            ):
+                raise ValueError(f"the Triton ASPP takes size-keeping stride-1 convolutions, not {branch}")
+        with torch.device("meta"):  # no storage: the modules are aspp's
+            twin = cls(pool.in_channels, tuple(b.dilation[0] for b in aspp.branches[1:]), aspp.dropout)
+        twin.image_pool, twin.branches, twin.project = aspp.image_pool, aspp.branches, aspp.project
+        twin.branch_relu = aspp.branch_relu
+        # Every branch as a 3x3 kernel, tap-major: a 1x1 one is the centre tap, padding and dilation 1. Made
+        # once, like the fold's (later weight updates do not reach it).
+        stacked, geometry = [], []
+        for branch in aspp.branches:
+            weight = branch.weight.detach()
+            if branch.kernel_size == (1, 1):
+                weight = F.pad(weight, (1, 1, 1, 1))
+                geometry += [1, 1, 1, 1, 4, 1]
+            else:
+                geometry += [*branch.padding, *branch.dilation, 0, 9]
+            stacked.append(_pack(weight))
+        biases = torch.stack([b.bias.detach() for b in aspp.branches])
+        twin.register_buffer("packed", torch.stack(stacked), persistent=False)
+        twin.register_buffer("stacked_bias", biases, persistent=False)
+        twin.geometry, twin.slot = geometry, next(_SLOTS)
+        return twin.train(aspp.training)
+
+    def hoisted_terms(
+        self, x: torch.Tensor, pool_weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pool_bias = F.conv2d(F.relu(self.image_pool(ops.spatial_mean(x))), pool_weight, bias)
+        weights, biases = [b.weight for b in self.branches], [b.bias for b in self.branches]
+        branches = triton_branches(
+            x, weights, self.packed, biases, self.stacked_bias, self.geometry, self.slot
+        )
+        return branches, pool_bias
+
+
+def _keeps_size(conv: nn.Conv2d) -> bool:
+    return (
+        conv.stride == (1, 1)
+        and conv.groups == 1
+        and not isinstance(conv.padding, str)
+        and all(
+            2 * p == d * (k - 1)
+            for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size, strict=True)
+        )
+    )
 
 
 def triton_head(model: nn.Module) -> nn.Module:
-    """Run the refinement loop's 3x3 convolutions of `model` as Triton kernels, in place; an inference
-    transform like folding (after conv_epilogues.fuse_conv_epilogues where both are). Returns the model."""
+    """Run the refinement loop's 3x3 convolutions and ASPP branches of `model` as Triton kernels, in place; an
+    inference transform like folding (after conv_epilogues.fuse_conv_epilogues where both are). Returns the
+    model."""
     for module in list(model.modules()):
         if isinstance(module, Refinement):
             for name in ("feedback", "residual2", "residual3"):
                 setattr(module, name, TritonResidualBranch.of(getattr(module, name)))
-        elif isinstance(module, ASPP):
-            if not all(type(b) in (nn.Conv2d, ConvReLU) for b in module.branches):
-                raise ValueError("the Triton head takes the ASPP's own convolutions (not banded ones)")
-            relu_in_branch = isinstance(module.branches[0], ConvReLU)
-            module.branches = nn.ModuleList(
-                ReLUTritonConv.of(b) if b.kernel_size != (1, 1) or not relu_in_branch else b
-                for b in module.branches
-            )
-            module.branch_relu = nn.Identity()
+            if type(module.aspp) is not ASPP:
+                raise ValueError(
+                    f"the Triton head takes the ASPP as the model builds it, not {type(module.aspp)}"
+                )
+            module.aspp = TritonASPP.of(module.aspp)
     return model

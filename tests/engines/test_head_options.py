@@ -10,7 +10,7 @@ import torch
 
 from crnet.engines import RuntimeSpec, RuntimeUnavailable, open_runtime
 from crnet.engines.torch_runtime import TorchRuntime
-from crnet.engines.triton_head import TritonConv, TritonResidualBranch, triton_head
+from crnet.engines.triton_head import TritonASPP, TritonConv, TritonResidualBranch, triton_head
 from crnet.model.concurrent_aspp import ConcurrentASPP, concurrent_aspp
 from crnet.model.conv_epilogues import fuse_conv_epilogues
 from tests.model.test_conv_epilogues import folded_micro
@@ -25,8 +25,7 @@ def concurrent_in_place(model, epilogues: bool) -> None:
 def triton_in_place(model, epilogues: bool) -> None:
     refinement = model.refinement
     assert all(isinstance(getattr(refinement, n), TritonResidualBranch) for n in ("residual2", "feedback"))
-    assert all(isinstance(b, TritonConv) for b in refinement.aspp.branches[1:])
-    assert isinstance(refinement.aspp.branches[0], TritonConv) != epilogues  # cuDNN's 1x1 kept where fused
+    assert isinstance(refinement.residual3[1], TritonConv) and type(refinement.aspp) is TritonASPP
 
 
 # option: (transform, the runtime's keyword, a check of where the transform put its modules)

@@ -13,7 +13,14 @@ import torch
 
 from crnet.engines import DEPLOYED_GPU, RuntimeSpec, RuntimeUnavailable, open_runtime
 from crnet.engines.torch_runtime import TorchRuntime
-from crnet.engines.triton_head import TritonConv, TritonResidualBranch, triton_conv
+from crnet.engines.triton_head import (
+    TritonASPP,
+    TritonConv,
+    TritonResidualBranch,
+    triton_branches,
+    triton_conv,
+)
+from crnet.model.refinement import ASPP
 from tests.engines.test_runtimes import episode
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -55,6 +62,28 @@ INTERPRETED = textwrap.dedent(
                 "split": config.split,
                 "counters": int(tc._COUNTERS[torch.device("cpu")].abs().sum()),
             })
+
+    # The ASPP's four pixel branches in one launch: a 1x1 (the centre tap) and dilations 2, 6 and 9, each
+    # into its channels of the concatenation, against the ASPP's own terms in float64.
+    from crnet.engines.triton_head import TritonASPP
+    from crnet.model.refinement import ASPP
+
+    torch.manual_seed(0)
+    aspp = ASPP(32, (2, 6, 9)).eval()
+    twin = TritonASPP.of(aspp)
+    geometries = [tuple(twin.geometry[i : i + 6]) for i in range(0, 24, 6)]
+    x = torch.randn(2, 32, 11, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = aspp.double().hoisted_terms(x.double(), torch.zeros(32, 32, 1, 1).double(), None)[0]
+    for config in (tc.CONFIGS[0], tc.CONFIGS[2], tc.CONFIGS[4]):
+        got = tc.branches_nhwc(x, twin.packed.float(), twin.stacked_bias.float(), None, (3, 3), geometries,
+                               False, True, slot=4, config=config)
+        results.append({
+            "error": (got.double() - ref).abs().max().item(),
+            "channels_last": got.is_contiguous(memory_format=torch.channels_last),
+            "split": config.split,
+            "counters": int(tc._COUNTERS[torch.device("cpu")].abs().sum()),
+        })
     print(json.dumps(results))
     """
 )
@@ -68,7 +97,7 @@ def test_the_kernel_in_tritons_interpreter_is_the_convolution() -> None:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 4 * len(CASES) and {r["split"] for r in results} == {1, 2, 3, 4}
+    assert len(results) == 4 * len(CASES) + 3 and {r["split"] for r in results} == {1, 2, 3, 4}
     for result in results:
         assert result["error"] < 1e-5  # FP32 products summed in FP32, against float64
         assert result["channels_last"]
@@ -93,6 +122,10 @@ def test_the_op_and_its_fake_agree() -> None:
             conv.slot,
         )
         torch.library.opcheck(triton_conv, args)
+    aspp = TritonASPP.of(ASPP(8, (2, 3, 4)).eval())
+    weights, biases = [b.weight.detach() for b in aspp.branches], [b.bias.detach() for b in aspp.branches]
+    args = (x, weights, aspp.packed, biases, aspp.stacked_bias, aspp.geometry, aspp.slot)
+    torch.library.opcheck(triton_branches, args)
 
 
 @pytest.mark.cuda
@@ -114,6 +147,32 @@ def test_every_configuration_on_cuda_is_the_convolution(config) -> None:
         got = tc.conv2d_nhwc(
             x, tc.pack_weight(conv.weight), conv.bias, residual, (3, 3), (12, 12), (12, 12), True, True,
             slot=5, config=tc.CONFIGS[config],
+        )  # fmt: skip
+        torch.cuda.synchronize()
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+    assert int(tc._COUNTERS[got.device].abs().sum()) == 0
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("config", range(9), ids=lambda i: f"config{i}")
+def test_the_aspps_four_branches_in_one_launch_on_cuda(config) -> None:
+    """The r50 ASPP's 1x1 and dilated (6, 12, 18) branches, FP16 channels-last, each tile and split."""
+    pytest.importorskip("triton")
+    from crnet.engines import triton_conv as tc
+
+    torch.manual_seed(0)
+    aspp = ASPP(256, (6, 12, 18)).cuda().half().eval()
+    twin = TritonASPP.of(aspp)
+    geometries = [tuple(twin.geometry[i : i + 6]) for i in range(0, 24, 6)]
+    x = torch.randn(1, 256, 41, 41, device="cuda", dtype=torch.half).contiguous(
+        memory_format=torch.channels_last
+    )
+    with torch.inference_mode():
+        expected = aspp.hoisted_terms(x, aspp.project.weight[:, :256], None)[0]
+        got = tc.branches_nhwc(
+            x, twin.packed, twin.stacked_bias, None, (3, 3), geometries, False, True, slot=6,
+            config=tc.CONFIGS[config],
         )  # fmt: skip
         torch.cuda.synchronize()
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
