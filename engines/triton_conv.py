@@ -9,7 +9,9 @@ parts gives S times as many tiles at work at once; the last part to finish a til
 fixed order, so the result does not depend on which part finished last) and applies the epilogue. No
 second kernel, no zeroing: a per-tile counter, reset by that last part, says which part is last. And the
 residual blocks' ReLU-then-convolution and convolution-plus-skip become two kernels per block, with no
-elementwise pass between them.
+elementwise pass between them. A tile skips the rows of taps that read only zero padding for all its pixels
+(the outer rows of the ASPP's wide dilations, near the map's top and bottom), and several convolutions of
+one map (the ASPP's branches) run as one launch, each writing its channels of one output.
 
 The split and the tile shape are chosen per convolution shape by timing each candidate once on the GPU, on
 the first call (a warm-up, before any CUDA graph capture), as Triton's autotuner would; `+triton-head`
@@ -93,14 +95,27 @@ def _conv_kernel(
     m_ok = rm < M
     n_ok = rn < OC
 
+    # The tile's rows of taps that read the map for at least one of its pixels: a wide dilation's outer rows
+    # read only padding for tiles near the map's top or bottom, and are skipped (rows of taps are contiguous
+    # runs of steps, so this only narrows the loop). A tile across two images keeps every row.
+    row_first = (pid_m * BM) // WO
+    row_last = (tl.minimum(pid_m * BM + BM, M) - 1) // WO
+    one_image = row_first // HO == row_last // HO
+    oh_min = tl.where(one_image, row_first % HO, 0)
+    oh_max = tl.where(one_image, row_last % HO, HO - 1)
+    ky_first = tl.where(pad_h > oh_max, (pad_h - oh_max + dil_h - 1) // dil_h, 0)
+    ky_last = tl.minimum(TAPS // KW - 1, (H - 1 - oh_min + pad_h) // dil_h)
+    tap_first = tl.maximum(first_tap, ky_first * KW)
+    tap_end = tl.maximum(tap_first, tl.minimum(first_tap + taps, (ky_last + 1) * KW))
+
     c_steps = tl.cdiv(C, BK)
-    steps = taps * c_steps
+    steps = (tap_end - tap_first) * c_steps
     per_part = tl.cdiv(steps, SPLIT)
     first = part * per_part
     last = tl.minimum(first + per_part, steps)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for step in range(first, last):
-        tap = first_tap + step // c_steps
+        tap = tap_first + step // c_steps
         cc = (step % c_steps) * BK + rk
         ih = oh - pad_h + (tap // KW) * dil_h
         iw = ow - pad_w + (tap % KW) * dil_w

@@ -31,6 +31,8 @@ CASES = [
     (2, 32, 48, 9, 7, 3, 2, True, True, True, True, "NHWC"),  # everything, out channels past one tile
     (1, 64, 32, 11, 11, 3, 6, False, True, False, False, "NHWC"),  # wide dilation, no bias
     (2, 24, 32, 5, 5, 1, 1, True, False, True, True, "NCHW"),  # 1x1, channels short of a step, NCHW in
+    (2, 32, 32, 30, 4, 3, 12, False, True, False, True, "NHWC"),  # tiles whose outer tap rows read padding
+    (1, 16, 32, 14, 64, 3, 6, True, False, False, True, "NHWC"),  # tiles of exactly one row, at the edges
 ]
 # Checked in a process of its own: TRITON_INTERPRET must be set before the kernel is defined.
 INTERPRETED = textwrap.dedent(
