@@ -110,7 +110,8 @@ def forms(conv: nn.Conv2d, branches: list[nn.Conv2d], compile: bool, cuda: bool)
         def own_streams(x):
             return list(aspp_terms(x, *terms)[0].chunk(3, dim=1))
 
-        from crnet.engines.triton_conv import branches_nhwc, conv2d_nhwc, pack_weight
+        from crnet.engines.triton_conv import branches_nhwc, conv2d_nhwc
+        from crnet.engines.triton_head import pack_weight
 
         # Names of their own: the closures above read `stacked` and `stacked_bias` when called.
         packed_one, packed_three = (

@@ -275,7 +275,7 @@ def conv2d_nhwc(
     config: Config | None = None,
 ) -> torch.Tensor:
     """relu?(conv2d(relu?(x), weight) + bias + residual), stride 1, channels-last out; `packed` is the
-    weight as (KH * KW * C, OC) rows, tap-major (pack_weight). `slot` keeps the split counters of
+    weight as (KH * KW * C, OC) rows, tap-major (triton_head.pack_weight). `slot` keeps the split counters of
     convolutions that may run at the same time apart; `config` overrides the timed choice (tests)."""
     if any(2 * pad != d * (k - 1) for pad, d, k in zip(padding, dilation, kernel, strict=True)):
         raise ValueError(f"the Triton convolution keeps the map's size: padding {padding} with {kernel}")
@@ -375,8 +375,3 @@ def _choose(key, configs, launch, parts_for, device) -> Config:
 def _nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     """(n, h, w, c) element strides of an (N, C, H, W) tensor, whatever its memory layout."""
     return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(OC, C, KH, KW) -> (KH * KW * C, OC): the GEMM's right-hand matrix, a tap's channels together."""
-    return weight.detach().permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()

@@ -43,7 +43,7 @@ def triton_conv(
     slot: int,
 ) -> torch.Tensor:
     """relu?(conv2d(relu?(x), weight, bias, stride 1) + residual), channels-last; `packed` is the weight as
-    triton_conv.pack_weight lays it out, read by the CUDA kernel. Off CUDA, plain PyTorch."""
+    pack_weight lays it out, read by the CUDA kernel. Off CUDA, plain PyTorch."""
     x = F.relu(x) if relu_in else x
     out = F.conv2d(x, weight, bias, 1, padding, dilation)
     out = out + residual if residual is not None else out
@@ -115,7 +115,7 @@ class TritonConv(nn.Conv2d):
             raise ValueError(f"the Triton convolution takes size-keeping stride-1 convolutions, not {conv}")
         twin = conv_twin(cls, conv)
         # The weight as the kernel reads it, made once like the fold's (later weight updates do not reach it).
-        twin.register_buffer("packed", _pack(conv.weight), persistent=False)
+        twin.register_buffer("packed", pack_weight(conv.weight), persistent=False)
         twin.slot = next(_SLOTS)
         return twin
 
@@ -133,8 +133,9 @@ class TritonConv(nn.Conv2d):
         )
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """triton_conv.pack_weight, spelled here so that the module imports without Triton."""
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(OC, C, KH, KW) -> (KH * KW * C, OC): the GEMM's right-hand matrix the kernel reads, a tap's channels
+    together (here, not in triton_conv.py, so that the transform runs where Triton is not installed)."""
     return weight.detach().permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
 
 
@@ -189,7 +190,7 @@ class TritonASPP(ASPP):
                 geometry += [1, 1, 1, 1, 4, 1]
             else:
                 geometry += [*branch.padding, *branch.dilation, 0, 9]
-            stacked.append(_pack(weight))
+            stacked.append(pack_weight(weight))
         biases = torch.stack([b.bias.detach() for b in aspp.branches])
         twin.register_buffer("packed", torch.stack(stacked), persistent=False)
         twin.register_buffer("stacked_bias", biases, persistent=False)

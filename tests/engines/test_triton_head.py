@@ -17,6 +17,7 @@ from crnet.engines.triton_head import (
     TritonASPP,
     TritonConv,
     TritonResidualBranch,
+    pack_weight,
     triton_branches,
     triton_conv,
 )
@@ -40,6 +41,7 @@ INTERPRETED = textwrap.dedent(
     import json, sys
     import torch, torch.nn.functional as F
     from crnet.engines import triton_conv as tc
+    from crnet.engines.triton_head import pack_weight
 
     results = []
     for case in json.loads(sys.argv[1]):
@@ -56,7 +58,7 @@ INTERPRETED = textwrap.dedent(
         ref = ref + r.double() if r is not None else ref
         ref = ref.relu() if relu_out else ref
         for config in tc.CONFIGS[:4]:  # 64x64 split 1, 2 and 4; 32x64 split 2
-            got = tc.conv2d_nhwc(x, tc.pack_weight(weight), b, r, (k, k), (p, p), (d, d), relu_in, relu_out,
+            got = tc.conv2d_nhwc(x, pack_weight(weight), b, r, (k, k), (p, p), (d, d), relu_in, relu_out,
                                  slot=3, config=config)
             results.append({
                 "error": (got.double() - ref).abs().max().item(),
@@ -148,7 +150,7 @@ def test_every_configuration_on_cuda_is_the_convolution() -> None:
     for config in tc.CONFIGS:
         with torch.inference_mode():
             got = tc.conv2d_nhwc(
-                x, tc.pack_weight(conv.weight), conv.bias, residual, (3, 3), (12, 12), (12, 12), True, True,
+                x, pack_weight(conv.weight), conv.bias, residual, (3, 3), (12, 12), (12, 12), True, True,
                 slot=5, config=config,
             )  # fmt: skip
             torch.cuda.synchronize()
