@@ -112,6 +112,48 @@ def test_the_kernel_in_tritons_interpreter_is_the_convolution() -> None:
         assert result["counters"] == 0  # every split tile's last part reset its counter
 
 
+# What the launcher's arguments look like to Triton's JIT: FP16 maps, FP32 split parts, int32 counters and
+# geometry, pointers and the channel-sized numbers 16-aligned (256 channels).
+POINTERS = {"x_ptr": "*fp16", "w_ptr": "*fp16", "bias_ptr": "*fp16", "res_ptr": "*fp16", "out_ptr": "*fp16"}
+POINTERS |= {"part_ptr": "*fp32", "count_ptr": "*i32", "geometry_ptr": "*i32"}
+ALIGNED = {"C", "OC", "sxn", "sxh", "sxw", "srn", "srh", "srw", "son", "soh", "sow"}
+
+
+def test_every_candidate_compiles_for_hopper() -> None:
+    """Triton's own compiler, to sm_90 machine code, on a CPU: what the interpreter cannot see (types,
+    layouts, shared memory); each tile with a full epilogue and each epilogue with one split tile. Hopper's
+    tensor-core instructions (wgmma; mma.sync for 32-row tiles) and asynchronous copies (cp.async) must be
+    in the code."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from crnet.engines import triton_conv as tc
+
+    params = list(inspect.signature(tc._conv_kernel.fn).parameters)
+    signature = {p: POINTERS.get(p, "i32") for p in params}
+    attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params if p in POINTERS or p in ALIGNED}
+    flags = [(True, True, False), (False, False, True), (True, False, True), (False, True, False)]
+    builds = [(config, flags[2]) for config in tc.CONFIGS] + [(tc.CONFIGS[1], f) for f in flags]
+    for config, (relu_in, has_res, relu_out) in builds:
+        constexprs = dict(TAPS=9, KW=3, HAS_BIAS=True, HAS_RES=has_res, RELU_IN=relu_in, RELU_OUT=relu_out)
+        constexprs |= dict(IEEE=False, BM=config.bm, BN=config.bn, BK=config.bk, SPLIT=config.split)
+        source = ASTSource(
+            fn=tc._conv_kernel,
+            signature={p: "constexpr" if p in constexprs else t for p, t in signature.items()},
+            constexprs={(params.index(k),): v for k, v in constexprs.items()},
+            attrs=attrs,
+        )
+        options = {"num_warps": config.warps, "num_stages": config.stages}
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        ptx = kernel.asm["ptx"]
+        tensor_cores = "wgmma" in ptx if config.bm >= 64 else "mma.sync" in ptx  # a warpgroup's is 64 rows
+        assert tensor_cores and "cp.async" in ptx, (config, relu_in, has_res, relu_out)
+        assert kernel.metadata.shared <= 227 * 1024  # an H100's or H200's shared memory per block
+
+
 def test_the_op_and_its_fake_agree() -> None:
     torch.manual_seed(0)
     conv = TritonConv.of(torch.nn.Conv2d(8, 6, 3, padding=2, dilation=2))
