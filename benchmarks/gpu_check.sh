@@ -87,6 +87,7 @@ fi
 [[ -n ${CHECK_TESTS:-} ]] && read -ra TESTS <<<"$CHECK_TESTS"
 COMPILED=("${ROWS[@]}")
 python3 -c "import sys, torch; print(sys.executable, 'torch', torch.__version__)" | tee -a "$LOG"
+python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1 | tee -a "$LOG"
 
 step build
 # `pip` may belong to another python than `python3` (so it was on the H100 image): always python3 -m pip.
