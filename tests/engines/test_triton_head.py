@@ -96,7 +96,7 @@ INTERPRETED = textwrap.dedent(
 def test_the_kernel_in_tritons_interpreter_is_the_convolution() -> None:
     triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
     if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
-        # Seen with 3.6.0 (CUDA torch 2.11's): the compiled kernel is the CUDA tests' to check there.
+        # Seen with 3.6.0: there the compiled kernel is the CUDA tests' (and the sm_90 build's) to check.
         version = triton.__version__
         pytest.skip(f"Triton {version}'s interpreter runs no loop bounded by a program id (3.7's does)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
