@@ -122,10 +122,10 @@ def forms(conv: nn.Conv2d, branches: list[nn.Conv2d], compile: bool, cuda: bool)
         geometries = [(d, d, d, d, 0, 9) for d in DILATIONS]
 
         def triton_one(x):
-            return conv2d_nhwc(x, packed_one, conv.bias, None, (3, 3), (1, 1), (1, 1), False, True, slot=0)
+            return conv2d_nhwc(x, packed_one, conv.bias, None, (3, 3), (1, 1), (1, 1), True, slot=0)[0]
 
         def triton_branches(x):  # one launch, each branch into its channels of one output
-            out = branches_nhwc(x, packed_three, bias_three, None, (3, 3), geometries, False, True, slot=1)
+            out = branches_nhwc(x, packed_three, bias_three, None, (3, 3), geometries, True, slot=1)[0]
             return list(out.chunk(3, dim=1))
 
         table[f"{one}: Triton, split by timing"] = (triton_one, [0], "one", None)

@@ -1,6 +1,7 @@
 """The refinement head's convolutions as one Triton kernel each: implicit GEMM over channels-last maps, the
-ReLU before the convolution and the bias, residual add and ReLU after it inside the same kernel, and the
-reduction split over the taps where the map is too small to fill the GPU.
+bias, residual add and ReLU after it inside the same kernel (and, where asked, a ReLU'd copy of the output
+for the next block to read), and the reduction split over the taps where the map is too small to fill the
+GPU.
 
 Why: at batch 1 the r50 head's 3x3 convolutions (256 to 256 channels on a 41x41 map) ran on the H200 as
 cuDNN kernels of 64x64 tiles: 108 tiles for 132 SMs, one after another along the 2304-long reduction,
@@ -8,10 +9,10 @@ about 9 microseconds each, 36 of them per episode (docs/BENCHMARKS.md). Splittin
 parts gives S times as many tiles at work at once; the last part to finish a tile adds the parts up (in a
 fixed order, so the result does not depend on which part finished last) and applies the epilogue. No
 second kernel, no zeroing: a per-tile counter, reset by that last part, says which part is last. And the
-residual blocks' ReLU-then-convolution and convolution-plus-skip become two kernels per block, with no
-elementwise pass between them. A tile skips the rows of taps that read only zero padding for all its pixels
-(the outer rows of the ASPP's wide dilations, near the map's top and bottom), and several convolutions of
-one map (the ASPP's branches) run as one launch, each writing its channels of one output.
+residual blocks become two kernels each, with no elementwise pass between them. A tile skips the rows of
+taps that read only zero padding for all its pixels (the outer rows of the ASPP's wide dilations, near the
+map's top and bottom), and several convolutions of one map (the ASPP's branches) run as one launch, each
+writing its channels of one output.
 
 The split and the tile shape are chosen per convolution shape by timing each candidate once on the GPU, on
 the first call (a warm-up, before any CUDA graph capture), as Triton's autotuner would; `+triton-head`
@@ -37,6 +38,7 @@ def _conv_kernel(
     bias_ptr,
     res_ptr,
     out_ptr,
+    copy_ptr,
     part_ptr,
     count_ptr,
     geometry_ptr,
@@ -63,18 +65,20 @@ def _conv_kernel(
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
-    RELU_IN: tl.constexpr,
     RELU_OUT: tl.constexpr,
+    RELU_COPY: tl.constexpr,
     IEEE: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    """Branch b's out[m, b * OC + o] = epilogue(sum over its taps t and channels c of
-    prologue(x[pixel m moved by t, c]) * w[b, t, c, o]) for output pixels m = (n, oh, ow); program
-    (tile, part, branch) sums its part of the branch's steps. Each branch's geometry is six numbers:
-    padding (h, w), dilation (h, w), first tap and number of taps (of a KH x KW kernel, row-major)."""
+    """Branch b's out[m, b * OC + o] = epilogue(sum over its taps t and channels c of x[pixel m moved by t, c]
+    * w[b, t, c, o]) for output pixels m = (n, oh, ow), and with RELU_COPY relu(out) into `copy` too;
+    program (tile, part, branch) sums its part of the branch's steps. Each branch's geometry is six numbers:
+    padding (h, w), dilation (h, w), first tap and number of taps (of a KH x KW kernel, row-major).
+    No ReLU is applied to x as it is read: an elementwise change of the left operand between loads and
+    tensor cores makes ptxas serialize Hopper's wgmma (warning C7515); the caller passes relu(x) instead."""
     tile = tl.program_id(0)
     part = tl.program_id(1)
     branch = tl.program_id(2)
@@ -123,14 +127,9 @@ def _conv_kernel(
         c_ok = cc < C
         a_ptrs = x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (cc * sxc)[None, :]
         a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0)
-        if RELU_IN:
-            a = tl.where(a > 0, a, tl.zeros_like(a))
         b_ptrs = w_ptr + ((tap * C + cc) * OC)[:, None] + rn[None, :]
         b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+        acc = tl.dot(a, b, acc, input_precision="ieee" if IEEE else None)  # FP32 exact; FP16 as is
 
     ok = m_ok[:, None] & n_ok[None, :]
     rc = branch * OC + rn  # the branch's channels of the output (and of the residual)
@@ -148,11 +147,11 @@ def _conv_kernel(
             for p in range(SPLIT):
                 acc += tl.load(part_ptrs + p * M * OC, mask=ok, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
-            _epilogue(acc, bias_ptr, res_ptr, out_ptr, rn, rc, n, oh, ow, ok, n_ok, srn, srh, srw, src, son,
-                      soh, sow, soc, HAS_BIAS, HAS_RES, RELU_OUT)  # fmt: skip
+            _epilogue(acc, bias_ptr, res_ptr, out_ptr, copy_ptr, rn, rc, n, oh, ow, ok, n_ok, srn, srh, srw,
+                      src, son, soh, sow, soc, HAS_BIAS, HAS_RES, RELU_OUT, RELU_COPY)  # fmt: skip
     else:
-        _epilogue(acc, bias_ptr, res_ptr, out_ptr, rn, rc, n, oh, ow, ok, n_ok, srn, srh, srw, src, son, soh,
-                  sow, soc, HAS_BIAS, HAS_RES, RELU_OUT)  # fmt: skip
+        _epilogue(acc, bias_ptr, res_ptr, out_ptr, copy_ptr, rn, rc, n, oh, ow, ok, n_ok, srn, srh, srw, src,
+                  son, soh, sow, soc, HAS_BIAS, HAS_RES, RELU_OUT, RELU_COPY)  # fmt: skip
 
 
 @triton.jit
@@ -161,6 +160,7 @@ def _epilogue(
     bias_ptr,
     res_ptr,
     out_ptr,
+    copy_ptr,
     rn,
     rc,
     n,
@@ -179,8 +179,10 @@ def _epilogue(
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     RELU_OUT: tl.constexpr,
+    RELU_COPY: tl.constexpr,
 ):
-    """relu?(acc + bias + residual) in FP32, rounded once into the output's channels rc."""
+    """relu?(acc + bias + residual) in FP32, rounded once into the output's channels rc (and its ReLU into
+    the copy's, which has the output's strides)."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
@@ -188,8 +190,10 @@ def _epilogue(
         acc += tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)
     if RELU_OUT:
         acc = tl.maximum(acc, 0.0)
-    o_ptrs = out_ptr + (n * son + oh * soh + ow * sow)[:, None] + (rc * soc)[None, :]
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    offsets = (n * son + oh * soh + ow * sow)[:, None] + (rc * soc)[None, :]
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    if RELU_COPY:
+        tl.store(copy_ptr + offsets, tl.maximum(acc, 0.0).to(copy_ptr.dtype.element_ty), mask=ok)
 
 
 @dataclass(frozen=True)
@@ -213,12 +217,12 @@ SMALL_MAP_CONFIGS = [
     Config(64, 64, 64, 2, 4, 3),
     Config(64, 64, 64, 4, 4, 3),
     Config(32, 64, 64, 2, 4, 3),
-    Config(64, 128, 64, 1, 4, 3),
+    Config(64, 128, 64, 1, 8, 3),
 ]
 LARGE_MAP_CONFIGS = [
     Config(64, 64, 64, 1, 4, 3),
-    Config(64, 128, 64, 1, 4, 3),
-    Config(128, 64, 64, 1, 4, 3),
+    Config(64, 128, 64, 1, 8, 3),
+    Config(128, 64, 64, 1, 8, 3),
 ]
 CONFIGS = list(dict.fromkeys(SMALL_MAP_CONFIGS + LARGE_MAP_CONFIGS))
 SMALL_BELOW = 2  # a map is small when its 64x64 tiles are fewer than twice the SMs
@@ -269,12 +273,13 @@ def conv2d_nhwc(
     kernel: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    relu_in: bool,
     relu_out: bool,
+    relu_copy: bool = False,
     slot: int = 0,
     config: Config | None = None,
-) -> torch.Tensor:
-    """relu?(conv2d(relu?(x), weight) + bias + residual), stride 1, channels-last out; `packed` is the
+) -> list[torch.Tensor]:
+    """[relu?(conv2d(x, weight) + bias + residual)], stride 1, channels-last, and its ReLU with `relu_copy`
+    (the next residual block's input, written by the same epilogue); `packed` is the
     weight as (KH * KW * C, OC) rows, tap-major (triton_head.pack_weight). `slot` keeps the split counters of
     convolutions that may run at the same time apart; `config` overrides the timed choice (tests)."""
     if any(2 * pad != d * (k - 1) for pad, d, k in zip(padding, dilation, kernel, strict=True)):
@@ -282,7 +287,10 @@ def conv2d_nhwc(
     taps = kernel[0] * kernel[1]
     geometry = (*padding, *dilation, 0, taps)
     bias = None if bias is None else bias[None]
-    return branches_nhwc(x, packed[None], bias, residual, kernel, [geometry], relu_in, relu_out, slot, config)
+    geometries = [geometry]
+    return branches_nhwc(
+        x, packed[None], bias, residual, kernel, geometries, relu_out, relu_copy, slot, config
+    )
 
 
 def branches_nhwc(
@@ -292,15 +300,15 @@ def branches_nhwc(
     residual: torch.Tensor | None,
     kernel: tuple[int, int],
     geometries: list[tuple[int, ...]],
-    relu_in: bool,
     relu_out: bool,
+    relu_copy: bool = False,
     slot: int = 0,
     config: Config | None = None,
-) -> torch.Tensor:
+) -> list[torch.Tensor]:
     """Several convolutions of one map in one launch, their outputs concatenated along the channels: branch b
     with weight packed[b] (KH * KW * C, OC), bias[b], and geometry (padding h, w, dilation h, w, first tap,
     taps). Every branch must keep the map's size (a 1x1 convolution is the centre tap of a 3x3 one with
-    padding and dilation 1)."""
+    padding and dilation 1). Returns [out], or [out, relu(out)] with `relu_copy`."""
     batch, channels, height, width = x.shape
     count, _, out_channels = packed.shape
     out = torch.empty(
@@ -309,9 +317,11 @@ def branches_nhwc(
         device=x.device,
         memory_format=torch.channels_last,
     )
+    copy = torch.empty_like(out) if relu_copy else None
+    outputs = [out] if copy is None else [out, copy]
     pixels = batch * height * width
     if pixels == 0:
-        return out
+        return outputs
     key = (
         tuple(x.shape),
         count,
@@ -321,6 +331,7 @@ def branches_nhwc(
         x.dtype,
         x.device,
         residual is None,
+        relu_copy,
     )
     counters = _counters(x.device, slot)
     geometry = _geometry(tuple(v for g in geometries for v in g), x.device)
@@ -329,12 +340,12 @@ def branches_nhwc(
         grid = (_tiles(config, pixels, out_channels), config.split, count)
         res = residual if residual is not None else out
         _conv_kernel[grid](
-            x, packed, bias if bias is not None else packed, res, out,
+            x, packed, bias if bias is not None else packed, res, out, copy if copy is not None else out,
             parts if parts is not None else out, counters, geometry,
             height, width, channels, out_channels, height, width, pixels,
             *_nhwc_strides(x), *_nhwc_strides(res), *_nhwc_strides(out),
             TAPS=kernel[0] * kernel[1], KW=kernel[1], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-            RELU_IN=relu_in, RELU_OUT=relu_out, IEEE=x.dtype == torch.float32,
+            RELU_OUT=relu_out, RELU_COPY=relu_copy, IEEE=x.dtype == torch.float32,
             BM=config.bm, BN=config.bn, BK=config.bk, SPLIT=config.split,
             num_warps=config.warps, num_stages=config.stages,
         )  # fmt: skip
@@ -350,7 +361,7 @@ def branches_nhwc(
         configs = candidates(pixels, out_channels, count, x.device)
         config = _choose(key, configs, launch, parts_for, x.device)
     launch(config, parts_for(config))
-    return out
+    return outputs
 
 
 def _choose(key, configs, launch, parts_for, device) -> Config:

@@ -1,9 +1,11 @@
 """`+triton-head`: the refinement loop's convolutions as the Triton kernels of triton_conv.py, for inference
 on CUDA. What changes, per iteration of the hoisted loop (crnet/model/refinement.py):
 
-- each residual block, relu(h) -> conv -> relu -> conv -> + h, is two kernels: the first convolution reads
-  relu(h) and writes its ReLU'd output, the second adds its bias and h in its epilogue;
-- the feedback block's second convolution reads relu of the first one's output and adds X;
+- each residual block, relu(h) -> conv -> relu -> conv -> + h, is two kernels: the first convolution
+  writes its ReLU'd output, the second adds its bias and h in its epilogue and writes the block's output
+  twice, as it is (the next skip) and ReLU'd (the next block's input): no elementwise pass between blocks;
+- the feedback block's second convolution adds X the same way (the ReLU of its input is inductor's, fused
+  with the add that makes that input);
 - the ASPP's four pixel branches (the 1x1 as the centre tap of a 3x3) are one kernel launch, every
   branch's tiles at once, each writing its ReLU'd output straight into its channels of the concatenation
   the projection reads: no stream to fork, no copy to concatenate.
@@ -38,36 +40,31 @@ def triton_conv(
     residual: torch.Tensor | None,
     padding: list[int],
     dilation: list[int],
-    relu_in: bool,
     relu_out: bool,
+    relu_copy: bool,
     slot: int,
-) -> torch.Tensor:
-    """relu?(conv2d(relu?(x), weight, bias, stride 1) + residual), channels-last; `packed` is the weight as
-    pack_weight lays it out, read by the CUDA kernel. Off CUDA, plain PyTorch."""
-    x = F.relu(x) if relu_in else x
+) -> list[torch.Tensor]:
+    """[out = relu?(conv2d(x, weight, bias, stride 1) + residual)], and relu(out) too with `relu_copy`,
+    channels-last; `packed` is the weight as pack_weight lays it out, read by the CUDA kernel. Off CUDA,
+    plain PyTorch."""
     out = F.conv2d(x, weight, bias, 1, padding, dilation)
     out = out + residual if residual is not None else out
-    return (F.relu(out) if relu_out else out).contiguous(memory_format=torch.channels_last)
+    out = (F.relu(out) if relu_out else out).contiguous(memory_format=torch.channels_last)
+    return [out, F.relu(out)] if relu_copy else [out]
 
 
 @triton_conv.register_kernel("cuda")
-def _triton_conv_cuda(x, weight, packed, bias, residual, padding, dilation, relu_in, relu_out, slot):
+def _triton_conv_cuda(x, weight, packed, bias, residual, padding, dilation, relu_out, relu_copy, slot):
     from crnet.engines.triton_conv import conv2d_nhwc
 
-    kernel = tuple(weight.shape[2:])
-    return conv2d_nhwc(
-        x, packed, bias, residual, kernel, tuple(padding), tuple(dilation), relu_in, relu_out, slot
-    )
+    kernel, padding, dilation = tuple(weight.shape[2:]), tuple(padding), tuple(dilation)
+    return conv2d_nhwc(x, packed, bias, residual, kernel, padding, dilation, relu_out, relu_copy, slot)
 
 
 @triton_conv.register_fake
-def _triton_conv_fake(x, weight, packed, bias, residual, padding, dilation, relu_in, relu_out, slot):
-    height, width = (
-        size + 2 * pad - dil * (k - 1)
-        for size, pad, dil, k in zip(x.shape[2:], padding, dilation, weight.shape[2:], strict=True)
-    )
-    shape = (x.shape[0], weight.shape[0], height, width)
-    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+def _triton_conv_fake(x, weight, packed, bias, residual, padding, dilation, relu_out, relu_copy, slot):
+    shape = (x.shape[0], weight.shape[0], *x.shape[2:])  # the convolutions keep the map's size
+    return [x.new_empty(shape).contiguous(memory_format=torch.channels_last) for _ in range(1 + relu_copy)]
 
 
 @torch.library.custom_op("crnet::triton_branches", mutates_args=())
@@ -96,7 +93,7 @@ def _triton_branches_cuda(x, weights, packed, biases, stacked_bias, geometry, sl
     from crnet.engines.triton_conv import branches_nhwc
 
     geometries = [tuple(geometry[i : i + 6]) for i in range(0, len(geometry), 6)]
-    return branches_nhwc(x, packed, stacked_bias, None, (3, 3), geometries, False, True, slot)
+    return branches_nhwc(x, packed, stacked_bias, None, (3, 3), geometries, True, False, slot)[0]
 
 
 @triton_branches.register_fake
@@ -106,8 +103,8 @@ def _triton_branches_fake(x, weights, packed, biases, stacked_bias, geometry, sl
 
 
 class TritonConv(nn.Conv2d):
-    """A stride-1 Conv2d (same parameters, same state-dict keys) run by crnet::triton_conv, with the ReLU of
-    its input and, after its bias, a residual add and a ReLU as the caller asks."""
+    """A size-keeping stride-1 Conv2d (same parameters, same state-dict keys) run by crnet::triton_conv, with
+    a residual add and a ReLU after its bias, and a ReLU'd copy of its output, as the caller asks."""
 
     @classmethod
     def of(cls, conv: nn.Conv2d) -> TritonConv:
@@ -124,12 +121,13 @@ class TritonConv(nn.Conv2d):
         x: torch.Tensor,
         residual: torch.Tensor | None = None,
         *,
-        relu_in: bool = False,
         relu_out: bool = False,
-    ) -> torch.Tensor:
+        relu_copy: bool = False,
+    ) -> list[torch.Tensor]:
         padding, dilation = list(self.padding), list(self.dilation)
+        weight, bias = self.weight, self.bias
         return triton_conv(
-            x, self.weight, self.packed, self.bias, residual, padding, dilation, relu_in, relu_out, self.slot
+            x, weight, self.packed, bias, residual, padding, dilation, relu_out, relu_copy, self.slot
         )
 
 
@@ -140,8 +138,10 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 class TritonResidualBranch(ResidualBranch):
-    """A ResidualBranch (same keys) whose blocks are two Triton convolutions each, the ReLUs and the skip
-    inside them."""
+    """A ResidualBranch (same keys) whose blocks are two Triton convolutions each: the first ReLUs its output,
+    the second adds the skip and writes the block's output with its ReLU, which is the next block's input.
+    So the ReLU before each block costs no pass of its own (the kernel does not ReLU what it reads: that
+    would serialize Hopper's tensor-core instructions, triton_conv.py)."""
 
     @classmethod
     def of(cls, branch: ResidualBranch) -> TritonResidualBranch:
@@ -152,13 +152,16 @@ class TritonResidualBranch(ResidualBranch):
         return twin.train(branch.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self[3](self[1](x, relu_in=True, relu_out=True))
+        return self[3](self[1](F.relu(x), relu_out=True)[0])[0]
 
-    def residual_block(self, x: torch.Tensor) -> torch.Tensor:
-        return self[3](self[1](x, relu_in=True, relu_out=True), x)
+    def residual_block(self, x, relu_x=None, *, relu_next: bool = True):
+        inner = self[1](F.relu(x) if relu_x is None else relu_x, relu_out=True)[0]
+        out = self[3](inner, x, relu_copy=relu_next)
+        return out[0], out[1] if relu_next else None
 
-    def tail(self, first: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self[3](first, skip, relu_in=True)
+    def tail(self, first, skip, *, relu_next: bool = True):
+        out = self[3](F.relu(first), skip, relu_copy=relu_next)
+        return out[0], out[1] if relu_next else None
 
 
 class TritonASPP(ASPP):

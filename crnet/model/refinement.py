@@ -28,13 +28,19 @@ class ResidualBranch(nn.Sequential):
             nn.Conv2d(channels, channels, 3, padding=1),
         )
 
-    def residual_block(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole block, x + branch(x) (an inference form may fuse the add into the last convolution)."""
-        return x + self(x)
+    def residual_block(
+        self, x: torch.Tensor, relu_x: torch.Tensor | None = None, *, relu_next: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole block, x + branch(x), and relu of it where an inference form writes that with it (for the
+        next block, `relu_x` of its call; None here: the branch applies its own ReLU)."""
+        return x + self(x), None
 
-    def tail(self, first: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """skip + conv2(relu(first)): the block from its first convolution's output (before its ReLU) on."""
-        return skip + self[3](F.relu(first))
+    def tail(
+        self, first: torch.Tensor, skip: torch.Tensor, *, relu_next: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """skip + conv2(relu(first)): the block from its first convolution's output (before its ReLU) on,
+        with relu of the result as residual_block gives it."""
+        return skip + self[3](F.relu(first)), None
 
 
 class ASPP(nn.Module):
@@ -168,8 +174,9 @@ class Refinement(nn.Module):
             first_out = (
                 feature_term if y is None else feature_term + F.conv2d(y, probability_weight, padding=1)
             )
-            h = self.feedback.tail(first_out, x)
-            h = self.residual3.residual_block(self.residual2.residual_block(h))
+            h, relu_h = self.feedback.tail(first_out, x)
+            h, relu_h = self.residual2.residual_block(h, relu_h)
+            h, _ = self.residual3.residual_block(h, relu_h, relu_next=False)  # the ASPP reads h itself
             branches, pool_bias = self.aspp.hoisted_terms(h, pool_weight, project.bias)
             logits = self.classifier(F.relu(F.conv2d(branches, branch_weight) + pool_bias))
             y = ops.probabilities(logits)
