@@ -84,7 +84,7 @@ class TorchRuntime(Runtime):
         if cudnn_benchmark and not cuda_graphs:
             raise RuntimeUnavailable("cuDNN's benchmark mode chooses at capture: add +cuda-graphs")
         if (space_to_depth or banded_aspp or concurrent_aspp or triton_head) and anchor:
-            raise RuntimeUnavailable("the anchor is plain PyTorch: no space-to-depth stem, no ASPP of ours")
+            raise RuntimeUnavailable("the anchor is plain PyTorch: no rewrite of ours (stem, ASPP or head)")
         if concurrent_aspp and self.device.type != "cuda":
             raise RuntimeUnavailable("the concurrent ASPP runs on CUDA streams: it needs --device cuda")
         if triton_head:

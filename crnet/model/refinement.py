@@ -31,15 +31,16 @@ class ResidualBranch(nn.Sequential):
     def residual_block(
         self, x: torch.Tensor, relu_x: torch.Tensor | None = None, *, relu_next: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The whole block, x + branch(x), and relu of it where an inference form writes that with it (for the
-        next block, `relu_x` of its call; None here: the branch applies its own ReLU)."""
+        """The whole block, x + branch(x), and its ReLU or None. An inference form (engines/triton_head.py)
+        writes the ReLU with the sum when `relu_next` asks, for the next block to take as `relu_x`; here
+        the branch applies its own ReLU, so: None."""
         return x + self(x), None
 
     def tail(
         self, first: torch.Tensor, skip: torch.Tensor, *, relu_next: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """skip + conv2(relu(first)): the block from its first convolution's output (before its ReLU) on,
-        with relu of the result as residual_block gives it."""
+        and the result's ReLU or None, as residual_block gives them."""
         return skip + self[3](F.relu(first)), None
 
 

@@ -61,7 +61,7 @@ def test_the_transformed_model_computes_what_the_folded_model_does(option, layou
 def test_the_runtime_option_says_where_it_cannot_run(option, micro_checkpoint) -> None:
     with pytest.raises(RuntimeUnavailable, match="needs --device cuda"):
         open_runtime(RuntimeSpec.parse(f"torch+{option}+torch-loop"), checkpoint=micro_checkpoint)
-    with pytest.raises(RuntimeUnavailable, match="no ASPP of ours"):
+    with pytest.raises(RuntimeUnavailable, match="no rewrite of ours"):
         TorchRuntime(micro_checkpoint, anchor=True, **{OPTIONS[option][1]: True})
 
 

@@ -108,7 +108,7 @@ def test_the_runtime_option_bands_the_aspp(micro_checkpoint) -> None:
         assert banded.label == "torch fp32 banded-aspp"
         logits = banded.episode(query, supports, masks)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    with pytest.raises(RuntimeUnavailable, match="no ASPP of ours"):
+    with pytest.raises(RuntimeUnavailable, match="no rewrite of ours"):
         TorchRuntime(micro_checkpoint, anchor=True, banded_aspp=True)
 
 
