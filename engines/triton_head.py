@@ -154,12 +154,16 @@ class TritonResidualBranch(ResidualBranch):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self[3](self[1](F.relu(x), relu_out=True)[0])[0]
 
-    def residual_block(self, x, relu_x=None, *, relu_next: bool = True):
+    def residual_block(
+        self, x: torch.Tensor, relu_x: torch.Tensor | None = None, *, relu_next: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         inner = self[1](F.relu(x) if relu_x is None else relu_x, relu_out=True)[0]
         out = self[3](inner, x, relu_copy=relu_next)
         return out[0], out[1] if relu_next else None
 
-    def tail(self, first, skip, *, relu_next: bool = True):
+    def tail(
+        self, first: torch.Tensor, skip: torch.Tensor, *, relu_next: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self[3](F.relu(first), skip, relu_copy=relu_next)
         return out[0], out[1] if relu_next else None
 
@@ -171,18 +175,14 @@ class TritonASPP(ASPP):
 
     @classmethod
     def of(cls, aspp: ASPP) -> TritonASPP:
-        pool = aspp.image_pool
         for branch in aspp.branches:
             if (
                 type(branch) not in (nn.Conv2d, ConvReLU)
                 or not _keeps_size(branch)
-                or branch.kernel_size[0] > 3
+                or branch.kernel_size not in ((1, 1), (3, 3))
             ):
-                raise ValueError(f"the Triton ASPP takes size-keeping stride-1 convolutions, not {branch}")
-        with torch.device("meta"):  # no storage: the modules are aspp's
-            twin = cls(pool.in_channels, tuple(b.dilation[0] for b in aspp.branches[1:]), aspp.dropout)
-        twin.image_pool, twin.branches, twin.project = aspp.image_pool, aspp.branches, aspp.project
-        twin.branch_relu = aspp.branch_relu
+                raise ValueError(f"the Triton ASPP takes size-keeping 1x1 and 3x3 convolutions, not {branch}")
+        twin = cls.sharing(aspp)
         # Every branch as a 3x3 kernel, tap-major: a 1x1 one is the centre tap, padding and dilation 1. Made
         # once, like the fold's (later weight updates do not reach it).
         stacked, geometry = [], []
@@ -198,7 +198,7 @@ class TritonASPP(ASPP):
         twin.register_buffer("packed", torch.stack(stacked), persistent=False)
         twin.register_buffer("stacked_bias", biases, persistent=False)
         twin.geometry, twin.slot = geometry, next(_SLOTS)
-        return twin.train(aspp.training)
+        return twin
 
     def hoisted_terms(
         self, x: torch.Tensor, pool_weight: torch.Tensor, bias: torch.Tensor | None

@@ -139,11 +139,7 @@ class ConcurrentASPP(ASPP):
                 raise ValueError(
                     f"the concurrent ASPP takes size-keeping stride-1 convolutions, not {branch}"
                 )
-        with torch.device("meta"):  # no storage: the modules are aspp's
-            twin = cls(pool.in_channels, tuple(b.dilation[0] for b in aspp.branches[1:]), aspp.dropout)
-        twin.image_pool, twin.branches, twin.project = aspp.image_pool, aspp.branches, aspp.project
-        twin.branch_relu = aspp.branch_relu
-        return twin.train(aspp.training)
+        return cls.sharing(aspp)
 
     def hoisted_terms(
         self, x: torch.Tensor, pool_weight: torch.Tensor, bias: torch.Tensor | None

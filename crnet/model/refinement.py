@@ -66,6 +66,17 @@ class ASPP(nn.Module):
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout2d(x, self.dropout, self.training) if self.dropout else x
 
+    @classmethod
+    def sharing(cls, aspp: ASPP) -> ASPP:
+        """An instance of this (sub)class made of `aspp`'s very modules, so its parameters and state-dict
+        keys: the start of an inference form's twin."""
+        dilations = tuple(branch.dilation[0] for branch in aspp.branches[1:])
+        with torch.device("meta"):  # no storage: the modules are aspp's
+            twin = cls(aspp.image_pool.in_channels, dilations, aspp.dropout)
+        twin.image_pool, twin.branches, twin.project = aspp.image_pool, aspp.branches, aspp.project
+        twin.branch_relu = aspp.branch_relu
+        return twin.train(aspp.training)
+
     def hoisted_terms(
         self, x: torch.Tensor, pool_weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
