@@ -46,8 +46,6 @@ def _conv_kernel(
     W,
     C,
     OC,
-    HO,
-    WO,
     M,
     sxn,
     sxh,
@@ -93,20 +91,20 @@ def _conv_kernel(
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    n = rm // (HO * WO)
-    oh = (rm // WO) % HO
-    ow = rm % WO
+    n = rm // (H * W)  # the output has the map's size
+    oh = (rm // W) % H
+    ow = rm % W
     m_ok = rm < M
     n_ok = rn < OC
 
     # The tile's rows of taps that read the map for at least one of its pixels: a wide dilation's outer rows
     # read only padding for tiles near the map's top or bottom, and are skipped (rows of taps are contiguous
     # runs of steps, so this only narrows the loop). A tile across two images keeps every row.
-    row_first = (pid_m * BM) // WO
-    row_last = (tl.minimum(pid_m * BM + BM, M) - 1) // WO
-    one_image = row_first // HO == row_last // HO
-    oh_min = tl.where(one_image, row_first % HO, 0)
-    oh_max = tl.where(one_image, row_last % HO, HO - 1)
+    row_first = (pid_m * BM) // W
+    row_last = (tl.minimum(pid_m * BM + BM, M) - 1) // W
+    one_image = row_first // H == row_last // H
+    oh_min = tl.where(one_image, row_first % H, 0)
+    oh_max = tl.where(one_image, row_last % H, H - 1)
     ky_first = tl.where(pad_h > oh_max, (pad_h - oh_max + dil_h - 1) // dil_h, 0)
     ky_last = tl.minimum(TAPS // KW - 1, (H - 1 - oh_min + pad_h) // dil_h)
     tap_first = tl.maximum(first_tap, ky_first * KW)
@@ -132,68 +130,35 @@ def _conv_kernel(
         acc = tl.dot(a, b, acc, input_precision="ieee" if IEEE else None)  # FP32 exact; FP16 as is
 
     ok = m_ok[:, None] & n_ok[None, :]
-    rc = branch * OC + rn  # the branch's channels of the output (and of the residual)
-    bias_ptr += branch * OC
+    finishes = True
     if SPLIT > 1:
         # Publish this part; the last part of the tile to arrive adds all parts up in order 0..SPLIT-1.
         part_ptrs = part_ptr + branch * SPLIT * M * OC + (rm * OC)[:, None] + rn[None, :]
         tl.store(part_ptrs + part * M * OC, acc, mask=ok)
         tl.debug_barrier()  # every thread's stores before the release below
         counter = count_ptr + branch * tl.num_programs(0) + tile
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT - 1:
+        finishes = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+        if finishes:
             tl.debug_barrier()
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for p in range(SPLIT):
                 acc += tl.load(part_ptrs + p * M * OC, mask=ok, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
-            _epilogue(acc, bias_ptr, res_ptr, out_ptr, copy_ptr, rn, rc, n, oh, ow, ok, n_ok, srn, srh, srw,
-                      src, son, soh, sow, soc, HAS_BIAS, HAS_RES, RELU_OUT, RELU_COPY)  # fmt: skip
-    else:
-        _epilogue(acc, bias_ptr, res_ptr, out_ptr, copy_ptr, rn, rc, n, oh, ow, ok, n_ok, srn, srh, srw, src,
-                  son, soh, sow, soc, HAS_BIAS, HAS_RES, RELU_OUT, RELU_COPY)  # fmt: skip
-
-
-@triton.jit
-def _epilogue(
-    acc,
-    bias_ptr,
-    res_ptr,
-    out_ptr,
-    copy_ptr,
-    rn,
-    rc,
-    n,
-    oh,
-    ow,
-    ok,
-    n_ok,
-    srn,
-    srh,
-    srw,
-    src,
-    son,
-    soh,
-    sow,
-    soc,
-    HAS_BIAS: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    RELU_OUT: tl.constexpr,
-    RELU_COPY: tl.constexpr,
-):
-    """relu?(acc + bias + residual) in FP32, rounded once into the output's channels rc (and its ReLU into
-    the copy's, which has the output's strides)."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RES:
-        r_ptrs = res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + (rc * src)[None, :]
-        acc += tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)
-    if RELU_OUT:
-        acc = tl.maximum(acc, 0.0)
-    offsets = (n * son + oh * soh + ow * sow)[:, None] + (rc * soc)[None, :]
-    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
-    if RELU_COPY:
-        tl.store(copy_ptr + offsets, tl.maximum(acc, 0.0).to(copy_ptr.dtype.element_ty), mask=ok)
+    if finishes:
+        # The epilogue: relu?(acc + bias + residual) in FP32, rounded once into the branch's channels of the
+        # output (and its ReLU into the copy's, which has the output's strides).
+        rc = branch * OC + rn
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + branch * OC + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES:
+            r_ptrs = res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + (rc * src)[None, :]
+            acc += tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)
+        if RELU_OUT:
+            acc = tl.maximum(acc, 0.0)
+        offsets = (n * son + oh * soh + ow * sow)[:, None] + (rc * soc)[None, :]
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        if RELU_COPY:
+            tl.store(copy_ptr + offsets, tl.maximum(acc, 0.0).to(copy_ptr.dtype.element_ty), mask=ok)
 
 
 @dataclass(frozen=True)
@@ -342,7 +307,7 @@ def branches_nhwc(
         _conv_kernel[grid](
             x, packed, bias if bias is not None else packed, res, out, copy if copy is not None else out,
             parts if parts is not None else out, counters, geometry,
-            height, width, channels, out_channels, height, width, pixels,
+            height, width, channels, out_channels, pixels,
             *_nhwc_strides(x), *_nhwc_strides(res), *_nhwc_strides(out),
             TAPS=kernel[0] * kernel[1], KW=kernel[1], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
             RELU_OUT=relu_out, RELU_COPY=relu_copy, IEEE=x.dtype == torch.float32,
