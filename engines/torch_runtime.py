@@ -88,7 +88,7 @@ class TorchRuntime(Runtime):
         if concurrent_aspp and self.device.type != "cuda":
             raise RuntimeUnavailable("the concurrent ASPP runs on CUDA streams: it needs --device cuda")
         if triton_head:
-            _require_triton(self.device, anchor, banded_aspp or concurrent_aspp)
+            _require_triton(self.device, banded_aspp or concurrent_aspp)
         if concurrent_aspp and banded_aspp:
             raise RuntimeUnavailable("+concurrent-aspp runs the ASPP's own convolutions: not +banded-aspp")
         if precision not in DTYPES:
@@ -107,7 +107,7 @@ class TorchRuntime(Runtime):
             model = band_aspp(model, (size, size))
         if concurrent_aspp:  # after the epilogues: each branch keeps its fused ReLU
             model = concurrent_aspp_of(model)
-        if triton_head:  # after the epilogues: the 1x1 branch keeps cuDNN's
+        if triton_head:  # after the epilogues: its twins take the convolutions in the form they left
             from crnet.engines.triton_head import triton_head as triton_head_of
 
             model = triton_head_of(model)
@@ -230,12 +230,11 @@ class TorchRuntime(Runtime):
             return self._owned(self._segment(features.to(self.dtype), prompt.vector, prompt.prototype))
 
 
-def _require_triton(device: torch.device, anchor: bool, other_aspp: bool) -> None:
-    """Where +triton-head can run: CUDA, Triton installed, our model, the ASPP's own convolutions."""
-    if anchor or device.type != "cuda":
-        raise RuntimeUnavailable(
-            "+triton-head runs Triton kernels of ours: it needs --device cuda, not the anchor"
-        )
+def _require_triton(device: torch.device, other_aspp: bool) -> None:
+    """Where +triton-head can run (the anchor's refusal comes first): CUDA, Triton installed, the ASPP's own
+    convolutions."""
+    if device.type != "cuda":
+        raise RuntimeUnavailable("+triton-head runs Triton kernels of ours: it needs --device cuda")
     if other_aspp:
         raise RuntimeUnavailable(
             "+triton-head runs the ASPP's own convolutions: not with another ASPP option"
