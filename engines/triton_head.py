@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crnet import ops
 from crnet.model.conv_epilogues import ConvReLU
 from crnet.model.conv_twin import conv_twin
 from crnet.model.refinement import ASPP, Refinement, ResidualBranch
@@ -203,12 +202,11 @@ class TritonASPP(ASPP):
     def hoisted_terms(
         self, x: torch.Tensor, pool_weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        pool_bias = F.conv2d(F.relu(self.image_pool(ops.spatial_mean(x))), pool_weight, bias)
         weights, biases = [b.weight for b in self.branches], [b.bias for b in self.branches]
         branches = triton_branches(
             x, weights, self.packed, biases, self.stacked_bias, self.geometry, self.slot
         )
-        return branches, pool_bias
+        return branches, self.pooling_term(x, pool_weight, bias)
 
 
 def _keeps_size(conv: nn.Conv2d) -> bool:

@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crnet import ops
 from crnet.model.conv_epilogues import ConvReLU, conv_bias_relu
 from crnet.model.conv_twin import layout_of
-from crnet.model.refinement import ASPP
+from crnet.model.refinement import ASPP, image_pooling_term
 
 
 def _terms(
@@ -45,9 +44,7 @@ def _terms(
     )
     pooled = x.new_empty((n, share_weight.shape[0], 1, 1))
     with forks[0]:
-        pooled.copy_(
-            F.conv2d(F.relu(F.conv2d(ops.spatial_mean(x), pool_weight, pool_bias)), share_weight, share_bias)
-        )
+        pooled.copy_(image_pooling_term(x, pool_weight, pool_bias, share_weight, share_bias))
     start = 0
     for fork, weight, bias, dilation in zip(forks[1:], weights, biases, dilations, strict=True):
         padding = [dilation * (weight.shape[-1] - 1) // 2] * 2

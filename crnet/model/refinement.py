@@ -17,6 +17,19 @@ from torch import nn
 from crnet import ops
 
 
+def image_pooling_term(
+    x: torch.Tensor,
+    pool_weight: torch.Tensor,
+    pool_bias: torch.Tensor | None,
+    share_weight: torch.Tensor,
+    share_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The ASPP's image-pooling branch as its share of the projection, a per-sample bias (N, C, 1, 1):
+    conv(relu(image_pool(mean(x))), share_weight, share_bias), image_pool a 1x1 convolution."""
+    pooled = F.relu(F.conv2d(ops.spatial_mean(x), pool_weight, pool_bias))
+    return F.conv2d(pooled, share_weight, share_bias)
+
+
 class ResidualBranch(nn.Sequential):
     """ReLU-conv3x3-ReLU-conv3x3: the branch of a residual block (the caller adds the skip)."""
 
@@ -83,9 +96,14 @@ class ASPP(nn.Module):
         """What the hoisted loop takes of the ASPP (eval mode): the pixel branches' outputs, concatenated, and
         the image-pooling branch's share of the projection (`pool_weight`, its first input channels) with the
         projection's `bias`, as a per-sample bias (N, C, 1, 1)."""
-        pool_bias = F.conv2d(F.relu(self.image_pool(ops.spatial_mean(x))), pool_weight, bias)
         branches = torch.cat([self.branch_relu(branch(x)) for branch in self.branches], dim=1)
-        return branches, pool_bias
+        return branches, self.pooling_term(x, pool_weight, bias)
+
+    def pooling_term(
+        self, x: torch.Tensor, pool_weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """hoisted_terms' per-sample bias (image_pooling_term with this ASPP's image-pooling convolution)."""
+        return image_pooling_term(x, self.image_pool.weight, self.image_pool.bias, pool_weight, bias)
 
 
 class Refinement(nn.Module):
