@@ -34,6 +34,7 @@ from torch import nn
 from crnet.commands.timer import Timer, medians_in_turns
 from crnet.engines.cuda_graphs import CapturedCalls, CaptureOnOwnThread
 from crnet.engines.torch_runtime import _cudnn_benchmark
+from crnet.engines.triton_head import pack_weight
 from crnet.model.concurrent_aspp import _terms, aspp_terms
 from crnet.model.conv_epilogues import ConvReLU
 
@@ -54,11 +55,6 @@ def im2col(x: torch.Tensor, dilation: int) -> torch.Tensor:
     return columns.permute(0, 2, 3, 1).reshape(-1, 9 * x.shape[1])
 
 
-def as_matrix(conv: nn.Conv2d) -> torch.Tensor:
-    """The weight in im2col's order, (9*C, C_out)."""
-    return conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1).t().contiguous()
-
-
 def unflatten(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N*H*W, C_out) -> an (N, C_out, H, W) channels-last view."""
     batch, _, height, width = like.shape
@@ -69,8 +65,9 @@ def forms(conv: nn.Conv2d, branches: list[nn.Conv2d], compile: bool, cuda: bool)
     """name: (call on the features, the references it computes, its group ("one" convolution or the "aspp"
     branches), a context to capture it in on a thread of its own or None)."""
     fused, fused_branches = ConvReLU.of(conv), [ConvReLU.of(b) for b in branches]
-    weight, bias = as_matrix(conv), conv.bias.detach()
-    stacked = torch.stack([as_matrix(b) for b in branches])
+    # The weights in im2col's order, (9*C, C_out): the layout our Triton kernel reads too.
+    weight, bias = pack_weight(conv.weight), conv.bias.detach()
+    stacked = torch.stack([pack_weight(b.weight) for b in branches])
     stacked_bias = torch.stack([b.bias.detach() for b in branches]).unsqueeze(1)
 
     def gemm(x):
@@ -111,21 +108,14 @@ def forms(conv: nn.Conv2d, branches: list[nn.Conv2d], compile: bool, cuda: bool)
             return list(aspp_terms(x, *terms)[0].chunk(3, dim=1))
 
         from crnet.engines.triton_conv import branches_nhwc, conv2d_nhwc
-        from crnet.engines.triton_head import pack_weight
 
-        # Names of their own: the closures above read `stacked` and `stacked_bias` when called.
-        packed_one, packed_three = (
-            pack_weight(conv.weight),
-            torch.stack([pack_weight(b.weight) for b in branches]),
-        )
-        bias_three = torch.stack([b.bias.detach() for b in branches])
         geometries = [(d, d, d, d, 0, 9) for d in DILATIONS]
 
         def triton_one(x):
-            return conv2d_nhwc(x, packed_one, conv.bias, None, (3, 3), (1, 1), (1, 1), True, slot=0)[0]
+            return conv2d_nhwc(x, weight, bias, None, (3, 3), (1, 1), (1, 1), True, slot=0)[0]
 
         def triton_branches(x):  # one launch, each branch into its channels of one output
-            out = branches_nhwc(x, packed_three, bias_three, None, (3, 3), geometries, True, slot=1)[0]
+            out = branches_nhwc(x, stacked, stacked_bias[:, 0], None, (3, 3), geometries, True, slot=1)[0]
             return list(out.chunk(3, dim=1))
 
         table[f"{one}: Triton, split by timing"] = (triton_one, [0], "one", None)
