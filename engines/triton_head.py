@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crnet.model.conv_epilogues import ConvReLU
-from crnet.model.conv_twin import conv_twin
+from crnet.model.conv_twin import conv_twin, keeps_size
 from crnet.model.refinement import ASPP, Refinement, ResidualBranch
 
 _SLOTS = itertools.count()  # each convolution its own split counters (triton_conv.py)
@@ -107,7 +107,7 @@ class TritonConv(nn.Conv2d):
 
     @classmethod
     def of(cls, conv: nn.Conv2d) -> TritonConv:
-        if not _keeps_size(conv) or conv.padding_mode != "zeros":
+        if not keeps_size(conv) or conv.padding_mode != "zeros":
             raise ValueError(f"the Triton convolution takes size-keeping stride-1 convolutions, not {conv}")
         twin = conv_twin(cls, conv)
         # The weight as the kernel reads it, made once like the fold's (later weight updates do not reach it).
@@ -177,7 +177,7 @@ class TritonASPP(ASPP):
         for branch in aspp.branches:
             if (
                 type(branch) not in (nn.Conv2d, ConvReLU)
-                or not _keeps_size(branch)
+                or not keeps_size(branch)
                 or branch.kernel_size not in ((1, 1), (3, 3))
             ):
                 raise ValueError(f"the Triton ASPP takes size-keeping 1x1 and 3x3 convolutions, not {branch}")
@@ -207,18 +207,6 @@ class TritonASPP(ASPP):
             x, weights, self.packed, biases, self.stacked_bias, self.geometry, self.slot
         )
         return branches, self.pooling_term(x, pool_weight, bias)
-
-
-def _keeps_size(conv: nn.Conv2d) -> bool:
-    return (
-        conv.stride == (1, 1)
-        and conv.groups == 1
-        and not isinstance(conv.padding, str)
-        and all(
-            2 * p == d * (k - 1)
-            for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size, strict=True)
-        )
-    )
 
 
 def triton_head(model: nn.Module) -> nn.Module:

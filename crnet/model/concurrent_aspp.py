@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crnet.model.conv_epilogues import ConvReLU, conv_bias_relu
-from crnet.model.conv_twin import layout_of
+from crnet.model.conv_twin import keeps_size, layout_of
 from crnet.model.refinement import ASPP, image_pooling_term
 
 
@@ -130,9 +130,7 @@ class ConcurrentASPP(ASPP):
             raise ValueError(f"the concurrent ASPP takes a 1x1 image-pooling convolution, not {pool}")
         for branch in aspp.branches:
             square = len(set(branch.dilation)) == 1 and len(set(branch.kernel_size)) == 1
-            keeps_size = list(branch.padding) == [branch.dilation[0] * (branch.kernel_size[0] - 1) // 2] * 2
-            plain = type(branch) in (nn.Conv2d, ConvReLU) and branch.groups == 1 and branch.stride == (1, 1)
-            if not (plain and square and keeps_size):
+            if not (type(branch) in (nn.Conv2d, ConvReLU) and square and keeps_size(branch)):
                 raise ValueError(
                     f"the concurrent ASPP takes size-keeping stride-1 convolutions, not {branch}"
                 )

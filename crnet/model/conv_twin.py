@@ -19,6 +19,20 @@ def layout_of(*tensors: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def keeps_size(conv: nn.Conv2d) -> bool:
+    """Whether `conv` maps a map to one of the same size (stride 1, ungrouped, padding d * (k - 1) / 2 on
+    each axis): what the inference forms that run several such convolutions as one call take."""
+    return (
+        conv.stride == (1, 1)
+        and conv.groups == 1
+        and not isinstance(conv.padding, str)
+        and all(
+            2 * p == d * (k - 1)
+            for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size, strict=True)
+        )
+    )
+
+
 def conv_twin(cls: type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:
     """An instance of `cls` with `conv`'s geometry and its very parameters, in its training mode."""
     twin = cls(
