@@ -102,6 +102,15 @@ def test_resolve_device() -> None:
         resolve_device("gpu0")
 
 
+def test_a_cuda_index_past_the_gpus_is_a_user_error(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(CRNetError, match="has 1 CUDA GPU"):
+        resolve_device("cuda:1")
+
+
 @pytest.mark.parametrize(
     "spec, cuda, providers, expected",
     [

@@ -276,12 +276,25 @@ def evaluate_command(
     from crnet.commands.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
     from crnet.device import flush_denormals_for_inference, resolve_device
 
+    if strategy == "finetune" and shots < 2:
+        raise CRNetError(
+            "--strategy finetune needs --shots 2 or more: it trains on the supports, each in turn the "
+            "query of the others"
+        )
     resolved = resolve_device(device)
     flush_denormals_for_inference(resolved)
     state = checkpoints.load(checkpoint)
     model = checkpoints.model_from_state(state, checkpoint, resolved)
     stored = state.get("train_config", {})
-    fold = stored.get("fold", 0) if fold is None else fold
+    trained_fold = stored.get("fold")
+    if fold is not None and trained_fold is not None and fold != trained_fold:
+        # Fold f's novel classes are base classes of every other fold: this model was trained on them.
+        typer.echo(
+            f"warning: {checkpoint} was trained on fold {trained_fold}, whose training classes include "
+            f"fold {fold}'s 5: these results are not few-shot (unseen-class) results",
+            err=True,
+        )
+    fold = (trained_fold or 0) if fold is None else fold
     suffix = f"fold{fold}_{shots}shot" + (f"_{strategy}" if shots > 1 else "")
     json_out = json_out or checkpoint.parent / f"eval_{suffix}.json"
     check_output(json_out, [checkpoint, data or DEFAULT_DATA], "--json")

@@ -327,6 +327,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "eval-zero-episodes": (evaluate("--episodes", "0"), "'--episodes'"),
     "eval-unknown-strategy": (evaluate("--strategy", "vote"), "'--strategy'"),
     "eval-fold-out-of-range": (evaluate("--fold", "7"), "'--fold'"),
+    "eval-finetune-one-shot": (evaluate("--strategy", "finetune"), "needs --shots 2 or more"),
     "eval-checkpoint-is-a-folder": (evaluate(checkpoint=lambda w: w.folder), "is a directory"),
     "eval-checkpoint-missing": (evaluate(checkpoint=lambda w: new(w, "x.pt")), "checkpoint not found"),
     "eval-checkpoint-not-torch": (evaluate(checkpoint=lambda w: w.a_file), "cannot read checkpoint"),

@@ -118,3 +118,41 @@ def test_a_class_without_episodes_counts_zero_and_is_named(tmp_path) -> None:
     assert notices == [
         "classes [4, 5] of fold 0 got no episode in 3: they count 0 in the mIoU (give more --episodes)"
     ]
+
+
+@pytest.mark.parametrize("fold, warned", [(0, False), (2, True)])
+def test_a_fold_the_model_was_trained_on_is_named(fold, warned, bench_root, tmp_path, monkeypatch, capsys):
+    """Fold 2's novel classes are among fold 0's training classes: a fold-0 model tested there is not
+    tested on unseen classes, and eval says so (it still runs: the user asked for it)."""
+    import sys
+
+    from crnet.checkpoint import save_atomic
+    from crnet.commands import cli
+
+    torch.manual_seed(0)
+    state = {
+        "model_config": MICRO.to_dict(),
+        "model": build_model(MICRO).state_dict(),
+        "train_config": {"fold": 0},
+    }
+    checkpoint = save_atomic(state, tmp_path / "fold0.pt")
+    argv = [
+        "crnet",
+        "eval",
+        str(checkpoint),
+        "--data",
+        str(bench_root),
+        "--fold",
+        str(fold),
+        "--episodes",
+        "2",
+    ]
+    monkeypatch.setattr(sys, "argv", [*argv, "--device", "cpu", "--no-progress"])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # typer installs its own hook
+    try:
+        cli.main()
+    except SystemExit as done:
+        assert done.code in (0, None)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "was trained on fold 0" in line]
+    assert len(warnings) == warned, warnings
+    assert (tmp_path / f"eval_fold{fold}_1shot.json").is_file()
