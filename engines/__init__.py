@@ -8,8 +8,9 @@ A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `tor
 (inductor's code, captured), `+cudnn-epilogues` (bias, residual and ReLU inside cuDNN's convolutions),
 `+space-to-depth` (the stem's strided 7x7 convolution as a 4x4 one over 2x2 pixel blocks), `+banded-aspp`
 (the dilated ASPP branches without the taps that read only padding), `+concurrent-aspp` (the ASPP's
-branches on CUDA streams of their own, side by side), `+triton-head` (the refinement loop's 3x3
+branches on CUDA streams of their own, side by side), `+triton-head` (the head's 3x3
 convolutions and the ASPP's branches as Triton kernels of ours, ReLUs and residual adds inside),
+`+triton-encoder` (the same for the encoder's size-keeping 3x3 convolutions and its neck),
 `+cudnn-benchmark` (with
 `+cuda-graphs`: cuDNN times its algorithms for each convolution it captures), `+torch-loop` (PyTorch's
 refinement loop, not the native op, whatever --fused says), `torch:fp16+anchor`
@@ -47,6 +48,7 @@ OPTIONS = {
         "banded-aspp",
         "concurrent-aspp",
         "triton-head",
+        "triton-encoder",
         "cudnn-benchmark",
         "torch-loop",
         "anchor",
@@ -116,6 +118,7 @@ def torch_options(spec: RuntimeSpec, fused: bool | None = None) -> dict:
         "banded_aspp": "banded-aspp" in spec.options,
         "concurrent_aspp": "concurrent-aspp" in spec.options,
         "triton_head": "triton-head" in spec.options,
+        "triton_encoder": "triton-encoder" in spec.options,
         "cudnn_benchmark": "cudnn-benchmark" in spec.options,
     }
 

@@ -11,11 +11,14 @@ runs the stem's strided 7x7 convolution over 3 colours as a 4x4 one over 2x2 pix
 pixels that read the map with the same taps, skipping the taps that read zero padding
 (crnet/model/banded_conv.py). `+concurrent-aspp` (CUDA, PyTorch's loop) runs the ASPP's independent
 branches each on a CUDA stream of its own, so that the captured graph may run them side by side
-(crnet/model/concurrent_aspp.py). `+triton-head` (CUDA, PyTorch's loop) runs the loop's 3x3 convolutions
-as Triton kernels of ours, with their ReLUs and residual adds inside and the reduction split where the
-map is small (engines/triton_head.py). `+cudnn-benchmark` lets cuDNN time its algorithms for each
-convolution of this runtime's graphs and keep the fastest, instead of its heuristics' choice; it captures on
-a thread of its own, where PyTorch keeps those choices apart from other runtimes' (engines/cuda_graphs.py).
+(crnet/model/concurrent_aspp.py). `+triton-head` (CUDA, PyTorch's loop) runs the head's 3x3 convolutions (the
+condition module's and the loop's) as Triton kernels of ours, with their ReLUs and residual adds inside and
+the reduction split where the map is small; `+triton-encoder` (CUDA, with `+cudnn-epilogues`) the encoder's
+size-keeping 3x3 convolutions and its neck; each of these convolutions runs cuDNN instead where, timed on its
+first call, cuDNN is the faster for its shape (engines/triton_head.py). `+cudnn-benchmark` lets cuDNN time its
+algorithms for each convolution of this runtime's graphs and keep the fastest, instead of its heuristics'
+choice; it captures on a thread of its own, where PyTorch keeps those choices apart from other runtimes'
+(engines/cuda_graphs.py).
 `freeze=True` compiles with inductor's freezing too (weights as constants); off by default: it gained
 nothing measurable on a CPU or on the H200 (benchmarks/freezing.py, docs/BENCHMARKS.md).
 
@@ -67,6 +70,7 @@ class TorchRuntime(Runtime):
         banded_aspp: bool = False,
         concurrent_aspp: bool = False,
         triton_head: bool = False,
+        triton_encoder: bool = False,
         cudnn_benchmark: bool = False,
     ):
         self.device = torch.device(device)
@@ -83,12 +87,24 @@ class TorchRuntime(Runtime):
             raise RuntimeUnavailable("cuDNN's benchmark mode needs --device cuda (and is not the anchor's)")
         if cudnn_benchmark and not cuda_graphs:
             raise RuntimeUnavailable("cuDNN's benchmark mode chooses at capture: add +cuda-graphs")
-        if (space_to_depth or banded_aspp or concurrent_aspp or triton_head) and anchor:
-            raise RuntimeUnavailable("the anchor is plain PyTorch: no rewrite of ours (stem, ASPP or head)")
+        if (space_to_depth or banded_aspp or concurrent_aspp or triton_head or triton_encoder) and anchor:
+            raise RuntimeUnavailable(
+                "the anchor is plain PyTorch: no rewrite of ours (stem, encoder, ASPP or head)"
+            )
         if concurrent_aspp and self.device.type != "cuda":
             raise RuntimeUnavailable("the concurrent ASPP runs on CUDA streams: it needs --device cuda")
         if triton_head:
-            _require_triton(self.device, banded_aspp or concurrent_aspp)
+            _require_triton("+triton-head", self.device)
+            if banded_aspp or concurrent_aspp:
+                raise RuntimeUnavailable(
+                    "+triton-head runs the ASPP's own convolutions: not with another ASPP option"
+                )
+        if triton_encoder:
+            _require_triton("+triton-encoder", self.device)
+            if not cudnn_epilogues:
+                raise RuntimeUnavailable(
+                    "+triton-encoder takes the fused epilogues' encoder: add +cudnn-epilogues"
+                )
         if concurrent_aspp and banded_aspp:
             raise RuntimeUnavailable("+concurrent-aspp runs the ASPP's own convolutions: not +banded-aspp")
         if precision not in DTYPES:
@@ -111,6 +127,10 @@ class TorchRuntime(Runtime):
             from crnet.engines.triton_head import triton_head as triton_head_of
 
             model = triton_head_of(model)
+        if triton_encoder:  # after the epilogues: the fused bottlenecks and neck are what it rewrites
+            from crnet.engines.triton_head import triton_encoder as triton_encoder_of
+
+            model = triton_encoder_of(model)
         self.model = model.to(self.dtype)
         # The native refinement op by default where it has a kernel for this device and dtype (CPU: FP32).
         try:
@@ -151,6 +171,7 @@ class TorchRuntime(Runtime):
             "banded_aspp": banded_aspp,
             "concurrent_aspp": concurrent_aspp,
             "triton_head": triton_head,
+            "triton_encoder": triton_encoder,
             "cudnn_benchmark": cudnn_benchmark,
             "fused": fused,
         }
@@ -230,19 +251,14 @@ class TorchRuntime(Runtime):
             return self._owned(self._segment(features.to(self.dtype), prompt.vector, prompt.prototype))
 
 
-def _require_triton(device: torch.device, other_aspp: bool) -> None:
-    """Where +triton-head can run (the anchor's refusal comes first): CUDA, Triton installed, the ASPP's own
-    convolutions."""
+def _require_triton(option: str, device: torch.device) -> None:
+    """Where a Triton option can run (the anchor's refusal comes first): CUDA, with Triton installed."""
     if device.type != "cuda":
-        raise RuntimeUnavailable("+triton-head runs Triton kernels of ours: it needs --device cuda")
-    if other_aspp:
-        raise RuntimeUnavailable(
-            "+triton-head runs the ASPP's own convolutions: not with another ASPP option"
-        )
+        raise RuntimeUnavailable(f"{option} runs Triton kernels of ours: it needs --device cuda")
     try:
         import triton  # noqa: F401
     except ImportError:
-        raise RuntimeUnavailable("+triton-head needs Triton: pip install triton") from None
+        raise RuntimeUnavailable(f"{option} needs Triton: pip install triton") from None
 
 
 @contextlib.contextmanager

@@ -15,8 +15,11 @@ map's top and bottom), and several convolutions of one map (the ASPP's branches)
 writing its channels of one output.
 
 The split and the tile shape are chosen per convolution shape by timing each candidate once on the GPU, on
-the first call (a warm-up, before any CUDA graph capture), as Triton's autotuner would; `+triton-head`
-(engines/triton_head.py) puts these kernels in the head, and `crnet bench` decides whether they pay.
+the first call (a warm-up, before any CUDA graph capture), as Triton's autotuner would. The caller may add
+the library's way to compute the same (cuDNN's convolutions, with their fused epilogues) as one more
+candidate: a shape on which cuDNN is faster then runs cuDNN, so that a Triton option is never slower than
+the library for any one convolution, only for lack of a faster kernel. `+triton-head` and `+triton-encoder`
+(engines/triton_head.py) put these kernels in the model, and `crnet bench` decides whether they pay.
 Triton runs on CUDA; with TRITON_INTERPRET=1 it runs the same kernel on the CPU, which is how the tests here
 check it on a machine without a GPU.
 """
@@ -24,6 +27,7 @@ check it on a machine without a GPU.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -193,7 +197,7 @@ CONFIGS = list(dict.fromkeys(SMALL_MAP_CONFIGS + LARGE_MAP_CONFIGS))
 SMALL_BELOW = 2  # a map is small when its 64x64 tiles are fewer than twice the SMs
 SLOTS, SLOT_TILES = 64, 4096  # counters: one block per calling convolution, one counter per tile and branch
 
-_CHOSEN: dict[tuple, Config] = {}
+_CHOSEN: dict[tuple, Config | str] = {}
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _GEOMETRIES: dict[tuple, torch.Tensor] = {}
 _LOCK = threading.Lock()
@@ -242,11 +246,13 @@ def conv2d_nhwc(
     relu_copy: bool = False,
     slot: int = 0,
     config: Config | None = None,
+    library: Library | None = None,
 ) -> list[torch.Tensor]:
     """[relu?(conv2d(x, weight) + bias + residual)], stride 1, channels-last, and its ReLU with `relu_copy`
     (the next residual block's input, written by the same epilogue); `packed` is the
     weight as (KH * KW * C, OC) rows, tap-major (triton_head.pack_weight). `slot` keeps the split counters of
-    convolutions that may run at the same time apart; `config` overrides the timed choice (tests)."""
+    convolutions that may run at the same time apart; `config` overrides the timed choice (tests);
+    `library`, the same computed by the library, is timed beside the Triton candidates (branches_nhwc)."""
     if any(2 * pad != d * (k - 1) for pad, d, k in zip(padding, dilation, kernel, strict=True)):
         raise ValueError(f"the Triton convolution keeps the map's size: padding {padding} with {kernel}")
     taps = kernel[0] * kernel[1]
@@ -254,8 +260,13 @@ def conv2d_nhwc(
     bias = None if bias is None else bias[None]
     geometries = [geometry]
     return branches_nhwc(
-        x, packed[None], bias, residual, kernel, geometries, relu_out, relu_copy, slot, config
+        x, packed[None], bias, residual, kernel, geometries, relu_out, relu_copy, slot, config, library
     )
+
+
+# What a caller may offer as one more candidate: a function computing the same outputs another way.
+Library = Callable[[], list[torch.Tensor]]
+LIBRARY = "library"  # the choice remembered for a shape on which the library's function was the faster
 
 
 def branches_nhwc(
@@ -269,24 +280,17 @@ def branches_nhwc(
     relu_copy: bool = False,
     slot: int = 0,
     config: Config | None = None,
+    library: Library | None = None,
 ) -> list[torch.Tensor]:
     """Several convolutions of one map in one launch, their outputs concatenated along the channels: branch b
     with weight packed[b] (KH * KW * C, OC), bias[b], and geometry (padding h, w, dilation h, w, first tap,
     taps). Every branch must keep the map's size (a 1x1 convolution is the centre tap of a 3x3 one with
-    padding and dilation 1). Returns [out], or [out, relu(out)] with `relu_copy`."""
+    padding and dilation 1). Returns [out], or [out, relu(out)] with `relu_copy`. `library`, a function that
+    returns the same, is timed beside the Triton candidates on the first call for this shape, and called
+    instead of the kernel on every call where it was the faster."""
     batch, channels, height, width = x.shape
     count, _, out_channels = packed.shape
-    out = torch.empty(
-        (batch, count * out_channels, height, width),
-        dtype=x.dtype,
-        device=x.device,
-        memory_format=torch.channels_last,
-    )
-    copy = torch.empty_like(out) if relu_copy else None
-    outputs = [out] if copy is None else [out, copy]
     pixels = batch * height * width
-    if pixels == 0:
-        return outputs
     key = (
         tuple(x.shape),
         count,
@@ -297,11 +301,26 @@ def branches_nhwc(
         x.device,
         residual is None,
         relu_copy,
+        library is not None,
     )
     counters = _counters(x.device, slot)
     geometry = _geometry(tuple(v for g in geometries for v in g), x.device)
 
-    def launch(config: Config, parts: torch.Tensor | None) -> None:
+    def run(config: Config) -> list[torch.Tensor]:
+        out = torch.empty(
+            (batch, count * out_channels, height, width),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=torch.channels_last,
+        )
+        copy = torch.empty_like(out) if relu_copy else None
+        if pixels == 0:
+            return [out] if copy is None else [out, copy]
+        parts = None
+        if config.split > 1:
+            parts = torch.empty(
+                (count, config.split, pixels, out_channels), dtype=torch.float32, device=x.device
+            )
         grid = (_tiles(config, pixels, out_channels), config.split, count)
         res = residual if residual is not None else out
         _conv_kernel[grid](
@@ -314,38 +333,32 @@ def branches_nhwc(
             BM=config.bm, BN=config.bn, BK=config.bk, SPLIT=config.split,
             num_warps=config.warps, num_stages=config.stages,
         )  # fmt: skip
+        return [out] if copy is None else [out, copy]
 
-    def parts_for(config: Config) -> torch.Tensor | None:
-        if config.split == 1:
-            return None
-        shape = (count, config.split, pixels, out_channels)
-        return torch.empty(shape, dtype=torch.float32, device=x.device)
-
-    config = config or _CHOSEN.get(key)
-    if config is None:
-        configs = candidates(pixels, out_channels, count, x.device)
-        config = _choose(key, configs, launch, parts_for, x.device)
-    launch(config, parts_for(config))
-    return outputs
+    choice = config or _CHOSEN.get(key)
+    if pixels == 0:
+        return run(CONFIGS[0])  # empty outputs: nothing to launch or to time
+    if choice is None:
+        choice = _choose(key, candidates(pixels, out_channels, count, x.device), run, library, x.device)
+    return library() if choice == LIBRARY else run(choice)
 
 
-def _choose(key, configs, launch, parts_for, device) -> Config:
-    """The fastest of `configs` by GPU time (Triton's do_bench), remembered for `key`; during a CUDA graph
-    capture, where nothing may be timed, the first one, not remembered."""
+def _choose(key, configs, run, library, device) -> Config | str:
+    """The fastest of `configs` and `library` by GPU time (Triton's do_bench), remembered for `key`; during a
+    CUDA graph capture, where nothing may be timed, the first configuration, not remembered."""
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return configs[0]
     timings = {}
     for config in configs:
-        parts = parts_for(config)
         try:
-            timings[config] = triton.testing.do_bench(
-                lambda c=config, p=parts: launch(c, p), warmup=3, rep=15
-            )
+            timings[config] = triton.testing.do_bench(lambda c=config: run(c), warmup=3, rep=15)
         except triton.runtime.errors.OutOfResources:  # too much shared memory for this device: not a choice
             continue
-    config = min(timings, key=timings.get)
-    _CHOSEN[key] = config
-    return config
+    if library is not None:
+        timings[LIBRARY] = triton.testing.do_bench(library, warmup=3, rep=15)
+    choice = min(timings, key=timings.get)
+    _CHOSEN[key] = choice
+    return choice
 
 
 def _nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crnet.model.conv_epilogues import ConvReLU
+from crnet.model.backbone import Encoder
+from crnet.model.condition import Condition
+from crnet.model.conv_epilogues import ConvReLU, FusedBottleneck, FusedNeck, conv_bias_relu
 from crnet.model.conv_twin import conv_twin, keeps_size
 from crnet.model.refinement import ASPP, Refinement, ResidualBranch
 
@@ -45,10 +47,20 @@ def triton_conv(
 ) -> list[torch.Tensor]:
     """[out = relu?(conv2d(x, weight, bias, stride 1) + residual)], and relu(out) too with `relu_copy`,
     channels-last; `packed` is the weight as pack_weight lays it out, read by the CUDA kernel. Off CUDA,
-    plain PyTorch."""
-    out = F.conv2d(x, weight, bias, 1, padding, dilation)
-    out = out + residual if residual is not None else out
-    out = (F.relu(out) if relu_out else out).contiguous(memory_format=torch.channels_last)
+    the library's convolution."""
+    return _library_conv(x, weight, bias, residual, padding, dilation, relu_out, relu_copy)
+
+
+def _library_conv(x, weight, bias, residual, padding, dilation, relu_out, relu_copy) -> list[torch.Tensor]:
+    """What crnet::triton_conv computes, by PyTorch's convolution: on CUDA cuDNN's, with its fused epilogue
+    where there is a ReLU (conv_epilogues.conv_bias_relu). The CUDA kernel times this beside its own tiles
+    and runs it for the shapes where it is the faster."""
+    if relu_out:
+        out = conv_bias_relu(x, weight, bias, residual, [1, 1], padding, dilation)
+    else:
+        out = F.conv2d(x, weight, bias, 1, padding, dilation)
+        out = out + residual if residual is not None else out
+    out = out.contiguous(memory_format=torch.channels_last)
     return [out, F.relu(out)] if relu_copy else [out]
 
 
@@ -56,8 +68,13 @@ def triton_conv(
 def _triton_conv_cuda(x, weight, packed, bias, residual, padding, dilation, relu_out, relu_copy, slot):
     from crnet.engines.triton_conv import conv2d_nhwc
 
+    def library():
+        return _library_conv(x, weight, bias, residual, padding, dilation, relu_out, relu_copy)
+
     kernel, padding, dilation = tuple(weight.shape[2:]), tuple(padding), tuple(dilation)
-    return conv2d_nhwc(x, packed, bias, residual, kernel, padding, dilation, relu_out, relu_copy, slot)
+    return conv2d_nhwc(
+        x, packed, bias, residual, kernel, padding, dilation, relu_out, relu_copy, slot, library=library
+    )
 
 
 @triton_conv.register_fake
@@ -78,12 +95,18 @@ def triton_branches(
 ) -> torch.Tensor:
     """concat(relu(conv2d(x, weights[b], biases[b], dilation of branch b, the padding that keeps the size)))
     over the branches b, channels-last; `packed` and `stacked_bias` are what the CUDA kernel reads, and
-    `geometry` six numbers per branch (triton_conv.branches_nhwc). Off CUDA, plain PyTorch."""
+    `geometry` six numbers per branch (triton_conv.branches_nhwc). Off CUDA, the library's convolutions."""
+    return _library_branches(x, weights, biases, geometry)
+
+
+def _library_branches(x, weights, biases, geometry) -> torch.Tensor:
+    """What crnet::triton_branches computes, one library convolution per branch (cuDNN's, with its fused ReLU,
+    on CUDA) and their concatenation: timed on CUDA beside the one launch, as _library_conv is."""
     outs = []
     for b, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
         dilation = geometry[6 * b + 2 : 6 * b + 4]
         padding = [d * (k - 1) // 2 for d, k in zip(dilation, weight.shape[2:], strict=True)]
-        outs.append(F.relu(F.conv2d(x, weight, bias, 1, padding, dilation)))
+        outs.append(conv_bias_relu(x, weight, bias, None, [1, 1], padding, dilation))
     return torch.cat(outs, dim=1).contiguous(memory_format=torch.channels_last)
 
 
@@ -91,8 +114,13 @@ def triton_branches(
 def _triton_branches_cuda(x, weights, packed, biases, stacked_bias, geometry, slot):
     from crnet.engines.triton_conv import branches_nhwc
 
+    def library():
+        return [_library_branches(x, weights, biases, geometry)]
+
     geometries = [tuple(geometry[i : i + 6]) for i in range(0, len(geometry), 6)]
-    return branches_nhwc(x, packed, stacked_bias, None, (3, 3), geometries, True, False, slot)[0]
+    return branches_nhwc(
+        x, packed, stacked_bias, None, (3, 3), geometries, True, False, slot, library=library
+    )[0]
 
 
 @triton_branches.register_fake
@@ -209,10 +237,34 @@ class TritonASPP(ASPP):
         return branches, self.pooling_term(x, pool_weight, bias)
 
 
+class TritonCondition(Condition):
+    """The condition module (same keys) as three Triton convolutions: the fusing one writes its output and
+    that output's ReLU, which its residual block's first convolution reads; the second adds the skip in its
+    epilogue. Training (with dropout) takes the ReLU as a pass of its own."""
+
+    @classmethod
+    def of(cls, condition: Condition) -> TritonCondition:
+        twin = cls.__new__(cls)
+        nn.Module.__init__(twin)
+        twin.activation, twin.dropout = condition.activation, condition.dropout
+        twin.fuse = TritonConv.of(condition.fuse)
+        twin.residual = None if condition.residual is None else TritonResidualBranch.of(condition.residual)
+        return twin.train(condition.training)
+
+    def forward(self, features: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
+        tiled = prototype[:, :, None, None].expand_as(features)
+        copy = self.residual is not None and not self.activation
+        out = self.fuse(torch.cat([features, tiled], dim=1), relu_out=self.activation, relu_copy=copy)
+        x, relu_x = out[0], out[0] if self.activation else out[-1] if copy else None
+        if self.dropout and self.training:
+            x, relu_x = F.dropout2d(x, self.dropout, True), None
+        return x if self.residual is None else self.residual.residual_block(x, relu_x, relu_next=False)[0]
+
+
 def triton_head(model: nn.Module) -> nn.Module:
-    """Run the refinement loop's 3x3 convolutions and ASPP branches of `model` as Triton kernels, in place; an
-    inference transform like folding (after conv_epilogues.fuse_conv_epilogues where both are). Returns the
-    model."""
+    """Run the head's 3x3 convolutions (the condition module's and the refinement loop's, the ASPP's branches
+    among them) of `model` as Triton kernels, in place; an inference transform like folding (after
+    conv_epilogues.fuse_conv_epilogues where both are). Returns the model."""
     for module in list(model.modules()):
         if isinstance(module, Refinement):
             for name in ("feedback", "residual2", "residual3"):
@@ -222,4 +274,73 @@ def triton_head(model: nn.Module) -> nn.Module:
                     f"the Triton head takes the ASPP as the model builds it, not {type(module.aspp)}"
                 )
             module.aspp = TritonASPP.of(module.aspp)
+    for parent in list(model.modules()):
+        for name, module in list(parent.named_children()):
+            if type(module) is Condition:
+                setattr(parent, name, TritonCondition.of(module))
+    return model
+
+
+class TritonConvReLU(ConvReLU):
+    """A ConvReLU (same parameters, same state-dict keys), relu(conv(x) + bias [+ residual]), run by
+    crnet::triton_conv: the encoder's size-keeping 3x3 convolutions."""
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> TritonConvReLU:
+        if not keeps_size(conv) or conv.padding_mode != "zeros":
+            raise ValueError(f"the Triton convolution takes size-keeping stride-1 convolutions, not {conv}")
+        twin = conv_twin(cls, conv)
+        twin.register_buffer("packed", pack_weight(conv.weight), persistent=False)  # made once, as the fold's
+        twin.slot = next(_SLOTS)
+        return twin
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        padding, dilation = list(self.padding), list(self.dilation)
+        return triton_conv(
+            x, self.weight, self.packed, self.bias, residual, padding, dilation, True, False, self.slot
+        )[0]
+
+    def with_weights(self, x, weight, bias, residual=None) -> torch.Tensor:
+        raise NotImplementedError("a Triton convolution runs its own packed weight")
+
+
+class TritonNeck(FusedNeck):
+    """The encoder's fused neck (same keys) as two Triton convolutions: the layer2 half, bare, then the layer3
+    half with the bias, the layer2 half as its residual, and the ReLU in its epilogue."""
+
+    @classmethod
+    def of(cls, neck: FusedNeck) -> TritonNeck:
+        conv = neck[0]
+        if not keeps_size(conv):
+            raise ValueError(f"the Triton neck takes a size-keeping stride-1 convolution, not {conv}")
+        twin = cls.__new__(cls)
+        nn.Sequential.__init__(twin, *neck)
+        for half in ("layer2", "layer3"):
+            weight = getattr(neck, f"{half}_weight")
+            twin.register_buffer(f"{half}_weight", weight, persistent=False)
+            twin.register_buffer(f"{half}_packed", pack_weight(weight), persistent=False)
+        twin.slots = (next(_SLOTS), next(_SLOTS))
+        return twin.train(neck.training)
+
+    def forward(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
+        conv = self[0]
+        padding, dilation = list(conv.padding), list(conv.dilation)
+        half2, half3 = (self.layer2_weight, self.layer2_packed), (self.layer3_weight, self.layer3_packed)
+        partial = triton_conv(layer2, *half2, None, None, padding, dilation, False, False, self.slots[0])[0]
+        out = triton_conv(layer3, *half3, conv.bias, partial, padding, dilation, True, False, self.slots[1])
+        return self[2](out[0])
+
+
+def triton_encoder(model: nn.Module) -> nn.Module:
+    """Run the encoder's size-keeping 3x3 convolutions (each bottleneck's, but the strided ones) and its
+    neck as Triton kernels, in place: an inference transform of a model whose epilogues are fused
+    (conv_epilogues.fuse_conv_epilogues), whose forms it takes. Returns the model."""
+    encoders = [m for m in model.modules() if isinstance(m, Encoder)]
+    if not encoders or not all(isinstance(e.neck, FusedNeck) for e in encoders):
+        raise ValueError("the Triton encoder takes the fused epilogues' encoder: fuse them first")
+    for encoder in encoders:
+        for module in encoder.trunk.modules():
+            if isinstance(module, FusedBottleneck) and keeps_size(module.conv2):
+                module.conv2 = TritonConvReLU.of(module.conv2)
+        encoder.neck = TritonNeck.of(encoder.neck)
     return model

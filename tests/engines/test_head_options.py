@@ -10,7 +10,13 @@ import torch
 
 from crnet.engines import RuntimeSpec, RuntimeUnavailable, open_runtime
 from crnet.engines.torch_runtime import TorchRuntime
-from crnet.engines.triton_head import TritonASPP, TritonConv, TritonResidualBranch, triton_head
+from crnet.engines.triton_head import (
+    TritonASPP,
+    TritonCondition,
+    TritonConv,
+    TritonResidualBranch,
+    triton_head,
+)
 from crnet.model.concurrent_aspp import ConcurrentASPP, concurrent_aspp
 from crnet.model.conv_epilogues import fuse_conv_epilogues
 from tests.model.test_conv_epilogues import folded_micro
@@ -26,6 +32,7 @@ def triton_in_place(model, epilogues: bool) -> None:
     refinement = model.refinement
     assert all(isinstance(getattr(refinement, n), TritonResidualBranch) for n in ("residual2", "feedback"))
     assert isinstance(refinement.residual3[1], TritonConv) and type(refinement.aspp) is TritonASPP
+    assert type(model.condition) is TritonCondition and isinstance(model.condition.fuse, TritonConv)
 
 
 # option: (transform, the runtime's keyword, a check of where the transform put its modules)

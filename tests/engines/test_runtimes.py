@@ -205,7 +205,8 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
         "torch:fp16+channels-last+cudnn-epilogues+cuda-graphs",
         DEPLOYED_GPU,  # compiled, captured, cuDNN's epilogues, the blocked stem
         DEPLOYED_GPU + "+concurrent-aspp",  # the ASPP's branches on streams of their own, inside the graph
-        DEPLOYED_GPU + "+triton-head",  # the loop's 3x3 convolutions as our Triton kernels
+        DEPLOYED_GPU + "+triton-head",  # the head's 3x3 convolutions as our Triton kernels
+        DEPLOYED_GPU + "+triton-head+triton-encoder",  # and the encoder's
         "torch:fp16+channels-last+cudnn-epilogues+space-to-depth+banded-aspp+compile+cuda-graphs+torch-loop",
         "torch:fp16+anchor",
         "onnxruntime:fp32+cuda",

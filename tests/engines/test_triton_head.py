@@ -19,6 +19,8 @@ from crnet.engines.triton_head import (
     TritonASPP,
     TritonConv,
     TritonResidualBranch,
+    _library_branches,
+    _library_conv,
     pack_weight,
     triton_branches,
     triton_conv,
@@ -171,6 +173,49 @@ def test_every_candidate_compiles_for_hopper() -> None:
             assert "C7515" not in report, (config, has_res, relu_out, relu_copy, report)
 
 
+def test_each_shape_runs_the_faster_of_the_kernel_and_the_library(monkeypatch) -> None:
+    """The choice on the first call for a shape: every Triton candidate and the library's function timed, the
+    fastest remembered; the library's then runs in place of the kernel. Timings faked, the logic real."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    from crnet.engines import triton_conv as tc
+
+    configs = tc.SMALL_MAP_CONFIGS[:3]
+    ran = []
+
+    def bench(timings):
+        def do_bench(fn, warmup, rep):
+            fn()
+            return timings[ran[-1]]
+
+        return do_bench
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda = torch.device("cuda")
+    for timings, expected in [
+        ({configs[0]: 3.0, configs[1]: 2.0, configs[2]: 4.0, "library": 2.5}, configs[1]),
+        ({configs[0]: 3.0, configs[1]: 2.0, configs[2]: 4.0, "library": 1.5}, tc.LIBRARY),
+    ]:
+        monkeypatch.setattr(triton.testing, "do_bench", bench(timings))
+        key = ("a shape", expected)
+        choice = tc._choose(key, configs, ran.append, lambda: ran.append("library"), cuda)
+        assert choice == expected and tc._CHOSEN.pop(key) == expected
+    assert tc._choose("without", configs, ran.append, None, cuda) == configs[1]  # no library offered
+    assert ran.count("library") == 2
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tc._choose("capturing", configs, ran.append, None, cuda) == configs[0]  # nothing timed
+    assert "capturing" not in tc._CHOSEN
+
+    # Once the library is chosen for a shape, its function runs and the kernel does not launch.
+    monkeypatch.setattr(tc, "_choose", lambda *args: tc.LIBRARY)
+    monkeypatch.setattr(tc, "_conv_kernel", None)  # a launch would fail
+    x = torch.randn(1, 8, 5, 5)
+    marker = [torch.zeros(1)]
+    got = tc.conv2d_nhwc(
+        x, torch.randn(72, 8), None, None, (3, 3), (1, 1), (1, 1), False, library=lambda: marker
+    )
+    assert got is marker
+
+
 def test_the_op_and_its_fake_agree() -> None:
     torch.manual_seed(0)
     conv = TritonConv.of(torch.nn.Conv2d(8, 6, 3, padding=2, dilation=2))
@@ -220,6 +265,15 @@ def test_every_configuration_on_cuda_is_the_convolution() -> None:
         torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2, msg=lambda m, c=config: f"{c}: {m}")
         torch.testing.assert_close(relu_got, expected.relu(), rtol=1e-2, atol=1e-2)
         assert int(tc._COUNTERS[got.device].abs().sum()) == 0
+    # The library's way, which a shape runs where cuDNN is the faster: with and without its fused ReLU.
+    args = (x, conv.weight, conv.bias, residual, [12, 12], [12, 12])
+    with torch.inference_mode():
+        got, relu_got = _library_conv(*args, False, True)
+        fused = _library_conv(*args, True, False)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(relu_got, expected.relu(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(fused, expected.relu(), rtol=1e-2, atol=1e-2)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (got, relu_got, fused))
 
 
 @pytest.mark.cuda
@@ -254,6 +308,10 @@ def test_the_aspps_four_branches_in_one_launch_on_cuda() -> None:
             torch.cuda.synchronize()
         torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2, msg=lambda m, c=config: f"{c}: {m}")
         assert int(tc._COUNTERS[got.device].abs().sum()) == 0
+    with torch.inference_mode():  # the library's way: a cuDNN convolution per branch, then the concatenation
+        weights, biases = [b.weight for b in aspp.branches], [b.bias for b in aspp.branches]
+        got = _library_branches(x, weights, biases, twin.geometry)
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.cuda
