@@ -21,23 +21,22 @@
 #    inductor's on-disk caches, so that the timed runs below do not spend minutes compiling;
 # 4. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them); the native op against the compiled loop under graph replay
-#    (bench_ops); a batch-64 kernel profile of the deployed row and the candidate (the first run's was cut
-#    off); and, if time is left, the dilated branches alone (benchmarks/banded_aspp.py) and a batch-1
-#    profile of every row.
-# The rows (since the second H200 session of 2026-11-26): the deployed row, the anchor, and two candidates
-# for the batch-64 target, missed there by 2.5%: the deployed row with the ASPP's dilated branches banded
-# (half the multiply-adds of the dilation-18 branch read padding; the price is 9 smaller convolutions per
-# branch), and with cuDNN timing its algorithms (the first session measured that only in batch-1 kernel
-# time, where it lost; that row captures on a thread of its own, since PyTorch caches cuDNN's choices per
-# thread, whoever chose them: engines/cuda_graphs.py); and two for the batch-1 target: the deployed row with
-# the ASPP's branches each on a CUDA stream of its own, so that the graph may run the four convolutions and
-# the pooling term side by side (crnet/model/concurrent_aspp.py), and with the loop's 3x3 convolutions as
-# our Triton kernels, ReLUs and skips inside, the reduction split where the map leaves SMs idle
-# (engines/triton_conv.py; its first call times its tiles and splits, Triton's compiles are cached on disk
-# by the warm-up step). The suite gets 200 s (in 160 s it got through 425 of its 707 tests), so that six
-# rows fit; benchmarks/unreached_tests.py runs the rest on the still-warm machine.
+#    (bench_ops); a batch-64 kernel profile of the deployed row and the last candidate; and, if time is
+#    left, the encoder's and condition's 3x3 convolutions alone, cuDNN against our Triton kernel
+#    (benchmarks/encoder_convs.py), and a batch-1 profile of every row.
+# The rows (since 2026-11-26, third session): the deployed row, the anchor; for the batch-64 target, missed
+# by 2.5%, the deployed row with the ASPP's dilated branches banded (half the multiply-adds of the
+# dilation-18 branch read padding; the price is 9 smaller convolutions per branch); for the batch-1 target,
+# the deployed row with the ASPP's branches each on a CUDA stream of its own, so that the graph may run the
+# four convolutions and the pooling term side by side (crnet/model/concurrent_aspp.py); with the head's 3x3
+# convolutions as our Triton kernels, ReLUs and skips inside, the reduction split where the map leaves SMs
+# idle (engines/triton_conv.py; its first call times its tiles and splits, and cuDNN, and keeps the fastest
+# for each shape; Triton's compiles are cached on disk by the warm-up step); and with the encoder's too, for
+# both targets. (`+cudnn-benchmark`, a row until then, made way: the first session measured it losing at
+# batch 1.) The suite gets 200 s (in 160 s it got through 425 of its 707 tests), so that six rows fit;
+# benchmarks/unreached_tests.py runs the rest on the still-warm machine.
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
-# profile.txt, profile.json. The banded branches' table goes into run.log.
+# profile.txt, profile.json. The convolutions' table goes into run.log.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
 # before it costs device time. Seen on the H200: with pytest's workers compiling too, six compiling
 # processes took over 120 s each; with the suite's mostly CPU tests beside them, at most 104 s. Hence the
@@ -77,7 +76,7 @@ else
   TINY=("$DEPLOYED" 1000)  # the deployed row, on the standard 1000 episodes
   ROWS=("$DEPLOYED" torch:fp16+anchor
     torch:fp16+channels-last+cudnn-epilogues+space-to-depth+banded-aspp+compile+cuda-graphs+torch-loop
-    "$DEPLOYED+cudnn-benchmark" "$DEPLOYED+concurrent-aspp" "$DEPLOYED+triton-head")
+    "$DEPLOYED+concurrent-aspp" "$DEPLOYED+triton-head" "$DEPLOYED+triton-head+triton-encoder")
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
@@ -184,15 +183,18 @@ step "native op against the compiled PyTorch loop, GPU time under graph replay"
 grep -E "^\||speed|replay" "$OUT/ops.log" | tee -a "$LOG"
 
 LARGE=${BATCHES[-1]}
-step "where the GPU time goes at batch $LARGE: the deployed row and the first candidate"
+step "where the GPU time goes at batch $LARGE: the deployed row and the last candidate"
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 --json "$OUT/profile.json" \
-  "${DEVICE[@]}" "--spec=${ROWS[0]}" "--spec=${ROWS[2]:-${ROWS[0]}}" >"$OUT/profile.txt" 2>&1
+  "${DEVICE[@]}" "--spec=${ROWS[0]}" "--spec=${ROWS[-1]}" >"$OUT/profile.txt" 2>&1
 grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12 | tee -a "$LOG"
 
 # What is left of the budget goes to the decisions that matter less.
-step "the ASPP's dilated branches alone: padded against banded, batch 1 and $LARGE"
-within 40 python3 benchmarks/banded_aspp.py --batch 1 --batch "$LARGE" "${DEVICE[@]}" >"$WORK/banded.log" 2>&1
-grep -E "^(\||ASPP)" "$WORK/banded.log" | tee -a "$LOG"
+step "the encoder's and condition's 3x3 convolutions alone: cuDNN against our Triton kernel, batch 1 and $LARGE"
+SIZE=() CONVS_ENV=()  # the rehearsal: small maps, the kernel in Triton's interpreter
+((REHEARSE)) && SIZE=(--size 9 --repeats 2) && CONVS_ENV=(env TRITON_INTERPRET=1)
+within 45 "${CONVS_ENV[@]}" python3 benchmarks/encoder_convs.py --batch 1 --batch "$LARGE" "${DEVICE[@]}" \
+  "${SIZE[@]}" >"$WORK/encoder_convs.log" 2>&1
+grep -E "^(\||encoder)" "$WORK/encoder_convs.log" | tee -a "$LOG"
 step "where the GPU time goes, batch 1"
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" "${ROWS[@]/#/--spec=}" \
   >>"$OUT/profile.txt" 2>&1

@@ -145,12 +145,14 @@ def test_every_candidate_compiles_for_hopper() -> None:
     signature = {p: POINTERS.get(p, "i32") for p in params}
     attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params if p in POINTERS or p in ALIGNED}
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    # (residual, relu out, relu copy): a block's first convolution and the ASPP's; its second, and the last.
-    flags = [(False, True, False), (True, False, True), (True, False, False)]
+    # (bias, residual, relu out, relu copy): a block's first convolution, the ASPP's and the encoder's; a
+    # block's second, and the last; the neck's layer2 half (bare) and its layer3 half; the condition's fuse.
+    flags = [(True, False, True, False), (True, True, False, True), (True, True, False, False)]
+    flags += [(False, False, False, False), (True, True, True, False), (True, False, False, True)]
     builds = [(config, flags[1]) for config in tc.CONFIGS] + [(tc.CONFIGS[1], f) for f in flags]
-    for config, (has_res, relu_out, relu_copy) in builds:
+    for config, (has_bias, has_res, relu_out, relu_copy) in builds:
         constexprs = dict(
-            TAPS=9, KW=3, HAS_BIAS=True, HAS_RES=has_res, RELU_OUT=relu_out, RELU_COPY=relu_copy
+            TAPS=9, KW=3, HAS_BIAS=has_bias, HAS_RES=has_res, RELU_OUT=relu_out, RELU_COPY=relu_copy
         )
         constexprs |= dict(IEEE=False, BM=config.bm, BN=config.bn, BK=config.bk, SPLIT=config.split)
         source = ASTSource(
@@ -163,14 +165,14 @@ def test_every_candidate_compiles_for_hopper() -> None:
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         ptx = kernel.asm["ptx"]
         tensor_cores = "wgmma" in ptx if config.bm >= 64 else "mma.sync" in ptx  # a warpgroup's is 64 rows
-        assert tensor_cores and "cp.async" in ptx, (config, has_res, relu_out, relu_copy)
+        assert tensor_cores and "cp.async" in ptx, (config, has_bias, has_res, relu_out, relu_copy)
         assert kernel.metadata.shared <= 227 * 1024  # an H100's or H200's shared memory per block
         if ptxas.exists():
             source_file = Path(tempfile.mkdtemp()) / "kernel.ptx"
             source_file.write_text(ptx)
             command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source_file), "-o", os.devnull]
             report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
-            assert "C7515" not in report, (config, has_res, relu_out, relu_copy, report)
+            assert "C7515" not in report, (config, has_bias, has_res, relu_out, relu_copy, report)
 
 
 def test_each_shape_runs_the_faster_of_the_kernel_and_the_library(monkeypatch) -> None:
