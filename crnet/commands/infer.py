@@ -96,16 +96,17 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 SUMMARY = "infer.json"
 
 
-def earlier_output(out: Path) -> bool:
-    """Whether a folder holds an earlier infer's output and nothing else: its infer.json and the masks and
-    overlays that infer.json lists."""
+def earlier_output(out: Path) -> list[str] | None:
+    """The files of an earlier infer's output, if a folder holds that and nothing else: its infer.json and
+    the masks and overlays that infer.json lists; else None."""
     try:
         summary = json.loads((out / SUMMARY).read_text())
         masks = [record["mask"] for record in summary["queries"]]
-    except (OSError, ValueError, TypeError, KeyError):
-        return False
-    overlays = [mask.removesuffix("_mask.png") + "_overlay.png" for mask in masks]
-    return holds_only(out, [SUMMARY, *masks, *overlays])
+        overlays = [mask.removesuffix("_mask.png") + "_overlay.png" for mask in masks]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    names = [SUMMARY, *masks, *overlays]
+    return names if holds_only(out, names) else None
 
 
 def check_out(out: Path, names: list[str], inputs: list[Path]) -> None:
@@ -115,7 +116,7 @@ def check_out(out: Path, names: list[str], inputs: list[Path]) -> None:
         raise OutputError(f"--out {out} is a symbolic link to nothing; give a folder")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; infer writes a folder of masks there")
-    if out.is_dir() and any(out.iterdir()) and not earlier_output(out):
+    if out.is_dir() and any(out.iterdir()) and earlier_output(out) is None:
         raise OutputError(
             f"--out {out} holds other files than an earlier infer's; choose a new or empty folder"
         )
@@ -160,6 +161,7 @@ def infer(
         raise CRNetError(f"--batch-size must be >= 1, got {batch_size}")
     names = output_names(queries)
     check_out(out, names, [*supports, *support_masks, *queries, engine])
+    earlier = (earlier_output(out) or []) if out.is_dir() else []
     choice = choose_engine(engine, runtime, device)  # device None: the runtime's best
     device = choice.device
     crnet.device.flush_denormals_for_inference(device)
@@ -202,6 +204,14 @@ def infer(
         seconds = time.perf_counter() - started
     finally:
         runner.close()
+    # A run into an earlier output replaces it: that run's masks and overlays this one did not rewrite go,
+    # so that the folder and its infer.json agree. Only files the earlier infer.json listed, and only after
+    # every new one is written.
+    written = {record["mask"] for record in records}
+    written |= {mask.removesuffix("_mask.png") + "_overlay.png" for mask in written}
+    for stale in set(earlier) - written - {SUMMARY}:
+        if Path(stale).name == stale and stale.endswith(("_mask.png", "_overlay.png")):  # in `out`, ours
+            (out / stale).unlink(missing_ok=True)
     summary = {
         "engine": str(engine),
         "runtime": str(choice.spec),

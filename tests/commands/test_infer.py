@@ -107,6 +107,24 @@ def test_a_second_run_replaces_only_an_earlier_infers_output(pictures, micro_che
     assert (tmp_path / "out" / "notes.txt").read_text() == "the user's"
 
 
+def test_a_second_run_leaves_none_of_the_earlier_runs_masks(pictures, micro_checkpoint, tmp_path) -> None:
+    """The folder and its infer.json agree after a run into an earlier output with other queries."""
+    support, mask, out = [pictures / "support.png"], [pictures / "mask.png"], tmp_path / "out"
+    shutil.copy(pictures / "query.jpg", tmp_path / "other.jpg")
+    infer(micro_checkpoint, support, mask, [pictures / "query.jpg", tmp_path / "other.jpg"], out)
+    assert len(list(out.iterdir())) == 5
+    summary = infer(micro_checkpoint, support, mask, [tmp_path / "other.jpg"], out)
+    assert sorted(p.name for p in out.iterdir()) == ["infer.json", "other_mask.png", "other_overlay.png"]
+    assert [r["mask"] for r in summary["queries"]] == ["other_mask.png"]
+    # An infer.json edited to name a file outside the folder removes nothing there.
+    outside = tmp_path / "keep_mask.png"
+    outside.write_bytes(b"the user's")
+    summary["queries"].append({"query": "x", "mask": "../keep_mask.png", "foreground": 0.0})
+    (out / "infer.json").write_text(json.dumps(summary))
+    infer(micro_checkpoint, support, mask, [tmp_path / "other.jpg"], out)
+    assert outside.read_bytes() == b"the user's"
+
+
 def test_a_checkpoint_under_another_name_is_a_checkpoint(pictures, micro_checkpoint, tmp_path) -> None:
     renamed = Path(shutil.copy(micro_checkpoint, tmp_path / "model.PTH"))
     support, mask = [pictures / "support.png"], [pictures / "mask.png"]
