@@ -38,6 +38,8 @@ NAMES = ("torch", "onnxruntime", "tensorrt")
 # 2x2 pixel blocks: the fastest row of both H200 runs of 2026-11-26 at batch 1 (1.22 against 1.33 ms for the
 # compiled loop alone) and at batch 64 (26.3 against 28.4 ms) (docs/BENCHMARKS.md).
 DEPLOYED_GPU = "torch:fp16+channels-last+cudnn-epilogues+space-to-depth+compile+cuda-graphs+torch-loop"
+# Options that run kernels of a package crnet does not require: the default must run without it.
+OPTIONAL_PACKAGES = {"triton-head": "triton", "triton-encoder": "triton"}
 OPTIONS = {
     "torch": (
         "compile",
@@ -59,6 +61,7 @@ OPTIONS = {
 
 __all__ = [
     "DEPLOYED_GPU",
+    "deployed_gpu",
     "NAMES",
     "Runtime",
     "RuntimeSpec",
@@ -101,6 +104,18 @@ class RuntimeSpec:
 
     def __str__(self) -> str:
         return "+".join([f"{self.name}:{self.precision}", *self.options])
+
+
+def deployed_gpu() -> str:
+    """The deployed GPU path as this machine can run it: DEPLOYED_GPU without the options whose package
+    (OPTIONAL_PACKAGES) is not installed, so that the default of infer, bench and demo never fails for it."""
+    import importlib.util
+
+    spec = RuntimeSpec.parse(DEPLOYED_GPU)
+    kept = [
+        o for o in spec.options if importlib.util.find_spec(OPTIONAL_PACKAGES.get(o, "torch")) is not None
+    ]
+    return str(RuntimeSpec(spec.name, spec.precision, tuple(kept)))
 
 
 def torch_options(spec: RuntimeSpec, fused: bool | None = None) -> dict:

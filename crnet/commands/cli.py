@@ -557,13 +557,13 @@ def bench_command(
     """Latency and IoU of every runtime on the same episodes, with agreement to PyTorch FP32."""
     from crnet.commands.bench import BenchSettings, format_table, plot_latency, run_bench
     from crnet.device import flush_denormals_for_inference, resolve_device
-    from crnet.engines import DEPLOYED_GPU, RuntimeSpec
+    from crnet.engines import RuntimeSpec, deployed_gpu
 
     resolved = resolve_device(device)
     flush_denormals_for_inference(resolved)
     default = ["torch:fp32", "onnxruntime:fp32", "onnxruntime:fp16"]
     if resolved.type == "cuda":
-        default = ["torch:fp16+channels-last", DEPLOYED_GPU, "torch:fp16+anchor", "onnxruntime:fp32+cuda"]
+        default = ["torch:fp16+channels-last", deployed_gpu(), "torch:fp16+anchor", "onnxruntime:fp32+cuda"]
         default += ["tensorrt:fp16"]
     specs = [RuntimeSpec.parse(text) for text in runtime or default]
     if any(spec.name != "torch" for spec in specs) and bundle is None:

@@ -16,7 +16,7 @@ from crnet.commands.visualize import denormalise, episode_sheet
 from crnet.config import TINY, TrainConfig
 from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import VOCTree
-from crnet.engines import DEPLOYED_GPU
+from crnet.engines import deployed_gpu
 from crnet.files import OutputError, holds_only, write_text
 from crnet.model.crnet import CRNet, upsample
 
@@ -141,7 +141,6 @@ def run_demo(
 
 
 DEMO_RUNTIMES = ("torch:fp32", "torch:bf16+channels-last", "onnxruntime:fp32", "onnxruntime:fp16")
-GPU_RUNTIMES = ("torch:fp32", "torch:fp16+channels-last", DEPLOYED_GPU, "torch:fp16+anchor")
 
 
 def demo_runtimes(device: torch.device) -> tuple[str, ...]:
@@ -149,7 +148,7 @@ def demo_runtimes(device: torch.device) -> tuple[str, ...]:
     provider and TensorRT where installed), never rows that can only say they are unavailable."""
     if device.type != "cuda":
         return DEMO_RUNTIMES
-    runtimes = list(GPU_RUNTIMES)
+    runtimes = ["torch:fp32", "torch:fp16+channels-last", deployed_gpu(), "torch:fp16+anchor"]
     try:
         import onnxruntime
 

@@ -22,7 +22,7 @@ from crnet.commands.visualize import overlay
 from crnet.data.episodes import to_model_input
 from crnet.data.masks import read_binary_mask
 from crnet.data.pascal import read_image
-from crnet.engines import DEPLOYED_GPU, RuntimeSpec, open_runtime, runtime_device
+from crnet.engines import RuntimeSpec, deployed_gpu, open_runtime, runtime_device
 from crnet.engines.base import Runtime
 from crnet.errors import CheckpointError, CRNetError, EmptySupportMaskError, NoSupportError
 from crnet.files import OutputError, atomic_file, check_not_input, holds_only, write_text
@@ -55,7 +55,7 @@ def choose_engine(path: Path, runtime: str | None, device: torch.device | None) 
                     f"--engine {path} is neither a crnet checkpoint nor a graph or engine in a bundle (give "
                     "a bundle directory, a file in one, or a .pt checkpoint)"
                 ) from None
-        spec = RuntimeSpec.parse(runtime or (DEPLOYED_GPU if gpu else "torch"))
+        spec = RuntimeSpec.parse(runtime or (deployed_gpu() if gpu else "torch"))
         if spec.name != "torch":
             raise CRNetError(f"{path} is a checkpoint: it runs on the torch runtime, not {spec.name}")
         return EngineChoice(spec, path, None, runtime_device(spec, device))

@@ -14,6 +14,7 @@ import torch
 from crnet.commands import cli
 from crnet.commands.demo import DEMO_RUNTIMES, RECIPE, demo_runtimes
 from crnet.config import TINY, ModelConfig, TrainConfig
+from crnet.engines import deployed_gpu
 from crnet.errors import CRNetError
 
 COMMITTED = Path(__file__).parents[2] / "checkpoints" / "tiny_fold0.pt"
@@ -106,11 +107,9 @@ def test_demo_trains_only_when_asked_or_when_the_default_is_absent(
 
 
 def test_demo_runtimes_on_a_gpu_are_ones_that_run_there(monkeypatch) -> None:
-    import crnet.commands.demo as demo
-
     assert demo_runtimes(torch.device("cpu")) == DEMO_RUNTIMES
     gpu = demo_runtimes(torch.device("cuda"))
-    assert gpu[: len(demo.GPU_RUNTIMES)] == demo.GPU_RUNTIMES
+    assert gpu[:4] == ("torch:fp32", "torch:fp16+channels-last", deployed_gpu(), "torch:fp16+anchor")
     assert not any(spec.startswith("onnxruntime:") and not spec.endswith("+cuda") for spec in gpu)
 
 

@@ -290,3 +290,21 @@ def test_torch_runtime_fused_switch(micro_checkpoint) -> None:
 def test_torch_runtime_refuses_fused_without_a_kernel(micro_checkpoint) -> None:
     with pytest.raises(RuntimeUnavailable, match="no cpu kernel for torch.bfloat16"):
         open_runtime(RuntimeSpec.parse("torch:bf16"), checkpoint=micro_checkpoint, fused=True)
+
+
+def test_the_deployed_path_runs_without_the_packages_crnet_does_not_require(monkeypatch) -> None:
+    """A deployed path with a Triton option drops it where Triton is not installed, rather than fail."""
+    import importlib.util
+
+    import crnet.engines as engines
+
+    monkeypatch.setattr(
+        engines, "DEPLOYED_GPU", "torch:fp16+channels-last+triton-head+compile+triton-encoder"
+    )
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "triton" else real(name))
+    assert engines.deployed_gpu() == "torch:fp16+channels-last+compile"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert engines.deployed_gpu() == "torch:fp16+channels-last+triton-head+compile+triton-encoder"
+    monkeypatch.undo()
+    assert engines.deployed_gpu() == engines.DEPLOYED_GPU  # today's has no optional package
