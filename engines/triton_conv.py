@@ -193,7 +193,9 @@ LARGE_MAP_CONFIGS = [
     Config(64, 128, 64, 1, 8, 3),
     Config(128, 64, 64, 1, 8, 3),
 ]
-CONFIGS = list(dict.fromkeys(SMALL_MAP_CONFIGS + LARGE_MAP_CONFIGS))
+# Few input channels (the feedback block's 2 probabilities): 16 a step, the least a tensor-core product takes.
+FEW_CHANNELS, FEW_CHANNEL_CONFIGS = 16, [Config(64, 64, 16, 1, 4, 3), Config(128, 64, 16, 1, 4, 3)]
+CONFIGS = list(dict.fromkeys(SMALL_MAP_CONFIGS + LARGE_MAP_CONFIGS + FEW_CHANNEL_CONFIGS))
 SMALL_BELOW = 2  # a map is small when its 64x64 tiles are fewer than twice the SMs
 SLOTS, SLOT_TILES = 64, 4096  # counters: one block per calling convolution, one counter per tile and branch
 
@@ -207,10 +209,14 @@ def _tiles(config: Config, pixels: int, out_channels: int) -> int:
     return triton.cdiv(pixels, config.bm) * triton.cdiv(out_channels, config.bn)
 
 
-def candidates(pixels: int, out_channels: int, branches: int, device: torch.device) -> list[Config]:
+def candidates(
+    pixels: int, channels: int, out_channels: int, branches: int, device: torch.device
+) -> list[Config]:
     """The configurations worth timing for this GEMM size on this device."""
     if device.type != "cuda":
         return [CONFIGS[0]]  # the interpreter: nothing to time
+    if channels <= FEW_CHANNELS:
+        return FEW_CHANNEL_CONFIGS
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     small = branches * _tiles(CONFIGS[0], pixels, out_channels) < SMALL_BELOW * sms
     configs = SMALL_MAP_CONFIGS if small else LARGE_MAP_CONFIGS
@@ -339,7 +345,9 @@ def branches_nhwc(
     if pixels == 0:
         return run(CONFIGS[0])  # empty outputs: nothing to launch or to time
     if choice is None:
-        choice = _choose(key, candidates(pixels, out_channels, count, x.device), run, library, x.device)
+        choice = _choose(
+            key, candidates(pixels, channels, out_channels, count, x.device), run, library, x.device
+        )
     return library() if choice == LIBRARY else run(choice)
 
 

@@ -1,18 +1,23 @@
-"""`+triton-head`: the refinement loop's convolutions as the Triton kernels of triton_conv.py, for inference
-on CUDA. What changes, per iteration of the hoisted loop (crnet/model/refinement.py):
+"""`+triton-head` and `+triton-encoder`: the model's 3x3 convolutions as the Triton kernels of triton_conv.py,
+for inference on CUDA. What `+triton-head` changes, per iteration of the hoisted loop
+(crnet/model/refinement.py):
 
+- the feedback block's first convolution, whose share of the features is hoisted, is one kernel over the
+  2 probability channels that adds the hoisted share and applies the ReLU in its epilogue;
 - each residual block, relu(h) -> conv -> relu -> conv -> + h, is two kernels: the first convolution
   writes its ReLU'd output, the second adds its bias and h in its epilogue and writes the block's output
   twice, as it is (the next skip) and ReLU'd (the next block's input): no elementwise pass between blocks;
-- the feedback block's second convolution adds X the same way (the ReLU of its input is inductor's, fused
-  with the add that makes that input);
 - the ASPP's four pixel branches (the 1x1 as the centre tap of a 3x3) are one kernel launch, every
   branch's tiles at once, each writing its ReLU'd output straight into its channels of the concatenation
-  the projection reads: no stream to fork, no copy to concatenate.
+  the projection reads: no stream to fork, no copy to concatenate;
+- and, once per query, the condition module's three convolutions the same way.
+`+triton-encoder` does the same for each bottleneck's size-keeping 3x3 convolution and the encoder's neck.
 
 `crnet::triton_conv` and `crnet::triton_branches` are custom ops, so torch.compile traces each as one call
-(its fake impl gives the output's shape and layout) and CUDA graphs capture its launch; off CUDA they compute
-the same with plain PyTorch ops. The other 1x1 convolutions stay PyTorch's (matrix products).
+(its fake impl gives the output's shape and layout) and CUDA graphs capture its launch. On CUDA each
+shape runs whichever was faster, timed on its first call: our kernel or the library's way (`_library_conv`,
+`_library_branches`: cuDNN's convolutions with their fused epilogues); off CUDA, the library's way. The 1x1
+convolutions stay PyTorch's (matrix products).
 """
 
 from __future__ import annotations
@@ -176,6 +181,13 @@ class TritonResidualBranch(ResidualBranch):
         nn.Sequential.__init__(
             twin, nn.Identity(), TritonConv.of(branch[1]), nn.Identity(), TritonConv.of(branch[3])
         )
+        # The feedback block's first convolution also reads the probabilities (its input channels past the
+        # block's own): their share of its weight packed once, for feedback_tail.
+        channels = branch[3].out_channels
+        if branch[1].in_channels > channels:
+            extra = branch[1].weight.detach()[:, channels:]
+            twin.register_buffer("probability_packed", pack_weight(extra), persistent=False)
+            twin.probability_slot = next(_SLOTS)
         return twin.train(branch.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,10 +200,23 @@ class TritonResidualBranch(ResidualBranch):
         out = self[3](inner, x, relu_copy=relu_next)
         return out[0], out[1] if relu_next else None
 
-    def tail(
-        self, first: torch.Tensor, skip: torch.Tensor, *, relu_next: bool = True
+    def feedback_tail(
+        self,
+        feature_term: torch.Tensor,
+        y: torch.Tensor | None,
+        probability_weight: torch.Tensor,
+        skip: torch.Tensor,
+        *,
+        relu_next: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self[3](F.relu(first), skip, relu_copy=relu_next)
+        """Two kernels: relu(feature_term + conv3x3(y)) as one Triton convolution over the 2 probability
+        channels, feature_term its residual and the ReLU in its epilogue; then the second convolution."""
+        if y is None:
+            relu_first = F.relu(feature_term)
+        else:
+            args = (self.probability_packed, None, feature_term, [1, 1], [1, 1], True, False)
+            relu_first = triton_conv(y, probability_weight, *args, self.probability_slot)[0]
+        out = self[3](relu_first, skip, relu_copy=relu_next)
         return out[0], out[1] if relu_next else None
 
 

@@ -49,11 +49,19 @@ class ResidualBranch(nn.Sequential):
         the branch applies its own ReLU, so: None."""
         return x + self(x), None
 
-    def tail(
-        self, first: torch.Tensor, skip: torch.Tensor, *, relu_next: bool = True
+    def feedback_tail(
+        self,
+        feature_term: torch.Tensor,
+        y: torch.Tensor | None,
+        probability_weight: torch.Tensor,
+        skip: torch.Tensor,
+        *,
+        relu_next: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """skip + conv2(relu(first)): the block from its first convolution's output (before its ReLU) on,
-        and the result's ReLU or None, as residual_block gives them."""
+        """The feedback block from its first convolution's hoisted part on: with first = feature_term +
+        conv3x3(y, probability_weight) (y None: zero), skip + conv2(relu(first)), and its ReLU or None, as
+        residual_block gives them."""
+        first = feature_term if y is None else feature_term + F.conv2d(y, probability_weight, padding=1)
         return skip + self[3](F.relu(first)), None
 
 
@@ -201,10 +209,7 @@ class Refinement(nn.Module):
         # y_0 = 0 adds nothing; a given `previous` is ReLU'd as in the concatenation, softmax needs no ReLU.
         y = None if previous is None else F.relu(previous)
         for _ in range(iterations):
-            first_out = (
-                feature_term if y is None else feature_term + F.conv2d(y, probability_weight, padding=1)
-            )
-            h, relu_h = self.feedback.tail(first_out, x)
+            h, relu_h = self.feedback.feedback_tail(feature_term, y, probability_weight, x)
             h, relu_h = self.residual2.residual_block(h, relu_h)
             h, _ = self.residual3.residual_block(h, relu_h, relu_next=False)  # the ASPP reads h itself
             branches, pool_bias = self.aspp.hoisted_terms(h, pool_weight, project.bias)

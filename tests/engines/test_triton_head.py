@@ -38,6 +38,7 @@ CASES = [
     (2, 24, 32, 5, 5, 1, 1, True, False, True, True, "NCHW"),  # 1x1, channels short of a step, NCHW in
     (2, 32, 32, 30, 4, 3, 12, False, True, False, True, "NHWC"),  # tiles whose outer tap rows read padding
     (1, 16, 32, 14, 64, 3, 6, True, False, False, True, "NHWC"),  # tiles of exactly one row, at the edges
+    (2, 2, 32, 9, 9, 3, 1, False, True, True, False, "NCHW"),  # the feedback's 2 probabilities, 16 a step too
 ]
 # Checked in a process of its own: TRITON_INTERPRET must be set before the kernel is defined.
 INTERPRETED = textwrap.dedent(
@@ -60,7 +61,8 @@ INTERPRETED = textwrap.dedent(
         ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), 1, p, d)
         ref = ref + r.double() if r is not None else ref
         ref = ref.relu() if relu_out else ref
-        for config in tc.CONFIGS[:4]:  # 64x64 split 1, 2 and 4; 32x64 split 2
+        few = tc.FEW_CHANNEL_CONFIGS[:1] if c <= tc.FEW_CHANNELS else []
+        for config in tc.CONFIGS[:4] + few:  # 64x64 split 1, 2 and 4; 32x64 split 2; 16 channels a step
             got = tc.conv2d_nhwc(x, pack_weight(weight), b, r, (k, k), (p, p), (d, d), relu_out, relu_copy,
                                  slot=3, config=config)
             assert len(got) == 1 + relu_copy
@@ -112,7 +114,8 @@ def test_the_kernel_in_tritons_interpreter_is_the_convolution() -> None:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 4 * len(CASES) + 4 and {r["split"] for r in results} == {1, 2, 4}
+    few = sum(case[1] <= 16 for case in CASES)  # 16 channels a step too, for few input channels
+    assert len(results) == 4 * len(CASES) + few + 4 and {r["split"] for r in results} == {1, 2, 4}
     for result in results:
         assert result["error"] < 1e-5  # FP32 products summed in FP32, against float64
         assert result["channels_last"]
