@@ -9,7 +9,8 @@ A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `tor
 `+space-to-depth` (the stem's strided 7x7 convolution as a 4x4 one over 2x2 pixel blocks), `+banded-aspp`
 (the dilated ASPP branches without the taps that read only padding), `+concurrent-aspp` (the ASPP's
 branches on CUDA streams of their own, side by side), `+triton-head` (the head's 3x3
-convolutions and the ASPP's branches as Triton kernels of ours, ReLUs and residual adds inside),
+convolutions and the ASPP's branches as Triton kernels of ours, ReLUs and residual adds inside, and each
+iteration's projection, classifier and softmax as one),
 `+triton-encoder` (the same for the encoder's size-keeping 3x3 convolutions and its neck),
 `+cudnn-benchmark` (with
 `+cuda-graphs`: cuDNN times its algorithms for each convolution it captures), `+torch-loop` (PyTorch's

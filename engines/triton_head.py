@@ -10,14 +10,17 @@ for inference on CUDA. What `+triton-head` changes, per iteration of the hoisted
 - the ASPP's four pixel branches (the 1x1 as the centre tap of a 3x3) are one kernel launch, every
   branch's tiles at once, each writing its ReLU'd output straight into its channels of the concatenation
   the projection reads: no stream to fork, no copy to concatenate;
+- the ASPP's projection, its per-sample bias (the pooled branch) and ReLU, the classifier and the softmax
+  the next iteration reads are one kernel (triton_project.py): the projected map is never written;
 - and, once per query, the condition module's three convolutions the same way.
 `+triton-encoder` does the same for each bottleneck's size-keeping 3x3 convolution and the encoder's neck.
 
-`crnet::triton_conv` and `crnet::triton_branches` are custom ops, so torch.compile traces each as one call
-(its fake impl gives the output's shape and layout) and CUDA graphs capture its launch. On CUDA each
-shape runs whichever was faster, timed on its first call: our kernel or the library's way (`_library_conv`,
-`_library_branches`: cuDNN's convolutions with their fused epilogues); off CUDA, the library's way. The 1x1
-convolutions stay PyTorch's (matrix products).
+`crnet::triton_conv`, `crnet::triton_branches` and `crnet::triton_project_classify` are custom ops, so
+torch.compile traces each as one call (its fake impl gives the output's shape and layout) and CUDA graphs
+capture its launch. On CUDA each shape runs whichever was faster, timed on its first call: our kernel or the
+library's way (`_library_conv`, `_library_branches`, `_library_project_classify`: cuDNN's convolutions with
+their fused epilogues, PyTorch's matrix products); off CUDA, the library's way. The image-pooling branch's 1x1
+convolutions, on one pixel a map, stay PyTorch's.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crnet import ops
 from crnet.model.backbone import Encoder
 from crnet.model.condition import Condition
 from crnet.model.conv_epilogues import ConvReLU, FusedBottleneck, FusedNeck, conv_bias_relu
-from crnet.model.conv_twin import conv_twin, keeps_size
-from crnet.model.refinement import ASPP, Refinement, ResidualBranch
+from crnet.model.conv_twin import conv_twin, keeps_size, layout_of
+from crnet.model.refinement import ASPP, Classifier, Refinement, ResidualBranch
 
+# The classifier's 2 columns, padded with zeros to a tensor-core product's least width (triton_project.py).
+CLASS_COLUMNS = 16
 _SLOTS = itertools.count()  # each convolution its own split counters (triton_conv.py)
 
 
@@ -132,6 +138,55 @@ def _triton_branches_cuda(x, weights, packed, biases, stacked_bias, geometry, sl
 def _triton_branches_fake(x, weights, packed, biases, stacked_bias, geometry, slot):
     shape = (x.shape[0], sum(w.shape[0] for w in weights), *x.shape[2:])
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("crnet::triton_project_classify", mutates_args=())
+def triton_project_classify(
+    branches: torch.Tensor,
+    branch_weight: torch.Tensor,
+    packed: torch.Tensor,
+    pool_bias: torch.Tensor,
+    classifier_weight: torch.Tensor,
+    classifier_bias: torch.Tensor,
+    packed_classifier: torch.Tensor,
+    slot: int,
+) -> list[torch.Tensor]:
+    """[logits, probabilities] of Classifier.after_projection, in the branches' layout; `packed` and
+    `packed_classifier` are what the CUDA kernel reads (triton_project.py). Off CUDA, the library's way."""
+    return _library_project_classify(branches, branch_weight, pool_bias, classifier_weight, classifier_bias)
+
+
+def _library_project_classify(branches, branch_weight, pool_bias, classifier_weight, classifier_bias):
+    """What crnet::triton_project_classify computes, as the hoisted loop's four kernels; the CUDA kernel
+    times this beside its own tiles and runs it for the shapes where it is the faster."""
+    layout = layout_of(branches)
+    h = F.relu(F.conv2d(branches, branch_weight) + pool_bias)
+    logits = F.conv2d(h, classifier_weight, classifier_bias).contiguous(memory_format=layout)
+    return [logits, ops.probabilities(logits).contiguous(memory_format=layout)]
+
+
+@triton_project_classify.register_kernel("cuda")
+def _triton_project_classify_cuda(
+    branches, branch_weight, packed, pool_bias, classifier_weight, classifier_bias, packed_classifier, slot
+):
+    from crnet.engines.triton_project import project_classify
+
+    def library():
+        args = (branch_weight, pool_bias, classifier_weight, classifier_bias)
+        return _library_project_classify(branches, *args)
+
+    bias = pool_bias.reshape(pool_bias.shape[0], -1).contiguous()  # (N, C): a view of the (N, C, 1, 1) term
+    layout = layout_of(branches)
+    args = (packed, bias, packed_classifier, classifier_bias, layout, slot)
+    return project_classify(branches, *args, library=library)
+
+
+@triton_project_classify.register_fake
+def _triton_project_classify_fake(
+    branches, branch_weight, packed, pool_bias, classifier_weight, classifier_bias, packed_classifier, slot
+):
+    shape = (branches.shape[0], classifier_weight.shape[0], *branches.shape[2:])
+    return [branches.new_empty(shape).contiguous(memory_format=layout_of(branches)) for _ in range(2)]
 
 
 class TritonConv(nn.Conv2d):
@@ -262,6 +317,37 @@ class TritonASPP(ASPP):
         return branches, self.pooling_term(x, pool_weight, bias)
 
 
+class TritonClassifier(Classifier):
+    """The classifier (same parameters, same keys) whose after_projection is one call of
+    crnet::triton_project_classify: the projection, its per-sample bias and ReLU, the classifier and the
+    softmax in one kernel."""
+
+    @classmethod
+    def of(cls, classifier: Classifier, project: nn.Conv2d) -> TritonClassifier:
+        if classifier.out_channels != 2 or classifier.kernel_size != (1, 1) or project.kernel_size != (1, 1):
+            raise ValueError(
+                f"the Triton classifier takes a 1x1 projection and 2-class classifier, not {classifier}"
+            )
+        twin = conv_twin(cls, classifier)
+        # The projection's weight for its branches (its input channels past the pooled share), and the
+        # classifier's 2 columns padded to the kernel's width: made once, like the fold's.
+        channels = project.out_channels
+        branch_weight = project.weight.detach()[:, channels:]
+        twin.register_buffer("packed", pack_weight(branch_weight), persistent=False)
+        padded = torch.zeros(channels, CLASS_COLUMNS, dtype=classifier.weight.dtype)
+        padded[:, :2] = classifier.weight.detach()[:, :, 0, 0].t()
+        twin.register_buffer("packed_classifier", padded, persistent=False)
+        twin.slot = next(_SLOTS)
+        return twin
+
+    def after_projection(
+        self, branches: torch.Tensor, branch_weight: torch.Tensor, pool_bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = (self.packed, pool_bias, self.weight, self.bias, self.packed_classifier, self.slot)
+        logits, probabilities = triton_project_classify(branches, branch_weight, *weights)
+        return logits, probabilities
+
+
 class TritonCondition(Condition):
     """The condition module (same keys) as three Triton convolutions: the fusing one writes its output and
     that output's ReLU, which its residual block's first convolution reads; the second adds the skip in its
@@ -299,6 +385,7 @@ def triton_head(model: nn.Module) -> nn.Module:
                     f"the Triton head takes the ASPP as the model builds it, not {type(module.aspp)}"
                 )
             module.aspp = TritonASPP.of(module.aspp)
+            module.classifier = TritonClassifier.of(module.classifier, module.aspp.project)
     for parent in list(model.modules()):
         for name, module in list(parent.named_children()):
             if type(module) is Condition:

@@ -114,6 +114,19 @@ class ASPP(nn.Module):
         return image_pooling_term(x, self.image_pool.weight, self.image_pool.bias, pool_weight, bias)
 
 
+class Classifier(nn.Conv2d):
+    """The 1x1 convolution to the 2 class logits (a Conv2d: same state-dict keys). `after_projection` is how
+    the hoisted loop ends an iteration; an inference form (engines/triton_head.py) does all of it at once."""
+
+    def after_projection(
+        self, branches: torch.Tensor, branch_weight: torch.Tensor, pool_bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ASPP's projection of its concatenated pixel branches (`branch_weight`, 1x1) with its pooled
+        share and bias as the per-sample `pool_bias`, its ReLU, then the logits and their probabilities."""
+        logits = self(F.relu(F.conv2d(branches, branch_weight) + pool_bias))
+        return logits, ops.probabilities(logits)
+
+
 class Refinement(nn.Module):
     """h = X + R1([X, y]); h += R2(h); h += R3(h); logits = classifier(ASPP(h))."""
 
@@ -139,7 +152,7 @@ class Refinement(nn.Module):
         self.residual2 = ResidualBranch(channels, channels)
         self.residual3 = ResidualBranch(channels, channels)
         self.aspp = ASPP(channels, dilations, head_dropout)
-        self.classifier = nn.Conv2d(channels, 2, 1)
+        self.classifier = Classifier(channels, 2, 1)
 
     def step(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """One iteration: conditioned features X and previous probabilities y (N, 2, h, w) -> logits."""
@@ -213,6 +226,5 @@ class Refinement(nn.Module):
             h, relu_h = self.residual2.residual_block(h, relu_h)
             h, _ = self.residual3.residual_block(h, relu_h, relu_next=False)  # the ASPP reads h itself
             branches, pool_bias = self.aspp.hoisted_terms(h, pool_weight, project.bias)
-            logits = self.classifier(F.relu(F.conv2d(branches, branch_weight) + pool_bias))
-            y = ops.probabilities(logits)
+            logits, y = self.classifier.after_projection(branches, branch_weight, pool_bias)
         return logits

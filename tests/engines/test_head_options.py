@@ -12,6 +12,7 @@ from crnet.engines import RuntimeSpec, RuntimeUnavailable, open_runtime
 from crnet.engines.torch_runtime import TorchRuntime
 from crnet.engines.triton_head import (
     TritonASPP,
+    TritonClassifier,
     TritonCondition,
     TritonConv,
     TritonResidualBranch,
@@ -33,6 +34,7 @@ def triton_in_place(model, epilogues: bool) -> None:
     assert all(isinstance(getattr(refinement, n), TritonResidualBranch) for n in ("residual2", "feedback"))
     assert isinstance(refinement.residual3[1], TritonConv) and type(refinement.aspp) is TritonASPP
     assert type(model.condition) is TritonCondition and isinstance(model.condition.fuse, TritonConv)
+    assert type(refinement.classifier) is TritonClassifier
 
 
 # option: (transform, the runtime's keyword, a check of where the transform put its modules)

@@ -17,15 +17,18 @@ from crnet.engines import DEPLOYED_GPU, RuntimeSpec, RuntimeUnavailable, open_ru
 from crnet.engines.torch_runtime import TorchRuntime
 from crnet.engines.triton_head import (
     TritonASPP,
+    TritonClassifier,
     TritonConv,
     TritonResidualBranch,
     _library_branches,
     _library_conv,
+    _library_project_classify,
     pack_weight,
     triton_branches,
     triton_conv,
+    triton_project_classify,
 )
-from crnet.model.refinement import ASPP
+from crnet.model.refinement import ASPP, Classifier
 from tests.engines.test_runtimes import episode
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -79,7 +82,7 @@ INTERPRETED = textwrap.dedent(
     # The ASPP's four pixel branches in one launch: a 1x1 (the centre tap) and dilations 2, 6 and 9, each
     # into its channels of the concatenation, against the ASPP's own terms in float64.
     from crnet.engines.triton_head import TritonASPP
-    from crnet.model.refinement import ASPP
+    from crnet.model.refinement import ASPP, Classifier
 
     torch.manual_seed(0)
     aspp = ASPP(32, (2, 6, 9)).eval()
@@ -120,6 +123,57 @@ def test_the_kernel_in_tritons_interpreter_is_the_convolution() -> None:
         assert result["error"] < 1e-5  # FP32 products summed in FP32, against float64
         assert result["channels_last"]
         assert result["counters"] == 0  # every split tile's last part reset its counter
+
+
+# The end of an iteration in one kernel, in Triton's interpreter: 2 maps of 5 x 7 (tiles across the two),
+# 24 projected channels (short of a power of two) from 80 (short of a step), in both layouts, each tile
+# and split; the logits against float64, the probabilities against the softmax of the logits it stored.
+PROJECTION = textwrap.dedent(
+    """
+    import json
+    import torch, torch.nn.functional as F
+    from crnet.engines import triton_conv as tc, triton_project as tp
+    from crnet.engines.triton_head import CLASS_COLUMNS, pack_weight
+
+    results = []
+    torch.manual_seed(0)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        x = torch.randn(2, 80, 5, 7).relu().contiguous(memory_format=layout)
+        weight, bias = torch.randn(24, 80, 1, 1) * 0.1, torch.randn(2, 24, 1, 1) * 0.1
+        classifier, classifier_bias = torch.randn(2, 24, 1, 1), torch.randn(2)
+        h = F.relu(F.conv2d(x.double(), weight.double()) + bias.double())
+        ref = F.conv2d(h, classifier.double(), classifier_bias.double())
+        padded = torch.zeros(24, CLASS_COLUMNS)
+        padded[:, :2] = classifier[:, :, 0, 0].t()
+        for config in tp.CONFIGS:
+            logits, probs = tp.project_classify(x, pack_weight(weight), bias.reshape(2, 24), padded,
+                                                classifier_bias, layout, slot=7, config=config)
+            results.append({
+                "error": (logits.double() - ref).abs().max().item(),
+                "probabilities": (probs - torch.softmax(logits, dim=1)).abs().max().item(),
+                "layout": all(t.is_contiguous(memory_format=layout) for t in (logits, probs)),
+                "split": config.split,
+                "counters": int(tc._COUNTERS[torch.device("cpu")].abs().sum()),
+            })
+    print(json.dumps(results))
+    """
+)
+
+
+def test_the_projection_kernel_in_tritons_interpreter_is_the_heads_end() -> None:
+    triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip(
+            f"Triton {triton.__version__}'s interpreter runs no loop bounded by a program id (3.7's does)"
+        )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", PROJECTION], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {r["split"] for r in results} == {1, 2, 4} and len(results) == 2 * 5
+    for result in results:
+        assert result["error"] < 1e-4 and result["probabilities"] < 1e-6, result
+        assert result["layout"] and result["counters"] == 0, result
 
 
 # What the launcher's arguments look like to Triton's JIT: FP16 maps, FP32 split parts, int32 counters and
@@ -176,6 +230,46 @@ def test_every_candidate_compiles_for_hopper() -> None:
             command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source_file), "-o", os.devnull]
             report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
             assert "C7515" not in report, (config, has_bias, has_res, relu_out, relu_copy, report)
+
+
+def test_the_projection_kernel_compiles_for_hopper() -> None:
+    """The end-of-iteration kernel, each tile and split, to sm_90 machine code as above: a 64-row tile of
+    all 256 channels (and the classifier's product in the epilogue) on tensor cores, loads pipelined, within
+    an H100's shared memory, no serialized wgmma."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from crnet.engines import triton_project as tp
+
+    pointers = {f"{name}_ptr": "*fp16" for name in ("x", "w", "bias", "cw", "cb", "logits", "probs")}
+    pointers |= {"part_ptr": "*fp32", "count_ptr": "*i32"}
+    aligned = {"K", "C", "sxn", "sxh", "sxw", "son"}
+    params = list(inspect.signature(tp._project_classify_kernel.fn).parameters)
+    attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params if p in pointers or p in aligned}
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    for config in tp.CONFIGS:
+        constexprs = dict(IEEE=False, BM=config.bm, BN=256, BK=config.bk, SPLIT=config.split, COLUMNS=16)
+        source = ASTSource(
+            fn=tp._project_classify_kernel,
+            signature={p: "constexpr" if p in constexprs else pointers.get(p, "i32") for p in params},
+            constexprs={(params.index(k),): v for k, v in constexprs.items()},
+            attrs=attrs,
+        )
+        options = {"num_warps": config.warps, "num_stages": config.stages}
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        ptx = kernel.asm["ptx"]
+        tensor_cores = "wgmma" in ptx if config.bm >= 64 else "mma.sync" in ptx
+        assert tensor_cores and "cp.async" in ptx, config
+        assert kernel.metadata.shared <= 227 * 1024, (config, kernel.metadata.shared)
+        if ptxas.exists():
+            source_file = Path(tempfile.mkdtemp()) / "kernel.ptx"
+            source_file.write_text(ptx)
+            command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source_file), "-o", os.devnull]
+            report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+            assert "C7515" not in report, (config, report)
 
 
 def test_each_shape_runs_the_faster_of_the_kernel_and_the_library(monkeypatch) -> None:
@@ -243,6 +337,12 @@ def test_the_op_and_its_fake_agree() -> None:
     weights, biases = [b.weight.detach() for b in aspp.branches], [b.bias.detach() for b in aspp.branches]
     args = (x, weights, aspp.packed, biases, aspp.stacked_bias, aspp.geometry, aspp.slot)
     torch.library.opcheck(triton_branches, args)
+    classifier = TritonClassifier.of(Classifier(8, 2, 1), torch.nn.Conv2d(40, 8, 1))
+    branches = torch.randn(2, 32, 7, 7).contiguous(memory_format=torch.channels_last)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        args = (branches.contiguous(memory_format=layout), torch.randn(8, 32, 1, 1), classifier.packed)
+        args += (torch.randn(2, 8, 1, 1), classifier.weight.detach(), classifier.bias.detach())
+        torch.library.opcheck(triton_project_classify, (*args, classifier.packed_classifier, classifier.slot))
 
 
 @pytest.mark.cuda
@@ -317,6 +417,38 @@ def test_the_aspps_four_branches_in_one_launch_on_cuda() -> None:
         weights, biases = [b.weight for b in aspp.branches], [b.bias for b in aspp.branches]
         got = _library_branches(x, weights, biases, twin.geometry)
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_the_projection_kernel_on_cuda_is_the_heads_end() -> None:
+    """The r50 head's end of an iteration, FP16 channels-last, each tile and split, against the library's."""
+    pytest.importorskip("triton")
+    from crnet.engines import triton_conv as tc
+    from crnet.engines import triton_project as tp
+
+    torch.manual_seed(0)
+    project = torch.nn.Conv2d(1280, 256, 1).cuda().half()
+    classifier = TritonClassifier.of(Classifier(256, 2, 1).cuda().half(), project)
+    like = dict(device="cuda", dtype=torch.half)
+    branches = torch.randn(1, 1024, 41, 41, **like).relu().contiguous(memory_format=torch.channels_last)
+    pool_bias = torch.randn(1, 256, 1, 1, **like) * 0.1
+    branch_weight = project.weight[:, 256:]
+    with torch.inference_mode():
+        expected = _library_project_classify(
+            branches, branch_weight, pool_bias, classifier.weight, classifier.bias
+        )
+        for config in tp.CONFIGS:
+            logits, probs = tp.project_classify(
+                branches, classifier.packed, pool_bias.reshape(1, 256), classifier.packed_classifier,
+                classifier.bias, torch.channels_last, slot=9, config=config,
+            )  # fmt: skip
+            torch.cuda.synchronize()
+            torch.testing.assert_close(
+                logits, expected[0], rtol=2e-2, atol=2e-2, msg=lambda m, c=config: f"{c}: {m}"
+            )
+            torch.testing.assert_close(probs, expected[1], rtol=1e-2, atol=1e-2)
+            assert int(tc._COUNTERS[logits.device].abs().sum()) == 0
 
 
 @pytest.mark.cuda
