@@ -287,13 +287,7 @@ def evaluate_command(
     model = checkpoints.model_from_state(state, checkpoint, resolved)
     stored = state.get("train_config", {})
     trained_fold = stored.get("fold")
-    if fold is not None and trained_fold is not None and fold != trained_fold:
-        # Fold f's novel classes are base classes of every other fold: this model was trained on them.
-        typer.echo(
-            f"warning: {checkpoint} was trained on fold {trained_fold}, whose training classes include "
-            f"fold {fold}'s 5: these results are not few-shot (unseen-class) results",
-            err=True,
-        )
+    seen = fold is not None and trained_fold is not None and fold != trained_fold
     fold = (trained_fold or 0) if fold is None else fold
     suffix = f"fold{fold}_{shots}shot" + (f"_{strategy}" if shots > 1 else "")
     json_out = json_out or checkpoint.parent / f"eval_{suffix}.json"
@@ -323,6 +317,12 @@ def evaluate_command(
                 "strategy": "average" if shots > 1 else "-",
                 **evaluate(PrototypeBaseline.untrained(model.config, resolved), root, **common),
             }
+        )
+    if seen:  # after the run, so that a user error stays one line: fold f's classes train every other fold
+        typer.echo(
+            f"warning: {checkpoint} was trained on fold {trained_fold}, whose training classes include "
+            f"fold {fold}'s 5: these results are not few-shot (unseen-class) results",
+            err=True,
         )
     print_results(results)
     write_json({"checkpoint": str(checkpoint), "data": str(root), "results": results}, json_out)
