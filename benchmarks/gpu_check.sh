@@ -22,8 +22,8 @@
 # 4. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them); the native op against the compiled loop under graph replay
 #    (bench_ops); a batch-64 kernel profile of the deployed row and the last candidate; and, if time is
-#    left, the encoder's and condition's 3x3 convolutions alone, cuDNN against our Triton kernel
-#    (benchmarks/encoder_convs.py), and a batch-1 profile of every row.
+#    left, every shape the Triton options run, alone, the library's way against our kernel
+#    (benchmarks/triton_shapes.py), and a batch-1 profile of every row.
 # The rows (since 2026-11-26, third session): the deployed row, the anchor; for the batch-64 target, missed
 # by 2.5%, the deployed row with the ASPP's dilated branches banded (half the multiply-adds of the
 # dilation-18 branch read padding; the price is 9 smaller convolutions per branch); for the batch-1 target,
@@ -36,7 +36,7 @@
 # batch 1.) The suite gets 200 s (in 160 s it got through 425 of its 707 tests), so that six rows fit;
 # benchmarks/unreached_tests.py runs the rest on the still-warm machine.
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
-# profile.txt, profile.json. The convolutions' table goes into run.log.
+# profile.txt, profile.json. The Triton shapes' table goes into run.log.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
 # before it costs device time. Seen on the H200: with pytest's workers compiling too, six compiling
 # processes took over 120 s each; with the suite's mostly CPU tests beside them, at most 104 s. Hence the
@@ -189,12 +189,12 @@ within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 
 grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12 | tee -a "$LOG"
 
 # What is left of the budget goes to the decisions that matter less.
-step "the encoder's and condition's 3x3 convolutions alone: cuDNN against our Triton kernel, batch 1 and $LARGE"
-SIZE=() CONVS_ENV=()  # the rehearsal: small maps, the kernel in Triton's interpreter
-((REHEARSE)) && SIZE=(--size 9 --repeats 2) && CONVS_ENV=(env TRITON_INTERPRET=1)
-within 45 "${CONVS_ENV[@]}" python3 benchmarks/encoder_convs.py --batch 1 --batch "$LARGE" "${DEVICE[@]}" \
-  "${SIZE[@]}" >"$WORK/encoder_convs.log" 2>&1
-grep -E "^(\||encoder)" "$WORK/encoder_convs.log" | tee -a "$LOG"
+step "every shape the Triton options run, alone: the library's way against our kernel, batch 1 and $LARGE"
+SIZE=(--repeats 10) SHAPES_ENV=()  # the rehearsal: small maps, the kernels in Triton's interpreter
+((REHEARSE)) && SIZE=(--size 5 --repeats 1) && SHAPES_ENV=(env TRITON_INTERPRET=1)
+within 60 "${SHAPES_ENV[@]}" python3 benchmarks/triton_shapes.py --batch 1 --batch "$LARGE" "${DEVICE[@]}" \
+  "${SIZE[@]}" >"$WORK/triton_shapes.log" 2>&1
+grep -E "^(\||the Triton)" "$WORK/triton_shapes.log" | tee -a "$LOG"
 step "where the GPU time goes, batch 1"
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" "${ROWS[@]/#/--spec=}" \
   >>"$OUT/profile.txt" 2>&1
