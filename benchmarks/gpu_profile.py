@@ -25,7 +25,10 @@ from crnet.engines import RuntimeSpec, open_runtime
 # First match wins; the names are those of cuDNN, cuBLAS/CUTLASS, inductor's Triton kernels and ours.
 GROUPS = [
     ("layout conversion", r"nchwToNhwc|nhwcToNchw|transpose|permute"),
-    ("convolution / matmul", r"conv|gemm|sm90|sm80|cutlass|xmma|implicit|wgrad|dgrad|fprop|cudnn|hmma|wgmma"),
+    (
+        "convolution / matmul",
+        r"conv|gemm|sm90|sm80|cutlass|xmma|implicit|wgrad|dgrad|fprop|cudnn|hmma|wgmma|project_classify",
+    ),
     ("native op", r"feedback|refine|crnet"),
     ("softmax", r"softmax"),
     ("pooling / reduction", r"pool|reduce|mean|red_"),
