@@ -27,6 +27,7 @@ check it on a machine without a GPU.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -353,17 +354,26 @@ def branches_nhwc(
 
 def _choose(key, configs, run, library, device) -> Config | str:
     """The fastest of `configs` and `library` by GPU time (Triton's do_bench), remembered for `key`; during a
-    CUDA graph capture, where nothing may be timed, the first configuration, not remembered."""
+    CUDA graph capture, where nothing may be timed, the first configuration, not remembered. A candidate
+    that this machine's Triton cannot build is no choice (with a warning): the others, and the library's
+    way, still are."""
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return configs[0]
-    timings = {}
+    timings, failed = {}, None
     for config in configs:
         try:
             timings[config] = triton.testing.do_bench(lambda c=config: run(c), warmup=3, rep=15)
         except triton.runtime.errors.OutOfResources:  # too much shared memory for this device: not a choice
             continue
+        except Exception as error:  # a compiler error of this Triton version; a CUDA fault recurs below
+            failed = failed or error
     if library is not None:
         timings[LIBRARY] = triton.testing.do_bench(library, warmup=3, rep=15)
+    if not timings:
+        raise failed or RuntimeError(f"no candidate fits this device: {configs}")
+    if failed is not None:
+        message = f"Triton could not build a candidate for {key[:2]}, timed the others: {failed}"
+        warnings.warn(message.splitlines()[0], RuntimeWarning, stacklevel=2)
     choice = min(timings, key=timings.get)
     _CHOSEN[key] = choice
     return choice

@@ -300,6 +300,17 @@ def test_each_shape_runs_the_faster_of_the_kernel_and_the_library(monkeypatch) -
         assert choice == expected and tc._CHOSEN.pop(key) == expected
     assert tc._choose("without", configs, ran.append, None, cuda) == configs[1]  # no library offered
     assert ran.count("library") == 2
+
+    # A candidate this Triton cannot build is no choice, with a warning; with none left, its error.
+    def builds_not(config):
+        if config == configs[1]:
+            raise RuntimeError("PassManager::run failed")
+        ran.append(config)
+
+    with pytest.warns(RuntimeWarning, match="could not build a candidate"):
+        assert tc._choose("unbuilt", configs, builds_not, None, cuda) == configs[0]
+    with pytest.raises(RuntimeError, match="PassManager"):
+        tc._choose("none built", configs[1:2], builds_not, None, cuda)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert tc._choose("capturing", configs, ran.append, None, cuda) == configs[0]  # nothing timed
     assert "capturing" not in tc._CHOSEN
