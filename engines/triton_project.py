@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from crnet.engines.triton_conv import _CHOSEN, LIBRARY, Library, _choose, _counters
+from crnet.engines.triton_conv import _CHOSEN, LIBRARY, SLOT_TILES, Library, _choose, _counters
 from crnet.engines.triton_head import CLASS_COLUMNS
 
 
@@ -143,7 +143,6 @@ SMALL_MAP_CONFIGS = [
 ]
 LARGE_MAP_CONFIGS = [ProjectConfig(64, 64, 1, 8, 3), ProjectConfig(128, 64, 1, 8, 3)]
 CONFIGS = list(dict.fromkeys(SMALL_MAP_CONFIGS + LARGE_MAP_CONFIGS))
-SLOT_TILES = 4096  # triton_conv's counters per slot: a split tile each
 
 
 def project_classify(
