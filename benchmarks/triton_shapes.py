@@ -1,7 +1,7 @@
 """Every shape the Triton options run, alone, in the two ways they choose between on its first call: the
 library's (cuDNN's convolutions with their fused epilogues, PyTorch's matrix products: what the deployed row
 runs) and our Triton kernel, its tile and split chosen by timing (engines/triton_conv.py,
-engines/triton_project.py). The r50 model at 321 x 321, 1-shot, T = 5: the encoder's size-keeping 3x3
+engines/triton_project.py). The r50 model at 321 x 321, 1-shot, T = 5: the encoder's size-keeping
 convolutions and its neck (`+triton-encoder`), 2 maps per episode at batch 1 (support and query) and 128 at
 batch 64; the condition module's convolutions and each refinement iteration's (`+triton-head`), 1 and 64.
 The last column is what the episode gains from the shape if the faster way runs (its calls per episode x
@@ -37,8 +37,8 @@ ASPP_DILATIONS = (6, 12, 18)
 
 @dataclass(frozen=True)
 class Conv:
-    """A 3x3 convolution: channels, map side as a multiple of the features' (2: layer1's 81 for 41),
-    dilation, and its epilogue: ReLU, residual add, ReLU'd copy."""
+    """A size-keeping convolution: channels, map side as a multiple of the features' (2: layer1's 81 for
+    41), dilation, its epilogue (ReLU, residual add, ReLU'd copy), and its kernel's side."""
 
     cin: int
     cout: int
@@ -47,14 +47,49 @@ class Conv:
     relu: bool
     residual: bool
     copy: bool
+    kernel: int = 3
 
 
 # name, what, calls per episode, per query (else per image)
 SHAPES = [
+    ("encoder: layer1 1x1 in, first block (64 to 64)", Conv(64, 64, 2, 1, True, False, False, 1), 1, False),
+    ("encoder: layer1 1x1 in (256 to 64)", Conv(256, 64, 2, 1, True, False, False, 1), 2, False),
     ("encoder: layer1 3x3", Conv(64, 64, 2, 1, True, False, False), 3, False),
+    (
+        "encoder: layer1 1x1 out (64 to 256, + skip, ReLU)",
+        Conv(64, 256, 2, 1, True, True, False, 1),
+        3,
+        False,
+    ),
+    (
+        "encoder: layer2 1x1 in, first block (256 to 128)",
+        Conv(256, 128, 2, 1, True, False, False, 1),
+        1,
+        False,
+    ),
+    ("encoder: layer2 1x1 in (512 to 128)", Conv(512, 128, 1, 1, True, False, False, 1), 3, False),
     ("encoder: layer2 3x3 (not the strided one)", Conv(128, 128, 1, 1, True, False, False), 3, False),
+    (
+        "encoder: layer2 1x1 out (128 to 512, + skip, ReLU)",
+        Conv(128, 512, 1, 1, True, True, False, 1),
+        4,
+        False,
+    ),
+    (
+        "encoder: layer3 1x1 in, first block (512 to 256)",
+        Conv(512, 256, 1, 1, True, False, False, 1),
+        1,
+        False,
+    ),
+    ("encoder: layer3 1x1 in (1024 to 256)", Conv(1024, 256, 1, 1, True, False, False, 1), 5, False),
     ("encoder: layer3 3x3, first block", Conv(256, 256, 1, 1, True, False, False), 1, False),
     ("encoder: layer3 3x3, dilated", Conv(256, 256, 1, 2, True, False, False), 5, False),
+    (
+        "encoder: layer3 1x1 out (256 to 1024, + skip, ReLU)",
+        Conv(256, 1024, 1, 1, True, True, False, 1),
+        6,
+        False,
+    ),
     ("encoder: neck, layer2 half (bare)", Conv(512, 256, 1, 2, False, False, False), 1, False),
     ("encoder: neck, layer3 half (+ layer2 half, ReLU)", Conv(1024, 256, 1, 2, True, True, False), 1, False),
     ("condition: fuse (and its ReLU'd copy)", Conv(512, 256, 1, 2, False, False, True), 1, True),
@@ -76,13 +111,14 @@ def conv_ways(shape: Conv, maps: int, size: int, device, dtype, slot: int):
     """(library, triton, float64 reference, FLOPs) of one convolution on random maps."""
     from crnet.engines.triton_conv import conv2d_nhwc
 
-    layout, d = {"memory_format": torch.channels_last}, shape.dilation
+    layout, d, k = {"memory_format": torch.channels_last}, shape.dilation, shape.kernel
+    pad = d * (k - 1) // 2
     x = torch.randn(maps, shape.cin, size, size, device=device)
-    weight = torch.randn(shape.cout, shape.cin, 3, 3, device=device) * (2 / (9 * shape.cin)) ** 0.5
+    weight = torch.randn(shape.cout, shape.cin, k, k, device=device) * (2 / (k * k * shape.cin)) ** 0.5
     bias = torch.randn(shape.cout, device=device) * 0.1
     residual = torch.randn(maps, shape.cout, size, size, device=device) if shape.residual else None
     with torch.no_grad():
-        reference = F.conv2d(x.double(), weight.double(), bias.double(), 1, d, d)
+        reference = F.conv2d(x.double(), weight.double(), bias.double(), 1, pad, d)
         reference = reference + residual.double() if residual is not None else reference
         reference = reference.relu() if shape.relu else reference
     x, weight, bias = x.to(dtype).contiguous(**layout), weight.to(dtype).contiguous(**layout), bias.to(dtype)
@@ -90,12 +126,12 @@ def conv_ways(shape: Conv, maps: int, size: int, device, dtype, slot: int):
     packed, epilogue = pack_weight(weight), (shape.relu, shape.copy)
 
     def library(x):
-        return _library_conv(x, weight, bias, residual, [d, d], [d, d], *epilogue)
+        return _library_conv(x, weight, bias, residual, [pad, pad], [d, d], *epilogue)
 
     def triton(x):
-        return conv2d_nhwc(x, packed, bias, residual, (3, 3), (d, d), (d, d), *epilogue, slot)
+        return conv2d_nhwc(x, packed, bias, residual, (k, k), (pad, pad), (d, d), *epilogue, slot)
 
-    return x, library, triton, reference, 2 * maps * size * size * shape.cin * shape.cout * 9
+    return x, library, triton, reference, 2 * maps * size * size * shape.cin * shape.cout * k * k
 
 
 def branches_ways(maps: int, size: int, device, dtype, slot: int, channels: int = 256):

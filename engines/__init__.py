@@ -11,7 +11,8 @@ A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `tor
 branches on CUDA streams of their own, side by side), `+triton-head` (the head's 3x3
 convolutions and the ASPP's branches as Triton kernels of ours, ReLUs and residual adds inside, and each
 iteration's projection, classifier and softmax as one),
-`+triton-encoder` (the same for the encoder's size-keeping 3x3 convolutions and its neck),
+`+triton-encoder` (the same for the encoder's size-keeping 1x1 and 3x3 convolutions and its
+neck),
 `+cudnn-benchmark` (with
 `+cuda-graphs`: cuDNN times its algorithms for each convolution it captures), `+torch-loop` (PyTorch's
 refinement loop, not the native op, whatever --fused says), `torch:fp16+anchor`

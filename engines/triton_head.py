@@ -13,7 +13,8 @@ for inference on CUDA. What `+triton-head` changes, per iteration of the hoisted
 - the ASPP's projection, its per-sample bias (the pooled branch) and ReLU, the classifier and the softmax
   the next iteration reads are one kernel (triton_project.py): the projected map is never written;
 - and, once per query, the condition module's three convolutions the same way.
-`+triton-encoder` does the same for each bottleneck's size-keeping 3x3 convolution and the encoder's neck.
+`+triton-encoder` does the same for each bottleneck's size-keeping 1x1 and 3x3 convolutions and the
+encoder's neck.
 
 `crnet::triton_conv`, `crnet::triton_branches` and `crnet::triton_project_classify` are custom ops, so
 torch.compile traces each as one call (its fake impl gives the output's shape and layout) and CUDA graphs
@@ -395,7 +396,7 @@ def triton_head(model: nn.Module) -> nn.Module:
 
 class TritonConvReLU(ConvReLU):
     """A ConvReLU (same parameters, same state-dict keys), relu(conv(x) + bias [+ residual]), run by
-    crnet::triton_conv: the encoder's size-keeping 3x3 convolutions."""
+    crnet::triton_conv: the encoder's size-keeping convolutions, 1x1 and 3x3."""
 
     @classmethod
     def of(cls, conv: nn.Conv2d) -> TritonConvReLU:
@@ -407,13 +408,16 @@ class TritonConvReLU(ConvReLU):
         return twin
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        padding, dilation = list(self.padding), list(self.dilation)
-        return triton_conv(
-            x, self.weight, self.packed, self.bias, residual, padding, dilation, True, False, self.slot
-        )[0]
+        return self.with_weights(x, self.weight, self.bias, residual)
 
     def with_weights(self, x, weight, bias, residual=None) -> torch.Tensor:
-        raise NotImplementedError("a Triton convolution runs its own packed weight")
+        """Another bias (a bottleneck's joint one, conv_epilogues.FusedBottleneck) with its own weight; the
+        kernel reads that weight packed, so no other."""
+        if weight is not self.weight:
+            raise NotImplementedError("a Triton convolution runs its own packed weight")
+        padding, dilation = list(self.padding), list(self.dilation)
+        args = (self.packed, bias, residual, padding, dilation, True, False, self.slot)
+        return triton_conv(x, weight, *args)[0]
 
 
 class TritonNeck(FusedNeck):
@@ -444,15 +448,18 @@ class TritonNeck(FusedNeck):
 
 
 def triton_encoder(model: nn.Module) -> nn.Module:
-    """Run the encoder's size-keeping 3x3 convolutions (each bottleneck's, but the strided ones) and its
-    neck as Triton kernels, in place: an inference transform of a model whose epilogues are fused
-    (conv_epilogues.fuse_conv_epilogues), whose forms it takes. Returns the model."""
+    """Run the encoder's size-keeping convolutions (each bottleneck's 1x1 and 3x3 ones, but the strided 3x3
+    of layer2's first block) and its neck as Triton kernels, each shape where it is faster than cuDNN, in
+    place: an inference transform of a model whose epilogues are fused (conv_epilogues.fuse_conv_epilogues),
+    whose forms it takes. The projection shortcuts stay cuDNN's. Returns the model."""
     encoders = [m for m in model.modules() if isinstance(m, Encoder)]
     if not encoders or not all(isinstance(e.neck, FusedNeck) for e in encoders):
         raise ValueError("the Triton encoder takes the fused epilogues' encoder: fuse them first")
     for encoder in encoders:
         for module in encoder.trunk.modules():
-            if isinstance(module, FusedBottleneck) and keeps_size(module.conv2):
-                module.conv2 = TritonConvReLU.of(module.conv2)
+            if isinstance(module, FusedBottleneck):
+                for name in ("conv1", "conv2", "conv3"):
+                    if keeps_size(getattr(module, name)):
+                        setattr(module, name, TritonConvReLU.of(getattr(module, name)))
         encoder.neck = TritonNeck.of(encoder.neck)
     return model

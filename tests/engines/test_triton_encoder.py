@@ -29,6 +29,8 @@ def test_the_transformed_encoder_computes_what_the_fused_model_does(layout) -> N
     strided = [b.conv2.stride != (1, 1) for b in blocks]
     assert converted == [not s for s in strided] and any(strided) and any(converted)  # strided ones stay
     assert all(type(b.conv2) is ConvReLU for b, s in zip(blocks, strided, strict=True) if s)
+    assert all(type(b.conv1) is TritonConvReLU and type(b.conv3) is TritonConvReLU for b in blocks)  # 1x1s
+    assert any(b.downsample is not None for b in blocks)  # a joint bias, through with_weights
     assert type(model.encoder.neck) is TritonNeck
     assert model.state_dict().keys() == base.state_dict().keys()  # the same parameters, by name
     query, supports, masks, _ = model_episode(MICRO)

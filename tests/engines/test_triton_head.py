@@ -206,11 +206,11 @@ def test_every_candidate_compiles_for_hopper() -> None:
     # block's second, and the last; the neck's layer2 half (bare) and its layer3 half; the condition's fuse.
     flags = [(True, False, True, False), (True, True, False, True), (True, True, False, False)]
     flags += [(False, False, False, False), (True, True, True, False), (True, False, False, True)]
-    builds = [(config, flags[1]) for config in tc.CONFIGS] + [(tc.CONFIGS[1], f) for f in flags]
-    for config, (has_bias, has_res, relu_out, relu_copy) in builds:
-        constexprs = dict(
-            TAPS=9, KW=3, HAS_BIAS=has_bias, HAS_RES=has_res, RELU_OUT=relu_out, RELU_COPY=relu_copy
-        )
+    builds = [(config, flags[1], 3) for config in tc.CONFIGS] + [(tc.CONFIGS[1], f, 3) for f in flags]
+    builds += [(tc.CONFIGS[1], flags[0], 1), (tc.CONFIGS[0], flags[4], 1)]  # the encoder's 1x1 ones
+    for config, (has_bias, has_res, relu_out, relu_copy), side in builds:
+        constexprs = dict(HAS_BIAS=has_bias, HAS_RES=has_res, RELU_OUT=relu_out, RELU_COPY=relu_copy)
+        constexprs |= dict(TAPS=side * side, KW=side)
         constexprs |= dict(IEEE=False, BM=config.bm, BN=config.bn, BK=config.bk, SPLIT=config.split)
         source = ASTSource(
             fn=tc._conv_kernel,
