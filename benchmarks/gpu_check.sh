@@ -191,7 +191,7 @@ grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12
 # What is left of the budget goes to the decisions that matter less.
 step "every shape the Triton options run, alone: the library's way against our kernel, batch 1 and $LARGE"
 SIZE=(--repeats 10) SHAPES_ENV=()  # the rehearsal: small maps, the kernels in Triton's interpreter
-((REHEARSE)) && SIZE=(--size 5 --repeats 1) && SHAPES_ENV=(env TRITON_INTERPRET=1)
+((REHEARSE)) && SIZE=(--size 9 --repeats 1) && SHAPES_ENV=(env TRITON_INTERPRET=1)
 within 75 "${SHAPES_ENV[@]}" python3 benchmarks/triton_shapes.py --batch 1 --batch "$LARGE" "${DEVICE[@]}" \
   "${SIZE[@]}" >"$WORK/triton_shapes.log" 2>&1
 grep -E "^(\||the Triton)" "$WORK/triton_shapes.log" | tee -a "$LOG"

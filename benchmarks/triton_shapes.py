@@ -30,7 +30,9 @@ from crnet.engines.triton_head import (
     _library_conv,
     _library_project_classify,
     pack_weight,
+    sum_slots,
 )
+from crnet.model.refinement import image_pooling_term
 
 ASPP_DILATIONS = (6, 12, 18)
 
@@ -48,6 +50,7 @@ class Conv:
     residual: bool
     copy: bool
     kernel: int = 3
+    sums: bool = False  # each image's column sums too (the last block's, for the ASPP's pooling term)
 
 
 # name, what, calls per episode, per query (else per image)
@@ -101,7 +104,14 @@ SHAPES = [
     ),
     ("head: 3x3, ReLU (blocks' first; condition's)", Conv(256, 256, 1, 1, True, False, False), 11, True),
     ("head: 3x3, + skip, ReLU'd copy (blocks' second)", Conv(256, 256, 1, 1, False, True, True), 10, True),
-    ("head: 3x3, + skip (last block's; condition's)", Conv(256, 256, 1, 1, False, True, False), 6, True),
+    ("head: 3x3, + skip (condition's)", Conv(256, 256, 1, 1, False, True, False), 1, True),
+    (
+        "head: 3x3, + skip, column sums (last block's)",
+        Conv(256, 256, 1, 1, False, True, False, sums=True),
+        5,
+        True,
+    ),
+    ("head: image-pooling term (Triton: from those sums)", "pooling", 5, True),
     ("head: ASPP's 4 pixel branches", "branches", 5, True),
     ("head: projection, ReLU, classifier, softmax", "project", 5, True),
 ]
@@ -126,10 +136,11 @@ def conv_ways(shape: Conv, maps: int, size: int, device, dtype, slot: int):
     packed, epilogue = pack_weight(weight), (shape.relu, shape.copy)
 
     def library(x):
-        return _library_conv(x, weight, bias, residual, [pad, pad], [d, d], *epilogue)
+        return _library_conv(x, weight, bias, residual, [pad, pad], [d, d], *epilogue, shape.sums)
 
     def triton(x):
-        return conv2d_nhwc(x, packed, bias, residual, (k, k), (pad, pad), (d, d), *epilogue, slot)
+        args = (residual, (k, k), (pad, pad), (d, d), *epilogue, slot)
+        return conv2d_nhwc(x, packed, bias, *args, column_sums=shape.sums)
 
     return x, library, triton, reference, 2 * maps * size * size * shape.cin * shape.cout * k * k
 
@@ -170,6 +181,33 @@ def branches_ways(maps: int, size: int, device, dtype, slot: int, channels: int 
         return branches_nhwc(x, packed, stacked_bias, None, (3, 3), geometries, True, False, slot)
 
     return x, library, triton, reference, 2 * maps * size * size * channels * channels * (1 + 27)
+
+
+def pooling_ways(maps: int, size: int, device, dtype, slot: int, channels: int = 256):
+    """The ASPP's image-pooling term: the library's from the map (a mean, two 1x1 convolutions and a ReLU),
+    ours from the last block's column sums (one small kernel)."""
+    from crnet.engines.triton_project import pooling_term
+
+    h = torch.randn(maps, channels, size, size, device=device)
+    like = {"device": device}
+    weights = [torch.randn(channels, channels, 1, 1, **like) * channels**-0.5 for _ in range(2)]
+    biases = [torch.randn(channels, **like) * 0.1 for _ in range(2)]
+    with torch.no_grad():
+        reference = image_pooling_term(h.double(), weights[0].double(), biases[0].double(),
+                                       weights[1].double(), biases[1].double())  # fmt: skip
+    h = h.to(dtype).contiguous(memory_format=torch.channels_last)
+    weights, biases = [w.to(dtype) for w in weights], [b.to(dtype) for b in biases]
+    sums = torch.zeros(maps, sum_slots(size, size), channels, device=device)
+    sums[:, 0] = h.float().sum(dim=(2, 3))
+    packed = [pack_weight(w) for w in weights]
+
+    def library(x):
+        return [image_pooling_term(x, weights[0], biases[0], weights[1], biases[1])]
+
+    def triton(x):
+        return [pooling_term(sums, size * size, packed[0], biases[0], packed[1], biases[1])]
+
+    return h, library, triton, reference, 2 * maps * (size * size + 2 * channels) * channels
 
 
 def project_ways(maps: int, size: int, device, dtype, slot: int, channels: int = 256):
@@ -225,6 +263,8 @@ def main() -> None:
                 x, library, triton, reference, flops = conv_ways(what, maps, size, device, dtype, slot)
             elif what == "branches":
                 x, library, triton, reference, flops = branches_ways(maps, size, device, dtype, slot)
+            elif what == "pooling":
+                x, library, triton, reference, flops = pooling_ways(maps, size, device, dtype, slot)
             else:
                 x, library, triton, reference, flops = project_ways(maps, size, device, dtype, slot)
             ways, outputs = {"library": library, "Triton": triton}, {}

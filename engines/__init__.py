@@ -10,7 +10,7 @@ A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `tor
 (the dilated ASPP branches without the taps that read only padding), `+concurrent-aspp` (the ASPP's
 branches on CUDA streams of their own, side by side), `+triton-head` (the head's 3x3
 convolutions and the ASPP's branches as Triton kernels of ours, ReLUs and residual adds inside, and each
-iteration's projection, classifier and softmax as one),
+iteration's pooling term, projection, classifier and softmax in two),
 `+triton-encoder` (the same for the encoder's size-keeping 1x1 and 3x3 convolutions and its
 neck),
 `+cudnn-benchmark` (with

@@ -13,12 +13,12 @@ pixels that read the map with the same taps, skipping the taps that read zero pa
 branches each on a CUDA stream of its own, so that the captured graph may run them side by side
 (crnet/model/concurrent_aspp.py). `+triton-head` (CUDA, PyTorch's loop) runs the head's 3x3 convolutions (the
 condition module's and the loop's) as Triton kernels of ours, with their ReLUs and residual adds inside and
-the reduction split where the map is small, and the end of each iteration (the ASPP's projection, the
-classifier, the softmax) as one kernel; `+triton-encoder` (CUDA, with `+cudnn-epilogues`) the encoder's
-size-keeping 1x1 and 3x3 convolutions and its neck; each of these convolutions runs cuDNN instead where, timed
-on its first call, cuDNN is the faster for its shape (engines/triton_head.py). `+cudnn-benchmark` lets cuDNN
-time its algorithms for each convolution of this runtime's graphs and keep the fastest, instead of its
-heuristics' choice; it captures on a thread of its own, where PyTorch keeps those choices apart from other
+the reduction split where the map is small, and the end of each iteration (the ASPP's pooling term, its
+projection, the classifier, the softmax) as two kernels; `+triton-encoder` (CUDA, with `+cudnn-epilogues`) the
+encoder's size-keeping 1x1 and 3x3 convolutions and its neck; each of these convolutions runs cuDNN instead
+where, timed on its first call, cuDNN is the faster for its shape (engines/triton_head.py). `+cudnn-benchmark`
+lets cuDNN time its algorithms for each convolution of this runtime's graphs and keep the fastest, instead of
+its heuristics' choice; it captures on a thread of its own, where PyTorch keeps those choices apart from other
 runtimes' (engines/cuda_graphs.py).
 `freeze=True` compiles with inductor's freezing too (weights as constants); off by default: it gained
 nothing measurable on a CPU or on the H200 (benchmarks/freezing.py, docs/BENCHMARKS.md).

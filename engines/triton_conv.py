@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from crnet.engines.triton_head import SUM_TILE, sum_slots
+
 
 @triton.jit
 def _conv_kernel(
@@ -44,6 +46,7 @@ def _conv_kernel(
     res_ptr,
     out_ptr,
     copy_ptr,
+    sums_ptr,
     part_ptr,
     count_ptr,
     geometry_ptr,
@@ -52,6 +55,7 @@ def _conv_kernel(
     C,
     OC,
     M,
+    P,
     sxn,
     sxh,
     sxw,
@@ -70,6 +74,7 @@ def _conv_kernel(
     HAS_RES: tl.constexpr,
     RELU_OUT: tl.constexpr,
     RELU_COPY: tl.constexpr,
+    COLUMN_SUMS: tl.constexpr,
     IEEE: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -164,6 +169,26 @@ def _conv_kernel(
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=ok)
         if RELU_COPY:
             tl.store(copy_ptr + offsets, tl.maximum(acc, 0.0).to(copy_ptr.dtype.element_ty), mask=ok)
+        if COLUMN_SUMS:
+            # Each image's sums of the output as stored, over this tile's pixels, into the image's slot for
+            # this tile (of P); the tile where an image starts zeroes the slots no tile of it fills. A tile
+            # spans at most two images (the launcher asks H * W >= BM); the consumer adds the P slots in
+            # order, so the sums do not depend on which tile finished first.
+            hw = H * W
+            stored = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            total = tl.num_programs(2) * OC
+            tile_start = pid_m * BM
+            for k in tl.static_range(2):
+                img = tile_start // hw + k
+                touches = (img * hw < tl.minimum(tile_start + BM, M)) & ((img + 1) * hw > tile_start)
+                column = tl.sum(tl.where(((n == img) & m_ok)[:, None], stored, 0.0), axis=0)
+                first_tile = (img * hw) // BM
+                row = sums_ptr + img * P * total + rc
+                tl.store(row + (pid_m - first_tile) * total, column, mask=n_ok & touches)
+                if touches & (pid_m == first_tile):
+                    filled = ((img + 1) * hw - 1) // BM - first_tile + 1
+                    for slot in range(filled, P):
+                        tl.store(row + slot * total, tl.zeros((BN,), dtype=tl.float32), mask=n_ok)
 
 
 @dataclass(frozen=True)
@@ -197,6 +222,7 @@ LARGE_MAP_CONFIGS = [
 # Few input channels (the feedback block's 2 probabilities): 16 a step, the least a tensor-core product takes.
 FEW_CHANNELS, FEW_CHANNEL_CONFIGS = 16, [Config(64, 64, 16, 1, 4, 3), Config(128, 64, 16, 1, 4, 3)]
 CONFIGS = list(dict.fromkeys(SMALL_MAP_CONFIGS + LARGE_MAP_CONFIGS + FEW_CHANNEL_CONFIGS))
+assert all(c.bm >= SUM_TILE for c in CONFIGS)  # no image gets more column-sum slots than sum_slots gives
 SMALL_BELOW = 2  # a map is small when its 64x64 tiles are fewer than twice the SMs
 SLOTS, SLOT_TILES = 64, 4096  # counters: one block per calling convolution, one counter per tile and branch
 
@@ -254,12 +280,14 @@ def conv2d_nhwc(
     slot: int = 0,
     config: Config | None = None,
     library: Library | None = None,
+    column_sums: bool = False,
 ) -> list[torch.Tensor]:
     """[relu?(conv2d(x, weight) + bias + residual)], stride 1, channels-last, and its ReLU with `relu_copy`
     (the next residual block's input, written by the same epilogue); `packed` is the
     weight as (KH * KW * C, OC) rows, tap-major (triton_head.pack_weight). `slot` keeps the split counters of
     convolutions that may run at the same time apart; `config` overrides the timed choice (tests);
-    `library`, the same computed by the library, is timed beside the Triton candidates (branches_nhwc)."""
+    `library`, the same computed by the library, is timed beside the Triton candidates; `column_sums`, each
+    image's sums of the output over its pixels, in slots (branches_nhwc)."""
     if any(2 * pad != d * (k - 1) for pad, d, k in zip(padding, dilation, kernel, strict=True)):
         raise ValueError(f"the Triton convolution keeps the map's size: padding {padding} with {kernel}")
     taps = kernel[0] * kernel[1]
@@ -267,8 +295,9 @@ def conv2d_nhwc(
     bias = None if bias is None else bias[None]
     geometries = [geometry]
     return branches_nhwc(
-        x, packed[None], bias, residual, kernel, geometries, relu_out, relu_copy, slot, config, library
-    )
+        x, packed[None], bias, residual, kernel, geometries, relu_out, relu_copy, slot, config, library,
+        column_sums,
+    )  # fmt: skip
 
 
 # What a caller may offer as one more candidate: a function computing the same outputs another way.
@@ -288,13 +317,16 @@ def branches_nhwc(
     slot: int = 0,
     config: Config | None = None,
     library: Library | None = None,
+    column_sums: bool = False,
 ) -> list[torch.Tensor]:
     """Several convolutions of one map in one launch, their outputs concatenated along the channels: branch b
     with weight packed[b] (KH * KW * C, OC), bias[b], and geometry (padding h, w, dilation h, w, first tap,
     taps). Every branch must keep the map's size (a 1x1 convolution is the centre tap of a 3x3 one with
-    padding and dilation 1). Returns [out], or [out, relu(out)] with `relu_copy`. `library`, a function that
-    returns the same, is timed beside the Triton candidates on the first call for this shape, and called
-    instead of the kernel on every call where it was the faster."""
+    padding and dilation 1). Returns [out], [out, relu(out)] with `relu_copy`, and with `column_sums` also
+    each image's sums of `out` over its pixels, (N, sum_slots(H, W), channels) in FP32, to be added over
+    the slots (the maps need H * W >= the tile's pixels). `library`, a function that returns the same, is
+    timed beside the Triton candidates on the first call for this shape, and called instead of the kernel
+    on every call where it was the faster."""
     batch, channels, height, width = x.shape
     count, _, out_channels = packed.shape
     pixels = batch * height * width
@@ -309,6 +341,7 @@ def branches_nhwc(
         residual is None,
         relu_copy,
         library is not None,
+        column_sums,
     )
     counters = _counters(x.device, slot)
     geometry = _geometry(tuple(v for g in geometries for v in g), x.device)
@@ -321,8 +354,12 @@ def branches_nhwc(
             memory_format=torch.channels_last,
         )
         copy = torch.empty_like(out) if relu_copy else None
+        slots = sum_slots(height, width)  # each a tile's, of at least SUM_TILE pixels
+        sums_shape = (batch, slots, count * out_channels)
+        sums = torch.empty(sums_shape, dtype=torch.float32, device=x.device) if column_sums else None
+        outputs = [t for t in (out, copy, sums) if t is not None]
         if pixels == 0:
-            return [out] if copy is None else [out, copy]
+            return outputs
         parts = None
         if config.split > 1:
             parts = torch.empty(
@@ -332,23 +369,28 @@ def branches_nhwc(
         res = residual if residual is not None else out
         _conv_kernel[grid](
             x, packed, bias if bias is not None else packed, res, out, copy if copy is not None else out,
-            parts if parts is not None else out, counters, geometry,
-            height, width, channels, out_channels, pixels,
+            sums if sums is not None else out, parts if parts is not None else out, counters, geometry,
+            height, width, channels, out_channels, pixels, slots,
             *_nhwc_strides(x), *_nhwc_strides(res), *_nhwc_strides(out),
             TAPS=kernel[0] * kernel[1], KW=kernel[1], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-            RELU_OUT=relu_out, RELU_COPY=relu_copy, IEEE=x.dtype == torch.float32,
+            RELU_OUT=relu_out, RELU_COPY=relu_copy, COLUMN_SUMS=column_sums, IEEE=x.dtype == torch.float32,
             BM=config.bm, BN=config.bn, BK=config.bk, SPLIT=config.split,
             num_warps=config.warps, num_stages=config.stages,
         )  # fmt: skip
-        return [out] if copy is None else [out, copy]
+        return outputs
 
     choice = config or _CHOSEN.get(key)
     if pixels == 0:
         return run(CONFIGS[0])  # empty outputs: nothing to launch or to time
     if choice is None:
-        choice = _choose(
-            key, candidates(pixels, channels, out_channels, count, x.device), run, library, x.device
-        )
+        configs = candidates(pixels, channels, out_channels, count, x.device)
+        if column_sums:  # a tile may span two images, not three; smaller maps take the library's way
+            configs = [c for c in configs if c.bm <= height * width]
+        if not configs and library is None:
+            raise ValueError(f"column sums of {height}x{width} maps need the library's way")
+        choice = _choose(key, configs, run, library, x.device) if configs else LIBRARY
+    if column_sums and choice != LIBRARY and choice.bm > height * width:
+        raise ValueError(f"column sums with {choice.bm}-pixel tiles need maps of as many pixels")
     return library() if choice == LIBRARY else run(choice)
 
 

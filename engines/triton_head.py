@@ -10,18 +10,20 @@ for inference on CUDA. What `+triton-head` changes, per iteration of the hoisted
 - the ASPP's four pixel branches (the 1x1 as the centre tap of a 3x3) are one kernel launch, every
   branch's tiles at once, each writing its ReLU'd output straight into its channels of the concatenation
   the projection reads: no stream to fork, no copy to concatenate;
+- the last block's second convolution also writes each image's sums of its output over its pixels, and
+  the ASPP's image-pooling term is one small kernel from those sums (no pass over the map for the mean);
 - the ASPP's projection, its per-sample bias (the pooled branch) and ReLU, the classifier and the softmax
   the next iteration reads are one kernel (triton_project.py): the projected map is never written;
 - and, once per query, the condition module's three convolutions the same way.
 `+triton-encoder` does the same for each bottleneck's size-keeping 1x1 and 3x3 convolutions and the
 encoder's neck.
 
-`crnet::triton_conv`, `crnet::triton_branches` and `crnet::triton_project_classify` are custom ops, so
-torch.compile traces each as one call (its fake impl gives the output's shape and layout) and CUDA graphs
-capture its launch. On CUDA each shape runs whichever was faster, timed on its first call: our kernel or the
-library's way (`_library_conv`, `_library_branches`, `_library_project_classify`: cuDNN's convolutions with
-their fused epilogues, PyTorch's matrix products); off CUDA, the library's way. The image-pooling branch's 1x1
-convolutions, on one pixel a map, stay PyTorch's.
+`crnet::triton_conv`, `crnet::triton_branches`, `crnet::triton_pooling_term` and
+`crnet::triton_project_classify` are custom ops, so torch.compile traces each as one call (its fake impl gives
+the output's shape and layout) and CUDA graphs capture its launch. On CUDA each shape runs whichever was
+faster, timed on its first call: our kernel or the library's way (`_library_conv`, `_library_branches`,
+`_library_pooling_term`, `_library_project_classify`: cuDNN's convolutions with their fused epilogues,
+PyTorch's matrix products); off CUDA, the library's way.
 """
 
 from __future__ import annotations
@@ -37,11 +39,22 @@ from crnet.model.backbone import Encoder
 from crnet.model.condition import Condition
 from crnet.model.conv_epilogues import ConvReLU, FusedBottleneck, FusedNeck, conv_bias_relu
 from crnet.model.conv_twin import conv_twin, keeps_size, layout_of
-from crnet.model.refinement import ASPP, Classifier, Refinement, ResidualBranch
+from crnet.model.refinement import ASPP, Classifier, Refinement, ResidualBranch, pooling_term_of_mean
 
 # The classifier's 2 columns, padded with zeros to a tensor-core product's least width (triton_project.py).
 CLASS_COLUMNS = 16
-_SLOTS = itertools.count()  # each convolution its own split counters (triton_conv.py)
+# The column sums' slots per image (triton_conv.py): one per tile of the smallest candidate tile's pixels
+# in an image, plus one, whatever tile is chosen, so that the op's output shape does not depend on it.
+SUM_TILE = 32
+_SLOTS = itertools.count()
+
+
+def sum_slots(height: int, width: int) -> int:
+    """The column sums' slots per image of an H x W map."""
+    return -(-height * width // SUM_TILE) + 1
+
+
+# each convolution its own split counters (triton_conv.py)
 
 
 @torch.library.custom_op("crnet::triton_conv", mutates_args=())
@@ -56,43 +69,60 @@ def triton_conv(
     relu_out: bool,
     relu_copy: bool,
     slot: int,
+    column_sums: bool = False,
 ) -> list[torch.Tensor]:
-    """[out = relu?(conv2d(x, weight, bias, stride 1) + residual)], and relu(out) too with `relu_copy`,
-    channels-last; `packed` is the weight as pack_weight lays it out, read by the CUDA kernel. Off CUDA,
-    the library's convolution."""
-    return _library_conv(x, weight, bias, residual, padding, dilation, relu_out, relu_copy)
+    """[out = relu?(conv2d(x, weight, bias, stride 1) + residual)], then relu(out) with `relu_copy`, both
+    channels-last, then with `column_sums` each image's sums of out over its pixels as (N, sum_slots(H, W),
+    OC) FP32 slots to be added up; `packed` is the weight as pack_weight lays it out, read by the CUDA
+    kernel. Off CUDA, the library's convolution."""
+    return _library_conv(x, weight, bias, residual, padding, dilation, relu_out, relu_copy, column_sums)
 
 
-def _library_conv(x, weight, bias, residual, padding, dilation, relu_out, relu_copy) -> list[torch.Tensor]:
+def _library_conv(
+    x, weight, bias, residual, padding, dilation, relu_out, relu_copy, column_sums=False
+) -> list[torch.Tensor]:
     """What crnet::triton_conv computes, by PyTorch's convolution: on CUDA cuDNN's, with its fused epilogue
-    where there is a ReLU (conv_epilogues.conv_bias_relu). The CUDA kernel times this beside its own tiles
-    and runs it for the shapes where it is the faster."""
+    where there is a ReLU (conv_epilogues.conv_bias_relu), the sums (if asked) in the first slot. The CUDA
+    kernel times this beside its own tiles and runs it for the shapes where it is the faster."""
     if relu_out:
         out = conv_bias_relu(x, weight, bias, residual, [1, 1], padding, dilation)
     else:
         out = F.conv2d(x, weight, bias, 1, padding, dilation)
         out = out + residual if residual is not None else out
     out = out.contiguous(memory_format=torch.channels_last)
-    return [out, F.relu(out)] if relu_copy else [out]
+    outputs = [out, F.relu(out)] if relu_copy else [out]
+    if column_sums:
+        sums = out.new_zeros((out.shape[0], sum_slots(*out.shape[2:]), out.shape[1]), dtype=torch.float32)
+        sums[:, 0] = out.float().sum(dim=(2, 3))
+        outputs.append(sums)
+    return outputs
 
 
 @triton_conv.register_kernel("cuda")
-def _triton_conv_cuda(x, weight, packed, bias, residual, padding, dilation, relu_out, relu_copy, slot):
+def _triton_conv_cuda(
+    x, weight, packed, bias, residual, padding, dilation, relu_out, relu_copy, slot, column_sums=False
+):
     from crnet.engines.triton_conv import conv2d_nhwc
 
     def library():
-        return _library_conv(x, weight, bias, residual, padding, dilation, relu_out, relu_copy)
+        args = (padding, dilation, relu_out, relu_copy, column_sums)
+        return _library_conv(x, weight, bias, residual, *args)
 
     kernel, padding, dilation = tuple(weight.shape[2:]), tuple(padding), tuple(dilation)
-    return conv2d_nhwc(
-        x, packed, bias, residual, kernel, padding, dilation, relu_out, relu_copy, slot, library=library
-    )
+    args = (kernel, padding, dilation, relu_out, relu_copy, slot)
+    return conv2d_nhwc(x, packed, bias, residual, *args, library=library, column_sums=column_sums)
 
 
 @triton_conv.register_fake
-def _triton_conv_fake(x, weight, packed, bias, residual, padding, dilation, relu_out, relu_copy, slot):
+def _triton_conv_fake(
+    x, weight, packed, bias, residual, padding, dilation, relu_out, relu_copy, slot, column_sums=False
+):
     shape = (x.shape[0], weight.shape[0], *x.shape[2:])  # the convolutions keep the map's size
-    return [x.new_empty(shape).contiguous(memory_format=torch.channels_last) for _ in range(1 + relu_copy)]
+    outputs = [x.new_empty(shape).contiguous(memory_format=torch.channels_last) for _ in range(1 + relu_copy)]
+    if column_sums:
+        slots = sum_slots(*x.shape[2:])
+        outputs.append(x.new_empty((x.shape[0], slots, weight.shape[0]), dtype=torch.float32))
+    return outputs
 
 
 @torch.library.custom_op("crnet::triton_branches", mutates_args=())
@@ -190,6 +220,50 @@ def _triton_project_classify_fake(
     return [branches.new_empty(shape).contiguous(memory_format=layout_of(branches)) for _ in range(2)]
 
 
+@torch.library.custom_op("crnet::triton_pooling_term", mutates_args=())
+def triton_pooling_term(
+    sums: torch.Tensor,
+    pixels: int,
+    pool_weight: torch.Tensor,
+    pool_bias: torch.Tensor | None,
+    share_weight: torch.Tensor,
+    share_bias: torch.Tensor | None,
+    packed_pool: torch.Tensor,
+    packed_share: torch.Tensor,
+) -> torch.Tensor:
+    """The ASPP's image-pooling term (refinement.image_pooling_term), (N, C, 1, 1), from each image's sums
+    of the map over its `pixels` pixels in slots (crnet::triton_conv's column sums) instead of the map;
+    `packed_pool` and `packed_share` are what the CUDA kernel reads (triton_project.py). Off CUDA, the
+    library's way."""
+    return _library_pooling_term(sums, pixels, pool_weight, pool_bias, share_weight, share_bias)
+
+
+def _library_pooling_term(sums, pixels, pool_weight, pool_bias, share_weight, share_bias) -> torch.Tensor:
+    mean = (sums.sum(dim=1) / pixels).to(pool_weight.dtype)[:, :, None, None]
+    return pooling_term_of_mean(mean, pool_weight, pool_bias, share_weight, share_bias).contiguous()
+
+
+@triton_pooling_term.register_kernel("cuda")
+def _triton_pooling_term_cuda(
+    sums, pixels, pool_weight, pool_bias, share_weight, share_bias, packed_pool, packed_share
+):
+    from crnet.engines.triton_project import pooling_term
+
+    def library():
+        return _library_pooling_term(sums, pixels, pool_weight, pool_bias, share_weight, share_bias)
+
+    if pool_bias is None or share_bias is None:  # the kernel adds both biases
+        return library()
+    return pooling_term(sums, pixels, packed_pool, pool_bias, packed_share, share_bias, library=library)
+
+
+@triton_pooling_term.register_fake
+def _triton_pooling_term_fake(
+    sums, pixels, pool_weight, pool_bias, share_weight, share_bias, packed_pool, packed_share
+):
+    return sums.new_empty((sums.shape[0], share_weight.shape[0], 1, 1), dtype=pool_weight.dtype)
+
+
 class TritonConv(nn.Conv2d):
     """A size-keeping stride-1 Conv2d (same parameters, same state-dict keys) run by crnet::triton_conv, with
     a residual add and a ReLU after its bias, and a ReLU'd copy of its output, as the caller asks."""
@@ -211,12 +285,11 @@ class TritonConv(nn.Conv2d):
         *,
         relu_out: bool = False,
         relu_copy: bool = False,
+        column_sums: bool = False,
     ) -> list[torch.Tensor]:
         padding, dilation = list(self.padding), list(self.dilation)
-        weight, bias = self.weight, self.bias
-        return triton_conv(
-            x, weight, self.packed, bias, residual, padding, dilation, relu_out, relu_copy, self.slot
-        )
+        args = (residual, padding, dilation, relu_out, relu_copy, self.slot, column_sums)
+        return triton_conv(x, self.weight, self.packed, self.bias, *args)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -255,6 +328,17 @@ class TritonResidualBranch(ResidualBranch):
         inner = self[1](F.relu(x) if relu_x is None else relu_x, relu_out=True)[0]
         out = self[3](inner, x, relu_copy=relu_next)
         return out[0], out[1] if relu_next else None
+
+    def last_block(
+        self, x: torch.Tensor, relu_x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block with each image's sums of its output over its pixels, from its second kernel's
+        epilogue (the ASPP's pooling branch takes its mean from them, not from another pass over the map)."""
+        if x.shape[2] * x.shape[3] < SUM_TILE:  # too small for a tile per slot: the ASPP takes its own mean
+            return self.residual_block(x, relu_x, relu_next=False)[0], None
+        inner = self[1](F.relu(x) if relu_x is None else relu_x, relu_out=True)[0]
+        out, sums = self[3](inner, x, column_sums=True)
+        return out, sums
 
     def feedback_tail(
         self,
@@ -305,17 +389,33 @@ class TritonASPP(ASPP):
         biases = torch.stack([b.bias.detach() for b in aspp.branches])
         twin.register_buffer("packed", torch.stack(stacked), persistent=False)
         twin.register_buffer("stacked_bias", biases, persistent=False)
+        # The pooling branch's 1x1 convolution and the projection's share of its output, as (C in, C out)
+        # rows for crnet::triton_pooling_term.
+        channels = aspp.image_pool.out_channels
+        twin.register_buffer("packed_pool", pack_weight(aspp.image_pool.weight), persistent=False)
+        share = aspp.project.weight.detach()[:, :channels]
+        twin.register_buffer("packed_share", pack_weight(share), persistent=False)
         twin.geometry, twin.slot = geometry, next(_SLOTS)
         return twin
 
     def hoisted_terms(
-        self, x: torch.Tensor, pool_weight: torch.Tensor, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        pool_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        sums: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ASPP.hoisted_terms; with `sums`, the pooling term is one crnet::triton_pooling_term call."""
         weights, biases = [b.weight for b in self.branches], [b.bias for b in self.branches]
         branches = triton_branches(
             x, weights, self.packed, biases, self.stacked_bias, self.geometry, self.slot
         )
-        return branches, self.pooling_term(x, pool_weight, bias)
+        if sums is None:
+            return branches, self.pooling_term(x, pool_weight, bias)
+        pool = self.image_pool
+        pixels = x.shape[2] * x.shape[3]
+        packs = (self.packed_pool, self.packed_share)
+        return branches, triton_pooling_term(sums, pixels, pool.weight, pool.bias, pool_weight, bias, *packs)
 
 
 class TritonClassifier(Classifier):

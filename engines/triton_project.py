@@ -11,6 +11,12 @@ map is never written. On small maps the reduction over the branches' channels is
 triton_conv.py (the last part of a tile to finish adds the parts in a fixed order, and finishes the tile).
 The tile and the split are chosen per shape by timing, with the library's four kernels as one more
 candidate (triton_conv._choose).
+
+The image-pooling branch's share of the projection, the per-sample bias above, is one more small kernel
+(`pooling_term`): from the per-image sums of the last residual block's output, which that block's
+convolution wrote in its epilogue (triton_conv.py, column sums), the mean, the pooling branch's 1x1
+convolution and ReLU, and its share of the projection. That was a reduction over the map and two matrix
+products with a ReLU between them, three or four kernels an iteration.
 """
 
 from __future__ import annotations
@@ -204,3 +210,97 @@ def candidates(pixels: int, device: torch.device) -> list[ProjectConfig]:
     if triton.cdiv(pixels, 64) >= sms:
         return LARGE_MAP_CONFIGS
     return [c for c in SMALL_MAP_CONFIGS if triton.cdiv(pixels, c.bm) <= SLOT_TILES]
+
+
+@triton.jit
+def _pooling_term_kernel(
+    sums_ptr,
+    wp_ptr,
+    bp_ptr,
+    ws_ptr,
+    bs_ptr,
+    pooled_ptr,
+    out_ptr,
+    P,
+    C,
+    inv_pixels,
+    BN: tl.constexpr,
+    CB: tl.constexpr,
+):
+    """Image n (a program each): mean = (sum of the P slots of sums[n]) * inv_pixels; pooled =
+    relu(mean @ wp + bp); out[n] = pooled @ ws + bs, each product CB output channels at a time (the
+    weights as (C in, C out) rows). `pooled` goes through memory between the two, since a product takes
+    the whole vector."""
+    n = tl.program_id(0)
+    rc = tl.arange(0, BN)
+    rb = tl.arange(0, CB)
+    c_ok = rc < C
+    total = tl.zeros((BN,), dtype=tl.float32)
+    for slot in range(P):  # in order: the sums do not depend on which tile wrote first
+        total += tl.load(sums_ptr + (n * P + slot) * C + rc, mask=c_ok, other=0.0)
+    mean = total * inv_pixels
+    for block in range(0, C, CB):
+        cols = block + rb
+        w = tl.load(
+            wp_ptr + rc[:, None] * C + cols[None, :], mask=c_ok[:, None] & (cols < C)[None, :], other=0.0
+        )
+        value = tl.sum(w.to(tl.float32) * mean[:, None], axis=0)
+        value += tl.load(bp_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+        # Rounded as the pooling branch's output would be, then read back whole.
+        tl.store(pooled_ptr + n * C + cols, tl.maximum(value, 0.0).to(wp_ptr.dtype.element_ty), mask=cols < C)
+    tl.debug_barrier()
+    pooled = tl.load(pooled_ptr + n * C + rc, mask=c_ok, other=0.0).to(tl.float32)
+    for block in range(0, C, CB):
+        cols = block + rb
+        w = tl.load(
+            ws_ptr + rc[:, None] * C + cols[None, :], mask=c_ok[:, None] & (cols < C)[None, :], other=0.0
+        )
+        value = tl.sum(w.to(tl.float32) * pooled[:, None], axis=0)
+        value += tl.load(bs_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * C + cols, value.to(out_ptr.dtype.element_ty), mask=cols < C)
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    """Output channels a step of the two products, and warps."""
+
+    cb: int
+    warps: int
+
+
+POOLING_CONFIGS = [PoolingConfig(16, 8), PoolingConfig(32, 8)]  # 64 a step spills registers (ptxas -v)
+
+
+def pooling_term(
+    sums: torch.Tensor,
+    pixels: int,
+    packed_pool: torch.Tensor,
+    pool_bias: torch.Tensor,
+    packed_share: torch.Tensor,
+    share_bias: torch.Tensor,
+    config: PoolingConfig | None = None,
+    library: Library | None = None,
+) -> torch.Tensor:
+    """The image-pooling branch's share of the projection, (N, C, 1, 1) in the weights' dtype: `sums`
+    (N, P, C) FP32 per-image sums in slots (triton_conv.branches_nhwc's column sums) of a map of `pixels`
+    pixels, the pooling convolution's weight and the projection's share of it as (C in, C out) rows.
+    `library` is timed beside the kernel on the first call for a shape, as in branches_nhwc."""
+    batch, slots, channels = sums.shape
+    block_n = triton.next_power_of_2(channels)
+    key = ("pooling", tuple(sums.shape), pixels, packed_pool.dtype, sums.device, library is not None)
+
+    def run(config: PoolingConfig) -> torch.Tensor:
+        out = torch.empty((batch, channels, 1, 1), dtype=packed_pool.dtype, device=sums.device)
+        pooled = torch.empty((batch, channels), dtype=packed_pool.dtype, device=sums.device)
+        if batch:
+            _pooling_term_kernel[(batch,)](
+                sums, packed_pool, pool_bias, packed_share, share_bias, pooled, out,
+                slots, channels, 1.0 / pixels, BN=block_n, CB=min(config.cb, block_n), num_warps=config.warps,
+            )  # fmt: skip
+        return out
+
+    choice = config or _CHOSEN.get(key)
+    if choice is None:
+        configs = POOLING_CONFIGS if sums.device.type == "cuda" else POOLING_CONFIGS[:1]
+        choice = _choose(key, configs, run, library, sums.device)
+    return library() if choice == LIBRARY else run(choice)

@@ -137,8 +137,13 @@ class ConcurrentASPP(ASPP):
         return cls.sharing(aspp)
 
     def hoisted_terms(
-        self, x: torch.Tensor, pool_weight: torch.Tensor, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        pool_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        sums: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ASPP.hoisted_terms (the pooling term its own: the other branches run beside it)."""
         return aspp_terms(
             x,
             self.image_pool.weight,

@@ -26,8 +26,18 @@ def image_pooling_term(
 ) -> torch.Tensor:
     """The ASPP's image-pooling branch as its share of the projection, a per-sample bias (N, C, 1, 1):
     conv(relu(image_pool(mean(x))), share_weight, share_bias), image_pool a 1x1 convolution."""
-    pooled = F.relu(F.conv2d(ops.spatial_mean(x), pool_weight, pool_bias))
-    return F.conv2d(pooled, share_weight, share_bias)
+    return pooling_term_of_mean(ops.spatial_mean(x), pool_weight, pool_bias, share_weight, share_bias)
+
+
+def pooling_term_of_mean(
+    mean: torch.Tensor,
+    pool_weight: torch.Tensor,
+    pool_bias: torch.Tensor | None,
+    share_weight: torch.Tensor,
+    share_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """image_pooling_term from the (N, C, 1, 1) mean of x, where it is already known."""
+    return F.conv2d(F.relu(F.conv2d(mean, pool_weight, pool_bias)), share_weight, share_bias)
 
 
 class ResidualBranch(nn.Sequential):
@@ -48,6 +58,14 @@ class ResidualBranch(nn.Sequential):
         writes the ReLU with the sum when `relu_next` asks, for the next block to take as `relu_x`; here
         the branch applies its own ReLU, so: None."""
         return x + self(x), None
+
+    def last_block(
+        self, x: torch.Tensor, relu_x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loop's last block, which the ASPP reads: x + branch(x), and None. An inference form
+        (engines/triton_head.py) gives each image's sums of it over its pixels instead, made by the block's
+        last kernel, for the ASPP's pooling branch (ASPP.hoisted_terms)."""
+        return self.residual_block(x, relu_x, relu_next=False)[0], None
 
     def feedback_tail(
         self,
@@ -99,11 +117,17 @@ class ASPP(nn.Module):
         return twin.train(aspp.training)
 
     def hoisted_terms(
-        self, x: torch.Tensor, pool_weight: torch.Tensor, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        pool_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        sums: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What the hoisted loop takes of the ASPP (eval mode): the pixel branches' outputs, concatenated, and
         the image-pooling branch's share of the projection (`pool_weight`, its first input channels) with the
-        projection's `bias`, as a per-sample bias (N, C, 1, 1)."""
+        projection's `bias`, as a per-sample bias (N, C, 1, 1). `sums`, each image's sums of x over its
+        pixels where the block that made x gave them (ResidualBranch.last_block), is for an inference form
+        that takes the mean from them; this one takes its own."""
         branches = torch.cat([self.branch_relu(branch(x)) for branch in self.branches], dim=1)
         return branches, self.pooling_term(x, pool_weight, bias)
 
@@ -224,7 +248,7 @@ class Refinement(nn.Module):
         for _ in range(iterations):
             h, relu_h = self.feedback.feedback_tail(feature_term, y, probability_weight, x)
             h, relu_h = self.residual2.residual_block(h, relu_h)
-            h, _ = self.residual3.residual_block(h, relu_h, relu_next=False)  # the ASPP reads h itself
-            branches, pool_bias = self.aspp.hoisted_terms(h, pool_weight, project.bias)
+            h, sums = self.residual3.last_block(h, relu_h)  # the ASPP reads h itself
+            branches, pool_bias = self.aspp.hoisted_terms(h, pool_weight, project.bias, sums)
             logits, y = self.classifier.after_projection(branches, branch_weight, pool_bias)
         return logits

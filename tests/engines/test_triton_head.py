@@ -155,7 +155,36 @@ PROJECTION = textwrap.dedent(
                 "split": config.split,
                 "counters": int(tc._COUNTERS[torch.device("cpu")].abs().sum()),
             })
-    print(json.dumps(results))
+
+    # The last block's column sums, from the convolution's epilogue: 2 maps of 9 x 9 (tiles across both),
+    # every tile and split, out of NaN-filled memory (every slot no tile fills must be zeroed); then the
+    # pooling term from them against the one from the map, in float64.
+    from crnet.model.refinement import image_pooling_term
+    real_empty = torch.empty
+    def nan_empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    weight, bias, residual = torch.randn(24, 16, 3, 3) * 0.1, torch.randn(24), torch.randn(2, 24, 9, 9)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, 1) + residual.double()
+    pool = [torch.randn(24, 24, 1, 1) * 0.2, torch.randn(24) * 0.1]
+    pool += [torch.randn(24, 24, 1, 1) * 0.2, torch.randn(24)]
+    ref_term = image_pooling_term(ref, *(t.double() for t in pool))
+    sums_results = []
+    for config in tc.CONFIGS[:4]:
+        torch.empty = nan_empty
+        out, sums = tc.conv2d_nhwc(x, pack_weight(weight), bias, residual, (3, 3), (1, 1), (1, 1), False,
+                                   slot=5, config=config, column_sums=True)
+        term = tp.pooling_term(sums, 81, pack_weight(pool[0]), pool[1], pack_weight(pool[2]), pool[3])
+        torch.empty = real_empty
+        sums_results.append({
+            "error": (sums.double().sum(dim=1) - ref.sum(dim=(2, 3))).abs().max().item(),
+            "finite": bool(torch.isfinite(sums).all()),
+            "slots": sums.shape[1],
+            "term": (term.double() - ref_term).abs().max().item(),
+            "split": config.split,
+        })
+    print(json.dumps({"project": results, "sums": sums_results}))
     """
 )
 
@@ -169,18 +198,23 @@ def test_the_projection_kernel_in_tritons_interpreter_is_the_heads_end() -> None
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", PROJECTION], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    everything = json.loads(run.stdout.strip().splitlines()[-1])
+    results = everything["project"]
     assert {r["split"] for r in results} == {1, 2, 4} and len(results) == 2 * 5
     for result in results:
         assert result["error"] < 1e-4 and result["probabilities"] < 1e-6, result
         assert result["layout"] and result["counters"] == 0, result
+    sums = everything["sums"]
+    assert {r["split"] for r in sums} == {1, 2, 4} and {r["slots"] for r in sums} == {81 // 32 + 2}
+    for result in sums:
+        assert result["finite"] and result["error"] < 1e-4 and result["term"] < 1e-4, result
 
 
 # What the launcher's arguments look like to Triton's JIT: FP16 maps, FP32 split parts, int32 counters and
 # geometry, pointers and the channel-sized numbers 16-aligned (256 channels).
 POINTERS = {"x_ptr": "*fp16", "w_ptr": "*fp16", "bias_ptr": "*fp16", "res_ptr": "*fp16", "out_ptr": "*fp16"}
 POINTERS |= {"copy_ptr": "*fp16"}
-POINTERS |= {"part_ptr": "*fp32", "count_ptr": "*i32", "geometry_ptr": "*i32"}
+POINTERS |= {"sums_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32", "geometry_ptr": "*i32"}
 ALIGNED = {"C", "OC", "sxn", "sxh", "sxw", "srn", "srh", "srw", "son", "soh", "sow"}
 
 
@@ -208,9 +242,11 @@ def test_every_candidate_compiles_for_hopper() -> None:
     flags += [(False, False, False, False), (True, True, True, False), (True, False, False, True)]
     builds = [(config, flags[1], 3) for config in tc.CONFIGS] + [(tc.CONFIGS[1], f, 3) for f in flags]
     builds += [(tc.CONFIGS[1], flags[0], 1), (tc.CONFIGS[0], flags[4], 1)]  # the encoder's 1x1 ones
-    for config, (has_bias, has_res, relu_out, relu_copy), side in builds:
+    builds = [(*build, False) for build in builds]
+    builds += [(config, flags[2], 3, True) for config in tc.SMALL_MAP_CONFIGS]  # the last block's, with sums
+    for config, (has_bias, has_res, relu_out, relu_copy), side, sums in builds:
         constexprs = dict(HAS_BIAS=has_bias, HAS_RES=has_res, RELU_OUT=relu_out, RELU_COPY=relu_copy)
-        constexprs |= dict(TAPS=side * side, KW=side)
+        constexprs |= dict(TAPS=side * side, KW=side, COLUMN_SUMS=sums)
         constexprs |= dict(IEEE=False, BM=config.bm, BN=config.bn, BK=config.bk, SPLIT=config.split)
         source = ASTSource(
             fn=tc._conv_kernel,
@@ -270,6 +306,39 @@ def test_the_projection_kernel_compiles_for_hopper() -> None:
             command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source_file), "-o", os.devnull]
             report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
             assert "C7515" not in report, (config, report)
+
+
+def test_the_pooling_term_kernel_compiles_for_hopper() -> None:
+    """The pooling term's small kernel (a program an image, two 256 x 256 products on CUDA cores) builds to
+    sm_90 machine code within an H100's shared memory, without spilling registers."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from crnet.engines import triton_project as tp
+
+    pointers = {f"{name}_ptr": "*fp16" for name in ("wp", "bp", "ws", "bs", "pooled", "out")}
+    pointers |= {"sums_ptr": "*fp32", "inv_pixels": "fp32"}
+    params = list(inspect.signature(tp._pooling_term_kernel.fn).parameters)
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    for config in tp.POOLING_CONFIGS:
+        constexprs = {"BN": 256, "CB": config.cb}
+        source = ASTSource(
+            fn=tp._pooling_term_kernel,
+            signature={p: "constexpr" if p in constexprs else pointers.get(p, "i32") for p in params},
+            constexprs={(params.index(k),): v for k, v in constexprs.items()},
+        )
+        options = {"num_warps": config.warps}
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        assert kernel.metadata.shared <= 227 * 1024
+        if ptxas.exists():
+            source_file = Path(tempfile.mkdtemp()) / "kernel.ptx"
+            source_file.write_text(kernel.asm["ptx"])
+            command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source_file), "-o", os.devnull]
+            report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+            assert "0 bytes spill stores" in report, (config, report)
 
 
 def test_each_shape_runs_the_faster_of_the_kernel_and_the_library(monkeypatch) -> None:
@@ -356,6 +425,31 @@ def test_the_op_and_its_fake_agree() -> None:
         torch.library.opcheck(triton_project_classify, (*args, classifier.packed_classifier, classifier.slot))
 
 
+def test_the_loop_takes_the_pooling_mean_from_the_last_blocks_sums(monkeypatch) -> None:
+    """On maps of at least one tile per slot the ASPP's pooling term comes from the last block's column
+    sums (here their library form, as off CUDA): the loop still computes what the folded one does."""
+    import copy
+
+    import crnet.engines.triton_head as th
+    from crnet.model.conv_epilogues import fuse_conv_epilogues
+    from tests.model.test_conv_epilogues import folded_micro
+
+    refinement = fuse_conv_epilogues(folded_micro()).refinement
+    refinement.fused = False
+    transformed = th.triton_head(copy.deepcopy(refinement))
+    calls = []
+    library = th._library_pooling_term
+    monkeypatch.setattr(th, "_library_pooling_term", lambda *args: calls.append(1) or library(*args))
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(transformed.hoisted(x, 3), refinement.hoisted(x, 3))
+    assert len(calls) == 3  # an iteration each
+    with torch.inference_mode():  # 5 x 5 maps: fewer pixels than a tile per slot, the ASPP's own mean
+        small = torch.randn(2, 16, 5, 5)
+        torch.testing.assert_close(transformed.hoisted(small, 2), refinement.hoisted(small, 2))
+    assert len(calls) == 3
+
+
 @pytest.mark.cuda
 @CUDA
 def test_every_configuration_on_cuda_is_the_convolution() -> None:
@@ -381,6 +475,12 @@ def test_every_configuration_on_cuda_is_the_convolution() -> None:
         torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2, msg=lambda m, c=config: f"{c}: {m}")
         torch.testing.assert_close(relu_got, expected.relu(), rtol=1e-2, atol=1e-2)
         assert int(tc._COUNTERS[got.device].abs().sum()) == 0
+        with torch.inference_mode():  # the last block's form: each image's column sums, in slots
+            got, sums = tc.conv2d_nhwc(
+                x, pack_weight(conv.weight), conv.bias, residual, (3, 3), (12, 12), (12, 12), False,
+                slot=5, config=config, column_sums=True,
+            )  # fmt: skip
+        torch.testing.assert_close(sums.sum(dim=1), got.float().sum(dim=(2, 3)), rtol=1e-3, atol=1e-1)
     # The library's way, which a shape runs where cuDNN is the faster: with and without its fused ReLU.
     args = (x, conv.weight, conv.bias, residual, [12, 12], [12, 12])
     with torch.inference_mode():
