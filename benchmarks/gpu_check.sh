@@ -15,7 +15,7 @@
 # later ones, not the run, and what is left when the budget is spent is skipped and says so:
 # 1. build the CUDA backend with the python that runs the checks (stop at once if crnet does not import);
 # 2. the test suite (-n 14, a thread each), with nothing compiling beside it; meanwhile the data, the untrained r50 and
-#    the tiny checkpoint's FP16-vs-FP32 accuracy on 1000 episodes;
+#    the tiny checkpoint's FP16-vs-FP32 agreement on 400 episodes;
 # 3. in parallel, nothing timed: one process per compiled bench row and batch size that compiles and
 #    captures it (the profiler script with no calls), and one for the ops bench's compiled loop: they fill
 #    inductor's on-disk caches, so that the timed runs below do not spend minutes compiling;
@@ -73,7 +73,9 @@ if ((REHEARSE)); then
 else
   PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 14 --timeout 200 --durations 30)
   DEPLOYED=torch:fp16+channels-last+cudnn-epilogues+space-to-depth+compile+cuda-graphs+torch-loop
-  TINY=("$DEPLOYED" 1000)  # the deployed row, on the standard 1000 episodes
+  # The deployed row on 400 episodes: a check that its FP16 masks still agree (the 1000-episode figures of
+  # 2026-11-26 stand); 1000 made this the step that the compiles waited for (t=266 s against the suite's 200).
+  TINY=("$DEPLOYED" 400)
   ROWS=("$DEPLOYED" torch:fp16+anchor
     torch:fp16+channels-last+cudnn-epilogues+space-to-depth+banded-aspp+compile+cuda-graphs+torch-loop
     "$DEPLOYED+concurrent-aspp" "$DEPLOYED+triton-head" "$DEPLOYED+triton-head+triton-encoder")
