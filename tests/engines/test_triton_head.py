@@ -24,8 +24,10 @@ from crnet.engines.triton_head import (
     _library_conv,
     _library_project_classify,
     pack_weight,
+    sum_slots,
     triton_branches,
     triton_conv,
+    triton_pooling_term,
     triton_project_classify,
 )
 from crnet.model.refinement import ASPP, Classifier
@@ -401,18 +403,13 @@ def test_the_op_and_its_fake_agree() -> None:
     x = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
     residual = torch.randn(2, 6, 7, 7)
     for res, flags in [(None, (True, False)), (residual, (False, True))]:
-        args = (
-            x,
-            conv.weight.detach(),
-            conv.packed,
-            conv.bias.detach(),
-            res,
-            [2, 2],
-            [2, 2],
-            *flags,
-            conv.slot,
-        )
-        torch.library.opcheck(triton_conv, args)
+        for sums in (False, True):
+            args = (x, conv.weight.detach(), conv.packed, conv.bias.detach(), res, [2, 2], [2, 2], *flags)
+            torch.library.opcheck(triton_conv, (*args, conv.slot, sums))
+    sums = torch.randn(2, sum_slots(7, 7), 8)
+    pool = [torch.randn(8, 8, 1, 1), torch.randn(8), torch.randn(8, 8, 1, 1), torch.randn(8)]
+    packs = (pack_weight(pool[0]), pack_weight(pool[2]))
+    torch.library.opcheck(triton_pooling_term, (sums, 49, *pool, *packs))
     aspp = TritonASPP.of(ASPP(8, (2, 3, 4)).eval())
     weights, biases = [b.weight.detach() for b in aspp.branches], [b.bias.detach() for b in aspp.branches]
     args = (x, weights, aspp.packed, biases, aspp.stacked_bias, aspp.geometry, aspp.slot)
@@ -564,6 +561,28 @@ def test_the_projection_kernel_on_cuda_is_the_heads_end() -> None:
 
 @pytest.mark.cuda
 @CUDA
+def test_the_pooling_term_kernel_on_cuda_is_the_librarys() -> None:
+    """The r50 ASPP's pooling term from column sums (2 images of 41 x 41, 256 channels), each config."""
+    pytest.importorskip("triton")
+    from crnet.engines import triton_project as tp
+    from crnet.engines.triton_head import _library_pooling_term, sum_slots
+
+    torch.manual_seed(0)
+    like = dict(device="cuda", dtype=torch.half)
+    h = torch.randn(2, 256, 41, 41, device="cuda")
+    sums = torch.zeros(2, sum_slots(41, 41), 256, device="cuda")
+    sums[:, 0], sums[:, 3] = h[..., :20, :].sum(dim=(2, 3)), h[..., 20:, :].sum(dim=(2, 3))  # two slots
+    weights = [torch.randn(256, 256, 1, 1, **like) / 16 for _ in range(2)]
+    biases = [torch.randn(256, **like) / 10 for _ in range(2)]
+    expected = _library_pooling_term(sums, 41 * 41, weights[0], biases[0], weights[1], biases[1])
+    for config in tp.POOLING_CONFIGS:
+        args = (pack_weight(weights[0]), biases[0], pack_weight(weights[1]), biases[1])
+        got = tp.pooling_term(sums, 41 * 41, *args, config=config)
+        torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2, msg=lambda m, c=config: f"{c}: {m}")
+
+
+@pytest.mark.cuda
+@CUDA
 def test_the_triton_head_on_cuda_captured_and_replayed(micro_checkpoint) -> None:
     pytest.importorskip("triton")
     query, supports, masks = (x.cuda() for x in episode(1))
@@ -581,3 +600,22 @@ def test_the_triton_head_on_cuda_captured_and_replayed(micro_checkpoint) -> None
     with pytest.raises(RuntimeUnavailable, match="another ASPP option"):
         TorchRuntime(micro_checkpoint, device="cuda", triton_head=True, concurrent_aspp=True)
     assert RuntimeSpec.parse(DEPLOYED_GPU + "+triton-head")  # the row gpu_check.sh benches
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("batch", [1, 4])
+def test_the_triton_rows_on_the_tiny_checkpoint_agree_with_the_deployed_row(batch) -> None:
+    """Every Triton kernel on maps of the tiny preset (129 px images, 17 x 17 features: the pooling term from
+    column sums, the encoder's 33 x 33 maps), captured and replayed, against the deployed row."""
+    pytest.importorskip("triton")
+    checkpoint = Path(__file__).parents[2] / "checkpoints" / "tiny_fold0.pt"
+    query, supports, masks = (x.cuda() for x in episode(1, batch=batch, size=129))
+    with open_runtime(RuntimeSpec.parse(DEPLOYED_GPU), checkpoint=checkpoint, device="cuda") as deployed:
+        expected = deployed.episode(query, supports, masks)
+    spec = RuntimeSpec.parse(DEPLOYED_GPU + "+triton-head+triton-encoder")
+    with open_runtime(spec, checkpoint=checkpoint, device="cuda") as runtime:
+        for _ in range(3):  # the timing and capture, then replays
+            got = runtime.episode(query, supports, masks)
+            torch.testing.assert_close(got, expected, rtol=5e-2, atol=5e-2)
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() > 0.99
