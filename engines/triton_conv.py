@@ -421,6 +421,16 @@ def _choose(key, configs, run, library, device) -> Config | str:
     return choice
 
 
+def choices() -> list[dict]:
+    """What each shape timed so far in this process runs: the kernel (its tile and split) or the library's
+    way (for `crnet bench`'s JSON: which shapes a Triton row really ran as ours)."""
+    described = []
+    for key, choice in _CHOSEN.items():
+        parts = [str(part) for part in key if not isinstance(part, torch.device)]
+        described.append({"shape": " ".join(parts), "choice": choice if choice == LIBRARY else str(choice)})
+    return described
+
+
 def _nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     """(n, h, w, c) element strides of an (N, C, H, W) tensor, whatever its memory layout."""
     return t.stride(0), t.stride(2), t.stride(3), t.stride(1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,7 +354,7 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
         {"spec": str(s), "label": str(s), "status": "unavailable", "reason": r}
         for s, r in unavailable.items()
     ]
-    return {
+    result = {
         "schema": SCHEMA,
         "machine": machine(settings),
         "settings": {
@@ -372,6 +373,10 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
         "floor": floor,
         "runtimes": rows,
     }
+    triton_conv = sys.modules.get("crnet.engines.triton_conv")  # loaded only where a Triton row ran
+    if triton_conv is not None:
+        result["triton_choices"] = triton_conv.choices()
+    return result
 
 
 def _fmt(value, digits=1) -> str:

@@ -397,6 +397,18 @@ def test_each_shape_runs_the_faster_of_the_kernel_and_the_library(monkeypatch) -
     assert got is marker
 
 
+def test_the_bench_json_says_what_each_shape_ran(monkeypatch) -> None:
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    from crnet.engines import triton_conv as tc
+
+    chosen = {((1, 256, 41, 41), 4, torch.device("cuda"), True): tc.CONFIGS[1], ("project", (1,)): tc.LIBRARY}
+    monkeypatch.setattr(tc, "_CHOSEN", chosen)
+    assert tc.choices() == [
+        {"shape": "(1, 256, 41, 41) 4 True", "choice": str(tc.CONFIGS[1])},
+        {"shape": "project (1,)", "choice": "library"},
+    ]
+
+
 def test_the_op_and_its_fake_agree() -> None:
     torch.manual_seed(0)
     conv = TritonConv.of(torch.nn.Conv2d(8, 6, 3, padding=2, dilation=2))
