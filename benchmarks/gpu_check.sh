@@ -158,6 +158,12 @@ bench() {  # bench BATCH ROW...: one `crnet bench` of these rows, side by side
     --json "$OUT/bench_b$batch.json" --chart "$WORK/chart_b$batch.png" --no-progress >"$WORK/bench_b$batch.log" 2>&1
   local code=$?
   grep -v Warning "$WORK/bench_b$batch.log" | tail -18 | tee -a "$LOG"
+  # Which shapes the Triton rows ran as our kernels, and which as the library's way (the JSON has each).
+  python3 -c 'import json, sys
+choices = json.load(open(sys.argv[1])).get("triton_choices", [])
+ours = [c for c in choices if c["choice"] != "library"]
+print(f"Triton shapes: {len(ours)} of {len(choices)} ran our kernel:", *(c["choice"] for c in ours))' \
+    "$OUT/bench_b$batch.json" 2>&1 | tail -1 | tee -a "$LOG"
   return $code
 }
 # A row whose compile-and-capture process failed (not one that ran out of time) stays out of its bench: a
