@@ -39,81 +39,54 @@ ASPP_DILATIONS = (6, 12, 18)
 
 @dataclass(frozen=True)
 class Conv:
-    """A size-keeping convolution: channels, map side as a multiple of the features' (2: layer1's 81 for
-    41), dilation, its epilogue (ReLU, residual add, ReLU'd copy), and its kernel's side."""
+    """A size-keeping convolution: channels, kernel side, map side as a multiple of the features' (2:
+    layer1's 81 for 41), dilation, and its epilogue: ReLU, residual add, ReLU'd copy, each image's column
+    sums (the last block's, for the ASPP's pooling term)."""
 
     cin: int
     cout: int
-    scale: int
-    dilation: int
-    relu: bool
-    residual: bool
-    copy: bool
     kernel: int = 3
-    sums: bool = False  # each image's column sums too (the last block's, for the ASPP's pooling term)
+    scale: int = 1
+    dilation: int = 1
+    relu: bool = False
+    residual: bool = False
+    copy: bool = False
+    sums: bool = False
 
 
-# name, what, calls per episode, per query (else per image)
-SHAPES = [
-    ("encoder: layer1 1x1 in, first block (64 to 64)", Conv(64, 64, 2, 1, True, False, False, 1), 1, False),
-    ("encoder: layer1 1x1 in (256 to 64)", Conv(256, 64, 2, 1, True, False, False, 1), 2, False),
-    ("encoder: layer1 3x3", Conv(64, 64, 2, 1, True, False, False), 3, False),
-    (
-        "encoder: layer1 1x1 out (64 to 256, + skip, ReLU)",
-        Conv(64, 256, 2, 1, True, True, False, 1),
-        3,
-        False,
-    ),
-    (
-        "encoder: layer2 1x1 in, first block (256 to 128)",
-        Conv(256, 128, 2, 1, True, False, False, 1),
-        1,
-        False,
-    ),
-    ("encoder: layer2 1x1 in (512 to 128)", Conv(512, 128, 1, 1, True, False, False, 1), 3, False),
-    ("encoder: layer2 3x3 (not the strided one)", Conv(128, 128, 1, 1, True, False, False), 3, False),
-    (
-        "encoder: layer2 1x1 out (128 to 512, + skip, ReLU)",
-        Conv(128, 512, 1, 1, True, True, False, 1),
-        4,
-        False,
-    ),
-    (
-        "encoder: layer3 1x1 in, first block (512 to 256)",
-        Conv(512, 256, 1, 1, True, False, False, 1),
-        1,
-        False,
-    ),
-    ("encoder: layer3 1x1 in (1024 to 256)", Conv(1024, 256, 1, 1, True, False, False, 1), 5, False),
-    ("encoder: layer3 3x3, first block", Conv(256, 256, 1, 1, True, False, False), 1, False),
-    ("encoder: layer3 3x3, dilated", Conv(256, 256, 1, 2, True, False, False), 5, False),
-    (
-        "encoder: layer3 1x1 out (256 to 1024, + skip, ReLU)",
-        Conv(256, 1024, 1, 1, True, True, False, 1),
-        6,
-        False,
-    ),
-    ("encoder: neck, layer2 half (bare)", Conv(512, 256, 1, 2, False, False, False), 1, False),
-    ("encoder: neck, layer3 half (+ layer2 half, ReLU)", Conv(1024, 256, 1, 2, True, True, False), 1, False),
-    ("condition: fuse (and its ReLU'd copy)", Conv(512, 256, 1, 2, False, False, True), 1, True),
-    (
-        "head: feedback, probability term (+ feature term, ReLU)",
-        Conv(2, 256, 1, 1, True, True, False),
-        4,
-        True,
-    ),
-    ("head: 3x3, ReLU (blocks' first; condition's)", Conv(256, 256, 1, 1, True, False, False), 11, True),
-    ("head: 3x3, + skip, ReLU'd copy (blocks' second)", Conv(256, 256, 1, 1, False, True, True), 10, True),
-    ("head: 3x3, + skip (condition's)", Conv(256, 256, 1, 1, False, True, False), 1, True),
-    (
-        "head: 3x3, + skip, column sums (last block's)",
-        Conv(256, 256, 1, 1, False, True, False, sums=True),
-        5,
-        True,
-    ),
-    ("head: image-pooling term (Triton: from those sums)", "pooling", 5, True),
-    ("head: ASPP's 4 pixel branches", "branches", 5, True),
-    ("head: projection, ReLU, classifier, softmax", "project", 5, True),
+# name, what, calls per episode: the encoder's per image (support and query), the rest per query.
+ENCODER = [
+    ("layer1 1x1 in, first block", Conv(64, 64, kernel=1, scale=2, relu=True), 1),
+    ("layer1 1x1 in", Conv(256, 64, kernel=1, scale=2, relu=True), 2),
+    ("layer1 3x3", Conv(64, 64, scale=2, relu=True), 3),
+    ("layer1 1x1 out, + skip", Conv(64, 256, kernel=1, scale=2, relu=True, residual=True), 3),
+    ("layer2 1x1 in, first block (81 x 81)", Conv(256, 128, kernel=1, scale=2, relu=True), 1),
+    ("layer2 1x1 in", Conv(512, 128, kernel=1, relu=True), 3),
+    ("layer2 3x3 (not the strided one)", Conv(128, 128, relu=True), 3),
+    ("layer2 1x1 out, + skip", Conv(128, 512, kernel=1, relu=True, residual=True), 4),
+    ("layer3 1x1 in, first block", Conv(512, 256, kernel=1, relu=True), 1),
+    ("layer3 1x1 in", Conv(1024, 256, kernel=1, relu=True), 5),
+    ("layer3 3x3, first block", Conv(256, 256, relu=True), 1),
+    ("layer3 3x3, dilated", Conv(256, 256, dilation=2, relu=True), 5),
+    ("layer3 1x1 out, + skip", Conv(256, 1024, kernel=1, relu=True, residual=True), 6),
+    ("neck, layer2 half (bare)", Conv(512, 256, dilation=2), 1),
+    ("neck, layer3 half (+ layer2 half, ReLU)", Conv(1024, 256, dilation=2, relu=True, residual=True), 1),
+]
+HEAD = [
+    ("condition: fuse (and its ReLU'd copy)", Conv(512, 256, dilation=2, copy=True), 1),
+    ("feedback's probability term (+ feature term, ReLU)", Conv(2, 256, relu=True, residual=True), 4),
+    ("3x3, ReLU (blocks' first; condition's)", Conv(256, 256, relu=True), 11),
+    ("3x3, + skip, ReLU'd copy (blocks' second)", Conv(256, 256, residual=True, copy=True), 10),
+    ("3x3, + skip (condition's)", Conv(256, 256, residual=True), 1),
+    ("3x3, + skip, column sums (last block's)", Conv(256, 256, residual=True, sums=True), 5),
+    ("image-pooling term (Triton: from those sums)", "pooling", 5),
+    ("ASPP's 4 pixel branches", "branches", 5),
+    ("projection, ReLU, classifier, softmax", "project", 5),
+]
+SHAPES = [(f"encoder: {name}", what, calls, False) for name, what, calls in ENCODER]
+SHAPES += [
+    (name if name.startswith("condition") else f"head: {name}", what, calls, True)
+    for name, what, calls in HEAD
 ]
 
 
