@@ -435,7 +435,7 @@ class TritonClassifier(Classifier):
         channels = project.out_channels
         branch_weight = project.weight.detach()[:, channels:]
         twin.register_buffer("packed", pack_weight(branch_weight), persistent=False)
-        padded = torch.zeros(channels, CLASS_COLUMNS, dtype=classifier.weight.dtype)
+        padded = classifier.weight.new_zeros(channels, CLASS_COLUMNS)  # on the model's device, in its dtype
         padded[:, :2] = classifier.weight.detach()[:, :, 0, 0].t()
         twin.register_buffer("packed_classifier", padded, persistent=False)
         twin.slot = next(_SLOTS)

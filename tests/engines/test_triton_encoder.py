@@ -80,3 +80,13 @@ def test_the_triton_encoder_on_cuda_captured_and_replayed(micro_checkpoint) -> N
             torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
     with pytest.raises(RuntimeUnavailable, match="add \\+cudnn-epilogues"):
         TorchRuntime(micro_checkpoint, device="cuda", precision="fp16", triton_encoder=True)
+
+
+def test_the_transforms_make_their_buffers_where_the_model_is() -> None:
+    """The runtime transforms a model already on its device: every buffer a transform packs must be made
+    there too (on the meta device here, which no CPU default would match)."""
+    from crnet.engines.triton_head import triton_head
+
+    model = fuse_conv_epilogues(folded_micro()).to("meta")
+    model = triton_encoder(triton_head(model))
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
