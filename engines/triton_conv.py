@@ -39,6 +39,24 @@ from crnet.engines.triton_head import SUM_TILE, sum_slots
 
 
 @triton.jit
+def split_sum(acc, part_ptrs, part_stride, counter, ok, SPLIT: tl.constexpr):
+    """The split reduction's end, for a kernel whose program_id(1) is the part: publish this part's `acc`
+    at part_ptrs + part * part_stride; the last part of the tile to arrive (by the tile's `counter`) adds all
+    parts up in order 0..SPLIT-1 and resets the counter. Returns (the sum, or this part's acc; whether this
+    program finishes the tile)."""
+    tl.store(part_ptrs + tl.program_id(1) * part_stride, acc, mask=ok)
+    tl.debug_barrier()  # every thread's stores before the release below
+    finishes = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+    if finishes:
+        tl.debug_barrier()
+        acc = tl.zeros_like(acc)
+        for p in range(SPLIT):
+            acc += tl.load(part_ptrs + p * part_stride, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
+    return acc, finishes
+
+
+@triton.jit
 def _conv_kernel(
     x_ptr,
     w_ptr,
@@ -142,18 +160,9 @@ def _conv_kernel(
     ok = m_ok[:, None] & n_ok[None, :]
     finishes = True
     if SPLIT > 1:
-        # Publish this part; the last part of the tile to arrive adds all parts up in order 0..SPLIT-1.
         part_ptrs = part_ptr + branch * SPLIT * M * OC + (rm * OC)[:, None] + rn[None, :]
-        tl.store(part_ptrs + part * M * OC, acc, mask=ok)
-        tl.debug_barrier()  # every thread's stores before the release below
         counter = count_ptr + branch * tl.num_programs(0) + tile
-        finishes = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
-        if finishes:
-            tl.debug_barrier()
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for p in range(SPLIT):
-                acc += tl.load(part_ptrs + p * M * OC, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
+        acc, finishes = split_sum(acc, part_ptrs, M * OC, counter, ok, SPLIT)
     if finishes:
         # The epilogue: relu?(acc + bias + residual) in FP32, rounded once into the branch's channels of the
         # output (and its ReLU into the copy's, which has the output's strides).

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from crnet.engines.triton_conv import _CHOSEN, LIBRARY, SLOT_TILES, Library, _choose, _counters
+from crnet.engines.triton_conv import _CHOSEN, LIBRARY, SLOT_TILES, Library, _choose, _counters, split_sum
 from crnet.engines.triton_head import CLASS_COLUMNS
 
 
@@ -94,19 +94,9 @@ def _project_classify_kernel(
 
     ok = m_ok[:, None] & n_ok[None, :]
     finishes = True
-    if SPLIT > 1:
-        # As in triton_conv's kernel: publish this part; the tile's last part adds all parts in order.
+    if SPLIT > 1:  # as in triton_conv's kernel
         part_ptrs = part_ptr + (rm * C)[:, None] + rn[None, :]
-        tl.store(part_ptrs + part * M * C, acc, mask=ok)
-        tl.debug_barrier()
-        counter = count_ptr + tile
-        finishes = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
-        if finishes:
-            tl.debug_barrier()
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for p in range(SPLIT):
-                acc += tl.load(part_ptrs + p * M * C, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        acc, finishes = split_sum(acc, part_ptrs, M * C, count_ptr + tile, ok, SPLIT)
     if finishes:
         acc += tl.load(bias_ptr + (n * C)[:, None] + rn[None, :], mask=ok, other=0.0).to(tl.float32)
         h = tl.maximum(acc, 0.0).to(cw_ptr.dtype.element_ty)  # rounded as the projection's output would be
