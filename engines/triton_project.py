@@ -291,6 +291,5 @@ def pooling_term(
 
     choice = config or _CHOSEN.get(key)
     if choice is None:
-        configs = POOLING_CONFIGS if sums.device.type == "cuda" else POOLING_CONFIGS[:1]
-        choice = _choose(key, configs, run, library, sums.device)
+        choice = _choose(key, POOLING_CONFIGS, run, library, sums.device)  # off CUDA: the first
     return library() if choice == LIBRARY else run(choice)

@@ -109,14 +109,16 @@ def earlier_output(out: Path) -> list[str] | None:
     return names if holds_only(out, names) else None
 
 
-def check_out(out: Path, names: list[str], inputs: list[Path]) -> None:
+def check_out(out: Path, names: list[str], inputs: list[Path]) -> list[str]:
     """OUT must be new, empty, or an earlier infer's (see earlier_output): the masks and overlays replace
-    only files of that kind, and never an input image or mask."""
+    only files of that kind, and never an input image or mask. Returns the earlier output's files (none
+    for a new or empty folder)."""
     if out.is_symlink() and not out.exists():
         raise OutputError(f"--out {out} is a symbolic link to nothing; give a folder")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; infer writes a folder of masks there")
-    if out.is_dir() and any(out.iterdir()) and earlier_output(out) is None:
+    earlier = earlier_output(out) if out.is_dir() and any(out.iterdir()) else []
+    if earlier is None:
         raise OutputError(
             f"--out {out} holds other files than an earlier infer's; choose a new or empty folder"
         )
@@ -124,6 +126,7 @@ def check_out(out: Path, names: list[str], inputs: list[Path]) -> None:
         for suffix in ("_mask.png", "_overlay.png"):
             check_not_input(out / f"{name}{suffix}", inputs, "--out")
     check_not_input(out / SUMMARY, inputs, "--out")
+    return earlier
 
 
 def output_names(queries: list[Path]) -> list[str]:
@@ -160,8 +163,7 @@ def infer(
     if batch_size < 1:
         raise CRNetError(f"--batch-size must be >= 1, got {batch_size}")
     names = output_names(queries)
-    check_out(out, names, [*supports, *support_masks, *queries, engine])
-    earlier = (earlier_output(out) or []) if out.is_dir() else []
+    earlier = check_out(out, names, [*supports, *support_masks, *queries, engine])
     choice = choose_engine(engine, runtime, device)  # device None: the runtime's best
     device = choice.device
     crnet.device.flush_denormals_for_inference(device)
