@@ -320,12 +320,16 @@ class TritonResidualBranch(ResidualBranch):
         return twin.train(branch.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self[3](self[1](F.relu(x), relu_out=True)[0])[0]
+        return self[3](self.inner(x))[0]
+
+    def inner(self, x: torch.Tensor, relu_x: torch.Tensor | None = None) -> torch.Tensor:
+        """relu(conv1(relu(x))), the block's first convolution, from relu(x) where the caller has it."""
+        return self[1](F.relu(x) if relu_x is None else relu_x, relu_out=True)[0]
 
     def residual_block(
         self, x: torch.Tensor, relu_x: torch.Tensor | None = None, *, relu_next: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        inner = self[1](F.relu(x) if relu_x is None else relu_x, relu_out=True)[0]
+        inner = self.inner(x, relu_x)
         out = self[3](inner, x, relu_copy=relu_next)
         return out[0], out[1] if relu_next else None
 
@@ -336,7 +340,7 @@ class TritonResidualBranch(ResidualBranch):
         epilogue (the ASPP's pooling branch takes its mean from them, not from another pass over the map)."""
         if x.shape[2] * x.shape[3] < SUM_TILE:  # too small for a tile per slot: the ASPP takes its own mean
             return self.residual_block(x, relu_x, relu_next=False)[0], None
-        inner = self[1](F.relu(x) if relu_x is None else relu_x, relu_out=True)[0]
+        inner = self.inner(x, relu_x)
         out, sums = self[3](inner, x, column_sums=True)
         return out, sums
 
