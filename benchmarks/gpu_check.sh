@@ -33,10 +33,11 @@
 # idle (engines/triton_conv.py; its first call times its tiles and splits, and cuDNN, and keeps the fastest
 # for each shape; Triton's compiles are cached on disk by the warm-up step); and with the encoder's too, for
 # both targets. (`+cudnn-benchmark`, a row until then, made way: the first session measured it losing at
-# batch 1.) The suite gets 200 s (in 160 s it got through 425 of its 707 tests), so that six rows fit;
+# batch 1.) The suite gets 200 s (SUITE_CAP; in 160 s it got through 425 of its 707 tests), so that six rows fit;
 # benchmarks/unreached_tests.py runs the rest on the still-warm machine.
-# Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
-# profile.txt, profile.json. The Triton shapes' table goes into run.log.
+# Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_triton_b1.json,
+# bench_triton_b64.json, bench_tiny.json, profile.txt. The ops bench's table
+# and the Triton shapes' go into run.log.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
 # before it costs device time. Seen on the H200: with pytest's workers compiling too, six compiling
 # processes took over 120 s each; with the suite's mostly CPU tests beside them, at most 104 s. Hence the
@@ -45,6 +46,7 @@ set -u
 OUT=${OUT:?set OUT to the folder the logs go to}
 BUDGET=${BUDGET:-570}  # seconds, for everything; the device call's timeout_s is 600
 REHEARSE=${REHEARSE:-0}
+SUITE_CAP=${SUITE_CAP:-200}  # seconds for the test suite
 START=$(date +%s)
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
@@ -68,25 +70,34 @@ WORK=$(mktemp -d)
 # native op (bench_ops measures it against the compiled loop); the rehearsal's CPU refuses cuDNN's epilogues.
 if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
-  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+space-to-depth+banded-aspp+compile+torch-loop)
+  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor)
+  TRITON_ROWS=(torch:fp32+space-to-depth+banded-aspp+compile+torch-loop)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
 else
-  PRESET=r50 P=fp16 DEVICE=() TESTS=(tests) SYNTH=() BATCHES=(1 64) PYTEST=(-n 14 --timeout 200 --durations 30)
+  # The tests that only a GPU exercises first (Triton's kernels, the options, the graphs), so that a suite cut
+  # off at its deadline has run those; pytest keeps a folder's files together, in this order otherwise.
+  TESTS=(tests/engines/test_triton_head.py tests/engines/test_triton_encoder.py tests/engines tests/model
+    tests/test_device.py tests/ops tests/commands tests/data tests/export tests/test_files.py tests/test_layers.py
+    tests/test_metrics.py)
+  PRESET=r50 P=fp16 DEVICE=() SYNTH=() BATCHES=(1 64) PYTEST=(-n 14 --timeout 200 --durations 30)
   DEPLOYED=torch:fp16+channels-last+cudnn-epilogues+space-to-depth+compile+cuda-graphs+torch-loop
   # The deployed row on 400 episodes: a check that its FP16 masks still agree (the 1000-episode figures of
   # 2026-11-26 stand); 1000 made this the step that the compiles waited for (t=266 s against the suite's 200).
   TINY=("$DEPLOYED" 400)
   ROWS=("$DEPLOYED" torch:fp16+anchor
     torch:fp16+channels-last+cudnn-epilogues+space-to-depth+banded-aspp+compile+cuda-graphs+torch-loop
-    "$DEPLOYED+concurrent-aspp" "$DEPLOYED+triton-head" "$DEPLOYED+triton-head+triton-encoder")
+    "$DEPLOYED+concurrent-aspp")
+  # The Triton rows run in a bench of their own beside the deployed row and the anchor: a row whose kernels
+  # take the bench past its deadline costs that bench's table, not the one above.
+  TRITON_ROWS=("$DEPLOYED+triton-head" "$DEPLOYED+triton-head+triton-encoder")
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
 # A shorter run after a change, for a session's last minutes (with BUDGET): other rows, batch sizes or tests.
-[[ -n ${CHECK_ROWS:-} ]] && read -ra ROWS <<<"$CHECK_ROWS"
+[[ -n ${CHECK_ROWS:-} ]] && read -ra ROWS <<<"$CHECK_ROWS" && TRITON_ROWS=()
 [[ -n ${CHECK_BATCHES:-} ]] && read -ra BATCHES <<<"$CHECK_BATCHES"
 [[ -n ${CHECK_TESTS:-} ]] && read -ra TESTS <<<"$CHECK_TESTS"
-COMPILED=("${ROWS[@]}")
+COMPILED=("${ROWS[@]}" "${TRITON_ROWS[@]}")
 python3 -c "import sys, torch; print(sys.executable, 'torch', torch.__version__)" | tee -a "$LOG"
 python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1 | tee -a "$LOG"
 
@@ -104,7 +115,7 @@ pids=()
 # beside six compiling processes the suite got through 388 tests in 180 s on the H200 (2026-11-26), alone
 # 425 in 160 s; on 2 CPU cores the whole of it takes 290 s. --durations names the slow ones. One thread per
 # worker: 12 workers with torch's default of a thread per core had 16 cores oversubscribed 12 times.
-(OMP_NUM_THREADS=1 within 200 python3 -m pytest -v -p no:cacheprovider "${PYTEST[@]}" -rfE "${TESTS[@]}" \
+(OMP_NUM_THREADS=1 within "$SUITE_CAP" python3 -m pytest -v -p no:cacheprovider "${PYTEST[@]}" -rfE "${TESTS[@]}" \
   >"$OUT/pytest.log" 2>&1
   say "pytest exit $? (t=$(($(date +%s) - START)) s)") &
 pids+=($!)
@@ -148,29 +159,30 @@ if grep -qE "FAILED.*test_refine_loop.py.*(cuda|channels_last)" "$OUT/pytest.log
   say "the native op failed on the GPU: no bench_ops"
   NO_OP=1
 fi
-bench() {  # bench BATCH ROW...: one `crnet bench` of these rows, side by side
-  local batch=$1 args=()
-  shift
+bench() {  # bench NAME CAP BATCH ROW...: one `crnet bench` of these rows, side by side, into $OUT/NAME.json
+  local name=$1 cap=$2 batch=$3 args=()
+  shift 3
   for spec in "$@"; do args+=(--runtime "$spec"); done
-  # 50 timed calls at batch 1, 20 at batch 64 (each a few tens of ms): six rows within the step's cap
-  within $((batch > 8 ? 130 : 110)) python3 -m crnet bench "$MODEL" --data "$LATENCY" "${args[@]}" \
+  # 50 timed calls at batch 1, 20 at batch 64 (each a few tens of ms)
+  within "$cap" python3 -m crnet bench "$MODEL" --data "$LATENCY" "${args[@]}" \
     "${DEVICE[@]}" --episodes 0 --batch-size "$batch" --warmup 5 --repeats $((batch > 8 ? 20 : 50)) \
-    --json "$OUT/bench_b$batch.json" --chart "$WORK/chart_b$batch.png" --no-progress >"$WORK/bench_b$batch.log" 2>&1
+    --json "$OUT/$name.json" --chart "$WORK/chart_$name.png" --no-progress >"$WORK/$name.log" 2>&1
   local code=$?
-  grep -v Warning "$WORK/bench_b$batch.log" | tail -18 | tee -a "$LOG"
+  grep -v Warning "$WORK/$name.log" | tail -14 | tee -a "$LOG"
   # Which shapes the Triton rows ran as our kernels, and which as the library's way (the JSON has each).
   python3 -c 'import json, sys
 choices = json.load(open(sys.argv[1])).get("triton_choices", [])
 ours = [c for c in choices if c["choice"] != "library"]
 print(f"Triton shapes: {len(ours)} of {len(choices)} ran our kernel:", *(c["choice"] for c in ours))' \
-    "$OUT/bench_b$batch.json" 2>&1 | tail -1 | tee -a "$LOG"
+    "$OUT/$name.json" 2>&1 | tail -1 | tee -a "$LOG"
   return $code
 }
 # A row whose compile-and-capture process failed (not one that ran out of time) stays out of its bench: a
 # kernel that faults there would leave the CUDA context of the bench's process, and every row in it, broken.
-rows_that_warmed() {  # rows_that_warmed BATCH: the rows to bench at that batch size
+rows_that_warmed() {  # rows_that_warmed BATCH ROW...: those of the rows to bench at that batch size
   local batch=$1 code
-  for spec in "${ROWS[@]}"; do
+  shift
+  for spec in "$@"; do
     code=$(cat "$WORK/warm_${batch}_${spec//[:+]/_}.exit" 2>/dev/null || echo 0)
     if ((code == 0 || code == 124 || code == 137)) || [[ $spec == "${ROWS[0]}" || $spec == *anchor ]]; then
       echo "$spec"
@@ -182,19 +194,15 @@ rows_that_warmed() {  # rows_that_warmed BATCH: the rows to bench at that batch 
 }
 for batch in "${BATCHES[@]}"; do
   step "$PRESET, 1-shot, T=5, batch $batch"
-  mapfile -t BENCHED < <(rows_that_warmed "$batch")
-  bench "$batch" "${BENCHED[@]}"
+  mapfile -t BENCHED < <(rows_that_warmed "$batch" "${ROWS[@]}")
+  bench "bench_b$batch" $((batch > 8 ? 110 : 90)) "$batch" "${BENCHED[@]}"
+  ((${#TRITON_ROWS[@]})) || continue
+  step "$PRESET, 1-shot, T=5, batch $batch: the Triton rows beside the deployed row and the anchor"
+  mapfile -t BENCHED < <(rows_that_warmed "$batch" "${ROWS[@]:0:2}" "${TRITON_ROWS[@]}")
+  bench "bench_triton_b$batch" $((batch > 8 ? 110 : 100)) "$batch" "${BENCHED[@]}"
 done
-
-step "native op against the compiled PyTorch loop, GPU time under graph replay"
-((NO_OP)) || within 70 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
-grep -E "^\||speed|replay" "$OUT/ops.log" | tee -a "$LOG"
-
+ALL=("${ROWS[@]}" "${TRITON_ROWS[@]}")
 LARGE=${BATCHES[-1]}
-step "where the GPU time goes at batch $LARGE: the deployed row and the last candidate"
-within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 --json "$OUT/profile.json" \
-  "${DEVICE[@]}" "--spec=${ROWS[0]}" "--spec=${ROWS[-1]}" >"$OUT/profile.txt" 2>&1
-grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12 | tee -a "$LOG"
 
 # What is left of the budget goes to the decisions that matter less.
 step "every shape the Triton options run, alone: the library's way against our kernel, batch 1 and $LARGE"
@@ -203,8 +211,17 @@ SIZE=(--repeats 10) SHAPES_ENV=()  # the rehearsal: small maps, the kernels in T
 within 75 "${SHAPES_ENV[@]}" python3 benchmarks/triton_shapes.py --batch 1 --batch "$LARGE" "${DEVICE[@]}" \
   "${SIZE[@]}" >"$WORK/triton_shapes.log" 2>&1
 grep -E "^(\||the Triton)" "$WORK/triton_shapes.log" | tee -a "$LOG"
+
+step "native op against the compiled PyTorch loop, GPU time under graph replay"
+((NO_OP)) || within 70 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$WORK/ops.log" 2>&1
+grep -E "^\||speed|replay" "$WORK/ops.log" | tee -a "$LOG"
+
+step "where the GPU time goes at batch $LARGE: the deployed row and the last candidate"
+within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 --json "$WORK/profile.json" \
+  "${DEVICE[@]}" "--spec=${ALL[0]}" "--spec=${ALL[-1]}" >"$OUT/profile.txt" 2>&1
+grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12 | tee -a "$LOG"
 step "where the GPU time goes, batch 1"
-within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" "${ROWS[@]/#/--spec=}" \
+within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" "${ALL[@]/#/--spec=}" \
   >>"$OUT/profile.txt" 2>&1
 grep -E "^(==|episode|query)" "$OUT/profile.txt" | grep "batch 1$" -A2 | tee -a "$LOG"
 step done
