@@ -7,7 +7,7 @@
 #     OUT=... BUDGET=230 CHECK_ROWS="torch:fp16+anchor ..." CHECK_BATCHES=64 CHECK_TESTS="tests/ops" \
 #         bash benchmarks/gpu_check.sh     # a short check after a change: what the budget leaves is skipped
 #     OMP_NUM_THREADS=1 timeout -s INT 200 python3 benchmarks/unreached_tests.py -- -n 14 >$OUT/rest.log
-#                                      # then, on the still-warm machine: the tests its suite did not reach;
+#                                      # then, on the still-warm machine: the tests its suite did not reach or failed;
 #     timeout -s INT 150 python3 benchmarks/head_convs.py --batch 1 --batch 64 >$OUT/convs.log 2>&1
 #                                      # or, if the suite finished: the head's convolutions in every form
 #

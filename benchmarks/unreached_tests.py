@@ -1,5 +1,6 @@
-"""Run the tests that a suite run cut off at its deadline did not reach: every test pytest collects whose node
-id has no outcome in that run's verbose log. For a GPU machine's second, shorter call after
+"""Run the tests that a suite run cut off at its deadline did not reach, and again those that failed in it:
+every test pytest collects whose node id has no outcome, or FAILED or ERROR, in that run's verbose log (a
+suite stopped at its deadline prints no failure's traceback). For a GPU machine's second, shorter call after
 benchmarks/gpu_check.sh, which keeps its log where this looks first.
 
     python benchmarks/unreached_tests.py [LOG] [-- PYTEST ARGS...]
@@ -17,20 +18,19 @@ import pytest
 DEFAULT_LOG = Path("/tmp/crnet_gpu_check_pytest.log")
 # pytest -v with xdist: "[gw3] [ 41%] PASSED tests/x.py::test[a b]",
 # without: "tests/x.py::test[a b] PASSED [ 41%]"
-OUTCOME = re.compile(
-    r"^(?:\[gw\d+\] \[\s*\d+%\] )?(?:PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (tests/.+?)\s*$"
-)
-OUTCOME_AFTER = re.compile(r"^(tests/.+?) (?:PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)(?: +\[\s*\d+%\])?\s*$")
+OUTCOME = re.compile(r"^(?:\[gw\d+\] \[\s*\d+%\] )?(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (tests/.+?)\s*$")
+OUTCOME_AFTER = re.compile(r"^(tests/.+?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)(?: +\[\s*\d+%\])?\s*$")
 
 
-def reached(log: str) -> set[str]:
-    """Node ids with an outcome in a verbose pytest log."""
-    ids = set()
+def outcomes(log: str) -> dict[str, str]:
+    """Each node id with an outcome in a verbose pytest log, and that outcome."""
+    found = {}
     for line in log.splitlines():
-        match = OUTCOME.match(line) or OUTCOME_AFTER.match(line)
-        if match:
-            ids.add(match.group(1))
-    return ids
+        if match := OUTCOME.match(line):
+            found[match.group(2)] = match.group(1)
+        elif match := OUTCOME_AFTER.match(line):
+            found[match.group(1)] = match.group(2)
+    return found
 
 
 def collected() -> list[str]:
@@ -48,9 +48,11 @@ def main() -> int:
     extra = args[args.index("--") + 1 :] if "--" in args else []
     args = args[: args.index("--")] if "--" in args else args
     log = Path(args[0]) if args else DEFAULT_LOG
-    done = reached(log.read_text(errors="replace"))
-    rest = [node for node in collected() if node not in done]
-    print(f"{len(done)} tests reached in {log}, {len(rest)} not", flush=True)
+    done = outcomes(log.read_text(errors="replace"))
+    failed = [node for node, outcome in done.items() if outcome in ("FAILED", "ERROR")]
+    rest = [node for node in collected() if done.get(node, "FAILED") in ("FAILED", "ERROR")]
+    print(f"{len(done)} tests reached in {log}, {len(failed)} of them failed; running those and the", end=" ")
+    print(f"{len(rest) - len(failed)} not reached", flush=True)
     return int(pytest.main(["-p", "no:cacheprovider", "-rfE", *extra, *rest])) if rest else 0
 
 

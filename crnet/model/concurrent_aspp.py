@@ -103,9 +103,9 @@ def _aspp_terms_fake(x, pool_weight, pool_bias, share_weight, share_bias, weight
     return branches, x.new_empty((n, share_weight.shape[0], 1, 1))
 
 
-# Side streams per device, made once and kept: torch.cuda.Stream() hands out streams of a pool in turn, so one
-# may be the caller's own (a capture's stream is one of the pool's too); those are passed over, which keeps
-# the result right and only that branch in line.
+# Side streams per device, made once and kept. torch.cuda.Stream() hands out the 32 streams of a pool in
+# turn, so a new one may be one the list holds already (two branches would share it: seen on the H200) or
+# the caller's own (a capture's stream is one of the pool's too): both are passed over.
 _STREAMS: dict[int, list[torch.cuda.Stream]] = {}
 _STREAMS_LOCK = threading.Lock()
 
@@ -114,7 +114,9 @@ def _side_streams(device: torch.device, main: torch.cuda.Stream, count: int) -> 
     with _STREAMS_LOCK:
         pool = _STREAMS.setdefault(device.index, [])
         while len([s for s in pool if s != main]) < count:
-            pool.append(torch.cuda.Stream(device))
+            stream = torch.cuda.Stream(device)
+            if stream not in pool:
+                pool.append(stream)
         return [s for s in pool if s != main][:count]
 
 

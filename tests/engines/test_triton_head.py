@@ -4,6 +4,7 @@ CUDA the runtime with its graphs captured (what the head options share: test_hea
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -220,6 +221,20 @@ POINTERS |= {"sums_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32", "geo
 ALIGNED = {"C", "OC", "sxn", "sxh", "sxw", "srn", "srh", "srw", "son", "soh", "sow"}
 
 
+def ptxas_report(triton, ptx: str) -> str | None:
+    """`ptxas -v` for sm_90a on `ptx`, by the ptxas that Triton compiled it with: once inductor has compiled
+    a kernel in this process, that is torch's own (inductor sets TRITON_PTXAS_PATH), and Triton's bundled
+    one may not read the newer PTX it then writes. None where neither exists."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    ptxas = Path(os.environ.get("TRITON_PTXAS_PATH") or bundled)
+    if not ptxas.exists():
+        return None
+    source_file = Path(tempfile.mkdtemp()) / "kernel.ptx"
+    source_file.write_text(ptx)
+    command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source_file), "-o", os.devnull]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stderr
+
+
 def test_every_candidate_compiles_for_hopper() -> None:
     """Triton's own compiler, to sm_90 machine code, on a CPU: what the interpreter cannot see (types,
     layouts, shared memory); each tile with a full epilogue and each epilogue with one split tile. Hopper's
@@ -237,7 +252,6 @@ def test_every_candidate_compiles_for_hopper() -> None:
     params = list(inspect.signature(tc._conv_kernel.fn).parameters)
     signature = {p: POINTERS.get(p, "i32") for p in params}
     attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params if p in POINTERS or p in ALIGNED}
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     # (bias, residual, relu out, relu copy): a block's first convolution, the ASPP's and the encoder's; a
     # block's second, and the last; the neck's layer2 half (bare) and its layer3 half; the condition's fuse.
     flags = [(True, False, True, False), (True, True, False, True), (True, True, False, False)]
@@ -262,11 +276,8 @@ def test_every_candidate_compiles_for_hopper() -> None:
         tensor_cores = "wgmma" in ptx if config.bm >= 64 else "mma.sync" in ptx  # a warpgroup's is 64 rows
         assert tensor_cores and "cp.async" in ptx, (config, has_bias, has_res, relu_out, relu_copy)
         assert kernel.metadata.shared <= 227 * 1024  # an H100's or H200's shared memory per block
-        if ptxas.exists():
-            source_file = Path(tempfile.mkdtemp()) / "kernel.ptx"
-            source_file.write_text(ptx)
-            command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source_file), "-o", os.devnull]
-            report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+        report = ptxas_report(triton, ptx)
+        if report is not None:
             assert "C7515" not in report, (config, has_bias, has_res, relu_out, relu_copy, report)
 
 
@@ -287,7 +298,6 @@ def test_the_projection_kernel_compiles_for_hopper() -> None:
     aligned = {"K", "C", "sxn", "sxh", "sxw", "son"}
     params = list(inspect.signature(tp._project_classify_kernel.fn).parameters)
     attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params if p in pointers or p in aligned}
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     for config in tp.CONFIGS:
         constexprs = dict(IEEE=False, BM=config.bm, BN=256, BK=config.bk, SPLIT=config.split, COLUMNS=16)
         source = ASTSource(
@@ -302,11 +312,8 @@ def test_the_projection_kernel_compiles_for_hopper() -> None:
         tensor_cores = "wgmma" in ptx if config.bm >= 64 else "mma.sync" in ptx
         assert tensor_cores and "cp.async" in ptx, config
         assert kernel.metadata.shared <= 227 * 1024, (config, kernel.metadata.shared)
-        if ptxas.exists():
-            source_file = Path(tempfile.mkdtemp()) / "kernel.ptx"
-            source_file.write_text(ptx)
-            command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source_file), "-o", os.devnull]
-            report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+        report = ptxas_report(triton, ptx)
+        if report is not None:
             assert "C7515" not in report, (config, report)
 
 
@@ -324,7 +331,6 @@ def test_the_pooling_term_kernel_compiles_for_hopper() -> None:
     pointers = {f"{name}_ptr": "*fp16" for name in ("wp", "bp", "ws", "bs", "pooled", "out")}
     pointers |= {"sums_ptr": "*fp32", "inv_pixels": "fp32"}
     params = list(inspect.signature(tp._pooling_term_kernel.fn).parameters)
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     for config in tp.POOLING_CONFIGS:
         constexprs = {"BN": 256, "CB": config.cb}
         source = ASTSource(
@@ -335,12 +341,25 @@ def test_the_pooling_term_kernel_compiles_for_hopper() -> None:
         options = {"num_warps": config.warps}
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         assert kernel.metadata.shared <= 227 * 1024
-        if ptxas.exists():
-            source_file = Path(tempfile.mkdtemp()) / "kernel.ptx"
-            source_file.write_text(kernel.asm["ptx"])
-            command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source_file), "-o", os.devnull]
-            report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+        report = ptxas_report(triton, kernel.asm["ptx"])
+        if report is not None:
             assert "0 bytes spill stores" in report, (config, report)
+
+
+def test_the_checks_use_the_ptxas_that_triton_compiled_with() -> None:
+    """The pooling kernel's check in a process whose Triton compiles with a newer ptxas than its own, as it
+    does once inductor has set torch's (on the H200, CUDA 13's PTX 9.0, which Triton's ptxas 12.8 refused).
+    A process of its own: Triton keeps the ptxas version it saw first."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    if shutil.which("ptxas") is None:
+        pytest.skip("no CUDA toolkit's ptxas on PATH")
+    code = "import tests.engines.test_triton_head as t; t.test_the_pooling_term_kernel_compiles_for_hopper()"
+    environment = os.environ | {"TRITON_PTXAS_PATH": shutil.which("ptxas")}
+    root = Path(__file__).parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=environment, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_each_shape_runs_the_faster_of_the_kernel_and_the_library(monkeypatch) -> None:

@@ -65,6 +65,36 @@ def test_only_the_aspps_own_convolutions_run_concurrently() -> None:
         ConcurrentASPP.of(aspp)
 
 
+class PooledStream:
+    """A stand-in for torch.cuda.Stream on any machine: a pool of 8 streams handed out in turn, as PyTorch
+    hands out its 32."""
+
+    handed_out = 0
+
+    def __init__(self, device=None) -> None:
+        self.id = PooledStream.handed_out % 8
+        PooledStream.handed_out += 1
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PooledStream) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return self.id
+
+
+def test_the_side_streams_stay_distinct_when_the_pool_comes_round_again(monkeypatch) -> None:
+    """A new stream may be one the list holds already, or the caller's: five branches still get five
+    streams, none the caller's (on the H200 two branches once shared one)."""
+    import crnet.model.concurrent_aspp as concurrent
+
+    monkeypatch.setattr(concurrent.torch.cuda, "Stream", PooledStream)
+    monkeypatch.setattr(concurrent, "_STREAMS", {})
+    for _ in range(40):
+        main = PooledStream()
+        streams = _side_streams(torch.device("cuda", 0), main, 5)
+        assert len(set(streams)) == 5 and main not in streams
+
+
 @pytest.mark.cuda
 @CUDA
 def test_the_side_streams_are_never_the_callers() -> None:
