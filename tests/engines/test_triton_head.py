@@ -365,18 +365,18 @@ def test_the_checks_use_the_ptxas_that_triton_compiled_with() -> None:
 def test_each_shape_runs_the_faster_of_the_kernel_and_the_library(monkeypatch) -> None:
     """The choice on the first call for a shape: every Triton candidate and the library's function timed, the
     fastest remembered; the library's then runs in place of the kernel. Timings faked, the logic real."""
-    triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
     from crnet.engines import triton_conv as tc
 
     configs = tc.SMALL_MAP_CONFIGS[:3]
     ran = []
 
     def bench(timings):
-        def do_bench(fn, warmup, rep):
+        def gpu_time(fn):
             fn()
             return timings[ran[-1]]
 
-        return do_bench
+        return gpu_time
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     cuda = torch.device("cuda")
@@ -384,7 +384,7 @@ def test_each_shape_runs_the_faster_of_the_kernel_and_the_library(monkeypatch) -
         ({configs[0]: 3.0, configs[1]: 2.0, configs[2]: 4.0, "library": 2.5}, configs[1]),
         ({configs[0]: 3.0, configs[1]: 2.0, configs[2]: 4.0, "library": 1.5}, tc.LIBRARY),
     ]:
-        monkeypatch.setattr(triton.testing, "do_bench", bench(timings))
+        monkeypatch.setattr(tc, "_gpu_time", bench(timings))
         key = ("a shape", expected)
         choice = tc._choose(key, configs, ran.append, lambda: ran.append("library"), cuda)
         assert choice == expected and tc._CHOSEN.pop(key) == expected
