@@ -14,7 +14,9 @@ iteration's pooling term, projection, classifier and softmax in two),
 `+triton-encoder` (the same for the encoder's size-keeping 1x1 and 3x3 convolutions and its
 neck),
 `+cudnn-benchmark` (with
-`+cuda-graphs`: cuDNN times its algorithms for each convolution it captures), `+torch-loop` (PyTorch's
+`+cuda-graphs`: cuDNN times its algorithms for each convolution it captures), `+max-autotune` (with
+`+compile`: inductor times its Triton templates against cuBLAS and cuDNN for each matrix product and
+convolution, in the compiled graph, epilogues fused), `+torch-loop` (PyTorch's
 refinement loop, not the native op, whatever --fused says), `torch:fp16+anchor`
 (plain torch.compile, the anchor of GPU benches), `onnxruntime:fp32`, `onnxruntime:fp16+cuda`,
 `onnxruntime:fp16+tensorrt` (execution providers), `tensorrt:fp16`; every command that takes `--runtime`
@@ -54,6 +56,7 @@ OPTIONS = {
         "triton-head",
         "triton-encoder",
         "cudnn-benchmark",
+        "max-autotune",
         "torch-loop",
         "anchor",
     ),
@@ -137,6 +140,7 @@ def torch_options(spec: RuntimeSpec, fused: bool | None = None) -> dict:
         "triton_head": "triton-head" in spec.options,
         "triton_encoder": "triton-encoder" in spec.options,
         "cudnn_benchmark": "cudnn-benchmark" in spec.options,
+        "max_autotune": "max-autotune" in spec.options,
     }
 
 

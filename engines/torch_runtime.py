@@ -50,6 +50,17 @@ from crnet.model.space_to_depth import space_to_depth_stem
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def compile_mode(reduce_overhead: bool, max_autotune: bool) -> str:
+    """torch.compile's mode for a row. The anchor's CUDA graphs are torch.compile's own (reduce-overhead), as
+    a plain user gets them; ours are captured by CapturedCalls, so inductor compiles without them. With
+    max-autotune, inductor times its Triton templates for each matrix product and convolution against
+    cuBLAS's and cuDNN's, in the graph it compiles, and where a template wins it fuses the bias, residual
+    and ReLU into it (channels-last 1x1 convolutions become matrix products; dilated ones stay cuDNN's)."""
+    if reduce_overhead:
+        return "reduce-overhead"
+    return "max-autotune-no-cudagraphs" if max_autotune else "default"
+
+
 class TorchRuntime(Runtime):
     name = "torch"
 
@@ -73,6 +84,7 @@ class TorchRuntime(Runtime):
         triton_head: bool = False,
         triton_encoder: bool = False,
         cudnn_benchmark: bool = False,
+        max_autotune: bool = False,
     ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -88,6 +100,11 @@ class TorchRuntime(Runtime):
             raise RuntimeUnavailable("cuDNN's benchmark mode needs --device cuda (and is not the anchor's)")
         if cudnn_benchmark and not cuda_graphs:
             raise RuntimeUnavailable("cuDNN's benchmark mode chooses at capture: add +cuda-graphs")
+        if max_autotune and (anchor or not compile or self.device.type != "cuda"):
+            raise RuntimeUnavailable(
+                "+max-autotune is inductor's choice of GPU kernels: it needs +compile and --device cuda"
+                " (and is not the anchor's)"
+            )
         if (space_to_depth or banded_aspp or concurrent_aspp or triton_head or triton_encoder) and anchor:
             raise RuntimeUnavailable(
                 "the anchor is plain PyTorch: no rewrite of ours (stem, encoder, ASPP or head)"
@@ -152,9 +169,7 @@ class TorchRuntime(Runtime):
         self._episode = self._query = None
         functions = [self._encoder_forward, self._head_forward, self._episode_forward, self._query_forward]
         if compile:
-            # The anchor's CUDA graphs are torch.compile's own (reduce-overhead), as a plain user gets them;
-            # ours are captured below, so inductor compiles without them.
-            mode = "reduce-overhead" if anchor and cuda_graphs else "default"
+            mode = compile_mode(anchor and cuda_graphs, max_autotune)
             functions = [torch.compile(f, mode=mode, dynamic=False) for f in functions]
         # cuDNN's timed choices are made on a thread of this runtime's own, and kept there (cuda_graphs.py).
         self._capture_thread = CaptureOnOwnThread(_cudnn_benchmark) if cudnn_benchmark else None
@@ -174,6 +189,7 @@ class TorchRuntime(Runtime):
             "triton_head": triton_head,
             "triton_encoder": triton_encoder,
             "cudnn_benchmark": cudnn_benchmark,
+            "max_autotune": max_autotune,
             "fused": fused,
         }
 

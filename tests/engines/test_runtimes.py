@@ -166,6 +166,21 @@ def test_cudnn_benchmark_runs_the_same_episode_on_cuda(micro_checkpoint) -> None
     torch.testing.assert_close(logits, expected, atol=2e-2, rtol=2e-2)
 
 
+def test_max_autotune_is_a_compiled_gpu_rows_choice(micro_checkpoint) -> None:
+    """+max-autotune is inductor's own timing of its templates against the libraries: compiled rows on a GPU
+    only, never the anchor's; the anchor keeps torch.compile's CUDA graphs, our rows capture their own."""
+    from crnet.engines.torch_runtime import compile_mode
+
+    for text in ("torch:fp16+compile+max-autotune", "torch:fp16+channels-last+max-autotune"):
+        with pytest.raises(RuntimeUnavailable, match="needs \\+compile and --device cuda"):
+            open_runtime(RuntimeSpec.parse(text), checkpoint=micro_checkpoint)
+    with pytest.raises(RuntimeUnavailable, match="takes no other option"):
+        RuntimeSpec.parse("torch:fp16+anchor+max-autotune")
+    assert compile_mode(reduce_overhead=True, max_autotune=False) == "reduce-overhead"
+    assert compile_mode(reduce_overhead=False, max_autotune=True) == "max-autotune-no-cudagraphs"
+    assert compile_mode(reduce_overhead=False, max_autotune=False) == "default"
+
+
 def test_cpu_onnxruntime_cannot_take_a_gpu_provider(micro_bundle) -> None:
     with pytest.raises(RuntimeUnavailable, match="does not run on device cpu"):
         open_runtime(RuntimeSpec("onnxruntime", options=("cuda",)), bundle=load_bundle(micro_bundle))
@@ -208,6 +223,7 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
         DEPLOYED_GPU + "+triton-head",  # the head's 3x3 convolutions as our Triton kernels
         DEPLOYED_GPU + "+triton-head+triton-encoder",  # and the encoder's
         "torch:fp16+channels-last+cudnn-epilogues+space-to-depth+banded-aspp+compile+cuda-graphs+torch-loop",
+        "torch:fp16+channels-last+space-to-depth+compile+max-autotune+cuda-graphs+torch-loop",
         "torch:fp16+anchor",
         "onnxruntime:fp32+cuda",
     ],
