@@ -29,11 +29,11 @@
 # times its Triton templates against cuBLAS and cuDNN in the compiled graph, with the convolutions left to it
 # and with cuDNN's epilogues (their templates are timed in the warm-up, beside other processes' kernels, and
 # cached on disk: a bench reuses those choices); the deployed row with the head's convolutions as our Triton
-# kernels, and with the encoder's too (engines/triton_conv.py; each shape's first call times tiles, splits
-# and cuDNN replayed from a CUDA graph; Triton's compiles are cached on disk by the warm-up step). `+banded-aspp` (twice as slow
-# at batch 1) and `+concurrent-aspp` (9% slower at batch 64) made way after the third GPU run. The suite gets
-# 100 s (SUITE_CAP): every test has passed or been mended on the GPU (docs/BENCHMARKS.md), and its GPU-only
-# tests run first; benchmarks/unreached_tests.py runs the rest on the still-warm machine.
+# kernels, and with the encoder's too (engines/triton_conv.py; each shape's first call times tiles, splits and
+# cuDNN replayed from a CUDA graph; Triton's compiles are cached on disk by the warm-up step). `+banded-aspp`
+# (twice as slow at batch 1) and `+concurrent-aspp` (9% slower at batch 64) made way after the third GPU run.
+# The suite gets 100 s (SUITE_CAP): every test has passed or been mended on the GPU (docs/BENCHMARKS.md), and
+# its GPU-only tests run first; benchmarks/unreached_tests.py runs the rest on the still-warm machine.
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
 # profile.txt, profile.json. The Triton shapes' table goes into run.log.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
