@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,9 +161,12 @@ def guarded(spec: RuntimeSpec, failed: dict, call, *args):
         return None
 
 
-def first_calls(runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, device: torch.device) -> dict:
+def first_calls(
+    runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, device: torch.device, notice=None
+) -> tuple[dict, dict]:
     """Every call kind once on each runtime (each compiles and captures here), so that one that raises is
-    reported as failed instead of ending the bench."""
+    reported as failed instead of ending the bench; and the seconds each runtime's first calls took (a
+    compiled row's start-up), said as each ends, so that a bench stopped midway says which row it was at."""
     query = data["query_image"].to(device)
     supports, masks = data["support_images"].to(device), data["support_masks"].to(device)
 
@@ -172,10 +176,14 @@ def first_calls(runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, device:
         features = runtime.encode(supports.flatten(0, 1)).unflatten(0, supports.shape[:2])
         runtime.query(query, runtime.prompt(features, masks))
 
-    failed = {}
+    failed, seconds = {}, {}
     for spec, runtime in runtimes:
+        start = time.perf_counter()
         guarded(spec, failed, every_kind, runtime)
-    return failed
+        seconds[spec] = time.perf_counter() - start
+        if notice is not None and spec not in failed:
+            notice(f"{spec}: first calls (compiling, capturing) took {seconds[spec]:.1f} s")
+    return failed, seconds
 
 
 def measure_accuracy(
@@ -322,7 +330,7 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
         notice(f"skipping {spec}: {reason}")
     try:
         data = latency_batch(settings, runtimes[0][1].input_size)
-        failed = first_calls(runtimes, data, torch.device(settings.device))
+        failed, start_up = first_calls(runtimes, data, torch.device(settings.device), notice)
         accuracy = measure_accuracy(runtimes, settings, progress, failed) if settings.episodes > 0 else {}
         for spec, reason in failed.items():
             notice(f"{spec} failed: {reason}")
@@ -338,6 +346,7 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
     rows = []
     for spec, runtime in measured:
         row = {"spec": str(spec), "label": runtime.label, "status": "ok", **latency[spec]}
+        row["first_calls_s"] = start_up.get(spec)
         medians = {kind: row["latency_ms"][kind]["median"] for kind in ("episode", "query")}
         row["latency_vs_reference"] = medians["episode"] / reference_ms
         if anchor is not None:

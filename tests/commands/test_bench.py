@@ -65,6 +65,10 @@ def test_schema(result) -> None:
             2000 / row["latency_ms"]["episode"]["median"]
         )
         assert set(row["accuracy"]) >= {"miou", "fbiou", "per_class"}
+        # each row's start-up (its first calls, which compile and capture), timed and said as it ended
+        assert row["first_calls_s"] > 0
+        said = f"{row['spec']}: first calls (compiling, capturing) took {row['first_calls_s']:.1f} s"
+        assert said in result["notices"]
         assert set(row["agreement"]) == {
             "pixel_agreement",
             "mask_iou",
@@ -172,7 +176,7 @@ def test_a_runtime_whose_call_raises_is_reported_not_fatal(micro_checkpoint, ben
         checkpoint=micro_checkpoint, bundle=None, data_root=bench_root, episodes=4, eval_batch=2, repeats=2
     )
     if when == "accuracy":
-        monkeypatch.setattr(bench, "first_calls", lambda *args: {})  # the accuracy pass meets it first
+        monkeypatch.setattr(bench, "first_calls", lambda *args: ({}, {}))  # the accuracy pass meets it first
     notices = []
     specs = [RuntimeSpec.parse(s) for s in ("torch:fp32+channels-last", "torch:fp32+torch-loop")]
     result = run_bench(specs, settings, no_bar, notice=notices.append)
