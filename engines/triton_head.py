@@ -46,15 +46,12 @@ CLASS_COLUMNS = 16
 # The column sums' slots per image (triton_conv.py): one per tile of the smallest candidate tile's pixels
 # in an image, plus one, whatever tile is chosen, so that the op's output shape does not depend on it.
 SUM_TILE = 32
-_SLOTS = itertools.count()
+_SLOTS = itertools.count()  # each convolution its own split counters (triton_conv.py)
 
 
 def sum_slots(height: int, width: int) -> int:
     """The column sums' slots per image of an H x W map."""
     return -(-height * width // SUM_TILE) + 1
-
-
-# each convolution its own split counters (triton_conv.py)
 
 
 @torch.library.custom_op("crnet::triton_conv", mutates_args=())
@@ -339,7 +336,7 @@ class TritonResidualBranch(ResidualBranch):
         """The block with each image's sums of its output over its pixels, from its second kernel's
         epilogue (the ASPP's pooling branch takes its mean from them, not from another pass over the map)."""
         if x.shape[2] * x.shape[3] < SUM_TILE:  # too small for a tile per slot: the ASPP takes its own mean
-            return self.residual_block(x, relu_x, relu_next=False)[0], None
+            return super().last_block(x, relu_x)
         inner = self.inner(x, relu_x)
         out, sums = self[3](inner, x, column_sums=True)
         return out, sums

@@ -96,13 +96,18 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 SUMMARY = "infer.json"
 
 
+def overlay_name(mask: str) -> str:
+    """The overlay's file name beside a mask's (`<name>_mask.png` -> `<name>_overlay.png`)."""
+    return mask.removesuffix("_mask.png") + "_overlay.png"
+
+
 def earlier_output(out: Path) -> list[str] | None:
     """The files of an earlier infer's output, if a folder holds that and nothing else: its infer.json and
     the masks and overlays that infer.json lists; else None."""
     try:
         summary = json.loads((out / SUMMARY).read_text())
         masks = [record["mask"] for record in summary["queries"]]
-        overlays = [mask.removesuffix("_mask.png") + "_overlay.png" for mask in masks]
+        overlays = [overlay_name(mask) for mask in masks]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
     names = [SUMMARY, *masks, *overlays]
@@ -210,7 +215,7 @@ def infer(
     # so that the folder and its infer.json agree. Only files the earlier infer.json listed, and only after
     # every new one is written.
     written = {record["mask"] for record in records}
-    written |= {mask.removesuffix("_mask.png") + "_overlay.png" for mask in written}
+    written |= {overlay_name(mask) for mask in written}
     for stale in set(earlier) - written - {SUMMARY}:
         if Path(stale).name == stale and stale.endswith(("_mask.png", "_overlay.png")):  # in `out`, ours
             (out / stale).unlink(missing_ok=True)
