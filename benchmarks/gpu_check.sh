@@ -176,8 +176,9 @@ print(f"Triton shapes: {len(ours)} of {len(choices)} ran our kernel:", *(c["choi
 }
 # A row whose compile-and-capture process failed stays out of the bench: a kernel that faults there would
 # leave the CUDA context of the bench's process, and every row in it, broken. So does one that ran out of
-# time: it would compile again inside the bench, and a bench past its cap prints nothing (the third GPU run
-# lost both batch-64 tables so). The deployed row and the anchor always run.
+# time: it would compile again inside the bench, past its cap (the third GPU run lost both batch-64 tables
+# so; a bench stopped in its timed rounds now keeps the rounds done, one stopped before them has nothing).
+# The deployed row and the anchor always run.
 rows_that_warmed() {  # rows_that_warmed BATCH: the rows to bench at that batch size
   local batch=$1 code
   for spec in "${ROWS[@]}"; do

@@ -17,7 +17,9 @@ Against the FLOP floor (crnet.commands.floor): the FLOPs of each kind of call ar
 device's best matmul rate measured once per run; a row's share of the floor is floor time / its median.
 A row `torch:<precision>+anchor` (plain torch.compile) gives every other row its ratio to the anchor.
 A runtime that cannot open is reported as unavailable, one whose call raises (a compile or a graph capture
-that fails, say) as failed, each with its reason: the other rows are measured all the same.
+that fails, say) as failed, each with its reason: the other rows are measured all the same. A bench
+interrupted in its timed rounds (Ctrl-C, or `timeout -s INT` at a deadline) reports the whole rounds done,
+and says that it was interrupted.
 JSON schema: SCHEMA.
 """
 
@@ -53,7 +55,9 @@ REFERENCE = RuntimeSpec("torch", "fp32")
 # The JSON `crnet bench` writes (also documented in docs/BENCHMARKS.md):
 #   schema            "crnet-bench-2"
 #   machine           {cpu, threads, device, gpu, torch, onnxruntime, tensorrt, platform}
-#   settings          {checkpoint, bundle, data, fold, shots, episodes, batch, warmup, repeats, iterations}
+#   settings          {checkpoint, bundle, data, fold, shots, episodes, batch, warmup, repeats, repeats_done,
+#                      iterations, input_size}
+#   interrupted       true when an interrupt ended the timed rounds early (repeats_done < repeats)
 #   floor             {flops: {episode, query, encoder}, matmul_tflop_per_s: {precision: rate},
 #                      best_precision, floor_ms: {episode, query, encoder}}
 #   runtimes: [ {
@@ -225,9 +229,13 @@ def measure_accuracy(
     }
 
 
-def measure_latency(runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, settings: BenchSettings, bar):
+def measure_latency(
+    runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, settings: BenchSettings, bar, stop_early=False
+) -> tuple[dict, int]:
     """Every runtime timed in turns: each round times one call of each kind on each runtime, so a slow
-    spell of the machine lands on all runtimes alike and the ratios stay fair."""
+    spell of the machine lands on all runtimes alike and the ratios stay fair. Returns the results and the
+    number of timed rounds; with `stop_early`, an interrupt (Ctrl-C, `timeout -s INT`) after at least one
+    timed round ends the rounds there, and the whole rounds done so far are the result."""
     device = torch.device(settings.device)
     query = data["query_image"].to(device)
     supports, masks = data["support_images"].to(device), data["support_masks"].to(device)
@@ -242,19 +250,22 @@ def measure_latency(runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, set
             "query": lambda r=runtime, p=prompt: r.query(query, p),
             "encoder": lambda r=runtime: r.encode(query),
         }
-    samples = {spec: {kind: [] for kind in calls} for spec, calls in work.items()}
-    gpu_samples = {spec: {kind: [] for kind in calls} for spec, calls in work.items()}
-    for round_ in range(settings.warmup + settings.repeats):
-        for spec, calls in work.items():
-            for kind, call in calls.items():
-                seconds, gpu_seconds = timer(call)
-                if round_ >= settings.warmup:
-                    samples[spec][kind].append(seconds)
-                    gpu_samples[spec][kind].append(gpu_seconds)
-        bar(1)
+    rounds = []  # the timed rounds, each {spec: {kind: (seconds, gpu seconds)}}, whole rounds only
+    try:
+        for round_ in range(settings.warmup + settings.repeats):
+            timed = {
+                spec: {kind: timer(call) for kind, call in calls.items()} for spec, calls in work.items()
+            }
+            if round_ >= settings.warmup:
+                rounds.append(timed)
+            bar(1)
+    except KeyboardInterrupt:
+        if not (stop_early and rounds):
+            raise
     results = {}
-    for spec, kinds in samples.items():
-        latency = {kind: percentile_summary(values) for kind, values in kinds.items()}
+    for spec, kinds in work.items():
+        walls = {kind: [r[spec][kind][0] for r in rounds] for kind in kinds}
+        latency = {kind: percentile_summary(values) for kind, values in walls.items()}
         episode, query_ms, encoder = (latency[k]["median"] for k in ("episode", "query", "encoder"))
         results[spec] = {
             "latency_ms": latency,
@@ -265,9 +276,9 @@ def measure_latency(runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, set
             "prompt_cache_saving": (episode - query_ms) / encoder,
         }
         if timer.cuda:
-            gpu = gpu_samples[spec]
-            results[spec]["gpu_ms"] = {kind: float(np.median(v)) * 1000.0 for kind, v in gpu.items()}
-    return results
+            gpu = {kind: float(np.median([r[spec][kind][1] for r in rounds])) * 1000.0 for kind in kinds}
+            results[spec]["gpu_ms"] = gpu
+    return results, len(rounds)
 
 
 def latency_batch(settings: BenchSettings, input_size: int) -> dict:
@@ -319,8 +330,12 @@ def measure_floor(settings: BenchSettings, iterations: int) -> dict:
     }
 
 
-def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice=print) -> dict:
-    """Open every runtime, measure accuracy (unless episodes == 0) and latency; the JSON document."""
+def run_bench(
+    specs: list[RuntimeSpec], settings: BenchSettings, progress, notice=print, *, stop_early: bool = False
+) -> dict:
+    """Open every runtime, measure accuracy (unless episodes == 0) and latency; the JSON document. With
+    `stop_early`, an interrupt during the timed rounds ends them, and the document has the rounds done
+    (its `interrupted` is then true): a bench stopped at a deadline still gives its table."""
     torch.set_num_threads(settings.threads)
     bundle = None if settings.bundle is None else load_bundle(settings.bundle)
     if bundle is not None:
@@ -335,12 +350,15 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
         for spec, reason in failed.items():
             notice(f"{spec} failed: {reason}")
         measured = [(spec, runtime) for spec, runtime in runtimes if spec not in failed]
+        # Before the timed rounds, so that an interrupt there leaves only the writing to do.
+        floor = measure_floor(settings, runtimes[0][1].iterations)
         with progress(settings.warmup + settings.repeats, "latency") as bar:
-            latency = measure_latency(measured, data, settings, bar)
+            latency, timed = measure_latency(measured, data, settings, bar, stop_early)
     finally:
         for _, runtime in runtimes:
             runtime.close()
-    floor = measure_floor(settings, runtimes[0][1].iterations)
+    if timed < settings.repeats:
+        notice(f"interrupted: {timed} of {settings.repeats} timed rounds done; the results are theirs")
     reference_ms = latency[REFERENCE]["latency_ms"]["episode"]["median"]
     anchor = next((spec for spec, _ in measured if "anchor" in spec.options), None)
     rows = []
@@ -376,11 +394,13 @@ def run_bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notic
             "batch": settings.batch,
             "warmup": settings.warmup,
             "repeats": settings.repeats,
+            "repeats_done": timed,
             "iterations": runtimes[0][1].iterations,
             "input_size": runtimes[0][1].input_size,
         },
         "floor": floor,
         "runtimes": rows,
+        "interrupted": timed < settings.repeats,
     }
     triton_conv = sys.modules.get("crnet.engines.triton_conv")  # loaded only where a Triton row ran
     if triton_conv is not None:
@@ -412,7 +432,12 @@ def format_table(result: dict) -> str:
         f"T={settings['iterations']}, batch {settings['batch']}, on {where}; accuracy on "
         f"{settings['episodes']} episodes of fold {settings['fold']}; agreement vs torch fp32; FLOP floor "
         f"{floor['flops']['episode'] / 1e9:.3g} GFLOP per call at {rate:.3g} TFLOP/s "
-        f"({floor['best_precision']} matmul) = {floor['floor_ms']['episode']:.3g} ms",
+        f"({floor['best_precision']} matmul) = {floor['floor_ms']['episode']:.3g} ms"
+        + (
+            f"; INTERRUPTED after {settings['repeats_done']} of {settings['repeats']} timed rounds"
+            if result.get("interrupted")
+            else ""
+        ),
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),

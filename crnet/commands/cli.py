@@ -590,9 +590,12 @@ def bench_command(
         min_object_pixels=min_object_pixels,
     )
 
-    result = run_bench(specs, settings, _bar(progress), notice=lambda line: typer.echo(line, err=True))
+    notice = lambda line: typer.echo(line, err=True)  # noqa: E731
+    result = run_bench(specs, settings, _bar(progress), notice=notice, stop_early=True)
     typer.echo(format_table(result))
     write_json(result, json_out)
+    if result["interrupted"]:  # the table and JSON of the rounds done; no chart, and Ctrl-C's exit code
+        raise typer.Exit(130)
     try:
         plot_latency(result, chart)
         typer.echo(f"wrote {chart}", err=True)

@@ -16,6 +16,7 @@ from crnet.commands.bench import (
     plot_latency,
     run_bench,
 )
+from crnet.commands.timer import Timer
 from crnet.engines import RuntimeSpec
 
 
@@ -187,3 +188,97 @@ def test_a_runtime_whose_call_raises_is_reported_not_fatal(micro_checkpoint, ben
     assert table["torch:fp32"]["status"] == table["torch:fp32+torch-loop"]["status"] == "ok"
     assert any("torch:fp32+channels-last failed" in line for line in notices)
     assert "| torch fp32 channels-last fused | failed: RuntimeError" in format_table(result)
+
+
+class InterruptingTimer:
+    """bench's Timer, but the `at`-th timed call (counting from 1) is a Ctrl-C."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def __call__(self, device):
+        timer = Timer(device)
+
+        def timed(work):
+            self.calls += 1
+            if self.calls == self.at:
+                raise KeyboardInterrupt
+            return timer(work)
+
+        timed.cuda = timer.cuda
+        return timed
+
+
+# Two rows (the reference and one) and three kinds of call: six timed calls a round.
+CALLS_PER_ROUND = 6
+
+
+@pytest.mark.parametrize("stop_early", [True, False])
+def test_an_interrupt_in_the_timed_rounds_keeps_the_rounds_done(
+    micro_checkpoint, bench_root, monkeypatch, stop_early
+) -> None:
+    """A bench stopped at a deadline (`timeout -s INT`) gives the table of its whole timed rounds, and says
+    so; without stop_early (the demo) the interrupt goes on up."""
+    import crnet.commands.bench as bench
+
+    # Round 4 of 1 warm-up + 5 timed is cut in its third call: timed rounds 2 and 3 are whole.
+    monkeypatch.setattr(bench, "Timer", InterruptingTimer(3 * CALLS_PER_ROUND + 3))
+    settings = BenchSettings(
+        checkpoint=micro_checkpoint, bundle=None, data_root=bench_root, episodes=0, warmup=1, repeats=5
+    )
+    notices = []
+    specs = [RuntimeSpec.parse("torch:fp32+channels-last")]
+    if not stop_early:
+        with pytest.raises(KeyboardInterrupt):
+            run_bench(specs, settings, no_bar, notice=notices.append)
+        return
+    result = run_bench(specs, settings, no_bar, notice=notices.append, stop_early=True)
+    assert result["interrupted"] and result["settings"]["repeats_done"] == 2
+    for row in result["runtimes"]:
+        assert row["status"] == "ok"
+        assert {figures["samples"] for figures in row["latency_ms"].values()} == {2}
+    assert "interrupted: 2 of 5 timed rounds done; the results are theirs" in notices
+    assert "INTERRUPTED after 2 of 5 timed rounds" in format_table(result).splitlines()[0]
+
+
+def test_an_interrupt_before_a_whole_timed_round_ends_the_bench(micro_checkpoint, bench_root, monkeypatch):
+    import crnet.commands.bench as bench
+
+    monkeypatch.setattr(bench, "Timer", InterruptingTimer(CALLS_PER_ROUND + 2))  # in the first timed round
+    settings = BenchSettings(
+        checkpoint=micro_checkpoint, bundle=None, data_root=bench_root, episodes=0, warmup=1, repeats=5
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_bench([RuntimeSpec.parse("torch:fp32+channels-last")], settings, no_bar, stop_early=True)
+
+
+def test_a_finished_bench_is_not_interrupted(result) -> None:
+    assert result["interrupted"] is False and result["settings"]["repeats_done"] == 3
+    assert "INTERRUPTED" not in format_table(result)
+
+
+def test_crnet_bench_interrupted_writes_its_rounds_and_exits_130(
+    micro_checkpoint, bench_root, monkeypatch, capsys, tmp_path
+) -> None:
+    import sys
+
+    import crnet.commands.bench as bench
+    from crnet.commands import cli
+
+    monkeypatch.setattr(bench, "Timer", InterruptingTimer(2 * CALLS_PER_ROUND + 1))  # one timed round whole
+    out = tmp_path / "bench.json"
+    argv = ["crnet", "bench", str(micro_checkpoint), "--data", str(bench_root), "--runtime"]
+    argv += ["torch:fp32+channels-last", "--episodes", "0", "--warmup", "1", "--repeats", "4"]
+    argv += ["--device", "cpu", "--json", str(out), "--no-progress"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 130
+    stdout, stderr = capsys.readouterr()
+    assert "INTERRUPTED after 1 of 4 timed rounds" in stdout and "| torch fp32 channels-last" in stdout
+    lines = stderr.splitlines()
+    assert "interrupted: 1 of 4 timed rounds done; the results are theirs" in lines
+    assert lines[-2:] == [f"wrote {out}", "interrupted"]
+    written = json.loads(out.read_text())
+    assert written["interrupted"] and written["settings"]["repeats_done"] == 1
+    assert not out.with_suffix(".png").exists()  # no chart for a stopped bench
