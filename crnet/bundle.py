@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from crnet.config import ModelConfig
+from crnet.config import MAX_ITERATIONS, ModelConfig
 from crnet.errors import CRNetError
 from crnet.files import holds_only
 
@@ -187,7 +187,10 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     if not path.exists():
         raise BundleError(f"{path} does not exist")
     if not manifest_path.is_file():
-        raise BundleError(f"{root} is not a crnet bundle: no {MANIFEST} in it (make one with `crnet export`)")
+        where = f"{path} is not a crnet bundle: no {MANIFEST} in it"
+        if not path.is_dir():
+            where = f"{path} is not in a crnet bundle: no {MANIFEST} beside it"
+        raise BundleError(f"{where} (make one with `crnet export`)")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -221,8 +224,9 @@ def _check_manifest(manifest: dict) -> None:
     }
     if stated != derived:
         raise ValueError(f"its sizes {stated} contradict its model config {derived}")
-    if not isinstance(manifest["iterations"], int) or manifest["iterations"] < 1:
-        raise ValueError(f"iterations {manifest['iterations']!r} is not a count >= 1")
+    iterations = manifest["iterations"]
+    if not isinstance(iterations, int) or not 1 <= iterations <= MAX_ITERATIONS:
+        raise ValueError(f"iterations {iterations!r} is not a count from 1 to {MAX_ITERATIONS}")
     batch = manifest["batch"]
     if not all(isinstance(batch[k], int) for k in ("min", "opt", "max")) or not (
         1 <= batch["min"] <= batch["opt"] <= batch["max"]

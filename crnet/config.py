@@ -23,6 +23,11 @@ class IterationsError(ConfigError):
     """A refinement iteration count below 1."""
 
 
+# The most refinement iterations a command takes: the paper's T is 5 and its masks settle within a few more;
+# an exported graph holds T copies of the head, so a huge T is an export that never ends.
+MAX_ITERATIONS = 50
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: str
@@ -48,8 +53,8 @@ class ModelConfig:
         quietly the default."""
         if requested is None:
             return self.iterations
-        if requested < 1:
-            raise IterationsError(f"refinement iterations must be >= 1, got {requested}")
+        if not 1 <= requested <= MAX_ITERATIONS:
+            raise IterationsError(f"refinement iterations must be 1 to {MAX_ITERATIONS}, got {requested}")
         return requested
 
     def replace(self, **changes) -> ModelConfig:

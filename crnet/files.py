@@ -107,6 +107,23 @@ def check_writable_file(path: Path, inputs: Sequence[str | Path] = (), option: s
     check_writable_place(path)
 
 
+def check_replaceable_file(path: Path, ours: Callable[[Path], bool], what: str, option: str) -> None:
+    """A file already at `path` is replaced only when `ours` recognises it as an earlier output of the same
+    kind (a bench JSON by its schema, say): never another file (a photo beside a JSON that names the
+    chart), a symbolic link (the rename would replace the link) or a device."""
+    if not os.path.lexists(path) or (path.is_dir() and not path.is_symlink()):
+        return  # a directory: check_writable_file says so
+    if path.is_symlink():
+        raise OutputError(f"{option} {path} is a symbolic link; give the file itself, or another name")
+    if not path.is_file():
+        raise OutputError(f"{option} {path} is not a regular file; choose another {option}")
+    if not ours(path):
+        raise OutputError(
+            f"{option} {path} exists and is not an earlier {what}; choose another {option} (crnet replaces "
+            f"only its own {what})"
+        )
+
+
 def check_writable_place(path: Path) -> None:
     """Before a long run: an output can be written or staged beside `path` (its folder exists or can be
     made, and takes a new entry). Nothing is left behind by the check."""

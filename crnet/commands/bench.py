@@ -25,6 +25,7 @@ JSON schema: SCHEMA.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import sys
@@ -50,6 +51,7 @@ from crnet.model.crnet import upsample
 from crnet.optional import require
 
 SCHEMA = "crnet-bench-2"
+CHART_SOURCE = "crnet bench"  # the latency chart's PNG "Source" text: how a rerun knows the file is its own
 REFERENCE = RuntimeSpec("torch", "fp32")
 
 # The JSON `crnet bench` writes (also documented in docs/BENCHMARKS.md):
@@ -494,8 +496,35 @@ def plot_latency(result: dict, path: Path) -> None:
     axis.legend()
     figure.tight_layout()
     with atomic_file(path) as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
+        figure.savefig(temporary, dpi=120, format="png", metadata={"Source": CHART_SOURCE})
     plt.close(figure)
 
 
-__all__ = ["SCHEMA", "BenchSettings", "format_table", "plot_latency", "run_bench"]
+def is_bench_json(path: Path) -> bool:
+    """Whether `path` holds a JSON this command wrote (any schema version), which a rerun may replace."""
+    try:
+        return str(json.loads(path.read_text()).get("schema", "")).startswith("crnet-bench-")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_bench_chart(path: Path) -> bool:
+    """Whether `path` is a latency chart this command drew (its PNG text says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Source") == CHART_SOURCE
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+__all__ = [
+    "SCHEMA",
+    "BenchSettings",
+    "format_table",
+    "is_bench_chart",
+    "is_bench_json",
+    "plot_latency",
+    "run_bench",
+]

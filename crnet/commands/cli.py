@@ -17,7 +17,9 @@ from typing import Annotated, Literal
 
 import typer
 
+from crnet.config import MAX_ITERATIONS
 from crnet.errors import CRNetError, CRNetWarning
+from crnet.files import check_not_input
 from crnet.optional import MissingDependencyError
 
 app = typer.Typer(
@@ -34,6 +36,7 @@ def _default_data() -> Path:
     return Path.home() / ".cache" / "crnet" / f"synthetic-v{GENERATOR_VERSION}"
 
 
+MAX_LEARNING_RATE = 10.0
 MAX_WORKSPACE_GIB = 1024  # above any GPU's memory; TensorRT takes the limit as a 64-bit byte count
 DEFAULT_DATA = _default_data()  # versioned: a newer generator never meets an older tree
 DEFAULT_CHECKPOINT = Path("checkpoints/tiny_fold0.pt")
@@ -42,6 +45,13 @@ DEFAULT_CHECKPOINT = Path("checkpoints/tiny_fold0.pt")
 def _positive(value: float | None) -> float | None:
     if value is not None and not (value > 0 and math.isfinite(value)):
         raise typer.BadParameter(f"must be > 0 and finite, got {value}")
+    return value
+
+
+def _learning_rate(value: float) -> float:
+    # Above this no optimiser here trains (and near float32's limit the update itself overflows).
+    if not (0 < value <= MAX_LEARNING_RATE):
+        raise typer.BadParameter(f"must be > 0 and at most {MAX_LEARNING_RATE:g}, got {value}")
     return value
 
 
@@ -118,11 +128,23 @@ def data_root(path: Path | None) -> Path:
     return synthetic.ensure(DEFAULT_DATA)
 
 
-def check_output(path: Path, inputs: list[Path], option: str) -> None:
-    """Before the work: the output file can be written and is not an input."""
-    from crnet.files import check_writable_file
+def check_output(path: Path, inputs: list[Path], option: str, ours=None, what: str = "") -> None:
+    """Before the work: the output file can be written and is not an input; with `ours`, a file already
+    there is replaced only if `ours` recognises it as an earlier `what` (crnet.files)."""
+    from crnet.files import check_replaceable_file, check_writable_file
 
+    check_not_input(path, inputs, option)
+    if ours is not None:  # before the writability check, which stages a folder beside the path
+        check_replaceable_file(path, ours, what, option)
     check_writable_file(path, inputs, option)
+
+
+def is_eval_json(path: Path) -> bool:
+    """Whether `path` holds results `crnet eval` wrote, which a rerun may replace."""
+    try:
+        return {"checkpoint", "data", "results"} <= json.loads(path.read_text()).keys()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_json(values: dict, path: Path) -> None:
@@ -159,7 +181,10 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1, help="episodes per step (per process under DDP)")] = 8,
     optimizer: Annotated[Literal["sgd", "adamw"], typer.Option(help="optimiser")] = "sgd",
     lr: Annotated[
-        float, typer.Option(callback=_positive, help="peak learning rate, > 0 (poly decay)")
+        float,
+        typer.Option(
+            callback=_learning_rate, help=f"peak learning rate, > 0, <= {MAX_LEARNING_RATE:g} (poly decay)"
+        ),
     ] = 2.5e-3,
     weight_decay: Annotated[float, typer.Option(callback=_non_negative, help="weight decay, >= 0")] = 5e-4,
     reset_probability: Annotated[
@@ -216,6 +241,7 @@ def train(
     )
     if out.exists() and not out.is_dir():
         raise CRNetError(f"--out {out} is a file; training writes a run directory there")
+    check_not_input(out, [data or DEFAULT_DATA] + ([backbone_weights] if backbone_weights else []))
     if model_config.name == "r50" and backbone_weights is None:
         typer.echo("warning: r50 without --backbone-weights freezes a randomly initialised trunk", err=True)
     resolved = resolve_device(device)
@@ -247,12 +273,20 @@ def evaluate_command(
     episodes: Annotated[int, typer.Option(min=1, help="fixed test episodes")] = 1000,
     seed: SeedOption = 0,
     iterations: Annotated[
-        int | None, typer.Option(min=1, help="refinement iterations T (default: the model's)")
+        int | None,
+        typer.Option(
+            min=1,
+            max=MAX_ITERATIONS,
+            help=f"refinement iterations T, <= {MAX_ITERATIONS} (default: the model's)",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="episodes per forward pass")] = 16,
     finetune_steps: Annotated[int, typer.Option(min=1, help="finetune strategy: steps per episode")] = 10,
     finetune_lr: Annotated[
-        float, typer.Option(callback=_positive, help="finetune strategy: learning rate, > 0")
+        float,
+        typer.Option(
+            callback=_learning_rate, help=f"finetune strategy: learning rate, > 0, <= {MAX_LEARNING_RATE:g}"
+        ),
     ] = 1e-3,
     exit_fraction: Annotated[
         float,
@@ -291,7 +325,7 @@ def evaluate_command(
     fold = (trained_fold or 0) if fold is None else fold
     suffix = f"fold{fold}_{shots}shot" + (f"_{strategy}" if shots > 1 else "")
     json_out = json_out or checkpoint.parent / f"eval_{suffix}.json"
-    check_output(json_out, [checkpoint, data or DEFAULT_DATA], "--json")
+    check_output(json_out, [checkpoint, data or DEFAULT_DATA], "--json", is_eval_json, "eval results JSON")
     root = data_root(data)
     common = dict(
         fold=fold,
@@ -375,6 +409,7 @@ def demo(
             f"checkpoint not found: {checkpoint} (omit --checkpoint to use or train the default)"
         )
     check_demo_out(out)
+    check_not_input(out, [data or DEFAULT_DATA] + ([checkpoint] if checkpoint else []))
     resolved = resolve_device(device)
     notice = lambda line: typer.echo(line, err=True)  # noqa: E731
     if checkpoint is None and not train_first and DEFAULT_CHECKPOINT.is_file():
@@ -415,7 +450,12 @@ def export_command(
         ),
     ] = "1:1:16",
     iterations: Annotated[
-        int | None, typer.Option(min=1, help="refinement iterations T (default: the model's)")
+        int | None,
+        typer.Option(
+            min=1,
+            max=MAX_ITERATIONS,
+            help=f"refinement iterations T, <= {MAX_ITERATIONS} (default: the model's)",
+        ),
     ] = None,
     triton: Annotated[
         Path | None, typer.Option(help="also write a Triton model repository here (absent or empty)")
@@ -555,7 +595,14 @@ def bench_command(
     progress: ProgressOption = True,
 ) -> None:
     """Latency and IoU of every runtime on the same episodes, with agreement to PyTorch FP32."""
-    from crnet.commands.bench import BenchSettings, format_table, plot_latency, run_bench
+    from crnet.commands.bench import (
+        BenchSettings,
+        format_table,
+        is_bench_chart,
+        is_bench_json,
+        plot_latency,
+        run_bench,
+    )
     from crnet.device import flush_denormals_for_inference, resolve_device
     from crnet.engines import RuntimeSpec, deployed_gpu
 
@@ -568,12 +615,12 @@ def bench_command(
     specs = [RuntimeSpec.parse(text) for text in runtime or default]
     if any(spec.name != "torch" for spec in specs) and bundle is None:
         raise CRNetError("onnxruntime and tensorrt runtimes need --bundle (make one with `crnet export`)")
+    inputs = [checkpoint, data or DEFAULT_DATA] + ([bundle] if bundle else [])
+    check_output(json_out, inputs, "--json", is_bench_json, "bench JSON")  # first: "." has no suffix to swap
     chart = chart or json_out.with_suffix(".png")
     if os.path.realpath(chart) == os.path.realpath(json_out):
         raise CRNetError(f"--chart {chart} is the --json file; give the chart another name")
-    inputs = [checkpoint, data or DEFAULT_DATA] + ([bundle] if bundle else [])
-    check_output(json_out, inputs, "--json")
-    check_output(chart, inputs, "--chart")
+    check_output(chart, inputs, "--chart", is_bench_chart, "bench chart")
     settings = BenchSettings(
         checkpoint=checkpoint,
         bundle=bundle,

@@ -7,6 +7,7 @@ Writes, per query, `<name>_mask.png` (0 = background, 1 = object, at the query's
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,15 @@ def check_out(out: Path, names: list[str], inputs: list[Path]) -> list[str]:
         raise OutputError(
             f"--out {out} holds other files than an earlier infer's; choose a new or empty folder"
         )
+    # An earlier infer's files are replaced or, when this run does not write them again, removed: none may
+    # be an input of this run (an earlier mask given as a support mask, say).
+    folder = Path(os.path.realpath(out))
+    for given in inputs:
+        if folder in Path(os.path.realpath(given)).parents:
+            raise OutputError(
+                f"--out {out} holds the input {given}, which this run would replace or remove; choose "
+                "another --out"
+            )
     for name in names:
         for suffix in ("_mask.png", "_overlay.png"):
             check_not_input(out / f"{name}{suffix}", inputs, "--out")

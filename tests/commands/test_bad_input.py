@@ -11,6 +11,7 @@ fails for its one bad value only.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import sys
@@ -63,6 +64,9 @@ class World:
     broken_link: Path  # a symbolic link to nothing
     link_to_folder: Path  # a symbolic link to an empty folder
     read_only: Path | None  # a read-only place, where one can be made
+    pipe: Path  # a named pipe, not a regular file
+    earlier_infer: Path  # an earlier infer's --out: infer.json, query_mask.png, query_overlay.png
+    endless: Path  # a bundle whose manifest asks for a billion iterations, checksums valid
 
 
 def _rewrite(bundle: Path, change: Callable[[dict], None]) -> None:
@@ -142,6 +146,15 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
     (root / "broken_link").symlink_to(root / "nowhere")
     (root / "empty").mkdir()
     (root / "link_to_folder").symlink_to(root / "empty")
+    (root / "devices").mkdir()
+    os.mkfifo(root / "devices" / "pipe")
+    earlier_infer = root / "earlier_infer"
+    earlier_infer.mkdir()
+    shutil.copy(pictures / "mask.png", earlier_infer / "query_mask.png")  # a mask the user may reuse
+    shutil.copy(pictures / "support.png", earlier_infer / "query_overlay.png")
+    (earlier_infer / "infer.json").write_text(json.dumps({"queries": [{"mask": "query_mask.png"}]}))
+    endless = Path(shutil.copytree(micro_bundle, root / "endless"))
+    _rewrite(endless, lambda m: m.update(iterations=10**9))
     made = World(
         root=root,
         voc=voc,
@@ -168,6 +181,9 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
         broken_link=root / "broken_link",
         link_to_folder=root / "link_to_folder",
         read_only=read_only_place(root / "read-only"),
+        pipe=root / "devices" / "pipe",
+        earlier_infer=earlier_infer,
+        endless=endless,
     )
     yield made
     release(made.read_only)
@@ -291,7 +307,8 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "train-zero-batch": (train("--batch-size", "0"), "'--batch-size'"),
     "train-negative-lr": (train("--lr", "-1"), "'--lr': must be > 0"),
     "train-zero-lr": (train("--lr", "0"), "'--lr': must be > 0"),
-    "train-infinite-lr": (train("--lr", "inf"), "'--lr': must be > 0 and finite"),
+    "train-infinite-lr": (train("--lr", "inf"), "'--lr': must be > 0 and at most 10"),
+    "train-nan-lr": (train("--lr", "nan"), "'--lr': must be > 0 and at most 10"),
     "train-negative-weight-decay": (train("--weight-decay", "-1"), "'--weight-decay'"),
     "train-infinite-weight-decay": (
         train("--weight-decay", "inf"),
@@ -311,6 +328,8 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "train-data-is-a-file": (lambda w: [*train()(w), "--data", str(w.a_file)], "'--data'"),
     "train-data-missing": (lambda w: [*train()(w), "--data", new(w, "voc")], "is not a VOC tree"),
     "train-resume-nothing": (train("--resume"), "nothing to resume"),
+    "train-huge-lr": (train("--lr", "1e308"), "'--lr': must be > 0 and at most 10"),
+    "train-out-inside-the-data": (train(out=lambda w: w.voc / "run"), "is inside the input"),
     "train-device-cuda": (train("--device", "cuda"), "no usable CUDA GPU"),
     # eval
     "eval-zero-batch": (evaluate("--batch-size", "0"), "'--batch-size'"),
@@ -320,9 +339,27 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "eval-zero-finetune-lr": (evaluate("--finetune-lr", "0"), "'--finetune-lr': must be > 0"),
     "eval-infinite-finetune-lr": (
         evaluate("--finetune-lr", "inf"),
-        "'--finetune-lr': must be > 0 and finite",
+        "'--finetune-lr': must be > 0 and at most 10",
     ),
     "eval-exit-fraction-above-one": (evaluate("--exit-fraction", "2"), "'--exit-fraction'"),
+    "eval-too-many-iterations": (evaluate("--iterations", "51"), "'--iterations'"),
+    "eval-huge-finetune-lr": (
+        evaluate("--shots", "2", "--strategy", "finetune", "--finetune-lr", "1e308"),
+        "'--finetune-lr': must be > 0 and at most 10",
+    ),
+    "eval-json-is-a-users-file": (
+        lambda w: [*evaluate()(w), "--json", str(w.a_file)],
+        "exists and is not an earlier eval results JSON",
+    ),
+    "eval-json-is-a-users-picture": (
+        lambda w: [*evaluate()(w), "--json", str(w.support)],
+        "exists and is not an earlier eval results JSON",
+    ),
+    "eval-json-is-a-pipe": (lambda w: [*evaluate()(w), "--json", str(w.pipe)], "is not a regular file"),
+    "eval-json-is-a-link": (
+        lambda w: [*evaluate()(w), "--json", str(w.broken_link)],
+        "is a symbolic link",
+    ),
     "eval-zero-shots": (evaluate("--shots", "0"), "'--shots'"),
     "eval-zero-episodes": (evaluate("--episodes", "0"), "'--episodes'"),
     "eval-unknown-strategy": (evaluate("--strategy", "vote"), "'--strategy'"),
@@ -349,6 +386,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     ),
     # export
     "export-zero-iterations": (export("--iterations", "0"), "'--iterations'"),
+    "export-endless-iterations": (export("--iterations", "100000"), "'--iterations'"),
     "export-batch-range-decreasing": (export("--batch-range", "4:2:8"), "'--batch-range'"),
     "export-batch-range-not-numbers": (export("--batch-range", "a:b:c"), "'--batch-range'"),
     "export-zero-workspace": (export("--workspace-gib", "0"), "'--workspace-gib': must be > 0"),
@@ -411,6 +449,20 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "infer-out-is-a-broken-link": (infer(out=lambda w: w.broken_link), "symbolic link to nothing"),
     "export-out-is-a-link": (export(out=lambda w: w.link_to_folder), "is a symbolic link"),
     "infer-out-is-a-users-folder": (infer(out=lambda w: w.folder), "holds other files"),
+    "infer-out-holds-a-support-mask": (  # the earlier mask would be removed as stale
+        lambda w: [
+            *infer(out=lambda w: w.earlier_infer)(w),
+            "--support",
+            str(w.support),
+            "--support-mask",
+            str(w.earlier_infer / "query_mask.png"),
+        ],
+        "holds the input",
+    ),
+    "infer-bundle-asks-for-a-billion-iterations": (
+        infer(engine=lambda w: w.endless),
+        "iterations 1000000000 is not a count from 1 to 50",
+    ),
     "infer-out-holds-a-users-infer-json": (infer(out=lambda w: w.users_infer_json), "holds other files"),
     "infer-query-is-a-folder": (lambda w: [*infer()(w), "--query", str(w.folder)], "cannot read image"),
     "infer-support-missing": (
@@ -445,6 +497,22 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
         "would replace the input",
     ),
     "bench-chart-is-a-folder": (lambda w: [*bench()(w), "--chart", str(w.folder)], "is a directory"),
+    "bench-json-is-a-users-file": (
+        lambda w: [*bench()(w), "--json", str(w.a_file)],
+        "exists and is not an earlier bench JSON",
+    ),
+    "bench-json-is-a-pipe": (lambda w: [*bench()(w), "--json", str(w.pipe)], "is not a regular file"),
+    "bench-json-is-the-current-folder": (lambda w: [*bench()(w), "--json", "."], "is a directory"),
+    "bench-json-is-empty": (lambda w: [*bench()(w), "--json", ""], "is a directory"),
+    "bench-default-chart-is-a-users-picture": (  # --json support.json: the chart would be support.png
+        lambda w: [*bench()(w), "--json", str(w.support.with_suffix(".json"))],
+        "exists and is not an earlier bench chart",
+    ),
+    "bench-chart-is-a-users-picture": (
+        lambda w: [*bench()(w), "--chart", str(w.mask)],
+        "exists and is not an earlier bench chart",
+    ),
+    "bench-bundle-is-a-file": (bench(bundle=lambda w: w.a_file), "is not in a crnet bundle"),
     "bench-chart-is-the-json": (
         lambda w: [*bench()(w), "--chart", new(w, "bench.json")],
         "is the --json file",
@@ -476,6 +544,10 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
         "is a file",
     ),
     "demo-zero-episodes": (demo("--episodes", "0"), "'--episodes'"),
+    "demo-out-inside-the-data": (
+        lambda w: [*demo("--checkpoint", str(w.checkpoint))(w), "--out", str(w.voc / "demo")],
+        "is inside the input",
+    ),
 }
 READ_ONLY_CASES = {
     "synth-into-read-only": (lambda w: ["synth", read_only(w), "--image-size", "32"], "cannot write"),

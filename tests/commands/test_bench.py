@@ -282,3 +282,41 @@ def test_crnet_bench_interrupted_writes_its_rounds_and_exits_130(
     written = json.loads(out.read_text())
     assert written["interrupted"] and written["settings"]["repeats_done"] == 1
     assert not out.with_suffix(".png").exists()  # no chart for a stopped bench
+
+
+def test_a_rerun_replaces_its_own_json_and_chart_and_nothing_else(
+    micro_checkpoint, bench_root, monkeypatch, capsys, tmp_path
+) -> None:
+    """`crnet bench` twice into one --json: the second replaces the first's JSON and chart (recognised by
+    the schema and the PNG's Source text); a file that only looks alike (a JSON of other keys, a PNG of
+    the user's) is never taken for one of them."""
+    import sys
+
+    from PIL import Image
+
+    from crnet.commands import cli
+    from crnet.commands.bench import is_bench_chart, is_bench_json
+
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench.json"
+    argv = ["crnet", "bench", str(micro_checkpoint), "--data", str(bench_root), "--runtime", "torch:fp32"]
+    argv += ["--episodes", "0", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--no-progress"])
+    for _ in range(2):
+        cli.main()  # returns: a SystemExit here would be an error
+        assert is_bench_json(out) and is_bench_chart(out.with_suffix(".png"))
+    capsys.readouterr()
+    (tmp_path / "other.json").write_text(json.dumps({"schema": "someone-else-1", "runtimes": []}))
+    Image.new("RGB", (4, 4)).save(tmp_path / "photo.png")
+    assert not is_bench_json(tmp_path / "other.json") and not is_bench_json(tmp_path / "photo.png")
+    assert not is_bench_chart(tmp_path / "photo.png") and not is_bench_chart(out)
+
+
+def test_eval_json_is_recognised_by_its_keys(tmp_path) -> None:
+    from crnet.commands.cli import is_eval_json
+
+    (tmp_path / "ours.json").write_text(json.dumps({"checkpoint": "m.pt", "data": "d", "results": []}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{")
+    assert is_eval_json(tmp_path / "ours.json")
+    assert not any(is_eval_json(tmp_path / n) for n in ("list.json", "broken.json", "absent.json"))

@@ -288,7 +288,7 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "train", interrupted)
-    monkeypatch.setattr(sys, "argv", ["crnet", "train", "--out", "unused", "--data", "unused"])
+    monkeypatch.setattr(sys, "argv", ["crnet", "train", "--out", "unused_run", "--data", "unused_data"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 130
