@@ -112,6 +112,17 @@ def graph_module(spec: GraphSpec, model: CRNet, iterations: int, dtype: torch.dt
     return PrecisionWrapper(graph, dtype).eval()
 
 
+def interrupted(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt (Ctrl-C, SIGTERM in the CLI) is among the causes of `error`."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def export_onnx(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor, ...], path: Path) -> None:
     """torch.export-based ONNX export with a symbolic batch on every input and output, one file."""
     optimizer = require("onnxscript.optimizer", "crnet export (the torch.export-based ONNX exporter)")
@@ -119,17 +130,22 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor,
     dynamic_shapes = (tuple({0: batch} for _ in spec.inputs),)  # forward(*inputs): one varargs entry
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # exporter chatter about opset conversion and deprecations
-        program = torch.onnx.export(
-            module,
-            example,
-            input_names=list(spec.inputs),
-            output_names=list(spec.outputs),
-            opset_version=OPSET,
-            dynamic_shapes=dynamic_shapes,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+        try:
+            program = torch.onnx.export(
+                module,
+                example,
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                opset_version=OPSET,
+                dynamic_shapes=dynamic_shapes,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        except Exception as error:
+            if interrupted(error):  # the exporter wraps a Ctrl-C that lands in its imports as its own error
+                raise KeyboardInterrupt from None
+            raise
         # Weights sliced by the hoisted refinement loop become weights of their own: the exporter's folding
         # stops at 8192-element inputs, and a Slice left in front of a Conv keeps its weights from being
         # build-time constants.

@@ -293,3 +293,41 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
         cli.main()
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.splitlines() == ["interrupted"]
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does(micro_checkpoint, tmp_path: Path) -> None:
+    """`timeout` and job schedulers stop a command with SIGTERM: it ends as Ctrl-C does, exit 130 and one
+    line, and the staged bundle it was writing is removed (the default SIGTERM left it behind)."""
+    import signal
+    import time
+
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / ".cache")}
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [sys.executable, "-m", "crnet", "export", str(micro_checkpoint), "--out", str(out / "bundle")]
+    process = subprocess.Popen([*args, "--iterations", "50"], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".bundle.partial-*")):  # the export is under way
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+        time.sleep(0.01)
+    time.sleep(0.5)  # into the ONNX exporter, which wrapped an interrupt in its own error
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.splitlines()[-1] == "interrupted"
+    assert list(out.iterdir()) == []
+
+
+def test_an_interrupt_is_found_among_an_errors_causes() -> None:
+    from crnet.export.graphs import interrupted
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'") from None
+    except AttributeError as error:
+        wrapped = RuntimeError("Failed to export the model")
+        wrapped.__cause__ = error
+    assert interrupted(wrapped)  # through __cause__, then __context__ (kept under `from None`)
+    assert not interrupted(RuntimeError("a real failure"))
