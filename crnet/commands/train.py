@@ -116,9 +116,18 @@ class Distributed:
     """Process group from torchrun's environment; a single process is world size 1."""
 
     def __init__(self, device: str | None):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world = _environment_number("WORLD_SIZE", "1", 1)
+        self.rank = _environment_number("RANK", "0", 0)
+        local_rank = _environment_number("LOCAL_RANK", "0", 0)
+        if self.rank >= self.world:
+            raise CRNetError(f"RANK={self.rank} with WORLD_SIZE={self.world}: RANK must be below WORLD_SIZE")
+        # init_process_group reads the rendezvous address from these, and fails with a traceback without them
+        unset = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if self.world > 1 and unset and not dist.is_initialized():
+            raise CRNetError(
+                f"WORLD_SIZE={self.world} but {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} "
+                "not set: start multi-process training with torchrun"
+            )
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -154,6 +163,18 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def _environment_number(name: str, default: str, least: int) -> int:
+    """A whole number that torchrun puts in the environment; a user's stray value is an error line."""
+    text = os.environ.get(name, default)
+    try:
+        value = int(text)
+    except ValueError:
+        raise CRNetError(f"{name}={text!r} is not a number; crnet train reads it from torchrun") from None
+    if value < least:
+        raise CRNetError(f"{name}={value} must be >= {least}; crnet train reads it from torchrun")
+    return value
+
+
 def _check_same_run(stored: dict, model_config: ModelConfig, train_config: TrainConfig) -> None:
     for name, given, saved in (
         ("model", model_config.to_dict(), ModelConfig.from_dict(stored["model_config"]).to_dict()),
@@ -168,6 +189,25 @@ def _check_same_run(stored: dict, model_config: ModelConfig, train_config: Train
             )
 
 
+# What last.pt holds beyond a model.pt: the state that makes a resumed run continue exactly.
+TRAINING_STATE = ("model_config", "train_config", "step", "model", "optimizer", "cache", "rng")
+
+
+def _check_resumable(stored: dict, path: Path, model_config: ModelConfig, train_config: TrainConfig) -> None:
+    """CRNetError unless `stored` is a training state of this very run (same settings) to continue."""
+    if "model_config" in stored and "train_config" in stored:  # changed settings are the likelier mistake
+        _check_same_run(stored, model_config, train_config)
+    missing = [key for key in TRAINING_STATE if key not in stored]
+    if missing:
+        raise CRNetError(
+            f"cannot resume: {path} is not a training state that can be resumed (it has no "
+            f"{', '.join(missing)}; a model.pt holds weights only)"
+        )
+    step = stored["step"]
+    if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= train_config.steps):
+        raise CRNetError(f"cannot resume: {path} has step {step!r}, not one of 0..{train_config.steps}")
+
+
 def _append(path: Path, line: str) -> None:
     try:
         with open(path, "a") as log:
@@ -176,12 +216,28 @@ def _append(path: Path, line: str) -> None:
         raise explain(error, path) from None
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint, so a resumed run's log has no duplicate steps."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        write_text(path, "".join(line + "\n" for line in kept))
+def _metrics_until(path: Path, step: int) -> str | None:
+    """The log's lines up to `step`, so that a resumed run's log has no duplicate steps; None without a log.
+    Read before anything is written: a damaged line is an error naming it, and the run is left as it was."""
+    if not path.is_file():
+        return None
+    kept = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode()
+            if not line.strip():
+                continue
+            logged = json.loads(line)["step"]
+            if not isinstance(logged, int | float) or isinstance(logged, bool):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):  # ValueError: not UTF-8, not JSON
+            raise CRNetError(
+                f"cannot resume: {path} line {number} is not a metrics record with a step; "
+                "repair or delete that line"
+            ) from None
+        if logged <= step:
+            kept.append(line + "\n")
+    return "".join(kept)
 
 
 def train(
@@ -208,8 +264,10 @@ def train(
     if resume and not (out_dir / LAST).exists():
         raise CRNetError(f"nothing to resume: {out_dir / LAST} does not exist")
     stored = checkpoint.load(out_dir / LAST) if resume else None
+    metrics = None
     if stored is not None:
-        _check_same_run(stored, model_config, config)
+        _check_resumable(stored, out_dir / LAST, model_config, config)
+        metrics = _metrics_until(out_dir / METRICS, stored["step"])
 
     group = Distributed(device)
     tree = VOCTree(data_root)
@@ -262,7 +320,8 @@ def train(
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise explain(error, out_dir) from None
-        _truncate_metrics(out_dir / METRICS, start)
+        if metrics is not None:
+            write_text(out_dir / METRICS, metrics)
     # The loader gets its own generator: drawing worker seeds from the global one would shift dropout.
     loader = DataLoader(
         dataset,

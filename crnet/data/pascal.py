@@ -182,7 +182,13 @@ class VOCTree:
         )
 
     def ids(self, split: str) -> list[str]:
-        lines = self.split_file(split).read_text().split()
+        path = self.split_file(split)
+        try:
+            lines = path.read_text().split()
+        except UnicodeDecodeError as error:  # a binary or wrongly encoded list: no image ids can be read
+            raise NotAVOCTreeError(
+                f"{path} is not a text list of image ids (byte {error.start} is not UTF-8)"
+            ) from None
         return sorted(set(lines))
 
     def image_path(self, image_id: str) -> Path:

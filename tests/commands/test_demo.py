@@ -97,7 +97,9 @@ def test_demo_trains_only_when_asked_or_when_the_default_is_absent(
         raise CRNetError("stop here")  # the rest of the demo is test_demo_runs_every_stage's
 
     monkeypatch.setattr(demo, "run_demo", stop_after_choosing)
-    monkeypatch.setattr(sys, "argv", ["crnet", "demo", "--data", str(tmp_path), "--no-progress", *args])
+    (tmp_path / "data").mkdir()  # beside runs/demo: an --out inside the data is refused
+    argv = ["crnet", "demo", "--data", str(tmp_path / "data"), "--no-progress", *args]
+    monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit):
         cli.main()
     assert ("trained" in used) == trains
