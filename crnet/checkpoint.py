@@ -47,6 +47,10 @@ def load(path: str | Path) -> dict:
     return state
 
 
+class EditedConfigError(CheckpointError):
+    """A crnet checkpoint whose stored settings cannot be used (edited by hand, say)."""
+
+
 def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
 
@@ -102,24 +106,24 @@ def check_configs(state: dict, path: str | Path) -> None:
     failing later with a traceback."""
     for name in ("model_config", "train_config"):
         if name in state and not isinstance(state[name], dict):
-            raise CheckpointError(
+            raise EditedConfigError(
                 f"{path}: {name} must be a dict of settings, got {type(state[name]).__name__}"
             )
     if "model_config" in state:
         try:
             model = ModelConfig.from_dict(state["model_config"])
         except KeyError as error:
-            raise CheckpointError(f"{path}: model_config has no {error.args[0]}") from None
+            raise EditedConfigError(f"{path}: model_config has no {error.args[0]}") from None
         except TypeError as error:  # a missing field, an unknown one, a number for a sequence
-            raise CheckpointError(f"{path}: model_config is not usable: {error}") from None
+            raise EditedConfigError(f"{path}: model_config is not usable: {error}") from None
         for field, ok, rule in MODEL_RULES:
             value = getattr(model, field)
             if not ok(value):
-                raise CheckpointError(f"{path}: model_config.{field} must be {rule}, got {value!r}")
+                raise EditedConfigError(f"{path}: model_config.{field} must be {rule}, got {value!r}")
         try:
             model.refinement_iterations(model.iterations)  # the limits of the commands' --iterations
         except ConfigError as error:
-            raise CheckpointError(f"{path}: model_config.iterations: {error}") from None
+            raise EditedConfigError(f"{path}: model_config.iterations: {error}") from None
     if "train_config" in state:
         defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
         for field, value in state["train_config"].items():
@@ -127,11 +131,11 @@ def check_configs(state: dict, path: str | Path) -> None:
                 continue  # an unknown field: from_dict below names it
             ok, rule = _setting_rule(defaults[field])
             if not ok(value):
-                raise CheckpointError(f"{path}: train_config.{field} must be {rule}, got {value!r}")
+                raise EditedConfigError(f"{path}: train_config.{field} must be {rule}, got {value!r}")
         try:
             TrainConfig.from_dict(state["train_config"])  # its limits (fold in 0..3, ...) and unknown fields
         except (ConfigError, TypeError) as error:
-            raise CheckpointError(f"{path}: train_config is not usable: {error}") from None
+            raise EditedConfigError(f"{path}: train_config is not usable: {error}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> CRNet:

@@ -51,6 +51,8 @@ def choose_engine(path: Path, runtime: str | None, device: torch.device | None) 
         if path.suffix != ".pt":
             try:
                 checkpoints.load(path)
+            except checkpoints.EditedConfigError:
+                raise  # a crnet checkpoint all the same: its own message says what is wrong
             except CheckpointError:
                 raise CRNetError(
                     f"--engine {path} is neither a crnet checkpoint nor a graph or engine in a bundle (give "

@@ -150,6 +150,8 @@ EDITS = {
     ),
     "iterations-zero": ("eval", "model_config", "iterations", 0, "model_config.iterations"),
     "export-input-size-zero": ("export", "model_config", "input_size", 0, "input_size must be a positive"),
+    # a checkpoint under another name is recognised by loading it: its own error, not "neither ... nor"
+    "infer-pth-input-size-zero": ("infer", "model_config", "input_size", 0, "input_size must be a positive"),
 }
 
 
@@ -166,11 +168,16 @@ def test_checkpoint_with_edited_config(
     checkpoint = save_atomic(edited(section, field, value), user / "edited.pt")
     if command == "export":
         args = ["export", str(checkpoint), "--out", str(user / "bundle")]
+    elif command == "infer":
+        checkpoint = checkpoint.rename(user / "edited.pth")
+        image = next((voc / "JPEGImages").iterdir())
+        args = ["infer", "--engine", str(checkpoint), "--support", str(image), "--support-mask", str(image)]
+        args += ["--query", str(image), "--out", str(user / "bundle"), "--no-progress"]
     else:
         args = ["eval", str(checkpoint), "--data", str(voc), *EVERY_OBJECT, "--no-progress"]
     before = snapshot(user)
     line = fails_with(args, expected, tmp_path / "home", monkeypatch, capsys)
-    assert f"edited.pt: {section}" in line  # names the file and the config that is wrong
+    assert f"{checkpoint.name}: {section}" in line  # names the file and the config that is wrong
     assert snapshot(user) == before
     assert not (user / "bundle").exists()
 
