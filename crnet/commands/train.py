@@ -270,6 +270,12 @@ def train(
         metrics = _metrics_until(out_dir / METRICS, stored["step"])
 
     group = Distributed(device)
+    saved_by = len(stored["rng"]) if stored is not None and isinstance(stored["rng"], list) else None
+    if stored is not None and saved_by != group.world:  # each process resumes its own random state
+        raise CRNetError(
+            f"cannot resume: {out_dir / LAST} was saved by {saved_by} training processes, and this run has "
+            f"{group.world}; resume it with as many (torchrun --nproc_per_node {saved_by})"
+        )
     tree = VOCTree(data_root)
     excluded = fold_classes(config.fold) if config.exclude_novel_images else ()
     threshold = tree.object_threshold(config.min_object_pixels)

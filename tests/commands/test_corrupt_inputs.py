@@ -105,6 +105,22 @@ def test_resume_from_model_only_checkpoint(
     assert snapshot(run) == before
 
 
+def test_resume_with_another_number_of_processes(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A run saved by two torchrun processes, resumed by one: each process resumes its own random state,
+    so it says how many to start (one more than saved raised an IndexError)."""
+    run = shutil.copytree(world.run, tmp_path / "run")
+    state = torch.load(run / "last.pt", weights_only=False)
+    save_atomic({**state, "rng": state["rng"] * 2}, run / "last.pt")
+    before = snapshot(run)
+    line = fails_with(
+        resume(run, world.voc), "was saved by 2 training processes", tmp_path / "home", monkeypatch, capsys
+    )
+    assert "torchrun --nproc_per_node 2" in line
+    assert snapshot(run) == before
+
+
 BENCH_ONLY_TORCH = ["--runtime", "torch", "--device", "cpu", "--episodes", "2"]
 
 
