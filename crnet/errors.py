@@ -35,3 +35,16 @@ class CheckpointError(CRNetError):
 
 class CRNetWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI shows it as one `warning:` line)."""
+
+
+def interrupted(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt (Ctrl-C, or SIGTERM in the CLI) is among the causes of `error`: a library
+    that meets one in its own code (the ONNX exporter, a data loader whose workers the same signal
+    stopped) may raise its own error from it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False

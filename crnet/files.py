@@ -17,7 +17,9 @@ import ctypes
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -226,6 +228,20 @@ def check_output_dir(
     return True
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block has ended (they are blocked, then delivered): for steps
+    that must not be left half done. Off the main thread, where signals are not handled, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class StagedDirectory:
     """A directory output built in a temporary sibling and committed by rename.
 
@@ -274,12 +290,13 @@ class StagedDirectory:
                 rename_noreplace(self.root, out)
                 return out
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "previous")
-            try:
-                rename_noreplace(self.root, out)
-            except OSError:
-                os.rename(old / "previous", out)  # put the previous output back
-                raise
+            with signals_deferred():  # a Ctrl-C between the two renames would leave no output at all
+                os.rename(out, old / "previous")
+                try:
+                    rename_noreplace(self.root, out)
+                except OSError:
+                    os.rename(old / "previous", out)  # put the previous output back
+                    raise
             shutil.rmtree(old, ignore_errors=True)
             return out
         except FileExistsError:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from crnet.bundle import GRAPH_IO, GRAPHS, tensor_shapes
+from crnet.errors import interrupted
 from crnet.model.crnet import CRNet, SupportPrompt
 from crnet.optional import require
 
@@ -110,17 +111,6 @@ def graph_module(spec: GraphSpec, model: CRNet, iterations: int, dtype: torch.dt
         "head": lambda: HeadGraph(model, iterations),
     }[spec.name]()
     return PrecisionWrapper(graph, dtype).eval()
-
-
-def interrupted(error: BaseException) -> bool:
-    """Whether a KeyboardInterrupt (Ctrl-C, SIGTERM in the CLI) is among the causes of `error`."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, KeyboardInterrupt):
-            return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def export_onnx(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor, ...], path: Path) -> None:

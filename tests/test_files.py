@@ -186,3 +186,17 @@ def test_an_output_inside_an_input_folder_is_refused(tmp_path) -> None:
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"weights")
     files.check_not_input(tmp_path / "eval.json", [checkpoint], "--json")  # beside a file input: fine
+
+
+def test_signals_wait_for_the_end_of_a_deferred_block() -> None:
+    """A Ctrl-C during the two renames of a replacing commit is delivered after them, not between them."""
+    import os
+    import signal
+
+    from crnet.files import signals_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("the block went on")
+    assert done == ["the block went on"]

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 import typer
 
 from crnet.config import MAX_ITERATIONS
-from crnet.errors import CRNetError, CRNetWarning
+from crnet.errors import CRNetError, CRNetWarning, interrupted
 from crnet.files import check_not_input
 from crnet.optional import MissingDependencyError
 
@@ -713,6 +713,9 @@ def _main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as error:
+        if interrupted(error):  # SIGTERM to the process group also stops the data loader's workers
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
         # Usage errors (unknown option, missing argument, bad value) come from typer's bundled click, whose
         # exception classes are not public: recognise them by their interface.
         if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):

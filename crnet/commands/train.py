@@ -291,6 +291,12 @@ def train(
     if stored is not None:
         model.load_state_dict(stored["model"])
         optimizer.load_state_dict(stored["optimizer"])
+        saved_pairs = len(stored["cache"]["probability"])
+        if saved_pairs != len(index.pairs):  # the cached predictions are per training pair
+            raise CRNetError(
+                f"cannot resume: the training data changed since {out_dir / LAST} was saved ({saved_pairs} "
+                f"image-class pairs then, {len(index.pairs)} now); resume it on the same data"
+            )
         cache.load_state_dict(stored["cache"])
         _set_rng_state(stored["rng"][group.rank], group.device)
         start = stored["step"]
@@ -419,9 +425,9 @@ def train(
         bar.close()
         if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
             raise
-        raise CRNetError(
-            f"interrupted at step {step}/{config.steps}; saved {out_dir / LAST}, continue with --resume"
-        ) from None
+        # Said, then the interrupt goes on: the CLI's "interrupted" and exit code 130, as for any command.
+        notice(f"interrupted at step {step}/{config.steps}; saved {out_dir / LAST}, continue with --resume")
+        raise KeyboardInterrupt from None
     finally:
         stop.close()
     bar.close()

@@ -319,7 +319,7 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(micro_checkpoint, tmp_path: Path)
 
 
 def test_an_interrupt_is_found_among_an_errors_causes() -> None:
-    from crnet.export.graphs import interrupted
+    from crnet.errors import interrupted
 
     try:
         try:
@@ -331,3 +331,22 @@ def test_an_interrupt_is_found_among_an_errors_causes() -> None:
         wrapped.__cause__ = error
     assert interrupted(wrapped)  # through __cause__, then __context__ (kept under `from None`)
     assert not interrupted(RuntimeError("a real failure"))
+
+
+def test_an_interrupt_a_library_wraps_is_still_one_line_and_exit_130(monkeypatch, capsys) -> None:
+    """SIGTERM to the process group stops the data loader's workers too; the loader then raises its own
+    RuntimeError while the KeyboardInterrupt is handled. That is an interrupt, not a traceback."""
+    import crnet.commands.train as training
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("DataLoader worker (pid 11323) is killed by signal: Terminated.")  # noqa: B904
+
+    monkeypatch.setattr(training, "train", interrupted)
+    monkeypatch.setattr(sys, "argv", ["crnet", "train", "--out", "unused_run", "--data", "unused_data"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.splitlines() == ["interrupted"]

@@ -121,6 +121,20 @@ def test_resume_with_another_number_of_processes(
     assert snapshot(run) == before
 
 
+def test_resume_after_the_training_data_changed(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The run's cached predictions are per training image-class pair: a list file edited since the save
+    changes their number (a size mismatch deep in the cache raised before)."""
+    run = shutil.copytree(world.run, tmp_path / "run")
+    state = torch.load(run / "last.pt", weights_only=False)
+    cache = {key: value[:-1] for key, value in state["cache"].items()}  # as if a pair had been added since
+    save_atomic({**state, "cache": cache}, run / "last.pt")
+    before = snapshot(run)
+    fails_with(resume(run, world.voc), "the training data changed", tmp_path / "home", monkeypatch, capsys)
+    assert snapshot(run) == before
+
+
 BENCH_ONLY_TORCH = ["--runtime", "torch", "--device", "cpu", "--episodes", "2"]
 
 

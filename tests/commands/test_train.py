@@ -59,8 +59,12 @@ def test_resume_after_interruption_continues_the_same_run(
         return real_loss(*args)
 
     monkeypatch.setattr(training, "episode_loss", interrupt)
-    with pytest.raises(CRNetError, match="interrupted at step 4/6"):
-        train(MICRO, CONFIG, bench_root, tmp_path / "resumed", progress=False, device="cpu")
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            MICRO, CONFIG, bench_root, tmp_path / "resumed", progress=False, device="cpu", notice=said.append
+        )
+    assert said == [f"interrupted at step 4/6; saved {tmp_path / 'resumed' / LAST}, continue with --resume"]
     assert checkpoint.load(tmp_path / "resumed" / LAST)["step"] == 4
     monkeypatch.setattr(training, "episode_loss", real_loss)
     with pytest.raises(CRNetError, match="already holds a run"):
