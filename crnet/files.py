@@ -263,6 +263,7 @@ class StagedDirectory:
         self.out, self.what, self.ours, self.overwrite, self.option = Path(out), what, ours, overwrite, option
         self.inputs = inputs
         self._check_target()
+        self.created = [folder for folder in reversed(self.out.parents) if not folder.exists()]
         ensure_parent(self.out)
         try:
             self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
@@ -314,6 +315,9 @@ class StagedDirectory:
 
     def abort(self) -> None:
         _remove(self.root)
+        for folder in reversed(self.created):  # the folders made for the output, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def __enter__(self) -> StagedDirectory:
         return self

@@ -643,6 +643,8 @@ def bench_command(
     typer.echo(format_table(result))
     write_json(result, json_out)
     if result["interrupted"]:  # the table and JSON of the rounds done; no chart, and Ctrl-C's exit code
+        if is_bench_chart(chart):  # an earlier run's chart would not match this JSON
+            chart.unlink(missing_ok=True)
         raise typer.Exit(130)
     try:
         plot_latency(result, chart)

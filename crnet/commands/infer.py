@@ -1,7 +1,9 @@
 """`crnet infer`: k labelled supports, many queries; the support prompt is computed once.
 
 Writes, per query, `<name>_mask.png` (0 = background, 1 = object, at the query's own size) and
-`<name>_overlay.png`, plus `infer.json` with the settings and per-query foreground share.
+`<name>_overlay.png`, plus `infer.json` with the settings and per-query foreground share. The folder is
+written whole or not at all: built beside OUT and renamed into place at the end (crnet.files), so that an
+interrupted or failed run leaves no loose masks, and an earlier output is either kept or replaced.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from crnet.data.pascal import read_image
 from crnet.engines import RuntimeSpec, deployed_gpu, open_runtime, runtime_device
 from crnet.engines.base import Runtime
 from crnet.errors import CheckpointError, CRNetError, EmptySupportMaskError, NoSupportError
-from crnet.files import OutputError, atomic_file, check_not_input, holds_only, write_text
+from crnet.files import (
+    OutputError,
+    StagedDirectory,
+    atomic_file,
+    check_not_input,
+    holds_only,
+    write_text,
+)
 from crnet.model.crnet import SupportPrompt, upsample
 
 
@@ -117,10 +126,9 @@ def earlier_output(out: Path) -> list[str] | None:
     return names if holds_only(out, names) else None
 
 
-def check_out(out: Path, names: list[str], inputs: list[Path]) -> list[str]:
-    """OUT must be new, empty, or an earlier infer's (see earlier_output): the masks and overlays replace
-    only files of that kind, and never an input image or mask. Returns the earlier output's files (none
-    for a new or empty folder)."""
+def check_out(out: Path, names: list[str], inputs: list[Path]) -> None:
+    """OUT must be new, empty, or an earlier infer's (see earlier_output), which the run replaces as a
+    whole, and must not hold an input image or mask."""
     if out.is_symlink() and not out.exists():
         raise OutputError(f"--out {out} is a symbolic link to nothing; give a folder")
     if out.exists() and not out.is_dir():
@@ -130,8 +138,8 @@ def check_out(out: Path, names: list[str], inputs: list[Path]) -> list[str]:
         raise OutputError(
             f"--out {out} holds other files than an earlier infer's; choose a new or empty folder"
         )
-    # An earlier infer's files are replaced or, when this run does not write them again, removed: none may
-    # be an input of this run (an earlier mask given as a support mask, say).
+    # An earlier infer's folder is replaced whole: it may not hold an input of this run (an earlier mask
+    # given as a support mask, say).
     folder = Path(os.path.realpath(out))
     for given in inputs:
         if folder in Path(os.path.realpath(given)).parents:
@@ -143,7 +151,6 @@ def check_out(out: Path, names: list[str], inputs: list[Path]) -> list[str]:
         for suffix in ("_mask.png", "_overlay.png"):
             check_not_input(out / f"{name}{suffix}", inputs, "--out")
     check_not_input(out / SUMMARY, inputs, "--out")
-    return earlier
 
 
 def output_names(queries: list[Path]) -> list[str]:
@@ -180,7 +187,39 @@ def infer(
     if batch_size < 1:
         raise CRNetError(f"--batch-size must be >= 1, got {batch_size}")
     names = output_names(queries)
-    earlier = check_out(out, names, [*supports, *support_masks, *queries, engine])
+    inputs = [*supports, *support_masks, *queries, engine]
+    check_out(out, names, inputs)
+    ours = lambda folder: earlier_output(folder) is not None  # noqa: E731
+    with StagedDirectory(out, what="infer output", ours=ours, overwrite=True, inputs=inputs) as staged:
+        summary = segment_into(
+            staged.root,
+            engine,
+            supports,
+            support_masks,
+            queries,
+            names,
+            runtime,
+            device,
+            batch_size,
+            progress,
+        )
+        staged.commit()  # replaces an earlier output whole, or makes the folder
+    return summary
+
+
+def segment_into(
+    folder: Path,
+    engine: Path,
+    supports: list[Path],
+    support_masks: list[Path],
+    queries: list[Path],
+    names: list[str],
+    runtime: str | None,
+    device: torch.device | None,
+    batch_size: int,
+    progress,
+) -> dict:
+    """infer's work, its files written into `folder` (the staged output); the summary."""
     choice = choose_engine(engine, runtime, device)  # device None: the runtime's best
     device = choice.device
     crnet.device.flush_denormals_for_inference(device)
@@ -210,8 +249,8 @@ def infer(
             for i, image in enumerate(chunk):
                 mask = upsample(logits[i : i + 1], image.shape[:2]).argmax(1)[0].numpy().astype(np.uint8)
                 name = names[start + i]
-                _save_png(mask, out / f"{name}_mask.png")
-                _save_png(overlay(image, mask), out / f"{name}_overlay.png")
+                _save_png(mask, folder / f"{name}_mask.png")
+                _save_png(overlay(image, mask), folder / f"{name}_overlay.png")
                 records.append(
                     {
                         "query": str(queries[start + i]),
@@ -223,14 +262,6 @@ def infer(
         seconds = time.perf_counter() - started
     finally:
         runner.close()
-    # A run into an earlier output replaces it: that run's masks and overlays this one did not rewrite go,
-    # so that the folder and its infer.json agree. Only files the earlier infer.json listed, and only after
-    # every new one is written.
-    written = {record["mask"] for record in records}
-    written |= {overlay_name(mask) for mask in written}
-    for stale in set(earlier) - written - {SUMMARY}:
-        if Path(stale).name == stale and stale.endswith(("_mask.png", "_overlay.png")):  # in `out`, ours
-            (out / stale).unlink(missing_ok=True)
     summary = {
         "engine": str(engine),
         "runtime": str(choice.spec),
@@ -239,5 +270,5 @@ def infer(
         "queries": records,
         "seconds": round(seconds, 3),
     }
-    write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    write_text(folder / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary

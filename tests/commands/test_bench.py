@@ -267,6 +267,9 @@ def test_crnet_bench_interrupted_writes_its_rounds_and_exits_130(
 
     monkeypatch.setattr(bench, "Timer", InterruptingTimer(2 * CALLS_PER_ROUND + 1))  # one timed round whole
     out = tmp_path / "bench.json"
+    chart = out.with_suffix(".png")
+    chart.write_bytes(b"an earlier run's chart")
+    monkeypatch.setattr(bench, "is_bench_chart", lambda path: path == chart)
     argv = ["crnet", "bench", str(micro_checkpoint), "--data", str(bench_root), "--runtime"]
     argv += ["torch:fp32+channels-last", "--episodes", "0", "--warmup", "1", "--repeats", "4"]
     argv += ["--device", "cpu", "--json", str(out), "--no-progress"]
@@ -281,7 +284,7 @@ def test_crnet_bench_interrupted_writes_its_rounds_and_exits_130(
     assert lines[-2:] == [f"wrote {out}", "interrupted"]
     written = json.loads(out.read_text())
     assert written["interrupted"] and written["settings"]["repeats_done"] == 1
-    assert not out.with_suffix(".png").exists()  # no chart for a stopped bench
+    assert not chart.exists()  # no chart for a stopped bench, and not an earlier one's beside its JSON
 
 
 def test_a_rerun_replaces_its_own_json_and_chart_and_nothing_else(

@@ -125,6 +125,41 @@ def test_a_second_run_leaves_none_of_the_earlier_runs_masks(pictures, micro_chec
     assert outside.read_bytes() == b"the user's"
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError(36, "File name too long")])
+@pytest.mark.parametrize("earlier", [True, False])
+def test_a_run_stopped_partway_leaves_the_folder_as_it_was(
+    stop, earlier, pictures, micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """Ctrl-C, or a name the file system refuses, after some masks are written: an earlier output is kept
+    whole (it was left with masks of two runs), a new one is not made (it was left with loose masks that
+    made the next run refuse the folder), and nothing staged is left behind."""
+    import crnet.commands.infer as inferring
+    from crnet.files import OutputError
+
+    support, mask, out = [pictures / "support.png"], [pictures / "mask.png"], tmp_path / "runs" / "out"
+    queries = [pictures / "query.jpg", Path(shutil.copy(pictures / "query.jpg", tmp_path / "second.jpg"))]
+    if earlier:
+        infer(micro_checkpoint, support, mask, queries[:1], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if earlier else None
+    saved, real_save = [], inferring._save_png
+
+    def save_then_stop(array, path):
+        if len(saved) == 2:  # the first query's mask and overlay are written
+            raise stop
+        saved.append(path)
+        real_save(array, path)
+
+    monkeypatch.setattr(inferring, "_save_png", save_then_stop)
+    with pytest.raises(KeyboardInterrupt if stop is KeyboardInterrupt else OutputError):
+        infer(micro_checkpoint, support, mask, queries, out)
+    assert len(saved) == 2
+    if earlier:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    else:
+        assert not (tmp_path / "runs").exists()  # not even the folder made for it
+    assert [p.name for p in tmp_path.rglob("*") if ".partial-" in p.name or ".old-" in p.name] == []
+
+
 def test_a_checkpoint_under_another_name_is_a_checkpoint(pictures, micro_checkpoint, tmp_path) -> None:
     renamed = Path(shutil.copy(micro_checkpoint, tmp_path / "model.PTH"))
     support, mask = [pictures / "support.png"], [pictures / "mask.png"]
