@@ -190,7 +190,7 @@ def infer(
     inputs = [*supports, *support_masks, *queries, engine]
     check_out(out, names, inputs)
     ours = lambda folder: earlier_output(folder) is not None  # noqa: E731
-    with StagedDirectory(out, what="infer output", ours=ours, overwrite=True, inputs=inputs) as staged:
+    with StagedDirectory(out, what="crnet infer output", ours=ours, overwrite=True, inputs=inputs) as staged:
         summary = segment_into(
             staged.root,
             engine,
