@@ -448,6 +448,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "infer-out-is-a-file": (infer(out=lambda w: w.a_file), "is a file"),
     "infer-out-is-a-broken-link": (infer(out=lambda w: w.broken_link), "symbolic link to nothing"),
     "export-out-is-a-link": (export(out=lambda w: w.link_to_folder), "is a symbolic link"),
+    "infer-out-is-a-link": (infer(out=lambda w: w.link_to_folder), "is a symbolic link"),
     "infer-out-is-a-users-folder": (infer(out=lambda w: w.folder), "holds other files"),
     "infer-out-holds-a-support-mask": (  # the earlier mask would be removed as stale
         lambda w: [
