@@ -211,6 +211,7 @@ class VOCTree:
     def _index(self, split: str) -> dict[str, dict[int, int]]:
         split_file = self.split_file(split)
         stamp = f"{INDEX_VERSION}:{split_file.stat().st_size}:{split_file.stat().st_mtime_ns}"
+        stamp += f":{self._labels_stamp(split)}"
         cache = _index_cache_path(self.root, split)
         if cache.is_file():
             try:
@@ -234,6 +235,15 @@ class VOCTree:
             }
         _write_atomic(cache, json.dumps({"stamp": stamp, "pixels": pixels}))
         return pixels
+
+    def _labels_stamp(self, split: str) -> str:
+        """The newest modification time of the split's labels: a label edited in place (the list file
+        unchanged) must not leave the cached pixel counts in use. A label that cannot be read gives a stamp
+        no cache has, so the scan runs and says what is wrong with it."""
+        try:
+            return str(max((self.label_path(i).stat().st_mtime_ns for i in self.ids(split)), default=0))
+        except OSError:
+            return "unreadable"
 
     def samples(self, split: str, classes: tuple[int, ...], min_pixels: int = 1) -> list[tuple[str, int]]:
         """Sorted (image id, class) pairs of the split whose label has >= min_pixels of the class."""

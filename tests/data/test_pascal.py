@@ -176,6 +176,19 @@ def test_index_cache_rebuilt_when_split_file_changes(
     assert len(reads) == len(kept)
 
 
+def test_index_cache_rebuilt_when_a_label_is_edited_in_place(root: Path) -> None:
+    """The list file unchanged, one label rewritten (a class painted out): the cached counts must not
+    answer, or episodes keep drawing the class from an image that no longer has it."""
+    VOCTree(root).class_pixels("val")
+    label_path = root / "SegmentationClassAug" / "2008_000009.png"
+    label = np.array(Image.open(label_path))
+    old = label_path.stat()
+    label[label == 2] = 0
+    Image.fromarray(label).save(label_path)
+    os.utime(label_path, ns=(old.st_atime_ns, old.st_mtime_ns + 5_000_000_000))  # a distinct mtime
+    assert VOCTree(root).class_pixels("val")["2008_000009"] == {1: 80, 3: 16}
+
+
 @pytest.mark.parametrize(
     "damage",
     [b"{not json", b"\xff\xfe\x00\x80 binary", b"[]", b'{"stamp": "0:0:0", "pixels": {}}', b""],
