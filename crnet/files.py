@@ -100,12 +100,21 @@ def ensure_parent(path: Path) -> None:
         raise explain(error, path) from None
 
 
-def check_writable_file(path: Path, inputs: Sequence[str | Path] = (), option: str = "--json") -> None:
+def check_writable_file(
+    path: Path,
+    inputs: Sequence[str | Path] = (),
+    option: str = "--json",
+    ours: Callable[[Path], bool] | None = None,
+    what: str = "",
+) -> None:
     """Before a long run: the file can be written (its folder exists or can be made, and takes a file),
-    is not a directory and is not one of the inputs. Nothing is left behind by the check."""
+    is not a directory and is not one of the inputs; with `ours`, a file already there is one it
+    recognises as an earlier `what` (check_replaceable_file). Nothing is left behind by the check."""
     if path.is_dir():
         raise OutputError(f"{option} {path} is a directory; give a file name")
     check_not_input(path, inputs, option)
+    if ours is not None:  # before the place is checked, which stages a folder beside the path
+        check_replaceable_file(path, ours, what, option)
     check_writable_place(path)
 
 
@@ -113,8 +122,8 @@ def check_replaceable_file(path: Path, ours: Callable[[Path], bool], what: str, 
     """A file already at `path` is replaced only when `ours` recognises it as an earlier output of the same
     kind (a bench JSON by its schema, say): never another file (a photo beside a JSON that names the
     chart), a symbolic link (the rename would replace the link) or a device."""
-    if not os.path.lexists(path) or (path.is_dir() and not path.is_symlink()):
-        return  # a directory: check_writable_file says so
+    if not os.path.lexists(path):
+        return
     if path.is_symlink():
         raise OutputError(f"{option} {path} is a symbolic link; give the file itself, or another name")
     if not path.is_file():

@@ -20,7 +20,7 @@ import typer
 
 from crnet.config import MAX_ITERATIONS
 from crnet.errors import CRNetError, CRNetWarning, interrupted
-from crnet.files import check_not_input
+from crnet.files import check_not_input, check_writable_file
 from crnet.optional import MissingDependencyError
 
 app = typer.Typer(
@@ -132,12 +132,7 @@ def data_root(path: Path | None) -> Path:
 def check_output(path: Path, inputs: list[Path], option: str, ours=None, what: str = "") -> None:
     """Before the work: the output file can be written and is not an input; with `ours`, a file already
     there is replaced only if `ours` recognises it as an earlier `what` (crnet.files)."""
-    from crnet.files import check_replaceable_file, check_writable_file
-
-    check_not_input(path, inputs, option)
-    if ours is not None:  # before the writability check, which stages a folder beside the path
-        check_replaceable_file(path, ours, what, option)
-    check_writable_file(path, inputs, option)
+    check_writable_file(path, inputs, option, ours, what)
 
 
 def is_eval_json(path: Path) -> bool:

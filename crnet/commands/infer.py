@@ -9,7 +9,6 @@ interrupted or failed run leaves no loose masks, and an earlier output is either
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,31 +125,18 @@ def earlier_output(out: Path) -> list[str] | None:
     return names if holds_only(out, names) else None
 
 
-def check_out(out: Path, names: list[str], inputs: list[Path]) -> None:
+def check_out(out: Path, inputs: list[Path]) -> None:
     """OUT must be new, empty, or an earlier infer's (see earlier_output), which the run replaces as a
-    whole, and must not hold an input image or mask."""
+    whole, and must not hold an input image or mask (an earlier mask given as a support mask, say)."""
     if out.is_symlink() and not out.exists():
         raise OutputError(f"--out {out} is a symbolic link to nothing; give a folder")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; infer writes a folder of masks there")
-    earlier = earlier_output(out) if out.is_dir() and any(out.iterdir()) else []
-    if earlier is None:
+    if out.is_dir() and any(out.iterdir()) and earlier_output(out) is None:
         raise OutputError(
             f"--out {out} holds other files than an earlier infer's; choose a new or empty folder"
         )
-    # An earlier infer's folder is replaced whole: it may not hold an input of this run (an earlier mask
-    # given as a support mask, say).
-    folder = Path(os.path.realpath(out))
-    for given in inputs:
-        if folder in Path(os.path.realpath(given)).parents:
-            raise OutputError(
-                f"--out {out} holds the input {given}, which this run would replace or remove; choose "
-                "another --out"
-            )
-    for name in names:
-        for suffix in ("_mask.png", "_overlay.png"):
-            check_not_input(out / f"{name}{suffix}", inputs, "--out")
-    check_not_input(out / SUMMARY, inputs, "--out")
+    check_not_input(out, inputs, "--out")
 
 
 def output_names(queries: list[Path]) -> list[str]:
@@ -188,7 +174,7 @@ def infer(
         raise CRNetError(f"--batch-size must be >= 1, got {batch_size}")
     names = output_names(queries)
     inputs = [*supports, *support_masks, *queries, engine]
-    check_out(out, names, inputs)
+    check_out(out, inputs)
     ours = lambda folder: earlier_output(folder) is not None  # noqa: E731
     with StagedDirectory(out, what="crnet infer output", ours=ours, overwrite=True, inputs=inputs) as staged:
         summary = segment_into(

@@ -458,7 +458,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
             "--support-mask",
             str(w.earlier_infer / "query_mask.png"),
         ],
-        "holds the input",
+        "would replace the input",
     ),
     "infer-bundle-asks-for-a-billion-iterations": (
         infer(engine=lambda w: w.endless),
