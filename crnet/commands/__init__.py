@@ -1,5 +1,6 @@
 """The commands floor: everything a user runs, on top of the core, the exporters and the runtimes.
 
+    entry.py      the command's first code: Ctrl-C and SIGTERM handled before torch loads
     cli.py        the `crnet` command line: validates options, prints, exits with code 2 on bad input
     train.py      episodic training (checkpoint + exact resume, DDP under torchrun)
     evaluate.py   the PASCAL-5i protocol: fixed episodes, k-shot strategies, the training-free baseline

@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -679,19 +678,8 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 _python_format_warning = warnings.formatwarning
 
 
-def _terminated(number, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM (`timeout`, a job scheduler) as Ctrl-C: temporaries are cleaned up
-
-
 def main() -> None:
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        _main()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _main() -> None:
+    """Run one command; `crnet.commands.entry` calls this once SIGTERM is handled as Ctrl-C."""
     warnings.formatwarning = _format_warning
     try:
         code = app(standalone_mode=False)  # not standalone: click returns an exit code, 130 for Ctrl-C

@@ -318,6 +318,44 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(micro_checkpoint, tmp_path: Path)
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("loaded", ["typer.colors", "torch._C"])
+def test_a_signal_while_the_command_loads_is_one_line_and_exit_130(
+    loaded, signal_name, micro_checkpoint, tmp_path
+) -> None:
+    """A signal in the first seconds, while typer (then torch) is imported, was a KeyboardInterrupt traceback
+    (Ctrl-C) or a bare exit 143 (SIGTERM). `-X importtime` reports each module as it finishes loading: the
+    signal is sent once `loaded` has."""
+    import signal
+    import time
+
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / ".cache")}
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "crnet",
+        "export",
+        str(micro_checkpoint),
+        "--out",
+        str(out / "b"),
+    ]
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    lines = []
+    while not lines or lines[-1].split("|")[-1].strip() != loaded:
+        lines.append(process.stderr.readline())
+        assert lines[-1] and time.monotonic() < deadline, "".join(lines)
+    process.send_signal(getattr(signal, signal_name))
+    stderr = "".join(lines) + process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.splitlines()[-1] == "interrupted", stderr
+    assert list(out.iterdir()) == []
+
+
 def test_an_interrupt_is_found_among_an_errors_causes() -> None:
     from crnet.errors import interrupted
 
