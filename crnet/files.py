@@ -322,6 +322,44 @@ class StagedDirectory:
             self.abort()
             raise
 
+    def commit_into(self, names: Sequence[str]) -> Path:
+        """Move the staged entries into OUT and keep OUT's other entries (a demo's training run): OUT's
+        `names` are all replaced in one step, so that OUT never holds some of one run's outputs beside some
+        of another's. The first name (a marker that says what OUT is) goes first and comes back last. A new
+        or empty OUT is renamed into place whole."""
+        out = self.out
+        try:
+            replace = self._check_target()  # again: something may have appeared since the start
+        except BaseException:
+            self.abort()
+            raise
+        if not replace:
+            return self.commit()
+        earlier = Path(tempfile.mkdtemp(prefix=".earlier-", dir=self.root))
+        moved_out, moved_in = [], []
+        try:
+            with signals_deferred():
+                try:
+                    for name in names:
+                        if os.path.lexists(out / name):
+                            os.rename(out / name, earlier / name)
+                            moved_out.append(name)
+                    for name in reversed(names):
+                        if os.path.lexists(self.root / name):
+                            os.rename(self.root / name, out / name)
+                            moved_in.append(name)
+                except OSError:
+                    for name in moved_in:
+                        os.rename(out / name, self.root / name)
+                    for name in moved_out:
+                        os.rename(earlier / name, out / name)  # OUT as it was
+                    raise
+        except OSError as error:
+            self.abort()
+            raise explain(error, out) from None
+        _remove(self.root)
+        return out
+
     def abort(self) -> None:
         _remove(self.root)
         for folder in reversed(self.created):  # the folders made for the output, if still empty

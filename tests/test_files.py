@@ -6,6 +6,8 @@ ENOSPC; a read-only place is a read-only tmpfs, else a directory without write p
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,52 @@ def test_overwrite_replaces_ours(tmp_path) -> None:
     (tmp_path / "out/stale").write_text("old")
     staged(tmp_path / "out", overwrite=True).commit()
     assert tree(tmp_path) == {"out": None, "out/ours": b"new"}
+
+
+def test_commit_into_replaces_the_named_entries_together_and_keeps_the_rest(tmp_path) -> None:
+    (tmp_path / "out/train").mkdir(parents=True)
+    (tmp_path / "out/train/last.pt").write_text("a training run")
+    (tmp_path / "out/ours").write_text("old")
+    (tmp_path / "out/chart").write_text("old, and this run draws none")
+    directory = staged(tmp_path / "out", overwrite=True)
+    (directory.root / "bundle").mkdir()
+    (directory.root / "bundle/graph").write_text("new")
+    assert directory.commit_into(["ours", "bundle", "chart"]) == tmp_path / "out"
+    assert tree(tmp_path) == {
+        "out": None,
+        "out/ours": b"new",
+        "out/bundle": None,
+        "out/bundle/graph": b"new",
+        "out/train": None,
+        "out/train/last.pt": b"a training run",
+    }
+
+
+def test_commit_into_a_new_output_renames_it_whole(tmp_path) -> None:
+    staged(tmp_path / "new").commit_into(["ours"])
+    assert tree(tmp_path) == {"new": None, "new/ours": b"new"}
+
+
+def test_commit_into_that_fails_partway_leaves_the_output_as_it_was(tmp_path, monkeypatch) -> None:
+    (tmp_path / "out").mkdir()
+    for name in ("ours", "other", "kept"):
+        (tmp_path / "out" / name).write_text("old")
+    before = tree(tmp_path)
+    directory = staged(tmp_path / "out", overwrite=True)
+    (directory.root / "other").write_text("new")
+    renames = []
+    real_rename = os.rename
+
+    def third_fails(source, target):
+        renames.append(target)
+        if len(renames) == 3:  # both earlier entries moved aside, the first new one not yet in place
+            raise OSError(errno.EIO, "Input/output error", str(target))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", third_fails)
+    with pytest.raises(OutputError, match="Input/output error"):
+        directory.commit_into(["ours", "other"])
+    assert tree(tmp_path) == before
 
 
 def test_second_of_two_runs_into_one_absent_output_fails(tmp_path) -> None:

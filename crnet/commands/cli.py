@@ -394,8 +394,16 @@ def demo(
 ) -> None:
     """Built-in benchmark end to end: tiny model, fold-0 evaluation, pictures, export, runtime bench."""
     from crnet.commands.bench import format_table, plot_latency
-    from crnet.commands.demo import check_demo_out, export_and_bench, run_demo, train_recipe
+    from crnet.commands.demo import (
+        RESULT_NAMES,
+        check_demo_out,
+        export_and_bench,
+        run_demo,
+        staged_demo,
+        train_recipe,
+    )
     from crnet.device import flush_denormals_for_inference, resolve_device
+    from crnet.files import write_text
 
     if checkpoint is not None and train_first:
         raise CRNetError("--checkpoint and --train exclude each other: use a trained model or train one")
@@ -417,14 +425,17 @@ def demo(
             )
         checkpoint = train_recipe(out, root, resolved, progress, notice)
     flush_denormals_for_inference(resolved)  # after training, which stays bit-identical to `crnet train`
-    results, picture = run_demo(checkpoint, out, root, episodes, resolved, progress)
-    print_results(results)
-    typer.echo(f"episodes drawn in {picture}")
-    bench = export_and_bench(checkpoint, out, root, episodes, resolved, _bar(progress), notice)
-    typer.echo(format_table(bench))
-    write_json(bench, out / "bench.json")
-    with contextlib.suppress(MissingDependencyError):  # the chart is optional; the table and JSON are not
-        plot_latency(bench, out / "bench.png")
+    with staged_demo(out, [root]) as stage:  # the results land together, or not at all
+        results, picture = run_demo(checkpoint, stage.root, root, episodes, resolved, progress)
+        print_results(results)
+        bench = export_and_bench(checkpoint, stage.root, root, episodes, resolved, _bar(progress), notice)
+        bench["settings"]["bundle"] = str(out / "bundle")  # where it will be
+        typer.echo(format_table(bench))
+        write_text(stage.root / "bench.json", json.dumps(bench, indent=2) + "\n")  # said at the end
+        with contextlib.suppress(MissingDependencyError):  # the chart is optional; the table and JSON are not
+            plot_latency(bench, stage.root / "bench.png")
+        stage.commit_into(RESULT_NAMES)
+    typer.echo(f"episodes drawn in {out / picture.name}; results, bundle and bench in {out}")
 
 
 @app.command("export")

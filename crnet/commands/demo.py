@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from crnet import checkpoint as checkpoints
 from crnet.commands.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
-from crnet.commands.train import train
+from crnet.commands.train import LAST, train
 from crnet.commands.visualize import denormalise, episode_sheet
 from crnet.config import TINY, TrainConfig
 from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import VOCTree
 from crnet.engines import deployed_gpu
-from crnet.files import OutputError, holds_only, write_text
+from crnet.files import OutputError, StagedDirectory, holds_only, write_text
 from crnet.model.crnet import CRNet, upsample
 
 # The committed checkpoint checkpoints/tiny_fold0.pt is this recipe's result, reproduced by
@@ -59,25 +60,40 @@ def train_recipe(out: Path, root: Path, device: torch.device, progress: bool, no
 RESULTS = "results.json"
 
 
-# What the demo writes into OUT (bundle/ and train/ are checked again by export and train when replaced).
-OUTPUTS = (RESULTS, "episodes.png", "bench.json", "bench.png", "bundle", "train")
+# What one demo run writes into OUT, replaced together when a later run ends (its first name says what OUT
+# is), and the training run beside them, which a later run resumes or reuses.
+RESULT_NAMES = (RESULTS, "episodes.png", "bench.json", "bench.png", "bundle")
+OUTPUTS = (*RESULT_NAMES, "train")
+
+
+def is_demo_output(out: Path) -> bool:
+    """An earlier demo's folder: its results.json, or the training run of a demo stopped before it wrote
+    results, and nothing but the demo's outputs."""
+    try:
+        earlier = {"checkpoint", "results"} <= json.loads((out / RESULTS).read_text()).keys()
+    except (OSError, ValueError, TypeError, AttributeError):
+        earlier = not os.path.lexists(out / RESULTS) and (out / "train" / LAST).is_file()
+    return earlier and holds_only(out, OUTPUTS)
 
 
 def check_demo_out(out: Path) -> None:
-    """OUT must be new, empty, or an earlier demo's (its results.json, and nothing but the demo's outputs),
-    so that no other file there is replaced."""
+    """OUT must be new, empty, or an earlier demo's, so that no other file there is replaced."""
+    if out.is_symlink():
+        raise OutputError(f"--out {out} is a symbolic link; give the folder itself")
     if not out.exists():
         return
     if not out.is_dir():
         raise OutputError(f"--out {out} is a file; the demo writes a directory there")
-    try:
-        earlier = {"checkpoint", "results"} <= json.loads((out / RESULTS).read_text()).keys()
-    except (OSError, ValueError, TypeError, AttributeError):
-        earlier = False
-    if any(out.iterdir()) and not (earlier and holds_only(out, OUTPUTS)):
+    if any(out.iterdir()) and not is_demo_output(out):
         raise OutputError(
             f"--out {out} holds other files than an earlier demo's; choose a new or empty folder"
         )
+
+
+def staged_demo(out: Path, inputs: list[Path]) -> StagedDirectory:
+    """A folder beside OUT for this run's results; `commit_into(RESULT_NAMES)` puts them in place together,
+    so an interrupted run leaves OUT's earlier results as they were (and no half of a new set)."""
+    return StagedDirectory(out, what="demo", ours=is_demo_output, overwrite=True, inputs=inputs)
 
 
 def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, count: int = 6) -> Path:
@@ -135,7 +151,6 @@ def run_demo(
             **evaluate(CRNetPredictor(model, device), root, shots=5, **common),
         },
     ]
-    out.mkdir(parents=True, exist_ok=True)
     write_text(out / RESULTS, json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=2))
     return results, draw_episodes(model, root, out / "episodes.png", device)
 

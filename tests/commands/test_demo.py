@@ -36,6 +36,28 @@ def test_demo_runs_every_stage(micro_checkpoint, bench_root, tmp_path, monkeypat
     assert "CRNet" in printed
     if device.type == "cpu":
         assert "onnxruntime fp16" in printed
+    assert bench["settings"]["bundle"] == str(out / "bundle")  # where it landed, not where it was staged
+    assert list(tmp_path.iterdir()) == [out]
+
+    # A rerun stopped partway leaves the first run's outputs as they were: no new results.json beside the
+    # old bench.json (it used to write each output as its stage ended).
+    import crnet.commands.demo as demo
+
+    def files(folder: Path) -> dict:
+        paths = [path for path in folder.rglob("*") if path.is_file()]
+        return {str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns) for path in paths}
+
+    before = files(out)
+
+    def stopped(checkpoint, stage, *rest, **options):
+        (stage / "bench.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "export_and_bench", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 130
+    assert files(out) == before and list(tmp_path.iterdir()) == [out]
 
 
 def test_committed_checkpoint_is_the_recipes() -> None:
@@ -130,5 +152,21 @@ def test_the_demo_replaces_only_an_earlier_demos_output(tmp_path) -> None:
         check_demo_out(out)
     (out / "mine.txt").unlink()
     (out / "results.json").write_text(json.dumps({"results": []}))  # a results.json of the user's
+    with pytest.raises(CRNetError, match="holds other files"):
+        check_demo_out(out)
+
+
+def test_a_demo_stopped_while_training_can_be_run_again(tmp_path) -> None:
+    """`crnet demo --train` resumes its training run: a folder holding only that run is the demo's."""
+    from crnet.commands.demo import check_demo_out
+
+    out = tmp_path / "demo"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "metrics.jsonl").write_text("")
+    with pytest.raises(CRNetError, match="holds other files"):
+        check_demo_out(out)  # no training state: not a run that can be resumed
+    (out / "train" / "last.pt").write_bytes(b"state")
+    check_demo_out(out)
+    (out / "notes.txt").write_text("the user's")
     with pytest.raises(CRNetError, match="holds other files"):
         check_demo_out(out)
