@@ -18,17 +18,44 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
 
 from crnet import ops
 from crnet.commands.timer import Timer, medians_in_turns
+from crnet.config import MAX_ITERATIONS
 from crnet.engines.cuda_graphs import capture_cuda_graph
-from crnet.files import write_text
+from crnet.errors import CRNetError
+from crnet.files import check_writable_file, write_text
 from crnet.model.refinement import Refinement
 
 CHANNELS, SIDE, DILATIONS = 256, 41, (6, 12, 18)
+SCHEMA = "crnet-bench-ops-1"
+
+
+def is_ops_json(path: Path) -> bool:
+    """An earlier --json of this module: the only file it replaces."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and (
+        document.get("schema") == SCHEMA or document.keys() == {"machine", "runs", "replayed"}  # schema-less
+    )
+
+
+def count(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high], refused in argparse's one usage line otherwise."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high if high is not None else ''}")
+        return value
+
+    return parse
 
 
 def head(device: str, dtype: torch.dtype, seed: int = 0) -> Refinement:
@@ -118,15 +145,22 @@ def compare_replayed(batch: int, iterations: int, replays: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=count(1, 1024), default=1)
+    parser.add_argument("--iterations", type=count(1, MAX_ITERATIONS), default=5)
+    parser.add_argument("--repeats", type=count(1), default=20)
+    parser.add_argument("--warmup", type=count(0), default=3)
+    parser.add_argument("--threads", type=count(1, 1024), default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    try:
+        if args.json:  # before the run, not after minutes of it
+            check_writable_file(args.json, ours=is_ops_json, what="bench_ops JSON")
+    except CRNetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     if not ops.AVAILABLE:
-        raise SystemExit(f"error: {ops.MISSING}")
+        print(f"error: {ops.MISSING}", file=sys.stderr)
+        raise SystemExit(2)
     torch.set_num_threads(args.threads)
     runs = [compare("cpu", torch.float32, args.batch, args.iterations, args.repeats, args.warmup)]
     if torch.cuda.is_available():
@@ -170,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
             print("| " + " | ".join(cells) + " |")
     if args.json:
-        document = {"machine": machine, "runs": runs, "replayed": replayed}
+        document = {"schema": SCHEMA, "machine": machine, "runs": runs, "replayed": replayed}
         write_text(args.json, json.dumps(document, indent=2) + "\n")
 
 

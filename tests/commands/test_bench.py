@@ -323,3 +323,22 @@ def test_eval_json_is_recognised_by_its_keys(tmp_path) -> None:
     (tmp_path / "broken.json").write_text("{")
     assert is_eval_json(tmp_path / "ours.json")
     assert not any(is_eval_json(tmp_path / n) for n in ("list.json", "broken.json", "absent.json"))
+
+
+def test_bench_ops_refuses_a_foreign_json_before_it_runs(tmp_path, monkeypatch, capsys) -> None:
+    """The native op's developer bench wrote its --json after minutes of timing, over any file there."""
+    from crnet.commands import bench_ops
+
+    monkeypatch.setattr(bench_ops, "compare", lambda *a, **k: pytest.fail("ran before checking --json"))
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"\x89PNG the user's")
+    refused = (["--json", str(photo)], ["--json", str(tmp_path)], ["--iterations", "51"], ["--repeats", "0"])
+    for args in refused:
+        with pytest.raises(SystemExit) as exit_info:
+            bench_ops.main(args)
+        assert exit_info.value.code == 2
+        assert "error:" in capsys.readouterr().err
+    assert photo.read_bytes() == b"\x89PNG the user's"
+    earlier = tmp_path / "ops.json"
+    earlier.write_text(json.dumps({"schema": bench_ops.SCHEMA, "runs": []}))
+    assert bench_ops.is_ops_json(earlier) and not bench_ops.is_ops_json(photo)
