@@ -76,7 +76,12 @@ def holds_only(folder: Path, names: Iterable[str]) -> bool:
     """Whether everything in `folder` is one of `names` (paths relative to it; a named folder counts with
     all it holds, a folder on the way to a named path for itself): an earlier output of ours to which
     nothing was added, which an overwrite can replace without losing anything else."""
+    names = list(names)
+    if not all(isinstance(name, str) for name in names):
+        return False  # a manifest's entry that is not a file name
     allowed = {PurePosixPath(name) for name in names}
+    if any(not name.parts or name.is_absolute() or ".." in name.parts for name in allowed):
+        return False  # "", "." or ".." would cover the whole folder: a damaged or crafted listing
     on_the_way = {parent for name in allowed for parent in name.parents}
     for path in folder.rglob("*"):
         relative = PurePosixPath(path.relative_to(folder).as_posix())
@@ -239,16 +244,30 @@ def check_output_dir(
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block has ended (they are blocked, then delivered): for steps
-    that must not be left half done. Off the main thread, where signals are not handled, a no-op."""
+    """Ctrl-C and SIGTERM wait until the block has ended, then act as usual: for steps that must not be
+    left half done. Python runs signal handlers in the main thread whichever thread the kernel picks, so
+    the handlers are swapped for ones that only note the signal (blocking the signals in this thread, as
+    this did first, let another thread take them: tqdm's monitor, ONNX Runtime's pool). Off the main
+    thread, where handlers cannot be set, a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    noted: list[int] = []
+    previous = {number: signal.signal(number, lambda n, frame: noted.append(n)) for number in DEFERRED}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if noted:
+            handler = previous[noted[0]]
+            if callable(handler):
+                handler(noted[0], None)  # Ctrl-C's KeyboardInterrupt, here
+            elif handler in (None, signal.SIG_DFL):
+                signal.raise_signal(noted[0])
+
+
+DEFERRED = (signal.SIGINT, signal.SIGTERM)
 
 
 class StagedDirectory:
@@ -275,7 +294,8 @@ class StagedDirectory:
         self.created = [folder for folder in reversed(self.out.parents) if not folder.exists()]
         ensure_parent(self.out)
         try:
-            self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+            with signals_deferred():  # not made and then lost before it has a name here
+                self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
         except OSError as error:
             raise explain(error, self.out) from None
 
@@ -299,15 +319,16 @@ class StagedDirectory:
             if not replace:
                 rename_noreplace(self.root, out)
                 return out
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             with signals_deferred():  # a Ctrl-C between the two renames would leave no output at all
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                 os.rename(out, old / "previous")
                 try:
                     rename_noreplace(self.root, out)
                 except OSError:
                     os.rename(old / "previous", out)  # put the previous output back
+                    os.rmdir(old)
                     raise
-            shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)  # whole: no half-removed earlier output is left
             return out
         except FileExistsError:
             self.abort()
@@ -335,29 +356,28 @@ class StagedDirectory:
             raise
         if not replace:
             return self.commit()
-        earlier = Path(tempfile.mkdtemp(prefix=".earlier-", dir=self.root))
         moved_out, moved_in = [], []
-        try:
-            with signals_deferred():
+        with signals_deferred():  # all of it, the earlier entries' removal included
+            try:
+                earlier = Path(tempfile.mkdtemp(prefix=".earlier-", dir=self.root))
+                for name in names:
+                    if os.path.lexists(out / name):
+                        os.rename(out / name, earlier / name)
+                        moved_out.append(name)
+                for name in reversed(names):
+                    if os.path.lexists(self.root / name):
+                        os.rename(self.root / name, out / name)
+                        moved_in.append(name)
+            except OSError as error:
                 try:
-                    for name in names:
-                        if os.path.lexists(out / name):
-                            os.rename(out / name, earlier / name)
-                            moved_out.append(name)
-                    for name in reversed(names):
-                        if os.path.lexists(self.root / name):
-                            os.rename(self.root / name, out / name)
-                            moved_in.append(name)
-                except OSError:
                     for name in moved_in:
                         os.rename(out / name, self.root / name)
                     for name in moved_out:
                         os.rename(earlier / name, out / name)  # OUT as it was
-                    raise
-        except OSError as error:
-            self.abort()
-            raise explain(error, out) from None
-        _remove(self.root)
+                finally:
+                    self.abort()
+                raise explain(error, out) from None
+            _remove(self.root)
         return out
 
     def abort(self) -> None:

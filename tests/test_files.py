@@ -223,6 +223,9 @@ def test_holds_only_names_what_an_earlier_output_may_hold(tmp_path) -> None:
     (out / "graphs" / "notes.txt").unlink()
     (out / "mine").mkdir()  # an empty folder of the user's is theirs too
     assert not files.holds_only(out, names)
+    (out / "mine").rmdir()
+    for crafted in ("", ".", "./", "..", "bundle/../..", str(out), 5):  # a marker listing these: not ours
+        assert not files.holds_only(out, [*names, crafted]), crafted
 
 
 def test_an_output_inside_an_input_folder_is_refused(tmp_path) -> None:
@@ -248,3 +251,34 @@ def test_signals_wait_for_the_end_of_a_deferred_block() -> None:
         os.kill(os.getpid(), signal.SIGINT)
         done.append("the block went on")
     assert done == ["the block went on"]
+
+
+@pytest.mark.parametrize("number", ["SIGINT", "SIGTERM"])
+def test_a_signal_that_another_thread_takes_waits_too(number) -> None:
+    """The kernel hands a process's signal to any thread that does not block it (tqdm's monitor, ONNX
+    Runtime's pool); Python then runs the handler in the main thread, in the middle of the block. Seen:
+    a demo's earlier results deleted by a SIGTERM between its renames."""
+    import signal
+    import threading
+    import time
+
+    from crnet.files import signals_deferred
+
+    done = []
+    previous = signal.signal(signal.SIGTERM, lambda n, frame: done.append("terminated"))
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        with signals_deferred():
+            signal.pthread_kill(other.ident, getattr(signal, number))
+            time.sleep(0.1)  # the main thread runs the handler at its next check: during this sleep
+            done.append("the block went on")
+    except KeyboardInterrupt:
+        done.append("interrupted after the block")
+    finally:
+        stop.set()
+        other.join()
+        signal.signal(signal.SIGTERM, previous)
+    after = "interrupted after the block" if number == "SIGINT" else "terminated"
+    assert done == ["the block went on", after]

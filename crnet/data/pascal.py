@@ -99,7 +99,8 @@ def read_label(path: Path) -> np.ndarray:
             return np.asarray(image, dtype=np.uint8)  # palette PNGs keep their indices
     except FileNotFoundError:
         raise ImageReadError(f"label not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
+    # ValueError: a damaged header (a PGM's size, say); the bomb error: a header claiming billions of pixels
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"cannot read label {path}: {error}") from None
 
 
@@ -189,6 +190,8 @@ class VOCTree:
             raise NotAVOCTreeError(
                 f"{path} is not a text list of image ids (byte {error.start} is not UTF-8)"
             ) from None
+        if any("\0" in line for line in lines):  # no file name holds one (os.stat refuses it)
+            raise NotAVOCTreeError(f"{path} is not a text list of image ids: it holds a NUL byte")
         return sorted(set(lines))
 
     def image_path(self, image_id: str) -> Path:
@@ -217,7 +220,9 @@ class VOCTree:
             try:
                 stored = json.loads(cache.read_text())
                 if stored.get("stamp") == stamp:
-                    return {k: {int(c): n for c, n in v.items()} for k, v in stored["pixels"].items()}
+                    pixels = {k: {int(c): n for c, n in v.items()} for k, v in stored["pixels"].items()}
+                    if all(type(n) is int for counts in pixels.values() for n in counts.values()):
+                        return pixels
             except (ValueError, KeyError, AttributeError, TypeError):  # ValueError: bad JSON, non-UTF-8
                 pass  # a damaged cache is rebuilt
         pixels = {}
@@ -264,7 +269,9 @@ def _index_cache_path(root: Path, split: str) -> Path:
     if os.access(root, os.W_OK):
         return root / f".crnet_index_{split}.json"
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crnet"
+    configured = os.environ.get("XDG_CACHE_HOME", "")
+    # Unset, empty or relative: the default, as the XDG rule says (an empty one put it in the working folder)
+    base = (Path(configured) if os.path.isabs(configured) else Path.home() / ".cache") / "crnet"
     return base / f"index_{digest}_{split}.json"
 
 

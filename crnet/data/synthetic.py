@@ -708,6 +708,22 @@ def _only_generator_files(root: Path) -> bool:
     return True
 
 
+def _remove_leftovers(root: Path) -> None:
+    """Remove an empty root, or one holding only an interrupted generation's files, checked again now:
+    the user may have put files there while this run generated (they were deleted with it)."""
+    try:
+        root.rmdir()  # empty: refuses, atomically, once anything was added
+        return
+    except OSError:
+        pass
+    if not _only_generator_files(root):
+        raise BenchmarkRootError(
+            f"{root} received other files while the benchmark was generated; refusing to replace it: "
+            "choose another root or empty it"
+        )
+    shutil.rmtree(root)
+
+
 def ensure(root: str | Path, **kwargs) -> Path:
     """Generate unless root already holds a complete benchmark made with the same parameters; atomic.
 
@@ -736,7 +752,7 @@ def ensure(root: str | Path, **kwargs) -> Path:
     try:
         generate(tmp, **kwargs)
         if root.is_dir() and _read_marker(root) is None:
-            shutil.rmtree(root)  # checked above: only leftovers of an interrupted generation
+            _remove_leftovers(root)
         try:
             os.replace(tmp, root)
         except OSError:

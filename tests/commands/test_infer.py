@@ -15,6 +15,7 @@ from PIL import Image
 from crnet.commands import cli
 from crnet.commands.infer import infer, output_names
 from crnet.errors import CRNetError, EmptySupportMaskError, MaskError
+from crnet.files import OutputError
 from tests.commands.test_cli import check_user_error
 
 
@@ -116,13 +117,17 @@ def test_a_second_run_leaves_none_of_the_earlier_runs_masks(pictures, micro_chec
     summary = infer(micro_checkpoint, support, mask, [tmp_path / "other.jpg"], out)
     assert sorted(p.name for p in out.iterdir()) == ["infer.json", "other_mask.png", "other_overlay.png"]
     assert [r["mask"] for r in summary["queries"]] == ["other_mask.png"]
-    # An infer.json edited to name a file outside the folder removes nothing there.
+    # An infer.json edited to name a file outside the folder, or the folder itself, is not an earlier
+    # output: the folder is refused and nothing is removed ("" had made every file there count as ours).
     outside = tmp_path / "keep_mask.png"
     outside.write_bytes(b"the user's")
-    summary["queries"].append({"query": "x", "mask": "../keep_mask.png", "foreground": 0.0})
-    (out / "infer.json").write_text(json.dumps(summary))
-    infer(micro_checkpoint, support, mask, [tmp_path / "other.jpg"], out)
-    assert outside.read_bytes() == b"the user's"
+    (out / "thesis.tex").write_text("the user's")
+    for name in ("../keep_mask.png", ""):
+        edited = {**summary, "queries": [*summary["queries"], {"query": "x", "mask": name, "foreground": 0}]}
+        (out / "infer.json").write_text(json.dumps(edited))
+        with pytest.raises(OutputError, match="holds other files"):
+            infer(micro_checkpoint, support, mask, [tmp_path / "other.jpg"], out)
+    assert outside.read_bytes() == b"the user's" and (out / "thesis.tex").read_text() == "the user's"
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError(36, "File name too long")])

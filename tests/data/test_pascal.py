@@ -208,8 +208,9 @@ def test_damaged_cache_with_current_stamp_is_rebuilt(root: Path) -> None:
     VOCTree(root).class_pixels("val")
     cache = root / ".crnet_index_val.json"
     stored = json.loads(cache.read_text())
-    cache.write_text(json.dumps({"stamp": stored["stamp"], "pixels": {VAL_ID: {"one": 3}}}))
-    assert VOCTree(root).class_pixels("val") == truth("val")
+    for counts in ({"one": 3}, {"1": "444"}, {"1": None}, {"1": 2.5}):
+        cache.write_text(json.dumps({"stamp": stored["stamp"], "pixels": {VAL_ID: counts}}))
+        assert VOCTree(root).class_pixels("val") == truth("val")
 
 
 def _cache_files(base: Path) -> list[Path]:
@@ -240,11 +241,16 @@ def test_unwritable_root_caches_in_xdg_cache_home(
     _check_cache_outside(root, tmp_path / "xdg", monkeypatch)
 
 
+@pytest.mark.parametrize("xdg", [None, "", "relative/cache"])  # the last two: ignored, as the XDG rule says
 def test_unwritable_root_without_xdg_uses_home_cache(
-    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    xdg: str | None, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _deny_write(root, monkeypatch)
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    if xdg is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # Path.home() reads HOME on POSIX
     _check_cache_outside(root, tmp_path / "home/.cache", monkeypatch)
 
@@ -348,14 +354,38 @@ def test_image_without_read_permission(root: Path) -> None:
         path.chmod(stat.S_IRUSR | stat.S_IWUSR)
 
 
-@pytest.mark.parametrize("damage", ["missing", "random bytes"])
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height 8-bit gray pixels, with almost no data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+@pytest.mark.parametrize("damage", ["missing", "random bytes", "billions of pixels", "a bad PGM header"])
 def test_unreadable_label(root: Path, damage: str) -> None:
     path = root / "SegmentationClassAug" / f"{VAL_ID}.png"
     path.unlink()
     if damage == "random bytes":
         path.write_bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    elif damage == "billions of pixels":  # PIL's DecompressionBombError
+        path.write_bytes(_png_claiming(100_000, 100_000))
+    elif damage == "a bad PGM header":  # PIL's ValueError
+        path.write_bytes(b"P5\n64 64\n25a\n" + bytes(4096))
     with pytest.raises(ImageReadError, match=VAL_ID):
         VOCTree(root).load(VAL_ID)
+
+
+def test_a_list_with_a_nul_byte_is_one_error(root: Path) -> None:
+    path = root / "ImageSets/Segmentation/val.txt"
+    path.write_text(path.read_text() + "bad\0id\n")
+    with pytest.raises(NotAVOCTreeError, match="NUL byte"):
+        VOCTree(root).class_pixels("val")
 
 
 def test_missing_label_fails_the_index_scan(root: Path) -> None:

@@ -233,6 +233,27 @@ def test_ensure_replaces_only_generator_leftovers(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench", "user"]
 
 
+@pytest.mark.parametrize("start", ["empty", "leftovers"])
+def test_files_put_into_the_root_while_it_generates_are_kept(start, tmp_path, monkeypatch) -> None:
+    """The root was checked once, before minutes of generating, then removed: a user's files added to it
+    meanwhile went with it."""
+    root = tmp_path / "bench"
+    (root / "JPEGImages").mkdir(parents=True)
+    if start == "leftovers":
+        (root / "JPEGImages" / "syn_train_000000.jpg").write_bytes(b"truncated")
+    generate = synthetic.generate
+
+    def user_adds_a_file(*args, **kwargs):
+        generate(*args, **kwargs)
+        (root / "notes.txt").write_text("the user's")
+
+    monkeypatch.setattr(synthetic, "generate", user_adds_a_file)
+    with pytest.raises(synthetic.BenchmarkRootError, match="received other files"):
+        synthetic.ensure(root, **SMALL)
+    assert (root / "notes.txt").read_text() == "the user's"
+    assert [p.name for p in tmp_path.iterdir()] == ["bench"]
+
+
 def test_invalid_parameters(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="image_size"):
         synthetic.generate(tmp_path / "x", image_size=8)

@@ -147,3 +147,14 @@ def test_overwrite_may_replace_a_bundle_with_nothing_added(copy, tmp_path) -> No
     manifest_only.mkdir()
     (manifest_only / "manifest.json").write_text(json.dumps({"format": FORMAT}))
     assert not is_replaceable_bundle(manifest_only)  # it lists no files: its others cannot be the bundle's
+
+
+@pytest.mark.parametrize("file", [".", "", "..", 7])
+def test_a_manifest_listing_the_folder_itself_does_not_make_it_a_bundle(file, tmp_path) -> None:
+    """`"file": "."` made every file beside the manifest count as the bundle's: export --overwrite wiped it."""
+    from crnet.bundle import is_replaceable_bundle
+
+    (tmp_path / "thesis.tex").write_text("the user's")
+    graphs = {"fp32": {"encoder": {"file": file}}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT, "graphs": graphs, "engines": {}}))
+    assert not is_replaceable_bundle(tmp_path)
