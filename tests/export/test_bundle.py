@@ -151,7 +151,7 @@ def test_overwrite_may_replace_a_bundle_with_nothing_added(copy, tmp_path) -> No
 
 @pytest.mark.parametrize("file", [".", "", "..", 7])
 def test_a_manifest_listing_the_folder_itself_does_not_make_it_a_bundle(file, tmp_path) -> None:
-    """`"file": "."` made every file beside the manifest count as the bundle's: export --overwrite wiped it."""
+    """`"file": "."` made every file beside the manifest the bundle's: export --overwrite wiped them."""
     from crnet.bundle import is_replaceable_bundle
 
     (tmp_path / "thesis.tex").write_text("the user's")
