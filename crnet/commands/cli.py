@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from crnet.commands.entry import silence_stdout
 from crnet.config import MAX_ITERATIONS
 from crnet.errors import CRNetError, CRNetWarning, interrupted
 from crnet.files import check_not_input, check_writable_file
@@ -353,8 +354,8 @@ def evaluate_command(
             f"fold {fold}'s 5: these results are not few-shot (unseen-class) results",
             err=True,
         )
-    print_results(results)
     write_json({"checkpoint": str(checkpoint), "data": str(root), "results": results}, json_out)
+    print_results(results)  # after the file: a reader that quits early (`| head`) costs only the table
 
 
 def print_results(results: list[dict]) -> None:
@@ -425,17 +426,19 @@ def demo(
             )
         checkpoint = train_recipe(out, root, resolved, progress, notice)
     flush_denormals_for_inference(resolved)  # after training, which stays bit-identical to `crnet train`
+    reader = Reader()
     with staged_demo(out, [root]) as stage:  # the results land together, or not at all
         results, picture = run_demo(checkpoint, stage.root, root, episodes, resolved, progress)
-        print_results(results)
+        reader.show(print_results, results)
         bench = export_and_bench(checkpoint, stage.root, root, episodes, resolved, _bar(progress), notice)
         bench["settings"]["bundle"] = str(out / "bundle")  # where it will be
-        typer.echo(format_table(bench))
+        reader.show(typer.echo, format_table(bench))
         write_text(stage.root / "bench.json", json.dumps(bench, indent=2) + "\n")  # said at the end
         with contextlib.suppress(MissingDependencyError):  # the chart is optional; the table and JSON are not
             plot_latency(bench, stage.root / "bench.png")
         stage.commit_into(RESULT_NAMES)
-    typer.echo(f"episodes drawn in {out / picture.name}; results, bundle and bench in {out}")
+    reader.show(typer.echo, f"episodes drawn in {out / picture.name}; results, bundle and bench in {out}")
+    reader.check()
 
 
 @app.command("export")
@@ -645,17 +648,18 @@ def bench_command(
 
     notice = lambda line: typer.echo(line, err=True)  # noqa: E731
     result = run_bench(specs, settings, _bar(progress), notice=notice, stop_early=True)
-    typer.echo(format_table(result))
-    write_json(result, json_out)
+    write_json(result, json_out)  # the files first: a reader that quits early (`| head`) costs only the table
     if result["interrupted"]:  # the table and JSON of the rounds done; no chart, and Ctrl-C's exit code
         if is_bench_chart(chart):  # an earlier run's chart would not match this JSON
             chart.unlink(missing_ok=True)
+        typer.echo(format_table(result))
         raise typer.Exit(130)
     try:
         plot_latency(result, chart)
         typer.echo(f"wrote {chart}", err=True)
     except MissingDependencyError as error:  # the chart is optional; the table and JSON are written
         typer.echo(f"no latency chart: {error}", err=True)
+    typer.echo(format_table(result))
 
 
 def _bar(enabled: bool):
@@ -669,6 +673,29 @@ def _bar(enabled: bool):
             yield handle.update
 
     return bar
+
+
+class Reader:
+    """Printing while outputs are still staged (the demo): a reader that goes away (`crnet demo | head`, a
+    closed pager) must not cost them. The command goes on with stdout silenced; `check` then ends it as
+    click ends a command whose reader went away (exit 1, no message)."""
+
+    def __init__(self) -> None:
+        self.gone = False
+
+    def show(self, write, *args) -> None:
+        if self.gone:
+            return
+        try:
+            write(*args)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self.gone = True
+            silence_stdout()
+
+    def check(self) -> None:
+        if self.gone:
+            raise BrokenPipeError
 
 
 def one_line(error: Exception) -> str:

@@ -7,6 +7,7 @@ point. HOME points into tmp_path and --data is always given, so nothing is gener
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -354,6 +355,85 @@ def test_a_signal_while_the_command_loads_is_one_line_and_exit_130(
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.splitlines()[-1] == "interrupted", stderr
     assert list(out.iterdir()) == []
+
+
+def test_a_reader_that_goes_away_costs_only_the_table(micro_checkpoint, bench_root, tmp_path) -> None:
+    """`crnet eval ... | head` with a reader that quit before the end: eval printed its table first and lost
+    the JSON; the files now come first, and the end is quiet (exit 1, as click ends such a command)."""
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / ".cache")}
+    json_out = tmp_path / "eval.json"
+    args = ["eval", str(micro_checkpoint), "--data", str(bench_root), "--episodes", "2", "--no-progress"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "crnet", *args, "--json", str(json_out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    process.stdout.close()  # the reader is gone before anything is printed
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 1 and "Traceback" not in stderr and "error" not in stderr, stderr
+    assert json.loads(json_out.read_text())["results"][0]["method"] == "CRNet"
+
+
+def test_the_demo_goes_on_when_its_reader_goes_away(monkeypatch) -> None:
+    seen = []
+
+    def gone(text):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(cli, "silence_stdout", lambda: seen.append("silenced"))
+    reader = cli.Reader()
+    reader.show(seen.append, "first")
+    reader.show(gone, "second")
+    reader.show(seen.append, "third")  # not tried: stdout is gone
+    assert seen == ["first", "silenced"]
+    with pytest.raises(BrokenPipeError):
+        reader.check()
+
+
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_a_closed_standard_stream_is_not_reused_for_a_file(closed: int, tmp_path) -> None:
+    """With `2>&-` the next file opened took number 2, and anything written to stderr (a library's log
+    line) went into it; a user error's line had nowhere to go and the exit code was 1."""
+    code = (
+        "import os, sys\n"
+        f"os.close({closed})\n"
+        "from crnet.commands.entry import _open_standard_streams\n"
+        "_open_standard_streams()\n"
+        "with open(sys.argv[1], 'w') as output:\n"
+        "    assert output.fileno() > 2, output.fileno()\n"
+        "print('to stdout'); print('to stderr', file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    process = subprocess.run(
+        [sys.executable, "-m", "crnet", "eval", str(tmp_path / "missing.pt")],
+        preexec_fn=lambda: os.close(closed),
+        capture_output=closed == 0,
+    )
+    assert process.returncode == 2
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("code", [0, 2])
+def test_a_signal_after_a_command_ended_keeps_its_exit_code(signal_name, code) -> None:
+    """The interpreter's shutdown after a run (torch's teardown) takes a few tenths of a second; a signal
+    then gave 130 or 143 with no line, though the output was complete."""
+    script = (
+        "import os, signal, sys, time\n"
+        "import crnet.commands.cli as cli\n"
+        f"cli.main = lambda: sys.exit({code}) if {code} else print('the command ran')\n"
+        "from crnet.commands import entry\n"
+        "try:\n"
+        "    entry.main()\n"
+        "finally:  # as the interpreter shuts down\n"
+        f"    os.kill(os.getpid(), signal.{signal_name})\n"
+        "    time.sleep(10)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == code, result.stderr
+    assert result.stderr == "" and result.stdout == ("" if code else "the command ran\n")
 
 
 def test_an_interrupt_is_found_among_an_errors_causes() -> None:
