@@ -155,6 +155,25 @@ def check_writable_place(path: Path) -> None:
                 folder.rmdir()
 
 
+def _umask() -> int:
+    try:  # Linux says it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_created(path: Path) -> None:
+    """Give a file or folder made by mkstemp / mkdtemp (0600 / 0700) the mode that open() and mkdir()
+    give, under the user's umask: outputs were readable by their owner only (a bundle served by another
+    account, a dataset shared on a machine)."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; on success it is fsynced and renamed over `path`,
@@ -164,6 +183,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     try:
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(handle)
+        as_created(Path(name))
     except OSError as error:
         raise explain(error, path) from None
     temporary = Path(name)
@@ -296,6 +316,7 @@ class StagedDirectory:
         try:
             with signals_deferred():  # not made and then lost before it has a name here
                 self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+            as_created(self.root)
         except OSError as error:
             raise explain(error, self.out) from None
 

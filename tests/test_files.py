@@ -282,3 +282,16 @@ def test_a_signal_that_another_thread_takes_waits_too(number) -> None:
         signal.signal(signal.SIGTERM, previous)
     after = "interrupted after the block" if number == "SIGINT" else "terminated"
     assert done == ["the block went on", after]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_get_the_mode_the_umask_gives(umask, tmp_path) -> None:
+    """mkstemp and mkdtemp make 0600 files and 0700 folders: every output was private to its owner."""
+    previous = os.umask(umask)
+    try:
+        write_bytes(tmp_path / "results.json", b"{}")
+        staged(tmp_path / "bundle").commit()
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,9 @@ def test_ensure_generates_then_reuses(tmp_path: Path, monkeypatch: pytest.Monkey
     assert synthetic.ensure(root, **SMALL) == root
     assert json.loads((root / "synthetic.json").read_text())["seed"] == SMALL["seed"]
     assert [p.name for p in root.parent.iterdir()] == ["bench"], "no temporary directory left behind"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert root.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it, not mkdtemp's 0700
     before = tree_bytes(root)
 
     def fail(*args, **kwargs):
