@@ -129,12 +129,6 @@ def data_root(path: Path | None) -> Path:
     return synthetic.ensure(DEFAULT_DATA)
 
 
-def check_output(path: Path, inputs: list[Path], option: str, ours=None, what: str = "") -> None:
-    """Before the work: the output file can be written and is not an input; with `ours`, a file already
-    there is replaced only if `ours` recognises it as an earlier `what` (crnet.files)."""
-    check_writable_file(path, inputs, option, ours, what)
-
-
 def is_eval_json(path: Path) -> bool:
     """Whether `path` holds results `crnet eval` wrote, which a rerun may replace."""
     try:
@@ -321,7 +315,8 @@ def evaluate_command(
     fold = (trained_fold or 0) if fold is None else fold
     suffix = f"fold{fold}_{shots}shot" + (f"_{strategy}" if shots > 1 else "")
     json_out = json_out or checkpoint.parent / f"eval_{suffix}.json"
-    check_output(json_out, [checkpoint, data or DEFAULT_DATA], "--json", is_eval_json, "eval results JSON")
+    inputs = [checkpoint, data or DEFAULT_DATA]
+    check_writable_file(json_out, inputs, "--json", is_eval_json, "eval results JSON")
     root = data_root(data)
     common = dict(
         fold=fold,
@@ -487,7 +482,7 @@ def export_command(
     from crnet.export.build import export_bundle
 
     if timing_cache is not None:  # read, then rewritten: never the checkpoint
-        check_output(timing_cache, [checkpoint], "--timing-cache")
+        check_writable_file(timing_cache, [checkpoint], "--timing-cache")
     if triton is not None:  # checked before the export, so that a bad --triton costs nothing
         from crnet.export.triton import check_repository_out
 
@@ -625,11 +620,12 @@ def bench_command(
     if any(spec.name != "torch" for spec in specs) and bundle is None:
         raise CRNetError("onnxruntime and tensorrt runtimes need --bundle (make one with `crnet export`)")
     inputs = [checkpoint, data or DEFAULT_DATA] + ([bundle] if bundle else [])
-    check_output(json_out, inputs, "--json", is_bench_json, "bench JSON")  # first: "." has no suffix to swap
+    # First: "." has no suffix to swap for the chart's name.
+    check_writable_file(json_out, inputs, "--json", is_bench_json, "bench JSON")
     chart = chart or json_out.with_suffix(".png")
     if os.path.realpath(chart) == os.path.realpath(json_out):
         raise CRNetError(f"--chart {chart} is the --json file; give the chart another name")
-    check_output(chart, inputs, "--chart", is_bench_chart, "bench chart")
+    check_writable_file(chart, inputs, "--chart", is_bench_chart, "bench chart")
     settings = BenchSettings(
         checkpoint=checkpoint,
         bundle=bundle,

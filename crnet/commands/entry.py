@@ -50,7 +50,9 @@ def _signalled(number, frame) -> None:
 def silence_stdout() -> None:
     """Point stdout at /dev/null: its reader has gone, and Python would complain when flushing at exit."""
     with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
 
 
 def main() -> None:

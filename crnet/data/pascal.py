@@ -213,8 +213,9 @@ class VOCTree:
 
     def _index(self, split: str) -> dict[str, dict[int, int]]:
         split_file = self.split_file(split)
+        ids = self.ids(split)  # read once: the stamp and the scan both need them
         stamp = f"{INDEX_VERSION}:{split_file.stat().st_size}:{split_file.stat().st_mtime_ns}"
-        stamp += f":{self._labels_stamp(split)}"
+        stamp += f":{self._labels_stamp(ids)}"
         cache = _index_cache_path(self.root, split)
         if cache.is_file():
             try:
@@ -226,7 +227,7 @@ class VOCTree:
             except (ValueError, KeyError, AttributeError, TypeError):  # ValueError: bad JSON, non-UTF-8
                 pass  # a damaged cache is rebuilt
         pixels = {}
-        for image_id in self.ids(split):
+        for image_id in ids:
             label = read_label(self.label_path(image_id))
             values, counts = np.unique(label, return_counts=True)
             bad = [int(v) for v in values if v > NUM_CLASSES and v != IGNORE_LABEL]
@@ -241,12 +242,12 @@ class VOCTree:
         _write_atomic(cache, json.dumps({"stamp": stamp, "pixels": pixels}))
         return pixels
 
-    def _labels_stamp(self, split: str) -> str:
+    def _labels_stamp(self, ids: list[str]) -> str:
         """The newest modification time of the split's labels: a label edited in place (the list file
         unchanged) must not leave the cached pixel counts in use. A label that cannot be read gives a stamp
         no cache has, so the scan runs and says what is wrong with it."""
         try:
-            return str(max((self.label_path(i).stat().st_mtime_ns for i in self.ids(split)), default=0))
+            return str(max((self.label_path(i).stat().st_mtime_ns for i in ids), default=0))
         except OSError:
             return "unreadable"
 
