@@ -16,7 +16,9 @@ condition module's and the loop's) as Triton kernels of ours, with their ReLUs a
 the reduction split where the map is small, and the end of each iteration (the ASPP's pooling term, its
 projection, the classifier, the softmax) as two kernels; `+triton-encoder` (CUDA, with `+cudnn-epilogues`) the
 encoder's size-keeping 1x1 and 3x3 convolutions and its neck; each of these convolutions runs cuDNN instead
-where, timed on its first call, cuDNN is the faster for its shape (engines/triton_head.py). `+cudnn-benchmark`
+where, timed on its first call, cuDNN is the faster for its shape; compiled, each new shape runs once
+eagerly first, so that those choices are made before the trace, which leaves cuDNN's shapes to inductor
+(engines/triton_head.py). `+cudnn-benchmark`
 lets cuDNN time its algorithms for each convolution of this runtime's graphs and keep the fastest, instead of
 its heuristics' choice; it captures on a thread of its own, where PyTorch keeps those choices apart from other
 runtimes' (engines/cuda_graphs.py).
@@ -170,7 +172,12 @@ class TorchRuntime(Runtime):
         functions = [self._encoder_forward, self._head_forward, self._episode_forward, self._query_forward]
         if compile:
             mode = compile_mode(anchor and cuda_graphs, max_autotune)
-            functions = [torch.compile(f, mode=mode, dynamic=False) for f in functions]
+            compiled = [torch.compile(f, mode=mode, dynamic=False) for f in functions]
+            if triton_head or triton_encoder:  # each shape's choices timed eagerly, then traced as made
+                from crnet.engines.triton_head import EagerFirst
+
+                compiled = [EagerFirst(f, c) for f, c in zip(functions, compiled, strict=True)]
+            functions = compiled
         # cuDNN's timed choices are made on a thread of this runtime's own, and kept there (cuda_graphs.py).
         self._capture_thread = CaptureOnOwnThread(_cudnn_benchmark) if cudnn_benchmark else None
         if cuda_graphs and not anchor:

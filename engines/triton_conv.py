@@ -237,6 +237,22 @@ SMALL_BELOW = 2  # a map is small when its 64x64 tiles are fewer than twice the 
 SLOTS, SLOT_TILES = 64, 4096  # counters: one block per calling convolution, one counter per tile and branch
 
 _CHOSEN: dict[tuple, Config | str] = {}
+# Whether the library's way won, by call site (its slot) and input shape: read by triton_head.runs_library
+# when torch.compile traces that call site.
+_LIBRARY_AT: dict[tuple[int, tuple[int, ...]], bool] = {}
+
+
+def chose_library(slot: int, shape: tuple[int, ...]) -> bool:
+    """Whether the call site `slot` ran the library's way for inputs of `shape` on an earlier call."""
+    return _LIBRARY_AT.get((slot, tuple(shape)), False)
+
+
+def remember_call_site(slot: int, shape: tuple[int, ...], key: tuple, choice: object) -> None:
+    """Note a call site's choice once it is made for good (not a capture's unremembered first candidate)."""
+    if choice == LIBRARY or key in _CHOSEN:
+        _LIBRARY_AT[(slot, tuple(shape))] = choice == LIBRARY
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _GEOMETRIES: dict[tuple, torch.Tensor] = {}
 _LOCK = threading.Lock()
@@ -401,6 +417,8 @@ def branches_nhwc(
         choice = _choose(key, configs, run, library, x.device) if configs else LIBRARY
     if column_sums and choice != LIBRARY and choice.bm > height * width:
         raise ValueError(f"column sums with {choice.bm}-pixel tiles need maps of as many pixels")
+    if config is None:
+        remember_call_site(slot, x.shape, key, choice)
     return library() if choice == LIBRARY else run(choice)
 
 

@@ -24,11 +24,19 @@ the output's shape and layout) and CUDA graphs capture its launch. On CUDA each 
 faster, timed on its first call: our kernel or the library's way (`_library_conv`, `_library_branches`,
 `_library_pooling_term`, `_library_project_classify`: cuDNN's convolutions with their fused epilogues,
 PyTorch's matrix products); off CUDA, the library's way.
+
+Compiled, a call site whose shape chose the library's way is not the op: an opaque op runs that way eagerly,
+each step a kernel of its own, where inductor would have fused the adds, ReLUs and concatenation with their
+neighbours (on the H200, batch 64, that cost `+triton-head` 4.3 ms an episode: docs/BENCHMARKS.md). So
+TorchRuntime runs each new shape once eagerly (EagerFirst), where every op times its choice, and the trace
+that follows writes the library's way in plain PyTorch at the call sites where it won (runs_library).
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +60,30 @@ _SLOTS = itertools.count()  # each convolution its own split counters (triton_co
 def sum_slots(height: int, width: int) -> int:
     """The column sums' slots per image of an H x W map."""
     return -(-height * width // SUM_TILE) + 1
+
+
+@torch.compiler.assume_constant_result
+def runs_library(slot: int, shape: tuple[int, ...]) -> bool:
+    """Whether the op at call site `slot` chose the library's way for inputs of `shape` on an earlier call (on
+    CUDA, where it times). torch.compile calls this while it traces and keeps the answer as a constant."""
+    chosen = sys.modules.get("crnet.engines.triton_conv")  # not imported: nothing was chosen
+    return chosen is not None and chosen.chose_library(slot, tuple(shape))
+
+
+class EagerFirst:
+    """`compiled`, except that each new input signature runs `eager` once first: there the Triton ops time
+    their choices for its shapes, before torch.compile traces it (runs_library)."""
+
+    def __init__(self, eager: Callable[..., torch.Tensor], compiled: Callable[..., torch.Tensor]):
+        self.eager, self.compiled = eager, compiled
+        self.seen: set[tuple] = set()
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        signature = tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
+        if signature not in self.seen:
+            self.eager(*inputs)
+            self.seen.add(signature)
+        return self.compiled(*inputs)
 
 
 @torch.library.custom_op("crnet::triton_conv", mutates_args=())
@@ -261,6 +293,16 @@ def _triton_pooling_term_fake(
     return sums.new_empty((sums.shape[0], share_weight.shape[0], 1, 1), dtype=pool_weight.dtype)
 
 
+def conv_at(
+    x, weight, packed, bias, residual, padding, dilation, relu_out, relu_copy, slot, column_sums=False
+) -> list[torch.Tensor]:
+    """crnet::triton_conv at call site `slot`, or its library's way where that won for this shape."""
+    if runs_library(slot, tuple(x.shape)):
+        return _library_conv(x, weight, bias, residual, padding, dilation, relu_out, relu_copy, column_sums)
+    args = (padding, dilation, relu_out, relu_copy, slot, column_sums)
+    return triton_conv(x, weight, packed, bias, residual, *args)
+
+
 class TritonConv(nn.Conv2d):
     """A size-keeping stride-1 Conv2d (same parameters, same state-dict keys) run by crnet::triton_conv, with
     a residual add and a ReLU after its bias, and a ReLU'd copy of its output, as the caller asks."""
@@ -286,7 +328,7 @@ class TritonConv(nn.Conv2d):
     ) -> list[torch.Tensor]:
         padding, dilation = list(self.padding), list(self.dilation)
         args = (residual, padding, dilation, relu_out, relu_copy, self.slot, column_sums)
-        return triton_conv(x, self.weight, self.packed, self.bias, *args)
+        return conv_at(x, self.weight, self.packed, self.bias, *args)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -356,7 +398,7 @@ class TritonResidualBranch(ResidualBranch):
             relu_first = F.relu(feature_term)
         else:
             args = (self.probability_packed, None, feature_term, [1, 1], [1, 1], True, False)
-            relu_first = triton_conv(y, probability_weight, *args, self.probability_slot)[0]
+            relu_first = conv_at(y, probability_weight, *args, self.probability_slot)[0]
         out = self[3](relu_first, skip, relu_copy=relu_next)
         return out[0], out[1] if relu_next else None
 
@@ -408,9 +450,11 @@ class TritonASPP(ASPP):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """ASPP.hoisted_terms; with `sums`, the pooling term is one crnet::triton_pooling_term call."""
         weights, biases = [b.weight for b in self.branches], [b.bias for b in self.branches]
-        branches = triton_branches(
-            x, weights, self.packed, biases, self.stacked_bias, self.geometry, self.slot
-        )
+        if runs_library(self.slot, tuple(x.shape)):
+            branches = _library_branches(x, weights, biases, self.geometry)
+        else:
+            args = (self.packed, biases, self.stacked_bias, self.geometry, self.slot)
+            branches = triton_branches(x, weights, *args)
         if sums is None:
             return branches, self.pooling_term(x, pool_weight, bias)
         pool = self.image_pool
@@ -445,8 +489,12 @@ class TritonClassifier(Classifier):
     def after_projection(
         self, branches: torch.Tensor, branch_weight: torch.Tensor, pool_bias: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = (self.packed, pool_bias, self.weight, self.bias, self.packed_classifier, self.slot)
-        logits, probabilities = triton_project_classify(branches, branch_weight, *weights)
+        if runs_library(self.slot, tuple(branches.shape)):
+            args = (pool_bias, self.weight, self.bias)
+            logits, probabilities = _library_project_classify(branches, branch_weight, *args)
+        else:
+            weights = (self.packed, pool_bias, self.weight, self.bias, self.packed_classifier, self.slot)
+            logits, probabilities = triton_project_classify(branches, branch_weight, *weights)
         return logits, probabilities
 
 
@@ -518,7 +566,7 @@ class TritonConvReLU(ConvReLU):
             raise NotImplementedError("a Triton convolution runs its own packed weight")
         padding, dilation = list(self.padding), list(self.dilation)
         args = (self.packed, bias, residual, padding, dilation, True, False, self.slot)
-        return triton_conv(x, weight, *args)[0]
+        return conv_at(x, weight, *args)[0]
 
 
 class TritonNeck(FusedNeck):
@@ -543,8 +591,8 @@ class TritonNeck(FusedNeck):
         conv = self[0]
         padding, dilation = list(conv.padding), list(conv.dilation)
         half2, half3 = (self.layer2_weight, self.layer2_packed), (self.layer3_weight, self.layer3_packed)
-        partial = triton_conv(layer2, *half2, None, None, padding, dilation, False, False, self.slots[0])[0]
-        out = triton_conv(layer3, *half3, conv.bias, partial, padding, dilation, True, False, self.slots[1])
+        partial = conv_at(layer2, *half2, None, None, padding, dilation, False, False, self.slots[0])[0]
+        out = conv_at(layer3, *half3, conv.bias, partial, padding, dilation, True, False, self.slots[1])
         return self[2](out[0])
 
 

@@ -27,7 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from crnet.engines.triton_conv import _CHOSEN, LIBRARY, SLOT_TILES, Library, _choose, _counters, split_sum
+from crnet.engines.triton_conv import (
+    _CHOSEN,
+    LIBRARY,
+    SLOT_TILES,
+    Library,
+    _choose,
+    _counters,
+    remember_call_site,
+    split_sum,
+)
 from crnet.engines.triton_head import CLASS_COLUMNS
 
 
@@ -189,6 +198,8 @@ def project_classify(
         return run(CONFIGS[0])
     if choice is None:
         choice = _choose(key, candidates(pixels, x.device), run, library, x.device)
+    if config is None:
+        remember_call_site(slot, x.shape, key, choice)
     return library() if choice == LIBRARY else run(choice)
 
 

@@ -188,16 +188,18 @@ def test_sigkill_between_checkpoints_then_resume_is_bit_exact(bench_root, tmp_pa
         str(every),
         "1",
     ]
-    process = subprocess.Popen(command, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    # The run holds after its first checkpoint, where it is killed (between it and the next).
+    env = {**os.environ, "PYTHONPATH": str(repo), "HOLD_AFTER_FIRST_CHECKPOINT": "1"}
+    process = subprocess.Popen(command, cwd=repo, env=env)
     try:
-        while not (run / LAST).exists():  # the first checkpoint: kill at once, between it and the next
+        while not (run / LAST).exists():
             assert process.poll() is None, "the run ended before it could be killed"
             time.sleep(0.005)
     finally:
         process.kill()  # SIGKILL
         process.wait()
     stopped_at = checkpoint.load(run / LAST)["step"]
-    assert stopped_at < steps
+    assert stopped_at == every
     notices = []
     resumed = train(
         MICRO,

@@ -17,6 +17,7 @@ import torch
 from crnet.engines import DEPLOYED_GPU, RuntimeSpec, RuntimeUnavailable, open_runtime
 from crnet.engines.torch_runtime import TorchRuntime
 from crnet.engines.triton_head import (
+    EagerFirst,
     TritonASPP,
     TritonClassifier,
     TritonConv,
@@ -25,6 +26,7 @@ from crnet.engines.triton_head import (
     _library_conv,
     _library_project_classify,
     pack_weight,
+    runs_library,
     sum_slots,
     triton_branches,
     triton_conv,
@@ -476,6 +478,104 @@ def test_the_loop_takes_the_pooling_mean_from_the_last_blocks_sums(monkeypatch) 
         small = torch.randn(2, 16, 5, 5)
         torch.testing.assert_close(transformed.hoisted(small, 2), refinement.hoisted(small, 2))
     assert len(calls) == 3
+
+
+def test_a_call_site_remembers_whether_the_library_won_for_its_shape(monkeypatch) -> None:
+    """What runs_library reads: a call site's choice once made for good, by slot and shape; not the
+    first candidate that a CUDA graph capture runs unremembered, nor a config a test forces."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    from crnet.engines import triton_conv as tc
+
+    monkeypatch.setattr(tc, "_LIBRARY_AT", {})
+    monkeypatch.setattr(tc, "_conv_kernel", None)  # a launch would fail: only the library's way runs
+    x, packed = torch.randn(1, 8, 5, 5), torch.randn(72, 8)
+    args = (x, packed, None, None, (3, 3), (1, 1), (1, 1), False)
+    monkeypatch.setattr(tc, "_choose", lambda key, *rest: tc._CHOSEN.setdefault(key, tc.LIBRARY))
+    tc.conv2d_nhwc(*args, slot=7, library=lambda: [x])
+    assert tc.chose_library(7, (1, 8, 5, 5)) and runs_library(7, (1, 8, 5, 5))
+    assert not tc.chose_library(7, (2, 8, 5, 5)) and not tc.chose_library(8, (1, 8, 5, 5))
+    tc._CHOSEN.clear()
+    monkeypatch.setattr(tc, "_choose", lambda *rest: tc.CONFIGS[0])  # a capture's pick: not remembered
+    monkeypatch.setattr(tc, "_conv_kernel", NoLaunch())
+    tc.conv2d_nhwc(*args, slot=9, library=lambda: [x])
+    assert (9, (1, 8, 5, 5)) not in tc._LIBRARY_AT
+    tc.conv2d_nhwc(*args, slot=10, config=tc.CONFIGS[0])
+    assert (10, (1, 8, 5, 5)) not in tc._LIBRARY_AT
+
+
+class NoLaunch:
+    """A kernel stand-in whose launches do nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def graph_ops(function, *inputs) -> tuple[torch.Tensor, set[str]]:
+    """`function(*inputs)` compiled by dynamo, and the names of the operators its traced graph calls."""
+    names = set()
+
+    def backend(graph, example_inputs):
+        names.update(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph.forward
+
+    torch._dynamo.reset()
+    return torch.compile(function, backend=backend, dynamic=False, fullgraph=True)(*inputs), names
+
+
+def test_call_sites_where_the_library_won_are_traced_as_plain_pytorch(monkeypatch) -> None:
+    """Compiled, a call site whose shape chose the library's way is that way in plain PyTorch, which
+    inductor fuses with its neighbours, not the opaque op (which would run it eagerly); the others stay ops.
+    The loop computes the same either way."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    import copy
+
+    import crnet.engines.triton_head as th
+    from crnet.engines import triton_conv as tc
+    from crnet.model.conv_epilogues import fuse_conv_epilogues
+    from tests.model.test_conv_epilogues import folded_micro
+
+    refinement = fuse_conv_epilogues(folded_micro()).refinement
+    refinement.fused = False
+    transformed = th.triton_head(copy.deepcopy(refinement))
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = refinement.hoisted(x, 2)
+        op_names = ("crnet.triton_conv", "crnet.triton_branches", "crnet.triton_project_classify")
+        _, names = graph_ops(transformed.hoisted, x, 2)
+        assert all(any(op in name for name in names) for op in op_names), names
+        monkeypatch.setattr(tc, "chose_library", lambda slot, shape: True)
+        got, names = graph_ops(transformed.hoisted, x, 2)
+        assert not any("crnet.triton" in name and "pooling" not in name for name in names), names
+        torch.testing.assert_close(got, expected)
+        aspp = transformed.aspp.slot  # only the ASPP's branches went the library's way
+        monkeypatch.setattr(tc, "chose_library", lambda slot, shape: slot == aspp)
+        got, names = graph_ops(transformed.hoisted, x, 2)
+        assert not any("triton_branches" in name for name in names)
+        assert any("crnet.triton_conv" in name for name in names)
+        torch.testing.assert_close(got, expected)
+    torch._dynamo.reset()
+
+
+def test_each_new_shape_runs_eagerly_once_before_the_compiled_function() -> None:
+    """EagerFirst: a new signature (shape, dtype, strides) runs the eager function once, for the Triton ops
+    to time their choices before the compiled function traces; every call runs the compiled one."""
+    calls = []
+
+    def eager(x):
+        calls.append(("eager", x.shape))
+
+    def compiled(x):
+        calls.append(("compiled", x.shape))
+
+    first = EagerFirst(eager, compiled)
+    a, b = torch.zeros(1, 3), torch.zeros(2, 3)
+    for x in (a, a, b, a, b, a.t()):
+        first(x)
+    assert calls == [
+        ("eager", (1, 3)), ("compiled", (1, 3)), ("compiled", (1, 3)),
+        ("eager", (2, 3)), ("compiled", (2, 3)), ("compiled", (1, 3)), ("compiled", (2, 3)),
+        ("eager", (3, 1)), ("compiled", (3, 1)),
+    ]  # fmt: skip
 
 
 @pytest.mark.cuda
