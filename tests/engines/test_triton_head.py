@@ -734,6 +734,43 @@ def test_the_triton_head_on_cuda_captured_and_replayed(micro_checkpoint) -> None
 
 
 @pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("library_wins", [True, False])
+def test_compiled_the_call_sites_where_the_library_won_do_not_call_our_ops(
+    micro_checkpoint, monkeypatch, library_wins
+) -> None:
+    """Compiled (without CUDA graphs, so that every call runs Python), after the first call of a shape: where
+    the library's way won, the ops' CUDA code is not called again (inductor runs that way); where ours won,
+    it is called on every call."""
+    pytest.importorskip("triton")
+    from crnet.engines import triton_conv as tc
+    from crnet.engines import triton_project as tp
+
+    chosen = {}  # this test's choices, faked: kept from the others'
+
+    def choose(key, configs, *rest):
+        return chosen.setdefault(key, tc.LIBRARY if library_wins else configs[0])
+
+    for module in (tc, tp):
+        monkeypatch.setattr(module, "_CHOSEN", chosen)
+        monkeypatch.setattr(module, "_choose", choose)
+    monkeypatch.setattr(tc, "_LIBRARY_AT", {})
+    calls = []
+    for module, name in [(tc, "conv2d_nhwc"), (tc, "branches_nhwc"), (tp, "project_classify")]:
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    query, supports, masks = (x.cuda() for x in episode(1))
+    spec = RuntimeSpec.parse("torch:fp16+channels-last+cudnn-epilogues+compile+torch-loop+triton-head")
+    with open_runtime(spec, checkpoint=micro_checkpoint, device="cuda") as runtime:
+        first = runtime.episode(query, supports, masks)
+        before = len(calls)
+        assert before > 0  # the eager first call: every call site chose
+        again = runtime.episode(query, supports, masks)
+    torch.testing.assert_close(again, first)
+    assert (len(calls) == before) == library_wins
+
+
+@pytest.mark.cuda
 @pytest.mark.slow
 @CUDA
 def test_the_triton_rows_on_the_tiny_checkpoint_agree_with_the_deployed_row() -> None:
