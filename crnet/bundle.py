@@ -8,13 +8,12 @@ the runtimes a `Bundle`.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from crnet.config import MAX_ITERATIONS, ModelConfig
 from crnet.errors import CRNetError
-from crnet.files import holds_only
+from crnet.files import holds_only, parse_json
 
 FORMAT = "crnet-bundle-1"
 MANIFEST = "manifest.json"
@@ -172,7 +171,7 @@ def is_replaceable_bundle(path: Path) -> bool:
     """Whether `export --overwrite` may replace a directory: a bundle (damaged or not) holding nothing but
     its manifest and the files the manifest lists, so that replacing it loses nothing else."""
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
+        manifest = parse_json((Path(path) / MANIFEST).read_text())
         listed = [entry["file"] for entry in file_entries(manifest)]
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return False
@@ -192,8 +191,8 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
             where = f"{path} is not in a crnet bundle: no {MANIFEST} beside it"
         raise BundleError(f"{where} (make one with `crnet export`)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        manifest = parse_json(manifest_path.read_text())
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, not JSON, an integer past 4300 digits
         raise BundleError(f"cannot read {manifest_path}: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
@@ -222,13 +221,14 @@ def _check_manifest(manifest: dict) -> None:
         "feature_size": config.feature_size,
         "channels": config.channels,
     }
-    if stated != derived:
+    # type(...) is int: JSON's 129.0 equals 129 but is no size, and True is no count (as in checkpoints).
+    if stated != derived or not all(type(v) is int for v in stated.values()):
         raise ValueError(f"its sizes {stated} contradict its model config {derived}")
     iterations = manifest["iterations"]
-    if not isinstance(iterations, int) or not 1 <= iterations <= MAX_ITERATIONS:
+    if type(iterations) is not int or not 1 <= iterations <= MAX_ITERATIONS:
         raise ValueError(f"iterations {iterations!r} is not a count from 1 to {MAX_ITERATIONS}")
     batch = manifest["batch"]
-    if not all(isinstance(batch[k], int) for k in ("min", "opt", "max")) or not (
+    if not all(type(batch[k]) is int for k in ("min", "opt", "max")) or not (
         1 <= batch["min"] <= batch["opt"] <= batch["max"]
     ):
         raise ValueError(f"batch range {batch} is not 1 <= min <= opt <= max")

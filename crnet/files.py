@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import shutil
 import signal
@@ -35,6 +36,15 @@ class DiskFullError(OutputError):
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def parse_json(text: str | bytes) -> object:
+    """json.loads, where nesting too deep for the parser (RecursionError) is a ValueError like any other
+    damage: every reader of crnet's JSON files treats ValueError as "damaged" or "not ours"."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
 
 
 def explain(error: OSError, path: str | Path, doing: str = "writing") -> OutputError:

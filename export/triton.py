@@ -113,14 +113,29 @@ def _ensemble_config(max_batch: int, shapes: dict[str, list[int]]) -> str:
     )
 
 
+def repository_layout() -> tuple[set[str], set[str]]:
+    """(files, folders) that _fill writes, relative to the repository: a model's file is model.onnx or
+    model.plan, whichever the bundle had."""
+    models = [f"{PREFIX}{graph}" for graph in [*GRAPH_IO, "episode"]]
+    files = {"README.md", *(f"{model}/config.pbtxt" for model in models)}
+    files |= {f"{PREFIX}{graph}/1/model.{kind}" for graph in GRAPH_IO for kind in ("onnx", "plan")}
+    return files, {*models, *(f"{model}/1" for model in models)}
+
+
 def is_repository(path: Path) -> bool:
-    """Whether a directory is a repository this module wrote: its README's title and crnet_* models only."""
+    """Whether a directory is a repository this module wrote, to which nothing was added (--overwrite
+    replaces it whole): its README's title, and no file or folder but those _fill writes."""
+    files, folders = repository_layout()
     try:
-        title = (path / "README.md").read_text().splitlines()[0]
-        names = {child.name for child in path.iterdir()}
+        if (path / "README.md").read_text().splitlines()[0] != README.splitlines()[0]:
+            return False
+        for child in path.rglob("*"):
+            name = child.relative_to(path).as_posix()
+            if child.is_symlink() or name not in (folders if child.is_dir() else files):
+                return False
     except (OSError, UnicodeDecodeError, IndexError):
         return False
-    return title == README.splitlines()[0] and all(n == "README.md" or n.startswith(PREFIX) for n in names)
+    return True
 
 
 TARGET = {"what": "crnet Triton repository", "ours": is_repository, "option": "--triton"}

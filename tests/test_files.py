@@ -295,3 +295,18 @@ def test_outputs_get_the_mode_the_umask_gives(umask, tmp_path) -> None:
         os.umask(previous)
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_json_nested_past_the_parsers_recursion_is_damaged_json(tmp_path) -> None:
+    """Every reader of crnet's JSON files treats ValueError as damage or "not ours"; json.loads raises
+    RecursionError on deep nesting, which once gave tracebacks (eval --json, the index cache, infer.json)."""
+    from crnet.commands.bench import is_bench_json
+    from crnet.commands.cli import is_eval_json
+    from crnet.files import parse_json
+
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_json(deep)
+    assert parse_json('{"a": [1]}') == {"a": [1]}
+    (tmp_path / "deep.json").write_text(deep)
+    assert not is_bench_json(tmp_path / "deep.json") and not is_eval_json(tmp_path / "deep.json")

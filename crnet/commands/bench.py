@@ -25,7 +25,6 @@ JSON schema: SCHEMA.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import sys
@@ -45,7 +44,7 @@ from crnet.data.pascal import fold_classes
 from crnet.engines import RuntimeSpec, open_runtime
 from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.errors import CRNetError
-from crnet.files import atomic_file
+from crnet.files import atomic_file, parse_json
 from crnet.metrics import Agreement, IoUMeter
 from crnet.model.crnet import upsample
 from crnet.optional import require
@@ -503,7 +502,7 @@ def plot_latency(result: dict, path: Path) -> None:
 def is_bench_json(path: Path) -> bool:
     """Whether `path` holds a JSON this command wrote (any schema version), which a rerun may replace."""
     try:
-        return str(json.loads(path.read_text()).get("schema", "")).startswith("crnet-bench-")
+        return str(parse_json(path.read_text()).get("schema", "")).startswith("crnet-bench-")
     except (OSError, ValueError, AttributeError):
         return False
 

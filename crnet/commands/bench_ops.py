@@ -28,7 +28,7 @@ from crnet.commands.timer import Timer, medians_in_turns
 from crnet.config import MAX_ITERATIONS
 from crnet.engines.cuda_graphs import capture_cuda_graph
 from crnet.errors import CRNetError
-from crnet.files import check_writable_file, write_text
+from crnet.files import check_writable_file, parse_json, write_text
 from crnet.model.refinement import Refinement
 
 CHANNELS, SIDE, DILATIONS = 256, 41, (6, 12, 18)
@@ -38,7 +38,7 @@ SCHEMA = "crnet-bench-ops-1"
 def is_ops_json(path: Path) -> bool:
     """An earlier --json of this module: the only file it replaces."""
     try:
-        document = json.loads(path.read_text())
+        document = parse_json(path.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(document, dict) and (

@@ -20,7 +20,7 @@ import typer
 from crnet.commands.entry import silence_stdout
 from crnet.config import MAX_ITERATIONS
 from crnet.errors import CRNetError, CRNetWarning, interrupted
-from crnet.files import check_not_input, check_writable_file
+from crnet.files import check_not_input, check_writable_file, parse_json
 from crnet.optional import MissingDependencyError
 
 app = typer.Typer(
@@ -132,7 +132,7 @@ def data_root(path: Path | None) -> Path:
 def is_eval_json(path: Path) -> bool:
     """Whether `path` holds results `crnet eval` wrote, which a rerun may replace."""
     try:
-        return {"checkpoint", "data", "results"} <= json.loads(path.read_text()).keys()
+        return {"checkpoint", "data", "results"} <= parse_json(path.read_text()).keys()
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from crnet import checkpoint as checkpoints
+from crnet.bundle import is_replaceable_bundle
 from crnet.commands.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
 from crnet.commands.train import LAST, train
 from crnet.commands.visualize import denormalise, episode_sheet
@@ -18,7 +19,7 @@ from crnet.config import TINY, TrainConfig
 from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import VOCTree
 from crnet.engines import deployed_gpu
-from crnet.files import OutputError, StagedDirectory, holds_only, write_text
+from crnet.files import OutputError, StagedDirectory, holds_only, parse_json, write_text
 from crnet.model.crnet import CRNet, upsample
 
 # The committed checkpoint checkpoints/tiny_fold0.pt is this recipe's result, reproduced by
@@ -70,10 +71,24 @@ def is_demo_output(out: Path) -> bool:
     """An earlier demo's folder: its results.json, or the training run of a demo stopped before it wrote
     results, and nothing but the demo's outputs."""
     try:
-        earlier = {"checkpoint", "results"} <= json.loads((out / RESULTS).read_text()).keys()
+        earlier = {"checkpoint", "results"} <= parse_json((out / RESULTS).read_text()).keys()
     except (OSError, ValueError, TypeError, AttributeError):
         earlier = not os.path.lexists(out / RESULTS) and (out / "train" / LAST).is_file()
-    return earlier and holds_only(out, OUTPUTS)
+    return earlier and holds_only(out, OUTPUTS) and _results_replaceable(out)
+
+
+def _results_replaceable(out: Path) -> bool:
+    """Whether the earlier results that a rerun replaces are as the demo wrote them: files, and a bundle to
+    which nothing was added (holds_only counts a named folder with all it holds)."""
+    for name in RESULT_NAMES:
+        path = out / name
+        if not os.path.lexists(path):
+            continue
+        if path.is_symlink():
+            return False
+        if not (is_replaceable_bundle(path) if name == "bundle" else path.is_file()):
+            return False
+    return True
 
 
 def check_demo_out(out: Path) -> None:

@@ -33,6 +33,7 @@ from crnet.files import (
     atomic_file,
     check_not_input,
     holds_only,
+    parse_json,
     write_text,
 )
 from crnet.model.crnet import SupportPrompt, upsample
@@ -116,7 +117,7 @@ def earlier_output(out: Path) -> list[str] | None:
     """The files of an earlier infer's output, if a folder holds that and nothing else: its infer.json and
     the masks and overlays that infer.json lists; else None."""
     try:
-        summary = json.loads((out / SUMMARY).read_text())
+        summary = parse_json((out / SUMMARY).read_text())
         masks = [record["mask"] for record in summary["queries"]]
         overlays = [overlay_name(mask) for mask in masks]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

@@ -29,7 +29,7 @@ from crnet.config import ModelConfig, TrainConfig
 from crnet.data.episodes import EpisodeDataset, SampleIndex, TrainingEpisodes, collate
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
 from crnet.errors import CRNetError
-from crnet.files import OutputError, explain, write_text
+from crnet.files import OutputError, explain, parse_json, write_text
 from crnet.model.crnet import build_model
 from crnet.model.loss import episode_loss
 
@@ -227,7 +227,7 @@ def _metrics_until(path: Path, step: int) -> str | None:
             line = raw.decode()
             if not line.strip():
                 continue
-            logged = json.loads(line)["step"]
+            logged = parse_json(line)["step"]
             if not isinstance(logged, int | float) or isinstance(logged, bool):
                 raise TypeError
         except (ValueError, KeyError, TypeError):  # ValueError: not UTF-8, not JSON

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from crnet.errors import CRNetError, CRNetWarning, ImageReadError, MaskError, NotAVOCTreeError
-from crnet.files import OutputError, write_text
+from crnet.files import OutputError, parse_json, write_text
 
 NUM_CLASSES = 20
 NUM_FOLDS = 4
@@ -138,7 +138,7 @@ class VOCTree:
         if not os.path.lexists(marker):
             return None
         try:
-            meta = json.loads(marker.read_text())
+            meta = parse_json(marker.read_text())
             names, side = meta["class_names"], int(meta["image_size"])
             if not (
                 isinstance(names, list)
@@ -219,7 +219,7 @@ class VOCTree:
         cache = _index_cache_path(self.root, split)
         if cache.is_file():
             try:
-                stored = json.loads(cache.read_text())
+                stored = parse_json(cache.read_text())
                 if stored.get("stamp") == stamp:
                     pixels = {k: {int(c): n for c, n in v.items()} for k, v in stored["pixels"].items()}
                     if all(type(n) is int for counts in pixels.values() for n in counts.values()):

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from crnet.errors import DataError
-from crnet.files import as_created, ensure_parent, explain
+from crnet.files import as_created, ensure_parent, explain, parse_json
 
 GENERATOR_VERSION = 2
 IGNORE_INDEX = 255
@@ -659,7 +659,7 @@ def generate(
 
 def _read_marker(root: Path) -> dict | None:
     try:
-        return json.loads((root / MARKER).read_text())
+        return parse_json((root / MARKER).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:

@@ -137,12 +137,14 @@ def test_demo_runtimes_on_a_gpu_are_ones_that_run_there(monkeypatch) -> None:
     assert not any(spec.startswith("onnxruntime:") and not spec.endswith("+cuda") for spec in gpu)
 
 
-def test_the_demo_replaces_only_an_earlier_demos_output(tmp_path) -> None:
+def test_the_demo_replaces_only_an_earlier_demos_output(tmp_path, micro_bundle) -> None:
+    import shutil
+
     from crnet.commands.demo import check_demo_out
 
     out = tmp_path / "demo"
-    (out / "bundle").mkdir(parents=True)
-    (out / "bundle" / "manifest.json").write_text("{}")
+    out.mkdir()
+    shutil.copytree(micro_bundle, out / "bundle")
     for name in ("episodes.png", "bench.json", "bench.png"):
         (out / name).write_bytes(b"ours")
     (out / "results.json").write_text(json.dumps({"checkpoint": "c.pt", "results": []}))
@@ -151,6 +153,17 @@ def test_the_demo_replaces_only_an_earlier_demos_output(tmp_path) -> None:
     with pytest.raises(CRNetError, match="holds other files"):
         check_demo_out(out)
     (out / "mine.txt").unlink()
+    # The rerun replaces the bundle whole: a file added to it, or a bundle that is not one, is the user's.
+    (out / "bundle" / "NOTES.txt").write_text("the user's")
+    with pytest.raises(CRNetError, match="holds other files"):
+        check_demo_out(out)
+    (out / "bundle" / "NOTES.txt").unlink()
+    (out / "episodes.png").unlink()
+    (out / "episodes.png").mkdir()  # a folder under a result's name
+    with pytest.raises(CRNetError, match="holds other files"):
+        check_demo_out(out)
+    (out / "episodes.png").rmdir()
+    check_demo_out(out)
     (out / "results.json").write_text(json.dumps({"results": []}))  # a results.json of the user's
     with pytest.raises(CRNetError, match="holds other files"):
         check_demo_out(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crnet.bundle import FORMAT, BatchRange, BundleError, load_bundle
+from crnet.bundle import FORMAT, BatchRange, BundleError, is_replaceable_bundle, load_bundle
 from crnet.errors import CRNetError
 from crnet.export import build
 from crnet.export.build import export_bundle
@@ -57,8 +57,19 @@ def test_a_missing_graph_is_named(copy) -> None:
         (lambda m: m.pop("iterations"), "incomplete or malformed"),
         (lambda m: m["model_config"].update(width="wide", blocks=None), "incomplete or malformed"),
         (lambda m: m["graphs"]["fp32"]["head"].pop("sha256"), "incomplete or malformed"),
+        (lambda m: m.update(input_size=33.0), "incomplete or malformed"),  # equal to 33, but no size
+        (lambda m: m.update(iterations=True), "incomplete or malformed"),
+        (lambda m: m["batch"].update(min=True), "incomplete or malformed"),
     ],
-    ids=["foreign-format", "no-iterations", "bad-model-config", "entry-without-checksum"],
+    ids=[
+        "foreign-format",
+        "no-iterations",
+        "bad-model-config",
+        "entry-without-checksum",
+        "float-size",
+        "flag-iterations",
+        "flag-batch",
+    ],
 )
 def test_a_bad_manifest_is_refused(copy, change, message) -> None:
     edit_manifest(copy, change)
@@ -70,6 +81,13 @@ def test_not_a_bundle(tmp_path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="cannot read"):
         load_bundle(tmp_path)
+    # JSON that Python's reader refuses other than as a decode error: nesting past its recursion limit, an
+    # integer of more digits than it converts.
+    for text in ["[" * 100_000 + "]" * 100_000, '{"opset": 1' + "0" * 5000 + "}"]:
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(BundleError, match="cannot read"):
+            load_bundle(tmp_path)
+        assert not is_replaceable_bundle(tmp_path)
     with pytest.raises(BundleError, match="not a crnet bundle"):
         load_bundle(tmp_path / "..")
     with pytest.raises(BundleError, match="does not exist"):

@@ -113,3 +113,26 @@ def test_ensemble_is_wired(repository) -> None:
 def test_refuses_to_overwrite(repository, micro_bundle) -> None:
     with pytest.raises(CRNetError, match="already exists"):
         write_repository(load_bundle(micro_bundle), repository)
+
+
+@pytest.mark.parametrize(
+    "added",
+    ["crnet_encoder/2/model.onnx", "crnet_head/NOTES.txt", "crnet_mine/notes.txt", "crnet_episode/1/x"],
+)
+def test_overwrite_refuses_a_repository_with_files_added(repository, micro_bundle, tmp_path, added) -> None:
+    """--overwrite replaces a repository written here only as written: a model version, a note or a model
+    folder the user added is not lost (the check once looked at the top-level names alone)."""
+    import shutil
+
+    from crnet.export.triton import is_repository
+
+    copy = tmp_path / "models"
+    shutil.copytree(repository, copy)
+    assert is_repository(copy)
+    write_repository(load_bundle(micro_bundle), copy, overwrite=True)  # as written: replaced
+    (copy / added).parent.mkdir(parents=True, exist_ok=True)
+    (copy / added).write_text("the user's")
+    assert not is_repository(copy)
+    with pytest.raises(CRNetError, match="--overwrite|holds|not"):
+        write_repository(load_bundle(micro_bundle), copy, overwrite=True)
+    assert (copy / added).read_text() == "the user's"
