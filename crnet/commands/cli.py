@@ -622,6 +622,11 @@ def bench_command(
     inputs = [checkpoint, data or DEFAULT_DATA] + ([bundle] if bundle else [])
     # First: "." has no suffix to swap for the chart's name.
     check_writable_file(json_out, inputs, "--json", is_bench_json, "bench JSON")
+    if chart is None and json_out.suffix == ".png":
+        raise CRNetError(
+            f"--json {json_out}: the chart's default name (the JSON's, as .png) is the same; "
+            "give --json a .json name or --chart another"
+        )
     chart = chart or json_out.with_suffix(".png")
     if os.path.realpath(chart) == os.path.realpath(json_out):
         raise CRNetError(f"--chart {chart} is the --json file; give the chart another name")
@@ -645,17 +650,14 @@ def bench_command(
     notice = lambda line: typer.echo(line, err=True)  # noqa: E731
     result = run_bench(specs, settings, _bar(progress), notice=notice, stop_early=True)
     write_json(result, json_out)  # the files first: a reader that quits early (`| head`) costs only the table
-    if result["interrupted"]:  # the table and JSON of the rounds done; no chart, and Ctrl-C's exit code
-        if is_bench_chart(chart):  # an earlier run's chart would not match this JSON
-            chart.unlink(missing_ok=True)
-        typer.echo(format_table(result))
-        raise typer.Exit(130)
-    try:
+    try:  # interrupted too: the chart of the rounds done, as the JSON has them (an earlier one stays else)
         plot_latency(result, chart)
         typer.echo(f"wrote {chart}", err=True)
     except MissingDependencyError as error:  # the chart is optional; the table and JSON are written
         typer.echo(f"no latency chart: {error}", err=True)
     typer.echo(format_table(result))
+    if result["interrupted"]:  # Ctrl-C's exit code, after the rounds done
+        raise typer.Exit(130)
 
 
 def _bar(enabled: bool):

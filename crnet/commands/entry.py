@@ -5,6 +5,7 @@ Without this, a signal in the first seconds (typer, then torch, loading) was a t
 143, and one during the shutdown after a successful run was exit 130 or 143.
 """
 
+import atexit
 import contextlib
 import fcntl
 import os
@@ -47,6 +48,15 @@ def _signalled(number, frame) -> None:
     os._exit(_ENDED_WITH[0])
 
 
+def _ignore_signals_from_now() -> None:
+    """The last exit function (registered first): past it, Python puts back the default handlers of the
+    signals it handles (_PySignal_Fini), and a signal during the rest of the teardown (torch's, ONNX
+    Runtime's) would end a finished command with 143 and no line. Ignored signals stay ignored."""
+    if _ENDED_WITH:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
+
+
 def silence_stdout() -> None:
     """Point stdout at /dev/null: its reader has gone, and Python would complain when flushing at exit."""
     with contextlib.suppress(OSError, ValueError):
@@ -59,6 +69,13 @@ def main() -> None:
     _open_standard_streams()
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, _signalled)
+    atexit.register(_ignore_signals_from_now)
+    try:
+        os.getcwd()
+    except OSError:  # else torch's first import fails with a foreign line (oneMKL cannot load a library)
+        print("error: the current folder no longer exists; change to another and run again", file=sys.stderr)
+        _ENDED_WITH.append(2)
+        sys.exit(2)
     try:
         from crnet.commands.cli import main as run_command
 

@@ -518,9 +518,9 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
         lambda w: [*bench()(w), "--chart", new(w, "bench.json")],
         "is the --json file",
     ),
-    "bench-json-named-like-its-chart": (
+    "bench-json-named-like-its-chart": (  # no --chart: the message names the default, not an option
         lambda w: [*bench()(w), "--json", new(w, "b.png")],
-        "is the --json file",
+        "the chart's default name",
     ),
     "bench-chart-inside-the-data": (
         lambda w: [*bench()(w), "--chart", str(w.voc / "JPEGImages" / "chart.png")],

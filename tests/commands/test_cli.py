@@ -468,3 +468,56 @@ def test_an_interrupt_a_library_wraps_is_still_one_line_and_exit_130(monkeypatch
         cli.main()
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.splitlines() == ["interrupted"]
+
+
+LATE_SIGNAL = """
+import os, signal, sys
+import crnet.commands.cli as cli
+
+class Late:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+def command():
+    sys.modules["__main__"].late = Late()  # torn down with __main__, after Python stopped handling signals
+
+cli.main = command
+from crnet.commands import entry
+entry.main()
+"""
+
+
+def test_a_signal_late_in_the_shutdown_of_a_finished_command_keeps_its_exit_code() -> None:
+    """Past the exit functions Python puts back the default handlers (_PySignal_Fini), and the teardown
+    goes on (torch's, ONNX Runtime's): a SIGTERM there ended a finished command with 143 and no line."""
+    repo = Path(__file__).parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_SIGNAL],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_removed_current_folder_is_one_line(tmp_path) -> None:
+    """From a folder removed under it, torch's import failed with oneMKL's line ("cannot load")."""
+    repo = Path(__file__).parents[2]
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    command = [sys.executable, "-m", "crnet", "eval", "model.pt"]
+    script = f"import os, subprocess, sys; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); "
+    script += f"sys.exit(subprocess.run({command!r}).returncode)"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "error: the current folder no longer exists; change to another and run again"
+    ]
