@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -143,8 +145,16 @@ def compare_replayed(batch: int, iterations: int, replays: int) -> dict:
     return result
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments as crnet's commands say them: one `error:` line, exit 2 (argparse prints its usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=count(1, 1024), default=1)
     parser.add_argument("--iterations", type=count(1, MAX_ITERATIONS), default=5)
     parser.add_argument("--repeats", type=count(1), default=20)
@@ -208,5 +218,14 @@ def main(argv: list[str] | None = None) -> None:
         write_text(args.json, json.dumps(document, indent=2) + "\n")
 
 
+def interrupted(number, frame) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, interrupted)  # as Ctrl-C: one line, exit 130
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

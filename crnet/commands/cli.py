@@ -717,6 +717,16 @@ _python_format_warning = warnings.formatwarning
 def main() -> None:
     """Run one command; `crnet.commands.entry` calls this once SIGTERM is handled as Ctrl-C."""
     warnings.formatwarning = _format_warning
+    for argument in sys.argv[1:]:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:  # bytes Python could not decode: ONNX, ONNX Runtime and messages need text
+            typer.echo(
+                f"error: {ascii(argument)} is not UTF-8 text (a name in another encoding, or a locale that "
+                "is not UTF-8); rename it, or with a non-UTF-8 locale run with PYTHONUTF8=1",
+                err=True,
+            )
+            sys.exit(2)
     try:
         code = app(standalone_mode=False)  # not standalone: click returns an exit code, 130 for Ctrl-C
     except CRNetError as error:

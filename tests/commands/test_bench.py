@@ -348,8 +348,46 @@ def test_bench_ops_refuses_a_foreign_json_before_it_runs(tmp_path, monkeypatch, 
         with pytest.raises(SystemExit) as exit_info:
             bench_ops.main(args)
         assert exit_info.value.code == 2
-        assert "error:" in capsys.readouterr().err
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ")  # not argparse's usage block
     assert photo.read_bytes() == b"\x89PNG the user's"
     earlier = tmp_path / "ops.json"
     earlier.write_text(json.dumps({"schema": bench_ops.SCHEMA, "runs": []}))
     assert bench_ops.is_ops_json(earlier) and not bench_ops.is_ops_json(photo)
+
+
+def test_bench_ops_interrupted_is_one_line() -> None:
+    """Stopped in its timing (Ctrl-C, or SIGTERM as Ctrl-C): one line and exit 130, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from crnet import ops
+
+    if not ops.AVAILABLE:
+        pytest.skip(f"the native op is not built: {ops.MISSING}")
+    repo = Path(__file__).parents[2]
+    # Its modules loaded first (torch takes seconds), then run as `python -m` runs it.
+    script = (
+        "import runpy, sys; import crnet.commands.bench_ops; print('loaded', file=sys.stderr, flush=True); "
+        "sys.argv = ['bench_ops', '--repeats', '100000', '--threads', '1']; import warnings; "
+        "warnings.filterwarnings('ignore', message='.*found in sys.modules');"
+        "runpy.run_module('crnet.commands.bench_ops', run_name='__main__')"
+    )
+    for number in (signal.SIGINT, signal.SIGTERM):
+        process = subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=repo,
+            env={**os.environ, "PYTHONPATH": str(repo)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stderr.readline() == "loaded\n"
+        time.sleep(1)  # in its timed rounds
+        process.send_signal(number)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 130 and stderr.splitlines() == ["interrupted"], stderr

@@ -521,3 +521,19 @@ def test_a_removed_current_folder_is_one_line(tmp_path) -> None:
     assert done.stderr.splitlines() == [
         "error: the current folder no longer exists; change to another and run again"
     ]
+
+
+def test_an_argument_that_is_not_utf8_is_one_line(tmp_path) -> None:
+    """A file name in another encoding reached ONNX's checker, which takes only text: a traceback."""
+    repo = Path(__file__).parents[2]
+    out = os.fsencode(tmp_path) + b"/bundle\xff"
+    done = subprocess.run(
+        [sys.executable, "-m", "crnet", "export", b"model.pt", "--out", out],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=120,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is not UTF-8 text" in lines[0]
+    assert not os.path.lexists(out)
