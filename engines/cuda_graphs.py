@@ -21,6 +21,13 @@ from dataclasses import dataclass
 import torch
 
 Signature = tuple[tuple[tuple[int, ...], torch.dtype, tuple[int, ...]], ...]
+
+
+def signature_of(inputs: tuple[torch.Tensor, ...]) -> Signature:
+    """What a captured graph (or a compiled trace) is specific to: each input's shape, dtype and strides."""
+    return tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
+
+
 # capture(function, static inputs) -> (replay, output): `replay()` recomputes `output` in place from the
 # static inputs' current values.
 Capture = Callable[[Callable[..., torch.Tensor], list[torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
@@ -107,7 +114,7 @@ class CapturedCalls:
         self.graphs.clear()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        signature = tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
+        signature = signature_of(inputs)
         captured = self.graphs.get(signature)
         if captured is None:
             # Buffers on the runtime's device whatever the inputs' device: a replay never reads host memory.

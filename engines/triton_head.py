@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crnet import ops
+from crnet.engines.cuda_graphs import signature_of
 from crnet.model.backbone import Encoder
 from crnet.model.condition import Condition
 from crnet.model.conv_epilogues import ConvReLU, FusedBottleneck, FusedNeck, conv_bias_relu
@@ -79,7 +80,7 @@ class EagerFirst:
         self.seen: set[tuple] = set()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        signature = tuple((tuple(t.shape), t.dtype, t.stride()) for t in inputs)
+        signature = signature_of(inputs)
         if signature not in self.seen:
             self.eager(*inputs)
             self.seen.add(signature)

@@ -622,13 +622,14 @@ def bench_command(
     inputs = [checkpoint, data or DEFAULT_DATA] + ([bundle] if bundle else [])
     # First: "." has no suffix to swap for the chart's name.
     check_writable_file(json_out, inputs, "--json", is_bench_json, "bench JSON")
-    if chart is None and json_out.suffix == ".png":
-        raise CRNetError(
-            f"--json {json_out}: the chart's default name (the JSON's, as .png) is the same; "
-            "give --json a .json name or --chart another"
-        )
+    named = chart is not None
     chart = chart or json_out.with_suffix(".png")
     if os.path.realpath(chart) == os.path.realpath(json_out):
+        if not named:  # no --chart given: say so, not blame an option the user did not write
+            raise CRNetError(
+                f"--json {json_out}: the chart's default name (the JSON's, as .png) is the same; "
+                "give --json a .json name or --chart another"
+            )
         raise CRNetError(f"--chart {chart} is the --json file; give the chart another name")
     check_writable_file(chart, inputs, "--chart", is_bench_chart, "bench chart")
     settings = BenchSettings(

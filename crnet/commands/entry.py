@@ -32,6 +32,7 @@ def _open_standard_streams() -> None:
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
 
 
+HANDLED = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and SIGTERM (`timeout`, a job scheduler) as Ctrl-C
 _ENDED_WITH: list[int] = []  # the exit code, once the command has ended
 
 
@@ -53,7 +54,7 @@ def _ignore_signals_from_now() -> None:
     signals it handles (_PySignal_Fini), and a signal during the rest of the teardown (torch's, ONNX
     Runtime's) would end a finished command with 143 and no line. Ignored signals stay ignored."""
     if _ENDED_WITH:
-        for number in (signal.SIGINT, signal.SIGTERM):
+        for number in HANDLED:
             signal.signal(number, signal.SIG_IGN)
 
 
@@ -67,7 +68,7 @@ def silence_stdout() -> None:
 
 def main() -> None:
     _open_standard_streams()
-    for number in (signal.SIGINT, signal.SIGTERM):
+    for number in HANDLED:
         signal.signal(number, _signalled)
     atexit.register(_ignore_signals_from_now)
     try:
