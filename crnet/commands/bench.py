@@ -337,7 +337,15 @@ def run_bench(
     """Open every runtime, measure accuracy (unless episodes == 0) and latency; the JSON document. With
     `stop_early`, an interrupt during the timed rounds ends them, and the document has the rounds done
     (its `interrupted` is then true): a bench stopped at a deadline still gives its table."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
+    try:
+        return _bench(specs, settings, progress, notice, stop_early)
+    finally:
+        torch.set_num_threads(threads)  # as the caller had it: CPU sums depend on the number of threads
+
+
+def _bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice, stop_early: bool) -> dict:
     bundle = None if settings.bundle is None else load_bundle(settings.bundle)
     if bundle is not None:
         bundle.check_checkpoint(settings.checkpoint)

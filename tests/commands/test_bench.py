@@ -39,14 +39,33 @@ def result(micro_checkpoint, micro_bundle, bench_root):
         eval_batch=4,
     )
     specs = [RuntimeSpec.parse(s) for s in ("onnxruntime:fp32", "onnxruntime:fp16", "tensorrt:fp16")]
-    notices = []
-    result = run_bench(specs, settings, no_bar, notice=notices.append)
-    result["notices"] = notices
+    notices, threads = [], []
+    # The caller's thread count is other than the bench's, and each notice notes what the bench ran with.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = run_bench(
+            specs,
+            settings,
+            no_bar,
+            notice=lambda n: (notices.append(n), threads.append(torch.get_num_threads())),
+        )
+        result["threads_after"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    result["notices"], result["threads_during"] = notices, threads
     return result
 
 
 def rows(result):
     return {row["spec"]: row for row in result["runtimes"]}
+
+
+def test_bench_pins_its_threads_and_gives_the_callers_back(result) -> None:
+    """A bench run inside a longer process (demo, tests) leaves that process's CPU threads as they were: CPU
+    sums depend on their number, so a changed count changes later results."""
+    assert result["threads_during"] and set(result["threads_during"]) == {1}
+    assert result["threads_after"] == 2
 
 
 def test_schema(result) -> None:

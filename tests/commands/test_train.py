@@ -188,8 +188,15 @@ def test_sigkill_between_checkpoints_then_resume_is_bit_exact(bench_root, tmp_pa
         str(every),
         "1",
     ]
-    # The run holds after its first checkpoint, where it is killed (between it and the next).
-    env = {**os.environ, "PYTHONPATH": str(repo), "HOLD_AFTER_FIRST_CHECKPOINT": "1"}
+    # The run holds after its first checkpoint, where it is killed (between it and the next). It uses this
+    # process's CPU threads: oneDNN's sums depend on their number, and a test before this one in the same
+    # worker may have set it (an in-process `crnet bench` did, on the H200, under OMP_NUM_THREADS=1).
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(repo),
+        "HOLD_AFTER_FIRST_CHECKPOINT": "1",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
     process = subprocess.Popen(command, cwd=repo, env=env)
     try:
         while not (run / LAST).exists():
