@@ -21,14 +21,15 @@
 #    inductor's on-disk caches, so that the timed runs below do not spend minutes compiling;
 # 4. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them; a row whose warm-up ran out of time stays out, as it would compile
-#    inside the bench, past its cap); a batch-64 kernel profile of the deployed row and `+triton-head`; if
-#    time is left, every shape the Triton options run, alone, the library's way against our kernel
-#    (benchmarks/triton_shapes.py), a batch-1 profile of every row, and the native op against the compiled
-#    loop under graph replay (bench_ops; its code is unchanged since the second session's figures).
-# The rows (since 2026-11-26, seventh session): the deployed row, the anchor, and the deployed row with the
-# head's convolutions as our Triton kernels (engines/triton_conv.py; each new shape runs once eagerly, where
-# each call site times tiles, splits and cuDNN replayed from a CUDA graph, and the compiled trace then leaves
-# the shapes cuDNN won to inductor; Triton's compiles are cached on disk by the warm-up step).
+#    inside the bench, past its cap); a batch-64 kernel profile of the deployed row and the candidate; if
+#    time is left, which module and op launched each kernel of the deployed row, run eagerly, at batch 64
+#    and 1 (benchmarks/kernel_owners.py), a batch-1 profile of every row, and the native op against the
+#    compiled loop under graph replay (bench_ops).
+# The rows (since 2026-11-27, eighth session): the deployed row, the anchor, and the deployed row with the
+# encoder's neck as two bare convolutions whose sum, bias and ReLU inductor fuses (`+bare-neck`), where the
+# deployed row gives them to cuDNN's add-ReLU epilogue. `+triton-head` made way after the fifth run, where
+# it lost at both batch sizes with each shape's choice made eagerly first (docs/BENCHMARKS.md); so did the
+# Triton shapes' table (benchmarks/triton_shapes.py), for the kernels' owners.
 # `+banded-aspp` (twice as slow at batch 1), `+concurrent-aspp` (9% slower at batch 64) and `+triton-encoder`
 # (0.10 ms more encoder time at batch 1) made way after the third GPU run. The two max-autotune rows (with
 # and without cuDNN's epilogues) made way after the fourth: neither compiled within 180 s at either batch
@@ -37,7 +38,7 @@
 # t=149 s: every test has passed or been mended on the GPU (docs/BENCHMARKS.md), and its GPU-only tests run
 # first; benchmarks/unreached_tests.py runs the rest on the still-warm machine.
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
-# profile.txt, profile.json. The Triton shapes' table goes into run.log.
+# profile.txt (the kernels' owners too), profile.json.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
 # before it costs device time. Seen on the H200: with pytest's workers compiling too, six compiling
 # processes took over 120 s each; with the suite's mostly CPU tests beside them, at most 104 s. Hence the
@@ -71,7 +72,7 @@ WORK=$(mktemp -d)
 # native op (bench_ops measures it against the compiled loop); the rehearsal's CPU refuses cuDNN's epilogues.
 if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
-  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+space-to-depth+compile+torch-loop)
+  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+bare-neck+compile+torch-loop)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
 else
   # The tests that only a GPU exercises first (Triton's kernels, the options, the graphs), so that a suite cut
@@ -84,7 +85,7 @@ else
   # The deployed row on 400 episodes: a check that its FP16 masks still agree (the 1000-episode figures of
   # 2026-11-26 stand); 1000 made this the step that the compiles waited for (t=266 s against the suite's 200).
   TINY=("$DEPLOYED" 400)
-  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+triton-head")
+  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+bare-neck")
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
@@ -197,20 +198,21 @@ for batch in "${BATCHES[@]}"; do
   bench "bench_b$batch" $((batch > 8 ? 170 : 150)) "$batch" "${BENCHED[@]}"
 done
 LARGE=${BATCHES[-1]}
-TRITON_ROW=$(printf '%s\n' "${ROWS[@]}" | grep -m1 -- "triton-head" || echo "${ROWS[-1]}")
+CANDIDATE=${ROWS[-1]}
 
-step "where the GPU time goes at batch $LARGE: the deployed row and $TRITON_ROW"
+step "where the GPU time goes at batch $LARGE: the deployed row and $CANDIDATE"
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 --json "$OUT/profile.json" \
-  "${DEVICE[@]}" "--spec=${ROWS[0]}" "--spec=$TRITON_ROW" >"$OUT/profile.txt" 2>&1
+  "${DEVICE[@]}" "--spec=${ROWS[0]}" "--spec=$CANDIDATE" >"$OUT/profile.txt" 2>&1
 grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12 | tee -a "$LOG"
 
 # What is left of the budget goes to the decisions that matter less.
-step "every shape the Triton options run, alone: the library's way against our kernel, batch 1 and $LARGE"
-SIZE=(--repeats 10) SHAPES_ENV=()  # the rehearsal: small maps, the kernels in Triton's interpreter
-((REHEARSE)) && SIZE=(--size 9 --repeats 1) && SHAPES_ENV=(env TRITON_INTERPRET=1)
-within 75 "${SHAPES_ENV[@]}" python3 benchmarks/triton_shapes.py --batch 1 --batch "$LARGE" "${DEVICE[@]}" \
-  "${SIZE[@]}" >"$WORK/triton_shapes.log" 2>&1
-grep -E "^(\||the Triton)" "$WORK/triton_shapes.log" | tee -a "$LOG"
+step "which module and op launched each kernel of the deployed row (eager), batch $LARGE and 1"
+for batch in "$LARGE" 1; do
+  within 45 python3 benchmarks/kernel_owners.py "$MODEL" --spec "${ROWS[0]}" --batch "$batch" --top 40 \
+    "${DEVICE[@]}" >"$WORK/owners_$batch.log" 2>&1
+  grep -A40 "^==" "$WORK/owners_$batch.log" >>"$OUT/profile.txt"
+  grep -A15 "^==" "$WORK/owners_$batch.log" | tee -a "$LOG"
+done
 step "where the GPU time goes, batch 1"
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" "${ROWS[@]/#/--spec=}" \
   >>"$OUT/profile.txt" 2>&1

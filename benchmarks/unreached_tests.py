@@ -1,6 +1,7 @@
 """Run the tests that a suite run cut off at its deadline did not reach, and again those that failed in it:
 every test pytest collects whose node id has no outcome, or FAILED or ERROR, in that run's verbose log (a
-suite stopped at its deadline prints no failure's traceback). For a GPU machine's second, shorter call after
+suite stopped at its deadline prints no failure's traceback). Verbose itself, so that its own log, cut off
+at a deadline, still names what ended. For a GPU machine's second, shorter call after
 benchmarks/gpu_check.sh, which keeps its log where this looks first.
 
     python benchmarks/unreached_tests.py [LOG] [-- PYTEST ARGS...]
@@ -53,7 +54,7 @@ def main() -> int:
     rest = [node for node in collected() if done.get(node, "FAILED") in ("FAILED", "ERROR")]
     print(f"{len(done)} tests reached in {log}, {len(failed)} of them failed; running those and the", end=" ")
     print(f"{len(rest) - len(failed)} not reached", flush=True)
-    return int(pytest.main(["-p", "no:cacheprovider", "-rfE", *extra, *rest])) if rest else 0
+    return int(pytest.main(["-p", "no:cacheprovider", "-v", "-rfE", *extra, *rest])) if rest else 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `torch:bf16+channels-last`,
 `torch:fp16+cuda-graphs` (each episode shape one captured CUDA graph), `torch:fp16+compile+cuda-graphs`
 (inductor's code, captured), `+cudnn-epilogues` (bias, residual and ReLU inside cuDNN's convolutions),
-`+space-to-depth` (the stem's strided 7x7 convolution as a 4x4 one over 2x2 pixel blocks), `+banded-aspp`
+`+space-to-depth` (the stem's strided 7x7 convolution as a 4x4 one over 2x2 pixel blocks), `+bare-neck`
+(the encoder's neck as two bare convolutions, their sum, bias and ReLU one pass), `+banded-aspp`
 (the dilated ASPP branches without the taps that read only padding), `+concurrent-aspp` (the ASPP's
 branches on CUDA streams of their own, side by side), `+triton-head` (the head's 3x3
 convolutions and the ASPP's branches as Triton kernels of ours, ReLUs and residual adds inside, and each
@@ -52,6 +53,7 @@ OPTIONS = {
         "channels-last",
         "cudnn-epilogues",
         "space-to-depth",
+        "bare-neck",
         "banded-aspp",
         "concurrent-aspp",
         "triton-head",
@@ -136,6 +138,7 @@ def torch_options(spec: RuntimeSpec, fused: bool | None = None) -> dict:
         "anchor": "anchor" in spec.options,
         "cudnn_epilogues": "cudnn-epilogues" in spec.options,
         "space_to_depth": "space-to-depth" in spec.options,
+        "bare_neck": "bare-neck" in spec.options,
         "banded_aspp": "banded-aspp" in spec.options,
         "concurrent_aspp": "concurrent-aspp" in spec.options,
         "triton_head": "triton-head" in spec.options,

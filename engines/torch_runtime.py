@@ -7,8 +7,11 @@ CUDA graph per input shape, replayed from static buffers (engines/cuda_graphs.py
 captures once, every later call is one replay. `+cudnn-epilogues` (CUDA) runs each convolution's bias,
 residual add and ReLU inside cuDNN's convolution kernel (crnet/model/conv_epilogues.py). `+space-to-depth`
 runs the stem's strided 7x7 convolution over 3 colours as a 4x4 one over 2x2 pixel blocks, 16 channels
-(crnet/model/space_to_depth.py). `+banded-aspp` computes the ASPP's dilated branches in blocks of output
-pixels that read the map with the same taps, skipping the taps that read zero padding
+(crnet/model/space_to_depth.py). `+bare-neck` runs the encoder's neck as two bare convolutions, one per
+level, and leaves their sum, bias and ReLU to one pass (inductor's, compiled) where `+cudnn-epilogues`
+gives them to cuDNN's add-ReLU epilogue (crnet/model/conv_epilogues.py). `+banded-aspp` computes the
+ASPP's dilated branches in blocks of output pixels that read the map with the same taps, skipping the taps
+that read zero padding
 (crnet/model/banded_conv.py). `+concurrent-aspp` (CUDA, PyTorch's loop) runs the ASPP's independent
 branches each on a CUDA stream of its own, so that the captured graph may run them side by side
 (crnet/model/concurrent_aspp.py). `+triton-head` (CUDA, PyTorch's loop) runs the head's 3x3 convolutions (the
@@ -43,6 +46,7 @@ from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.engines.cuda_graphs import CapturedCalls, CaptureOnOwnThread
 from crnet.model.banded_conv import band_aspp
 from crnet.model.concurrent_aspp import concurrent_aspp as concurrent_aspp_of
+from crnet.model.conv_epilogues import bare_neck as bare_neck_of
 from crnet.model.conv_epilogues import fuse_conv_epilogues
 from crnet.model.crnet import SupportPrompt
 from crnet.model.fold import fold_batchnorm
@@ -81,6 +85,7 @@ class TorchRuntime(Runtime):
         freeze: bool = False,
         cudnn_epilogues: bool = False,
         space_to_depth: bool = False,
+        bare_neck: bool = False,
         banded_aspp: bool = False,
         concurrent_aspp: bool = False,
         triton_head: bool = False,
@@ -107,10 +112,14 @@ class TorchRuntime(Runtime):
                 "+max-autotune is inductor's choice of GPU kernels: it needs +compile and --device cuda"
                 " (and is not the anchor's)"
             )
-        if (space_to_depth or banded_aspp or concurrent_aspp or triton_head or triton_encoder) and anchor:
+        if (
+            space_to_depth or bare_neck or banded_aspp or concurrent_aspp or triton_head or triton_encoder
+        ) and anchor:
             raise RuntimeUnavailable(
                 "the anchor is plain PyTorch: no rewrite of ours (stem, encoder, ASPP or head)"
             )
+        if bare_neck and triton_encoder:
+            raise RuntimeUnavailable("+triton-encoder runs the neck's own convolutions: not +bare-neck")
         if concurrent_aspp and self.device.type != "cuda":
             raise RuntimeUnavailable("the concurrent ASPP runs on CUDA streams: it needs --device cuda")
         if triton_head:
@@ -138,6 +147,8 @@ class TorchRuntime(Runtime):
             model = space_to_depth_stem(model)
         if cudnn_epilogues:  # bias, residual and ReLU in cuDNN's convolutions (model/conv_epilogues.py)
             model = fuse_conv_epilogues(model)
+        if bare_neck:  # after the epilogues: the fused neck's sum leaves cuDNN (model/conv_epilogues.py)
+            model = bare_neck_of(model)
         if banded_aspp:  # after the epilogues: a branch with its ReLU keeps it in each block
             size = model.config.feature_size
             model = band_aspp(model, (size, size))
@@ -191,6 +202,7 @@ class TorchRuntime(Runtime):
             "channels_last": channels_last,
             "cudnn_epilogues": cudnn_epilogues,
             "space_to_depth": space_to_depth,
+            "bare_neck": bare_neck,
             "banded_aspp": banded_aspp,
             "concurrent_aspp": concurrent_aspp,
             "triton_head": triton_head,

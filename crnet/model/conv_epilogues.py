@@ -166,6 +166,44 @@ class FusedNeck(Neck):
         return self[2](conv.with_weights(layer3, self.layer3_weight, conv.bias, partial))
 
 
+class BareNeck(Neck):
+    """The encoder's neck as two bare convolutions, one per level, and one pass for their sum, the bias and
+    the ReLU: relu(conv(a, W_a) + conv(b, W_b) + bias), the same function as relu(conv(concat(a, b), W) +
+    bias). FusedNeck hands that sum to cuDNN's fused add-ReLU epilogue; this leaves it to the pass, which
+    torch.compile makes one pointwise kernel, so both convolutions may take cuDNN's plain kernels. Which is
+    faster is measured (`+bare-neck`): on the H200 at batch 64 the deployed row's profile has one call of
+    cuDNN's sm80 "indexed" kernel taking 2.54 ms, 10% of the episode; whether that call is the neck's fused
+    one, benchmarks/kernel_owners.py says."""
+
+    @classmethod
+    def of(cls, neck: Neck, layer2_channels: int) -> BareNeck:
+        """The bare twin of a Neck or FusedNeck (same parameters, same state-dict keys)."""
+        conv = neck[0]
+        bare = cls(conv, nn.Identity(), neck[2])
+        weight = conv.weight.detach()  # split once, like the fold: later weight updates do not reach it
+        bare.register_buffer("layer2_weight", weight[:, :layer2_channels].clone(), persistent=False)
+        bare.register_buffer("layer3_weight", weight[:, layer2_channels:].clone(), persistent=False)
+        return bare.train(neck.training)
+
+    def forward(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
+        conv = self[0]
+        geometry = (conv.stride, conv.padding, conv.dilation)
+        total = F.conv2d(layer2, self.layer2_weight, None, *geometry)
+        total = total + F.conv2d(layer3, self.layer3_weight, None, *geometry)
+        if conv.bias is not None:
+            total = total + conv.bias.view(1, -1, 1, 1)
+        return self[2](F.relu(total))
+
+
+def bare_neck(model: nn.Module) -> nn.Module:
+    """Every encoder's neck (plain or fused) as a BareNeck, in place; an inference transform. Returns the
+    model."""
+    for module in list(model.modules()):
+        if isinstance(module, Encoder):
+            module.neck = BareNeck.of(module.neck, module.trunk.out_channels[0])
+    return model
+
+
 class FusedBottleneck(nn.Module):
     """A BatchNorm-folded Bottleneck as three fused convolutions, the last of which adds the shortcut.
 
@@ -205,7 +243,7 @@ def fuse_conv_epilogues(model: nn.Module) -> nn.Module:
             _require_folded([module.bn1])
             if not isinstance(module.conv1, SpaceToDepthConv):  # already aligned: its ReLU stays apart
                 module.conv1, module.relu = PaddedConvReLU.of(module.conv1), nn.Identity()
-        elif isinstance(module, Encoder) and not isinstance(module.neck, FusedNeck):
+        elif isinstance(module, Encoder) and not isinstance(module.neck, (FusedNeck, BareNeck)):
             module.neck = FusedNeck(module.neck, module.trunk.out_channels[0])
         elif isinstance(module, ASPP):
             module.branches = nn.ModuleList(ConvReLU.of(branch) for branch in module.branches)

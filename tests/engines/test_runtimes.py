@@ -219,6 +219,7 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
         "torch:fp16+channels-last+compile+cuda-graphs",
         "torch:fp16+channels-last+cudnn-epilogues+cuda-graphs",
         DEPLOYED_GPU,  # compiled, captured, cuDNN's epilogues, the blocked stem
+        DEPLOYED_GPU + "+bare-neck",  # the neck's sum, bias and ReLU inductor's, not cuDNN's epilogue
         DEPLOYED_GPU + "+concurrent-aspp",  # the ASPP's branches on streams of their own, inside the graph
         DEPLOYED_GPU + "+triton-head",  # the head's 3x3 convolutions as our Triton kernels
         DEPLOYED_GPU + "+triton-head+triton-encoder",  # and the encoder's
