@@ -214,51 +214,41 @@ def candidates(pixels: int, device: torch.device) -> list[ProjectConfig]:
 
 
 @triton.jit
-def _pooling_term_kernel(
-    sums_ptr,
-    wp_ptr,
-    bp_ptr,
-    ws_ptr,
-    bs_ptr,
-    pooled_ptr,
-    out_ptr,
+def _pooling_step_kernel(
+    src_ptr,
+    w_ptr,
+    b_ptr,
+    dst_ptr,
     P,
     C,
-    inv_pixels,
+    scale,
+    FROM_SUMS: tl.constexpr,
     BN: tl.constexpr,
     CB: tl.constexpr,
 ):
-    """Image n (a program each): mean = (sum of the P slots of sums[n]) * inv_pixels; pooled =
-    relu(mean @ wp + bp); out[n] = pooled @ ws + bs, each product CB output channels at a time (the
-    weights as (C in, C out) rows). `pooled` goes through memory between the two, since a product takes
-    the whole vector."""
+    """One of the pooling term's two products, for image n (program axis 0) and output channels
+    [j CB, (j + 1) CB) (axis 1): with FROM_SUMS, pooled = relu(mean @ wp + bp), the mean from the P slots
+    of sums[n] times `scale`; else out = pooled @ ws + bs. The weights as (C in, C out) rows. A program an
+    output block, not an image: with an image's two products as one program's 2 C / CB steps in a row, the
+    term took 27 us a call at batch 1 on the H200 (docs/BENCHMARKS.md), where inductor's took a few."""
     n = tl.program_id(0)
+    cols = tl.program_id(1) * CB + tl.arange(0, CB)
     rc = tl.arange(0, BN)
-    rb = tl.arange(0, CB)
-    c_ok = rc < C
-    total = tl.zeros((BN,), dtype=tl.float32)
-    for slot in range(P):  # in order: the sums do not depend on which tile wrote first
-        total += tl.load(sums_ptr + (n * P + slot) * C + rc, mask=c_ok, other=0.0)
-    mean = total * inv_pixels
-    for block in range(0, C, CB):
-        cols = block + rb
-        w = tl.load(
-            wp_ptr + rc[:, None] * C + cols[None, :], mask=c_ok[:, None] & (cols < C)[None, :], other=0.0
-        )
-        value = tl.sum(w.to(tl.float32) * mean[:, None], axis=0)
-        value += tl.load(bp_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
-        # Rounded as the pooling branch's output would be, then read back whole.
-        tl.store(pooled_ptr + n * C + cols, tl.maximum(value, 0.0).to(wp_ptr.dtype.element_ty), mask=cols < C)
-    tl.debug_barrier()
-    pooled = tl.load(pooled_ptr + n * C + rc, mask=c_ok, other=0.0).to(tl.float32)
-    for block in range(0, C, CB):
-        cols = block + rb
-        w = tl.load(
-            ws_ptr + rc[:, None] * C + cols[None, :], mask=c_ok[:, None] & (cols < C)[None, :], other=0.0
-        )
-        value = tl.sum(w.to(tl.float32) * pooled[:, None], axis=0)
-        value += tl.load(bs_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
-        tl.store(out_ptr + n * C + cols, value.to(out_ptr.dtype.element_ty), mask=cols < C)
+    c_ok, cols_ok = rc < C, cols < C
+    if FROM_SUMS:
+        vector = tl.zeros((BN,), dtype=tl.float32)
+        for slot in range(P):  # in order: the sums do not depend on which tile wrote first
+            vector += tl.load(src_ptr + (n * P + slot) * C + rc, mask=c_ok, other=0.0)
+        vector = vector * scale
+    else:
+        vector = tl.load(src_ptr + n * C + rc, mask=c_ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rc[:, None] * C + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
+    value = tl.sum(w.to(tl.float32) * vector[:, None], axis=0)
+    value += tl.load(b_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)
+    if FROM_SUMS:
+        value = tl.maximum(value, 0.0)
+    # pooled rounded to the weights' dtype, as the pooling branch's output would be
+    tl.store(dst_ptr + n * C + cols, value.to(dst_ptr.dtype.element_ty), mask=cols_ok)
 
 
 @dataclass(frozen=True)
@@ -269,7 +259,7 @@ class PoolingConfig:
     warps: int
 
 
-POOLING_CONFIGS = [PoolingConfig(16, 8), PoolingConfig(32, 8)]  # 64 a step spills registers (ptxas -v)
+POOLING_CONFIGS = [PoolingConfig(16, 4), PoolingConfig(32, 4), PoolingConfig(32, 8)]
 
 
 def pooling_term(
@@ -294,10 +284,16 @@ def pooling_term(
         out = torch.empty((batch, channels, 1, 1), dtype=packed_pool.dtype, device=sums.device)
         pooled = torch.empty((batch, channels), dtype=packed_pool.dtype, device=sums.device)
         if batch:
-            _pooling_term_kernel[(batch,)](
-                sums, packed_pool, pool_bias, packed_share, share_bias, pooled, out,
-                slots, channels, 1.0 / pixels, BN=block_n, CB=min(config.cb, block_n), num_warps=config.warps,
-            )  # fmt: skip
+            step = min(config.cb, block_n)
+            grid = (batch, triton.cdiv(channels, step))
+            for src, weight, bias, dst, from_sums in (
+                (sums, packed_pool, pool_bias, pooled, True),
+                (pooled, packed_share, share_bias, out, False),
+            ):
+                _pooling_step_kernel[grid](
+                    src, weight, bias, dst, slots, channels, 1.0 / pixels,
+                    FROM_SUMS=from_sums, BN=block_n, CB=step, num_warps=config.warps,
+                )  # fmt: skip
         return out
 
     choice = config or _CHOSEN.get(key)

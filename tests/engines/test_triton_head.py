@@ -320,8 +320,9 @@ def test_the_projection_kernel_compiles_for_hopper() -> None:
 
 
 def test_the_pooling_term_kernel_compiles_for_hopper() -> None:
-    """The pooling term's small kernel (a program an image, two 256 x 256 products on CUDA cores) builds to
-    sm_90 machine code within an H100's shared memory, without spilling registers."""
+    """The pooling term's small kernel (a program an image and output block, a 256 x CB slice of a product
+    on CUDA cores), both its steps, builds to sm_90 machine code within an H100's shared memory, without
+    spilling registers."""
     triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
     import inspect
 
@@ -330,22 +331,24 @@ def test_the_pooling_term_kernel_compiles_for_hopper() -> None:
 
     from crnet.engines import triton_project as tp
 
-    pointers = {f"{name}_ptr": "*fp16" for name in ("wp", "bp", "ws", "bs", "pooled", "out")}
-    pointers |= {"sums_ptr": "*fp32", "inv_pixels": "fp32"}
-    params = list(inspect.signature(tp._pooling_term_kernel.fn).parameters)
-    for config in tp.POOLING_CONFIGS:
-        constexprs = {"BN": 256, "CB": config.cb}
-        source = ASTSource(
-            fn=tp._pooling_term_kernel,
-            signature={p: "constexpr" if p in constexprs else pointers.get(p, "i32") for p in params},
-            constexprs={(params.index(k),): v for k, v in constexprs.items()},
-        )
-        options = {"num_warps": config.warps}
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-        assert kernel.metadata.shared <= 227 * 1024
-        report = ptxas_report(triton, kernel.asm["ptx"])
-        if report is not None:
-            assert "0 bytes spill stores" in report, (config, report)
+    params = list(inspect.signature(tp._pooling_step_kernel.fn).parameters)
+    for from_sums in (True, False):
+        pointers = {f"{name}_ptr": "*fp16" for name in ("src", "w", "b", "dst")}
+        pointers |= {"src_ptr": "*fp32"} if from_sums else {}
+        for config in tp.POOLING_CONFIGS:
+            constexprs = {"FROM_SUMS": from_sums, "BN": 256, "CB": config.cb}
+            types = {"scale": "fp32", **pointers}
+            source = ASTSource(
+                fn=tp._pooling_step_kernel,
+                signature={p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params},
+                constexprs={(params.index(k),): v for k, v in constexprs.items()},
+            )
+            options = {"num_warps": config.warps}
+            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+            assert kernel.metadata.shared <= 227 * 1024
+            report = ptxas_report(triton, kernel.asm["ptx"])
+            if report is not None:
+                assert "0 bytes spill stores" in report, (from_sums, config, report)
 
 
 def test_the_checks_use_the_ptxas_that_triton_compiled_with() -> None:
