@@ -25,11 +25,13 @@
 #    time is left, which module and op launched each kernel of the deployed row, run eagerly, at batch 64
 #    and 1 (benchmarks/kernel_owners.py), a batch-1 profile of every row, and the native op against the
 #    compiled loop under graph replay (bench_ops).
-# The rows (since 2026-11-27, eighth session): the deployed row, the anchor, and the deployed row with the
-# encoder's neck as two bare convolutions whose sum, bias and ReLU inductor fuses (`+bare-neck`), where the
-# deployed row gives them to cuDNN's add-ReLU epilogue. `+triton-head` made way after the fifth run, where
-# it lost at both batch sizes with each shape's choice made eagerly first (docs/BENCHMARKS.md); so did the
-# Triton shapes' table (benchmarks/triton_shapes.py), for the kernels' owners.
+# The rows (since 2026-11-27, eighth session): the deployed row, the anchor, and three candidates on the
+# deployed row: the encoder's neck as two bare convolutions whose sum, bias and ReLU inductor fuses
+# (`+bare-neck`), where the deployed row gives them to cuDNN's add-ReLU epilogue; `+triton-head`, whose
+# pooling term is now a program per image and output block (it took 0.137 ms of the row's 1.19 at batch 1
+# in the fifth run); and `+cudnn-benchmark` (cuDNN's timed choice for each convolution, measured only at
+# batch 1 so far, where it lost). The Triton shapes' table (benchmarks/triton_shapes.py) made way for the
+# kernels' owners after the fifth run.
 # `+banded-aspp` (twice as slow at batch 1), `+concurrent-aspp` (9% slower at batch 64) and `+triton-encoder`
 # (0.10 ms more encoder time at batch 1) made way after the third GPU run. The two max-autotune rows (with
 # and without cuDNN's epilogues) made way after the fourth: neither compiled within 180 s at either batch
@@ -85,7 +87,7 @@ else
   # The deployed row on 400 episodes: a check that its FP16 masks still agree (the 1000-episode figures of
   # 2026-11-26 stand); 1000 made this the step that the compiles waited for (t=266 s against the suite's 200).
   TINY=("$DEPLOYED" 400)
-  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+bare-neck")
+  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+bare-neck" "$DEPLOYED+triton-head" "$DEPLOYED+cudnn-benchmark")
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
@@ -198,7 +200,7 @@ for batch in "${BATCHES[@]}"; do
   bench "bench_b$batch" $((batch > 8 ? 170 : 150)) "$batch" "${BENCHED[@]}"
 done
 LARGE=${BATCHES[-1]}
-CANDIDATE=${ROWS[-1]}
+CANDIDATE=${ROWS[2]:-${ROWS[-1]}}
 
 step "where the GPU time goes at batch $LARGE: the deployed row and $CANDIDATE"
 within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 --json "$OUT/profile.json" \
@@ -213,9 +215,10 @@ for batch in "$LARGE" 1; do
   grep -A40 "^==" "$WORK/owners_$batch.log" >>"$OUT/profile.txt"
   grep -A15 "^==" "$WORK/owners_$batch.log" | tee -a "$LOG"
 done
-step "where the GPU time goes, batch 1"
-within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" "${ROWS[@]/#/--spec=}" \
-  >>"$OUT/profile.txt" 2>&1
+step "where the GPU time goes, batch 1: the deployed row and the Triton one (about 20 s a row)"
+mapfile -t PROFILED < <(printf '%s\n' "${ROWS[@]}" | grep -- "+triton-head")
+within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch 1 "${DEVICE[@]}" "--spec=${ROWS[0]}" \
+  "${PROFILED[@]/#/--spec=}" >>"$OUT/profile.txt" 2>&1
 grep -E "^(==|episode|query)" "$OUT/profile.txt" | grep "batch 1$" -A2 | tee -a "$LOG"
 step "native op against the compiled PyTorch loop, GPU time under graph replay"
 ((NO_OP)) || within 70 python3 -m crnet.commands.bench_ops --repeats 5 --warmup 1 >"$OUT/ops.log" 2>&1
