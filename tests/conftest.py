@@ -1,6 +1,14 @@
+import signal
+
 import pytest
 
 from crnet.data import synthetic
+
+# The suite checks what Ctrl-C does. A shell without job control starts a command run in the background
+# (`cmd &`) with SIGINT ignored, and Python keeps it ignored: no KeyboardInterrupt, here or in the processes
+# the tests start. Ctrl-C as a terminal delivers it, then; the processes started inherit it as the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
