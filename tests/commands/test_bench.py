@@ -405,8 +405,12 @@ def test_bench_ops_interrupted_is_one_line() -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert process.stderr.readline() == "loaded\n"
-        time.sleep(1)  # in its timed rounds
-        process.send_signal(number)
-        _, stderr = process.communicate(timeout=120)
+        try:
+            assert process.stderr.readline() == "loaded\n"
+            time.sleep(1)  # in its timed rounds
+            process.send_signal(number)
+            _, stderr = process.communicate(timeout=120)
+        finally:  # a run that ignored the signal would go on for hours, a core to itself, after the suite
+            process.kill()
+            process.wait()
         assert process.returncode == 130 and stderr.splitlines() == ["interrupted"], stderr
