@@ -57,8 +57,8 @@ def launches(prof, device: str):
     launched it; on a CPU (a check of the script) each op's own time, as its own launch."""
     for event in prof.events():
         if device != "cpu":
-            for kernel in event.kernels:
-                yield event.cpu_parent, kernel.name, kernel.duration
+            for kernel in event.kernels:  # on the runtime call that launched it (or on its op)
+                yield event, kernel.name, kernel.duration
         elif "::" in event.name and event.self_cpu_time_total > 0:
             yield event, event.name, event.self_cpu_time_total
 
@@ -113,6 +113,8 @@ def report(result: dict, top: int) -> str:
         f"== {result['spec']}, batch {result['batch']}, eager: "
         f"{result['kernel_ms_per_episode']:.3f} ms in kernels per episode"
     ]
+    if not result["kernels"]:
+        lines.append("no kernel was linked to the call that launched it (the profiler's correlation ids)")
     for row in result["kernels"][:top]:
         lines.append(
             f"{row['ms']:8.3f} ms x{row['calls']:<3.0f} {row['module'][:40]:40} {row['op'][:32]:32} "
