@@ -71,7 +71,8 @@ def _counts(value: tuple) -> bool:
 # would otherwise load and fail deep inside a command (input_size 0: images resized to nothing).
 MODEL_RULES = (
     ("name", lambda v: isinstance(v, str), "a string"),
-    ("input_size", lambda v: _count(v) and v >= 1, "a positive integer"),
+    # at most 4096: a typo's 100000 made infer build 24 GB of input before the kernel killed it
+    ("input_size", lambda v: _count(v) and 1 <= v <= 4096, "an integer from 1 to 4096"),
     ("width", lambda v: _count(v) and v >= 1, "a positive integer"),
     ("channels", lambda v: _count(v) and v >= 1, "a positive integer"),
     ("blocks", _counts, "3 positive integers"),

@@ -107,7 +107,11 @@ DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
 FoldOption = Annotated[int, typer.Option(min=0, max=3, help="PASCAL-5i fold: its 5 novel classes are tested")]
 ShotsOption = Annotated[int, typer.Option(min=1, max=100, help="labelled support images per episode")]
-SeedOption = Annotated[int, typer.Option(min=0, help="random seed")]
+SeedOption = Annotated[int, typer.Option(min=0, max=2**64 - 1, help="random seed")]  # torch's seeds: 64 bits
+# Bounds on sizes that only a typo reaches: past them a command would build lists and batches for minutes and
+# die of memory, instead of saying so.
+MAX_BATCH = 4096
+MAX_EPISODES = 1_000_000
 CheckpointArgument = Annotated[Path, typer.Argument(help="model checkpoint (model.pt or last.pt)")]
 MinObjectOption = Annotated[
     int | None,
@@ -168,7 +172,9 @@ def train(
     data: DataOption = None,
     fold: FoldOption = 0,
     steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 2000,
-    batch_size: Annotated[int, typer.Option(min=1, help="episodes per step (per process under DDP)")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=MAX_BATCH, help="episodes per step (per process under DDP)")
+    ] = 8,
     optimizer: Annotated[Literal["sgd", "adamw"], typer.Option(help="optimiser")] = "sgd",
     lr: Annotated[
         float,
@@ -260,7 +266,7 @@ def evaluate_command(
     strategy: Annotated[
         Literal["average", "finetune"], typer.Option(help="k-shot strategy (with --shots >= 2)")
     ] = "average",
-    episodes: Annotated[int, typer.Option(min=1, help="fixed test episodes")] = 1000,
+    episodes: Annotated[int, typer.Option(min=1, max=MAX_EPISODES, help="fixed test episodes")] = 1000,
     seed: SeedOption = 0,
     iterations: Annotated[
         int | None,
@@ -270,7 +276,7 @@ def evaluate_command(
             help=f"refinement iterations T, <= {MAX_ITERATIONS} (default: the model's)",
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="episodes per forward pass")] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="episodes per forward pass")] = 16,
     finetune_steps: Annotated[int, typer.Option(min=1, help="finetune strategy: steps per episode")] = 10,
     finetune_lr: Annotated[
         float,
@@ -384,7 +390,7 @@ def demo(
         "runs/demo"
     ),
     data: DataOption = None,
-    episodes: Annotated[int, typer.Option(min=1, help="fixed test episodes")] = 1000,
+    episodes: Annotated[int, typer.Option(min=1, max=MAX_EPISODES, help="fixed test episodes")] = 1000,
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
@@ -534,7 +540,7 @@ def infer_command(
             "and device allow)",
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="queries per forward pass")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="queries per forward pass")] = 8,
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
@@ -579,9 +585,11 @@ def bench_command(
     data: DataOption = None,
     fold: FoldOption = 0,
     shots: ShotsOption = 1,
-    episodes: Annotated[int, typer.Option(min=0, help="accuracy episodes (0: latency only)")] = 1000,
+    episodes: Annotated[
+        int, typer.Option(min=0, max=MAX_EPISODES, help="accuracy episodes (0: latency only)")
+    ] = 1000,
     min_object_pixels: MinObjectOption = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="episodes per timed call")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="episodes per timed call")] = 1,
     warmup: Annotated[int, typer.Option(min=0, help="untimed rounds first")] = 5,
     repeats: Annotated[int, typer.Option(min=1, help="timed rounds")] = 30,
     threads: Annotated[int, typer.Option(min=1, max=1024, help="CPU threads, pinned for every runtime")] = 2,
@@ -705,6 +713,21 @@ def one_line(error: Exception) -> str:
     return " ".join(lines)
 
 
+def _compile_failure(error: Exception) -> str | None:
+    """The line for torch.compile failing under a compiled runtime (inductor's BackendCompilerFailed), else
+    None. Seen: a file of inductor's on-disk cache left empty ("file too short") failed every later compile
+    that reads it."""
+    if not type(error).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    cause = getattr(error, "inner_exception", error)
+    message = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+    return (
+        f"torch.compile failed ({message}); if it names a file of inductor's cache "
+        "(TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_<user>), remove that file and run again, or "
+        "use a spec that does not compile"
+    )
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """crnet's own warnings as one line; others keep Python's format (they point at a bug elsewhere)."""
     if issubclass(category, CRNetWarning):
@@ -748,6 +771,9 @@ def main() -> None:
         if interrupted(error):  # SIGTERM to the process group also stops the data loader's workers
             typer.echo("interrupted", err=True)
             sys.exit(130)
+        if _compile_failure(error):
+            typer.echo(f"error: {_compile_failure(error)}", err=True)
+            sys.exit(2)
         # Usage errors (unknown option, missing argument, bad value) come from typer's bundled click, whose
         # exception classes are not public: recognise them by their interface.
         if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):

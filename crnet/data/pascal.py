@@ -28,6 +28,7 @@ INDEX_VERSION = 2  # 2: labels with values outside 0..20, 255 are refused while 
 # on training and test lists): a class counts in an image from 2048 pixels at the original resolution.
 MIN_OBJECT_PIXELS = 2 * 32 * 32
 VOC_IMAGE_AREA = 500 * 375  # a typical PASCAL VOC image; the rule is 1.09 % of it
+MIN_SIDE, MAX_SIDE = 32, 2048  # the built-in benchmark's image sides, as `crnet synth --image-size` allows
 # fmt: off
 VOC_CLASS_NAMES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -140,13 +141,15 @@ class VOCTree:
         try:
             meta = parse_json(marker.read_text())
             names, side = meta["class_names"], int(meta["image_size"])
+            if not MIN_SIDE <= side <= MAX_SIDE:
+                raise ValueError(f"image_size {side} is not from {MIN_SIDE} to {MAX_SIDE}")
             if not (
                 isinstance(names, list)
                 and len(names) == NUM_CLASSES
                 and all(isinstance(n, str) for n in names)
             ):
                 raise ValueError(f"class_names is not a list of {NUM_CLASSES} names")
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as error:  # Overflow: Infinity
             raise NotAVOCTreeError(
                 f"{marker} is damaged ({error}); write the benchmark again (crnet synth) or remove the file"
             ) from None

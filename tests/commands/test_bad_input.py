@@ -61,6 +61,8 @@ class World:
     users_infer_json: Path  # a user's folder with a file of their own called infer.json
     users_results_json: Path  # a user's folder with a results.json that has a "results" key
     voc_damaged_marker: Path  # the fake VOC tree with an unreadable synthetic.json
+    voc_infinite_side: Path  # ... with a synthetic.json whose image_size is Infinity
+    voc_huge_side: Path  # ... whose image_size is 100000
     broken_link: Path  # a symbolic link to nothing
     link_to_folder: Path  # a symbolic link to an empty folder
     read_only: Path | None  # a read-only place, where one can be made
@@ -76,6 +78,15 @@ def _rewrite(bundle: Path, change: Callable[[dict], None]) -> None:
         for entry in per_precision.values():
             entry["sha256"] = sha256(bundle / entry["file"])
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def benchmark_of_side(voc: Path, root: Path, side: str) -> Path:
+    """A copy of the fake VOC tree marked as a built-in benchmark of 20 classes, its image side `side` as
+    written in the JSON (Infinity: Python's reader takes it)."""
+    root = Path(shutil.copytree(voc, root))
+    names = json.dumps([f"class {i}" for i in range(1, 21)])
+    (root / "synthetic.json").write_text(f'{{"class_names": {names}, "image_size": {side}}}')
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +189,8 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
         users_infer_json=users_infer,
         users_results_json=users_results,
         voc_damaged_marker=damaged_marker,
+        voc_infinite_side=benchmark_of_side(voc, root / "voc_infinite_side", "Infinity"),
+        voc_huge_side=benchmark_of_side(voc, root / "voc_huge_side", "100000"),
         broken_link=root / "broken_link",
         link_to_folder=root / "link_to_folder",
         read_only=read_only_place(root / "read-only"),
@@ -305,6 +318,8 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     # train
     "train-zero-steps": (train("--steps", "0"), "'--steps'"),
     "train-zero-batch": (train("--batch-size", "0"), "'--batch-size'"),
+    "train-huge-batch": (train("--batch-size", "100000000000"), "'--batch-size'"),  # was a MemoryError
+    "train-seed-past-64-bits": (train("--seed", str(2**64)), "'--seed'"),  # torch's seeds are 64-bit
     "train-negative-lr": (train("--lr", "-1"), "'--lr': must be > 0"),
     "train-zero-lr": (train("--lr", "0"), "'--lr': must be > 0"),
     "train-infinite-lr": (train("--lr", "inf"), "'--lr': must be > 0 and at most 10"),
@@ -362,6 +377,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     ),
     "eval-zero-shots": (evaluate("--shots", "0"), "'--shots'"),
     "eval-zero-episodes": (evaluate("--episodes", "0"), "'--episodes'"),
+    "eval-huge-episodes": (evaluate("--episodes", "1000000000000"), "'--episodes'"),  # built a list for hours
     "eval-unknown-strategy": (evaluate("--strategy", "vote"), "'--strategy'"),
     "eval-fold-out-of-range": (evaluate("--fold", "7"), "'--fold'"),
     "eval-finetune-one-shot": (evaluate("--strategy", "finetune"), "needs --shots 2 or more"),
@@ -383,6 +399,14 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "eval-damaged-benchmark-marker": (  # without --min-object-pixels: the tree's own rule is read
         lambda w: ["eval", str(w.checkpoint), "--data", str(w.voc_damaged_marker), "--episodes", "2"],
         "synthetic.json is damaged",
+    ),
+    "eval-benchmark-of-infinite-side": (  # was an OverflowError
+        lambda w: ["eval", str(w.checkpoint), "--data", str(w.voc_infinite_side), "--episodes", "2"],
+        "synthetic.json is damaged (cannot convert float infinity to integer)",
+    ),
+    "eval-benchmark-of-huge-side": (
+        lambda w: ["eval", str(w.checkpoint), "--data", str(w.voc_huge_side), "--episodes", "2"],
+        "image_size 100000 is not from 32 to 2048",
     ),
     # export
     "export-zero-iterations": (export("--iterations", "0"), "'--iterations'"),

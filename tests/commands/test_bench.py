@@ -156,6 +156,17 @@ def test_anchor_row_gives_every_row_its_ratio(micro_checkpoint, bench_root) -> N
     assert "latency vs anchor" in format_table(result).splitlines()[2]
 
 
+def test_a_runtime_named_twice_in_another_order_runs_once(micro_checkpoint, bench_root) -> None:
+    """`torch+torch-loop+channels-last` is `torch+channels-last+torch-loop`: one row, not two of one label."""
+    settings = BenchSettings(
+        checkpoint=micro_checkpoint, bundle=None, data_root=bench_root, episodes=0, warmup=0, repeats=1
+    )
+    names = ("torch+channels-last+torch-loop", "torch+torch-loop+channels-last")
+    result = run_bench([RuntimeSpec.parse(name) for name in names], settings, no_bar)
+    benched = [row["spec"] for row in result["runtimes"]]
+    assert benched == ["torch:fp32", "torch:fp32+channels-last+torch-loop"]
+
+
 def test_percentiles() -> None:
     figures = percentile_summary([i / 1000 for i in range(1, 101)])  # 1..100 ms
     assert figures["median"] == pytest.approx(50.5)

@@ -537,3 +537,23 @@ def test_an_argument_that_is_not_utf8_is_one_line(tmp_path) -> None:
     lines = done.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "is not UTF-8 text" in lines[0]
     assert not os.path.lexists(out)
+
+
+def test_a_failed_compile_is_one_line(monkeypatch, capsys) -> None:
+    """torch.compile failing in a compiled runtime (seen: an empty file in inductor's on-disk cache, "file
+    too short") was a 106-line traceback."""
+    from torch._inductor.exc import InductorError
+
+    from crnet.commands import cli
+
+    def failing(**kwargs):
+        raise InductorError(ImportError("/tmp/torchinductor_root/dx/c.main.so: file too short"), None)
+
+    monkeypatch.setattr(cli, "app", failing)
+    monkeypatch.setattr(sys, "argv", ["crnet", "infer"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: torch.compile failed (ImportError: ")
+    assert "file too short" in lines[0] and "TORCHINDUCTOR_CACHE_DIR" in lines[0]

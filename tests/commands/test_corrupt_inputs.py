@@ -176,12 +176,14 @@ EDITS = {
         "model_config",
         "input_size",
         0,
-        "input_size must be a positive integer, got 0",
+        "input_size must be an integer from 1 to 4096, got 0",
     ),
+    # a typo's size: infer built 24 GB of input before the kernel killed it
+    "input-size-huge": ("eval", "model_config", "input_size", 100000, "from 1 to 4096, got 100000"),
     "iterations-zero": ("eval", "model_config", "iterations", 0, "model_config.iterations"),
-    "export-input-size-zero": ("export", "model_config", "input_size", 0, "input_size must be a positive"),
+    "export-input-size-zero": ("export", "model_config", "input_size", 0, "input_size must be an integer"),
     # a checkpoint under another name is recognised by loading it: its own error, not "neither ... nor"
-    "infer-pth-input-size-zero": ("infer", "model_config", "input_size", 0, "input_size must be a positive"),
+    "infer-pth-input-size-zero": ("infer", "model_config", "input_size", 0, "input_size must be an integer"),
 }
 
 
