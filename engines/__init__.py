@@ -80,11 +80,23 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RuntimeSpec:
+    """A runtime and its options; the same options in another order are the same runtime (equal, one hash),
+    while str() keeps the order they were written in."""
+
     name: str
     precision: str = "fp32"
     options: tuple[str, ...] = ()
+
+    def _identity(self) -> tuple:
+        return self.name, self.precision, frozenset(self.options)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RuntimeSpec) and self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
 
     @classmethod
     def parse(cls, text: str, defaults: dict[str, str] | None = None) -> RuntimeSpec:

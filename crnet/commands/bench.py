@@ -123,13 +123,7 @@ def open_all(
     opened, unavailable = [], {}
     # The torch runtimes run the T the bundle was exported with, so that agreement compares like with like.
     iterations = None if bundle is None else bundle.iterations
-    # The reference first, and each runtime once: the same options in another order are the same runtime.
-    seen, unique = set(), []
-    for spec in [REFERENCE, *specs]:
-        if (key := (spec.name, spec.precision, frozenset(spec.options))) not in seen:
-            seen.add(key)
-            unique.append(spec)
-    for spec in unique:
+    for spec in dict.fromkeys([REFERENCE, *specs]):  # reference first, each runtime once (in any order)
         try:
             opened.append(
                 (

@@ -771,8 +771,8 @@ def main() -> None:
         if interrupted(error):  # SIGTERM to the process group also stops the data loader's workers
             typer.echo("interrupted", err=True)
             sys.exit(130)
-        if _compile_failure(error):
-            typer.echo(f"error: {_compile_failure(error)}", err=True)
+        if failure := _compile_failure(error):
+            typer.echo(f"error: {failure}", err=True)
             sys.exit(2)
         # Usage errors (unknown option, missing argument, bad value) come from typer's bundled click, whose
         # exception classes are not public: recognise them by their interface.

@@ -148,6 +148,14 @@ class PaddedConvReLU(ConvReLU):
         return self.with_weights(padded, self.padded_weight, self.bias, residual)
 
 
+def _split_weight(neck: Neck, conv: nn.Conv2d, layer2_channels: int) -> None:
+    """The neck convolution's weight as its layer2 and layer3 halves, buffers of `neck`: conv(concat(a, b),
+    W) = conv(a, W_a) + conv(b, W_b). Split once, like the fold: later weight updates do not reach them."""
+    weight = conv.weight.detach()
+    neck.register_buffer("layer2_weight", weight[:, :layer2_channels].clone(), persistent=False)
+    neck.register_buffer("layer3_weight", weight[:, layer2_channels:].clone(), persistent=False)
+
+
 class FusedNeck(Neck):
     """The encoder's neck without its concatenation: conv(concat(a, b), W) = conv(a, W_a) + conv(b, W_b), so
     the layer2 half is a bare convolution whose output joins the layer3 half's fused epilogue as its
@@ -156,9 +164,7 @@ class FusedNeck(Neck):
     def __init__(self, neck: Neck, layer2_channels: int):
         conv = neck[0]
         super().__init__(ConvReLU.of(conv), nn.Identity(), neck[2])  # the same state-dict keys
-        weight = conv.weight.detach()  # split once, like the fold: later weight updates do not reach it
-        self.register_buffer("layer2_weight", weight[:, :layer2_channels].clone(), persistent=False)
-        self.register_buffer("layer3_weight", weight[:, layer2_channels:].clone(), persistent=False)
+        _split_weight(self, conv, layer2_channels)
 
     def forward(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
         conv = self[0]
@@ -180,9 +186,7 @@ class BareNeck(Neck):
         """The bare twin of a Neck or FusedNeck (same parameters, same state-dict keys)."""
         conv = neck[0]
         bare = cls(conv, nn.Identity(), neck[2])
-        weight = conv.weight.detach()  # split once, like the fold: later weight updates do not reach it
-        bare.register_buffer("layer2_weight", weight[:, :layer2_channels].clone(), persistent=False)
-        bare.register_buffer("layer3_weight", weight[:, layer2_channels:].clone(), persistent=False)
+        _split_weight(bare, conv, layer2_channels)
         return bare.train(neck.training)
 
     def forward(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
