@@ -231,10 +231,11 @@ def ptxas_report(triton, ptx: str) -> str | None:
     ptxas = Path(os.environ.get("TRITON_PTXAS_PATH") or bundled)
     if not ptxas.exists():
         return None
-    source_file = Path(tempfile.mkdtemp()) / "kernel.ptx"
-    source_file.write_text(ptx)
-    command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source_file), "-o", os.devnull]
-    return subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    with tempfile.TemporaryDirectory() as folder:
+        source_file = Path(folder) / "kernel.ptx"
+        source_file.write_text(ptx)
+        command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source_file), "-o", os.devnull]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stderr
 
 
 def test_every_candidate_compiles_for_hopper() -> None:
