@@ -19,6 +19,8 @@ def resolve_device(name: str | None) -> torch.device:
         raise CRNetError(f"--device {name} asked for CUDA, but this machine has no usable CUDA GPU")
     if device.type not in ("cpu", "cuda"):
         raise CRNetError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    if device.type == "cpu" and device.index:  # torch takes cpu:7 as the CPU; it pins nothing to core 7
+        raise CRNetError(f"--device {name}: the CPU is one device here; use cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise CRNetError(
             f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), from cuda:0"

@@ -118,6 +118,10 @@ class RuntimeSpec:
         if unknown:
             allowed = ", ".join(OPTIONS[name]) or "none"
             raise RuntimeUnavailable(f"{name} has no option {unknown[0]!r} (options: {allowed})")
+        if {"cuda", "tensorrt"} <= set(options):  # one session, one provider chain
+            raise RuntimeUnavailable(
+                f"{text!r}: give one execution provider, +cuda or +tensorrt (TensorRT's falls back to CUDA's)"
+            )
         if "anchor" in options and len(options) > 1:
             raise RuntimeUnavailable(f"{text!r}: the anchor is plain torch.compile and takes no other option")
         return cls(name, precision, tuple(options))

@@ -100,6 +100,9 @@ def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(CRNetError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
+    assert resolve_device("cpu:0") == torch.device("cpu:0")
+    with pytest.raises(CRNetError, match="the CPU is one device"):
+        resolve_device("cpu:7")
 
 
 def test_a_cuda_index_past_the_gpus_is_a_user_error(monkeypatch) -> None:

@@ -158,6 +158,7 @@ CASES = {
     "eval-device-cuda-1": (ev(valid, "--device", "cuda:1"), "no usable CUDA GPU", (NO_CUDA,)),
     "eval-device-unknown": (ev(valid, "--device", "gpu0"), "unknown device", ()),
     "eval-device-unsupported": (ev(valid, "--device", "meta"), "unsupported device", ()),
+    "eval-device-cpu-index": (ev(valid, "--device", "cpu:7"), "the CPU is one device here", ()),
     "train-data-not-voc": (
         lambda f: [*tr(lambda f: f.root / "new_run")(f), "--data", str(f.not_voc)],
         "is not a VOC tree",

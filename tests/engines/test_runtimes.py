@@ -98,6 +98,7 @@ def test_zero_shots_is_refused(runtime) -> None:
         ("tensorrt:fp16+compile", "has no option 'compile'"),
         ("torch:fp16+anchor+channels-last", "anchor is plain torch.compile and takes no other option"),
         ("onnxruntime:", "no precision after it"),
+        ("onnxruntime:fp16+tensorrt+cuda", "give one execution provider"),
     ],
 )
 def test_bad_specs(text, message) -> None:
