@@ -248,9 +248,12 @@ def check_output_dir(
     overwrite: bool = False,
     inputs: Sequence[str | Path] = (),
     option: str = "--out",
+    replaces_own: bool = False,
 ) -> bool:
     """Whether `out` holds an earlier output to replace (False: absent or empty). OutputError when it must
-    not be touched: a file, a foreign or non-empty directory without overwrite, or one holding an input."""
+    not be touched: a file, a foreign or non-empty directory without overwrite, or one holding an input.
+    `replaces_own`: the command replaces an earlier output of its own without being asked (infer, demo),
+    and has no --overwrite to mention."""
     check_not_input(out, inputs, option)
     if not os.path.lexists(out):
         return False
@@ -262,7 +265,11 @@ def check_output_dir(
         raise OutputError(f"{option} {out} is a file, not a {what} directory; choose another path")
     if not any(out.iterdir()):
         return False
-    if not overwrite:
+    if replaces_own and not ours(out):
+        raise OutputError(
+            f"{option} {out} holds other files than an earlier {what}; choose a new or empty folder"
+        )
+    if not (overwrite or replaces_own):
         raise OutputError(f"{out} already exists; pass --overwrite to replace it")
     if not ours(out):
         raise OutputError(
@@ -304,8 +311,9 @@ class StagedDirectory:
     """A directory output built in a temporary sibling and committed by rename.
 
     `ours(path)` says whether an existing directory is a previous output of the same kind (a bundle with
-    its manifest, say): only such a directory is replaced, and only with overwrite. An empty directory
-    counts as absent. `inputs` are paths the command reads: an output that is or holds one is refused.
+    its manifest, say): only such a directory is replaced, and only with overwrite (or, with
+    `replaces_own`, always: check_output_dir). An empty directory counts as absent. `inputs` are paths the
+    command reads: an output that is or holds one is refused.
     """
 
     def __init__(
@@ -317,9 +325,10 @@ class StagedDirectory:
         overwrite: bool = False,
         inputs: Sequence[str | Path] = (),
         option: str = "--out",
+        replaces_own: bool = False,
     ):
         self.out, self.what, self.ours, self.overwrite, self.option = Path(out), what, ours, overwrite, option
-        self.inputs = inputs
+        self.inputs, self.replaces_own = inputs, replaces_own
         self._check_target()
         self.created = [folder for folder in reversed(self.out.parents) if not folder.exists()]
         ensure_parent(self.out)
@@ -338,6 +347,7 @@ class StagedDirectory:
             overwrite=self.overwrite,
             inputs=self.inputs,
             option=self.option,
+            replaces_own=self.replaces_own,
         )
 
     def commit(self) -> Path:

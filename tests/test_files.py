@@ -129,6 +129,22 @@ def test_overwrite_replaces_ours(tmp_path) -> None:
     assert tree(tmp_path) == {"out": None, "out/ours": b"new"}
 
 
+def test_a_command_that_replaces_its_own_output_unasked_still_keeps_the_users(tmp_path) -> None:
+    """infer and demo rerun into their earlier output without --overwrite; a folder of anything else stays,
+    and the refusal does not point to an --overwrite they do not have."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/ours").write_text("old")
+    staged(tmp_path / "out", replaces_own=True).commit()
+    assert tree(tmp_path) == {"out": None, "out/ours": b"new"}
+    (tmp_path / "out/ours").unlink()
+    (tmp_path / "out/thesis.tex").write_text("years of work")
+    before = tree(tmp_path)
+    with pytest.raises(OutputError, match="holds other files than an earlier test output") as refused:
+        staged(tmp_path / "out", replaces_own=True)
+    assert "--overwrite" not in str(refused.value)
+    assert tree(tmp_path) == before
+
+
 def test_commit_into_replaces_the_named_entries_together_and_keeps_the_rest(tmp_path) -> None:
     (tmp_path / "out/train").mkdir(parents=True)
     (tmp_path / "out/train/last.pt").write_text("a training run")

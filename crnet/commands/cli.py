@@ -413,8 +413,7 @@ def demo(
         raise CRNetError(
             f"checkpoint not found: {checkpoint} (omit --checkpoint to use or train the default)"
         )
-    check_demo_out(out)
-    check_not_input(out, [data or DEFAULT_DATA] + ([checkpoint] if checkpoint else []))
+    check_demo_out(out, [data or DEFAULT_DATA] + ([checkpoint] if checkpoint else []))
     resolved = resolve_device(device)
     notice = lambda line: typer.echo(line, err=True)  # noqa: E731
     if checkpoint is None and not train_first and DEFAULT_CHECKPOINT.is_file():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from crnet.config import TINY, TrainConfig
 from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import VOCTree
 from crnet.engines import deployed_gpu
-from crnet.files import OutputError, StagedDirectory, holds_only, parse_json, write_text
+from crnet.files import StagedDirectory, check_output_dir, holds_only, parse_json, write_text
 from crnet.model.crnet import CRNet, upsample
 
 # The committed checkpoint checkpoints/tiny_fold0.pt is this recipe's result, reproduced by
@@ -91,24 +92,15 @@ def _results_replaceable(out: Path) -> bool:
     return True
 
 
-def check_demo_out(out: Path) -> None:
+def check_demo_out(out: Path, inputs: Sequence[Path] = ()) -> None:
     """OUT must be new, empty, or an earlier demo's, so that no other file there is replaced."""
-    if out.is_symlink():
-        raise OutputError(f"--out {out} is a symbolic link; give the folder itself")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise OutputError(f"--out {out} is a file; the demo writes a directory there")
-    if any(out.iterdir()) and not is_demo_output(out):
-        raise OutputError(
-            f"--out {out} holds other files than an earlier demo's; choose a new or empty folder"
-        )
+    check_output_dir(out, what="demo", ours=is_demo_output, replaces_own=True, inputs=inputs)
 
 
 def staged_demo(out: Path, inputs: list[Path]) -> StagedDirectory:
     """A folder beside OUT for this run's results; `commit_into(RESULT_NAMES)` puts them in place together,
     so an interrupted run leaves OUT's earlier results as they were (and no half of a new set)."""
-    return StagedDirectory(out, what="demo", ours=is_demo_output, overwrite=True, inputs=inputs)
+    return StagedDirectory(out, what="demo", ours=is_demo_output, replaces_own=True, inputs=inputs)
 
 
 def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, count: int = 6) -> Path:

@@ -28,10 +28,8 @@ from crnet.engines import RuntimeSpec, deployed_gpu, open_runtime, runtime_devic
 from crnet.engines.base import Runtime
 from crnet.errors import CheckpointError, CRNetError, EmptySupportMaskError, NoSupportError
 from crnet.files import (
-    OutputError,
     StagedDirectory,
     atomic_file,
-    check_not_input,
     holds_only,
     parse_json,
     write_text,
@@ -126,20 +124,6 @@ def earlier_output(out: Path) -> list[str] | None:
     return names if holds_only(out, names) else None
 
 
-def check_out(out: Path, inputs: list[Path]) -> None:
-    """OUT must be new, empty, or an earlier infer's (see earlier_output), which the run replaces as a
-    whole, and must not hold an input image or mask (an earlier mask given as a support mask, say)."""
-    if out.is_symlink() and not out.exists():
-        raise OutputError(f"--out {out} is a symbolic link to nothing; give a folder")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; infer writes a folder of masks there")
-    if out.is_dir() and any(out.iterdir()) and earlier_output(out) is None:
-        raise OutputError(
-            f"--out {out} holds other files than an earlier infer's; choose a new or empty folder"
-        )
-    check_not_input(out, inputs, "--out")
-
-
 def output_names(queries: list[Path]) -> list[str]:
     """Query file stems, made unique (two queries may share a name in different folders, and a numbered
     name may be another query's stem: a/x, b/x, x_1 give x, x_1, x_1_1)."""
@@ -175,9 +159,9 @@ def infer(
         raise CRNetError(f"--batch-size must be >= 1, got {batch_size}")
     names = output_names(queries)
     inputs = [*supports, *support_masks, *queries, engine]
-    check_out(out, inputs)
     ours = lambda folder: earlier_output(folder) is not None  # noqa: E731
-    with StagedDirectory(out, what="crnet infer output", ours=ours, overwrite=True, inputs=inputs) as staged:
+    staged = StagedDirectory(out, what="crnet infer output", ours=ours, replaces_own=True, inputs=inputs)
+    with staged:
         summary = segment_into(
             staged.root,
             engine,
