@@ -108,6 +108,12 @@ ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="
 FoldOption = Annotated[int, typer.Option(min=0, max=3, help="PASCAL-5i fold: its 5 novel classes are tested")]
 ShotsOption = Annotated[int, typer.Option(min=1, max=100, help="labelled support images per episode")]
 SeedOption = Annotated[int, typer.Option(min=0, max=2**64 - 1, help="random seed")]  # torch's seeds: 64 bits
+IterationsOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1, max=MAX_ITERATIONS, help=f"refinement iterations T, <= {MAX_ITERATIONS} (default: the model's)"
+    ),
+]
 # Bounds on sizes that only a typo reaches: past them a command would build lists and batches for minutes and
 # die of memory, instead of saying so.
 MAX_BATCH = 4096
@@ -268,14 +274,7 @@ def evaluate_command(
     ] = "average",
     episodes: Annotated[int, typer.Option(min=1, max=MAX_EPISODES, help="fixed test episodes")] = 1000,
     seed: SeedOption = 0,
-    iterations: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            max=MAX_ITERATIONS,
-            help=f"refinement iterations T, <= {MAX_ITERATIONS} (default: the model's)",
-        ),
-    ] = None,
+    iterations: IterationsOption = None,
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="episodes per forward pass")] = 16,
     finetune_steps: Annotated[int, typer.Option(min=1, help="finetune strategy: steps per episode")] = 10,
     finetune_lr: Annotated[
@@ -458,14 +457,7 @@ def export_command(
             help="batch sizes MIN:OPT:MAX, 1 <= MIN <= OPT <= MAX, the engines are built for",
         ),
     ] = "1:1:16",
-    iterations: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            max=MAX_ITERATIONS,
-            help=f"refinement iterations T, <= {MAX_ITERATIONS} (default: the model's)",
-        ),
-    ] = None,
+    iterations: IterationsOption = None,
     triton: Annotated[
         Path | None, typer.Option(help="also write a Triton model repository here (absent or empty)")
     ] = None,
