@@ -33,6 +33,10 @@ class CheckpointError(CRNetError):
     """A checkpoint or weight file is missing, corrupt or incompatible."""
 
 
+class TrainingDiverged(CRNetError):
+    """The loss or the weights stopped being finite: the settings (learning rate, weight decay) diverge."""
+
+
 class CRNetWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI shows it as one `warning:` line)."""
 

@@ -125,7 +125,11 @@ def check_writable_file(
     """Before a long run: the file can be written (its folder exists or can be made, and takes a file),
     is not a directory and is not one of the inputs; with `ours`, a file already there is one it
     recognises as an earlier `what` (check_replaceable_file). Nothing is left behind by the check."""
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as error:  # a name too long, a loop of links: what writing it would meet
+        raise explain(error, path) from None
+    if is_dir:
         raise OutputError(f"{option} {path} is a directory; give a file name")
     check_not_input(path, inputs, option)
     if ours is not None:  # before the place is checked, which stages a folder beside the path
@@ -433,5 +437,15 @@ class StagedDirectory:
     def __exit__(self, kind, error, traceback) -> None:
         if kind is not None:
             self.abort()
-            if isinstance(error, OSError):
+            if isinstance(error, OSError) and self._writing(error):
                 raise explain(error, self.out) from None
+
+    def _writing(self, error: OSError) -> bool:
+        """Whether `error` was met on the output (or names no file): another file's error (a cache folder's,
+        an input's) keeps its own name, for the command's line to say."""
+        if error.filename is None:
+            return True
+        named = Path(os.fsdecode(error.filename)).absolute()
+        return any(
+            named == place or place in named.parents for place in (self.root.absolute(), self.out.absolute())
+        )

@@ -145,6 +145,23 @@ def test_a_command_that_replaces_its_own_output_unasked_still_keeps_the_users(tm
     assert tree(tmp_path) == before
 
 
+def test_an_error_on_another_file_is_not_blamed_on_the_output(tmp_path) -> None:
+    """An OSError met on another path while the output is staged (inductor's cache folder being a file, say)
+    keeps its own file name; one on the output names the output."""
+    elsewhere = OSError(errno.EEXIST, "File exists", str(tmp_path / "cache"))
+    with pytest.raises(OSError) as raised, staged(tmp_path / "out"):
+        raise elsewhere
+    assert raised.value is elsewhere and not (tmp_path / "out").exists()
+    refused = pytest.raises(OutputError, match="cannot write .*out: permission denied")
+    with refused, staged(tmp_path / "out") as directory:
+        raise OSError(errno.EACCES, "Permission denied", str(directory.root / "mask.png"))
+
+
+def test_a_file_name_too_long_to_write_is_one_line(tmp_path) -> None:
+    with pytest.raises(OutputError, match="the name is too long"):
+        files.check_writable_file(tmp_path / ("b" * 300 + ".json"))
+
+
 def test_commit_into_replaces_the_named_entries_together_and_keeps_the_rest(tmp_path) -> None:
     (tmp_path / "out/train").mkdir(parents=True)
     (tmp_path / "out/train/last.pt").write_text("a training run")

@@ -38,6 +38,7 @@ def _default_data() -> Path:
 
 
 MAX_LEARNING_RATE = 10.0
+MAX_WEIGHT_DECAY = 10.0
 MAX_WORKSPACE_GIB = 1024  # above any GPU's memory; TensorRT takes the limit as a 64-bit byte count
 DEFAULT_DATA = _default_data()  # versioned: a newer generator never meets an older tree
 DEFAULT_CHECKPOINT = Path("checkpoints/tiny_fold0.pt")
@@ -56,9 +57,10 @@ def _learning_rate(value: float) -> float:
     return value
 
 
-def _non_negative(value: float) -> float:
-    if not (value >= 0 and math.isfinite(value)):
-        raise typer.BadParameter(f"must be >= 0 and finite, got {value}")
+def _weight_decay(value: float) -> float:
+    # past float32's range the optimizer's step overflows; far below it, training only diverges
+    if not (0 <= value <= MAX_WEIGHT_DECAY):
+        raise typer.BadParameter(f"must be >= 0 and at most {MAX_WEIGHT_DECAY:g}, got {value}")
     return value
 
 
@@ -188,7 +190,9 @@ def train(
             callback=_learning_rate, help=f"peak learning rate, > 0, <= {MAX_LEARNING_RATE:g} (poly decay)"
         ),
     ] = 2.5e-3,
-    weight_decay: Annotated[float, typer.Option(callback=_non_negative, help="weight decay, >= 0")] = 5e-4,
+    weight_decay: Annotated[
+        float, typer.Option(callback=_weight_decay, help=f"weight decay, 0 to {MAX_WEIGHT_DECAY:g}")
+    ] = 5e-4,
     reset_probability: Annotated[
         float,
         typer.Option(

@@ -1,7 +1,8 @@
 """`crnet infer`: k labelled supports, many queries; the support prompt is computed once.
 
-Writes, per query, `<name>_mask.png` (0 = background, 1 = object, at the query's own size) and
-`<name>_overlay.png`, plus `infer.json` with the settings and per-query foreground share. The folder is
+Writes, per query, `<name>_mask.png` (0 = background, 1 = object, at the query's size as viewers show it,
+turned by its EXIF orientation) and `<name>_overlay.png`, plus `infer.json` with the settings and per-query
+foreground share. Support images and masks are read as shown too. The folder is
 written whole or not at all: built beside OUT and renamed into place at the end (crnet.files), so that an
 interrupted or failed run leaves no loose masks, and an earlier output is either kept or replaced.
 """
@@ -87,7 +88,7 @@ def choose_engine(path: Path, runtime: str | None, device: torch.device | None) 
 
 
 def load_support(image_path: Path, mask_path: Path, size: int):
-    image = read_image(image_path)
+    image = read_image(image_path, as_shown=True)
     mask = read_binary_mask(mask_path, image.shape[:2])
     tensor, resized = to_model_input(image, mask, size)
     if not (resized == 1).any():
@@ -201,7 +202,7 @@ def segment_into(
         size = runner.input_size
         # Every input is read and checked before anything is computed or written.
         loaded = [load_support(i, m, size) for i, m in zip(supports, support_masks, strict=True)]
-        query_images = [read_image(q) for q in queries]
+        query_images = [read_image(q, as_shown=True) for q in queries]
         runner.check_batch(len(loaded))
         images = torch.stack([t for t, _ in loaded]).to(device)
         masks = torch.stack([m for _, m in loaded]).to(device)

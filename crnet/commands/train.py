@@ -28,7 +28,7 @@ from crnet import checkpoint
 from crnet.config import ModelConfig, TrainConfig
 from crnet.data.episodes import EpisodeDataset, SampleIndex, TrainingEpisodes, collate
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
-from crnet.errors import CRNetError
+from crnet.errors import CRNetError, TrainingDiverged
 from crnet.files import OutputError, explain, parse_json, write_text
 from crnet.model.crnet import build_model
 from crnet.model.loss import episode_loss
@@ -115,10 +115,10 @@ def reset_flags(config: TrainConfig, indices: list[int], shots: int) -> torch.Te
 class Distributed:
     """Process group from torchrun's environment; a single process is world size 1."""
 
-    def __init__(self, device: str | None):
-        self.world = _environment_number("WORLD_SIZE", "1", 1)
-        self.rank = _environment_number("RANK", "0", 0)
-        local_rank = _environment_number("LOCAL_RANK", "0", 0)
+    def __init__(self, device: str | None, notice: Callable[[str], None] = lambda line: None):
+        self.world = _environment_number("WORLD_SIZE", "1", 1, MAX_WORLD)
+        self.rank = _environment_number("RANK", "0", 0, MAX_WORLD)
+        local_rank = _environment_number("LOCAL_RANK", "0", 0, MAX_WORLD)
         if self.rank >= self.world:
             raise CRNetError(f"RANK={self.rank} with WORLD_SIZE={self.world}: RANK must be below WORLD_SIZE")
         # init_process_group reads the rendezvous address from these, and fails with a traceback without them
@@ -132,7 +132,7 @@ class Distributed:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            _rendezvous("nccl" if self.device.type == "cuda" else "gloo", self.world, notice)
         self.active = self.world > 1
 
     @property
@@ -163,16 +163,58 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def _environment_number(name: str, default: str, least: int) -> int:
+MAX_WORLD = 2**20  # processes: far past any cluster, inside the int32 that torch's store takes
+RENDEZVOUS_NOTICE_S = 10  # a rendezvous slower than this is said: a stray WORLD_SIZE would wait in silence
+
+
+def _environment_number(name: str, default: str, least: int, most: int) -> int:
     """A whole number that torchrun puts in the environment; a user's stray value is an error line."""
     text = os.environ.get(name, default)
     try:
         value = int(text)
     except ValueError:
         raise CRNetError(f"{name}={text!r} is not a number; crnet train reads it from torchrun") from None
-    if value < least:
-        raise CRNetError(f"{name}={value} must be >= {least}; crnet train reads it from torchrun")
+    if not least <= value <= most:
+        raise CRNetError(f"{name}={value} must be {least} to {most}; crnet train reads it from torchrun")
     return value
+
+
+def _rendezvous(backend: str, world: int, notice: Callable[[str], None]) -> None:
+    """init_process_group, with the rendezvous address checked first and Ctrl-C heard while it waits: it
+    blocks in C++ (for up to 30 minutes while a process is missing), where Python's signal handlers do not
+    run, so it waits in a thread of its own and this one keeps listening."""
+    import socket
+
+    address = os.environ["MASTER_ADDR"]
+    _environment_number("MASTER_PORT", "", 1, 65535)
+    try:
+        socket.getaddrinfo(address, None)
+    except (OSError, UnicodeError):
+        raise CRNetError(
+            f"MASTER_ADDR={address!r} does not resolve; start multi-process training with torchrun"
+        ) from None
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            dist.init_process_group(backend)
+        except BaseException as error:  # reported by the waiting thread
+            failed.append(error)
+
+    thread = threading.Thread(target=start, name="crnet-rendezvous", daemon=True)
+    thread.start()
+    said = time.monotonic() + RENDEZVOUS_NOTICE_S
+    while thread.is_alive():
+        thread.join(0.2)  # a signal's handler runs between these waits
+        if said is not None and time.monotonic() > said:
+            where = f"{address}:{os.environ['MASTER_PORT']}"
+            notice(f"waiting for all {world} processes (WORLD_SIZE) to join at {where}; Ctrl-C stops")
+            said = None
+    if failed:
+        lines = str(failed[0]).strip().splitlines() or [type(failed[0]).__name__]
+        raise CRNetError(
+            f"the process group did not start at {address}:{os.environ['MASTER_PORT']}: {lines[0]}"
+        ) from None
 
 
 def _check_same_run(stored: dict, model_config: ModelConfig, train_config: TrainConfig) -> None:
@@ -269,7 +311,7 @@ def train(
         _check_resumable(stored, out_dir / LAST, model_config, config)
         metrics = _metrics_until(out_dir / METRICS, stored["step"])
 
-    group = Distributed(device)
+    group = Distributed(device, notice)
     saved_by = len(stored["rng"]) if stored is not None and isinstance(stored["rng"], list) else None
     if stored is not None and saved_by != group.world:  # each process resumes its own random state
         raise CRNetError(
@@ -311,6 +353,8 @@ def train(
         )
 
     def save(step: int, rng_state: dict | None = None) -> None:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # the same on every rank
+            raise diverged(step, "the weights are no longer finite")
         rng = group.gather_objects(rng_state or _rng_state(group.device))
         if group.main:
             checkpoint.save_atomic(
@@ -390,6 +434,10 @@ def train(
             cache.write(group.gather(written).cpu(), group.gather(flips).cpu().bool(), group.gather(logits))
             step += 1
             losses.append((loss.item(), query_loss.item(), support_loss.item()))
+            every_loss = group.gather(loss.detach().float().reshape(1))  # every rank stops, or none
+            if not torch.isfinite(every_loss).all():
+                bar.close()
+                raise diverged(step, f"the loss is {every_loss.tolist()}")
             window_episodes += config.batch_size * group.world
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
@@ -446,6 +494,14 @@ def train(
     group.barrier()
     group.close()
     return final
+
+
+def diverged(step: int, what: str) -> TrainingDiverged:
+    """Nothing non-finite is saved: the checkpoints written before stay as they were, model.pt is not made."""
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what}; lower --lr or --weight-decay (checkpoints written "
+        "before this step are kept; no model.pt was written)"
+    )
 
 
 def _rng_state(device: torch.device) -> dict:

@@ -35,14 +35,15 @@ def check_binary_mask(
 
 
 def read_binary_mask(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
-    """A checked support mask from a single-channel PNG."""
+    """A checked support mask from a single-channel PNG, turned by its EXIF orientation if it has one (as
+    its image is: read_image(as_shown=True))."""
     if Path(path).suffix.lower() in (".jpg", ".jpeg"):
         warnings.warn(
             f"mask {path} is a JPEG: its lossy compression changes mask pixels; save masks as PNG",
             CRNetWarning,
             stacklevel=2,
         )
-    mask = read_label(Path(path))
+    mask = read_label(Path(path), as_shown=True)
     check_binary_mask(mask, image_shape, name=f"mask {path}")
     return mask
 

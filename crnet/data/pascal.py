@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from crnet.errors import CRNetError, CRNetWarning, ImageReadError, MaskError, NotAVOCTreeError
 from crnet.files import OutputError, parse_json, write_text
@@ -70,11 +70,21 @@ def open_image(path: Path) -> Image.Image:
     return image
 
 
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); grayscale, palette, RGBA, CMYK and 16-bit grayscale are converted.
-    Raises ImageReadError."""
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: turned by its EXIF orientation (a phone's photo is stored sideways)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a damaged EXIF block: PIL's parsers raise several types; the pixels as stored
+        return image
+
+
+def read_image(path: Path, *, as_shown: bool = False) -> np.ndarray:
+    """RGB uint8 (H, W, 3); grayscale, palette, RGBA, CMYK and 16-bit grayscale are converted. `as_shown`
+    turns it by its EXIF orientation (a user's photo, in infer); a dataset's images are read as stored, the
+    way their labels were drawn. Raises ImageReadError."""
     try:
         with open_image(path) as image:
+            image = upright(image) if as_shown else image
             if image.mode.startswith("I;16"):  # PIL would clip 16-bit values to 255, not scale them
                 gray = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
                 return np.repeat(gray[:, :, None], 3, axis=2)
@@ -91,10 +101,12 @@ def read_image(path: Path) -> np.ndarray:
         raise ImageReadError(f"cannot read image {path}: {error}") from None
 
 
-def read_label(path: Path) -> np.ndarray:
-    """Single-channel uint8 (H, W) label map, palette indices kept as they are. Raises ImageReadError."""
+def read_label(path: Path, *, as_shown: bool = False) -> np.ndarray:
+    """Single-channel uint8 (H, W) label map, palette indices kept as they are; `as_shown` as read_image.
+    Raises ImageReadError."""
     try:
         with open_image(path) as image:
+            image = upright(image) if as_shown else image
             if image.mode not in ("L", "P"):
                 raise MaskError(f"label {path} must be a single-channel 8-bit PNG, got mode {image.mode}")
             return np.asarray(image, dtype=np.uint8)  # palette PNGs keep their indices

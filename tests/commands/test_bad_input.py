@@ -327,7 +327,12 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "train-negative-weight-decay": (train("--weight-decay", "-1"), "'--weight-decay'"),
     "train-infinite-weight-decay": (
         train("--weight-decay", "inf"),
-        "'--weight-decay': must be >= 0 and finite",
+        "'--weight-decay': must be >= 0 and at most 10",
+    ),
+    "train-nan-weight-decay": (train("--weight-decay", "nan"), "'--weight-decay': must be >= 0"),
+    "train-weight-decay-past-float32": (  # the optimizer's step overflowed, after the run folder was made
+        train("--weight-decay", "1e308"),
+        "'--weight-decay': must be >= 0 and at most 10",
     ),
     "train-reset-probability-above-one": (train("--reset-probability", "1.5"), "'--reset-probability'"),
     "train-zero-checkpoint-every": (train("--checkpoint-every", "0"), "'--checkpoint-every'"),

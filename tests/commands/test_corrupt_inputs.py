@@ -214,14 +214,24 @@ def test_checkpoint_with_edited_config(
     assert not (user / "bundle").exists()
 
 
+RENDEZVOUS = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
 @pytest.mark.parametrize(
     ("variables", "expected"),
     [
         ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a number; crnet train reads it from torchrun"),
         ({"RANK": "x"}, "RANK='x' is not a number"),
         ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT are not set"),
+        (
+            {"WORLD_SIZE": str(10**23)},
+            f"WORLD_SIZE={10**23} must be 1 to 1048576",
+        ),  # was TCPStore's TypeError
+        (RENDEZVOUS | {"MASTER_PORT": "abc"}, "MASTER_PORT='abc' is not a number"),
+        (RENDEZVOUS | {"MASTER_PORT": "99999"}, "MASTER_PORT=99999 must be 1 to 65535"),
+        (RENDEZVOUS | {"MASTER_ADDR": "no.such.host.invalid"}, "MASTER_ADDR='no.such.host.invalid' does not"),
     ],
-    ids=["world-size", "rank", "no-rendezvous"],
+    ids=["world-size", "rank", "no-rendezvous", "huge-world", "port-word", "port-past-range", "no-such-host"],
 )
 def test_torchrun_variables_set_by_hand(
     variables: dict[str, str],

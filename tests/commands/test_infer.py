@@ -80,6 +80,27 @@ def test_masks_and_overlays_at_each_query_size(engine, pictures, micro_bundle, m
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_photos_are_read_as_viewers_show_them(pictures, micro_checkpoint, tmp_path) -> None:
+    """A phone's photo is stored sideways with an EXIF orientation: the support mask drawn on the photo as
+    shown pairs with it, and the query's mask and overlay come out as it is shown, not as it is stored."""
+    sideways = Image.open(pictures / "support.png").transpose(Image.Transpose.ROTATE_90)  # 50 x 40 stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show
+    sideways.save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    assert Image.open(tmp_path / "photo.jpg").size == (40, 50)  # stored: 40 wide, 50 high
+    summary = infer(
+        micro_checkpoint,
+        [tmp_path / "photo.jpg"],
+        [pictures / "mask.png"],  # drawn on the photo as shown: 50 wide, 40 high
+        [tmp_path / "photo.jpg"],
+        tmp_path / "out",
+    )
+    record = summary["queries"][0]
+    assert Image.open(tmp_path / "out" / record["mask"]).size == (50, 40)
+    overlay = record["mask"].replace("_mask", "_overlay")
+    assert Image.open(tmp_path / "out" / overlay).size == (50, 40)
+
+
 def test_k_shot_uses_every_support(pictures, micro_checkpoint, tmp_path) -> None:
     supports = [pictures / "support.png", pictures / "gray.png"]
     gray_mask = np.zeros((30, 30), np.uint8)

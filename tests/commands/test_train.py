@@ -88,6 +88,42 @@ def test_training_reduces_the_loss(bench_root, tmp_path):
     assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.parametrize("what", ["loss", "weights"])
+def test_a_run_that_diverges_stops_and_saves_nothing_non_finite(bench_root, tmp_path, monkeypatch, what):
+    """A NaN loss (too high a learning rate), or weights gone non-finite before a checkpoint: one error,
+    the checkpoint before it kept as it was, no model.pt. It ended with exit 0 and a model of NaNs."""
+    import crnet.commands.train as training
+
+    calls, episode_loss = [], training.episode_loss
+
+    def loss_at(prediction, target):
+        calls.append(1)
+        loss = episode_loss(prediction, target)
+        if what == "loss" and len(calls) > 8:  # two losses a step: step 5 of 6
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(training, "episode_loss", loss_at)
+    if what == "weights":  # an infinite gradient: the step's loss is finite, the next weights are not
+        step = torch.optim.SGD.step
+
+        def step_to_infinity(self, *args, **kwargs):
+            result = step(self, *args, **kwargs)
+            if len(calls) > 10:  # the last step's: its loss was finite
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0].fill_(float("inf"))
+            return result
+
+        monkeypatch.setattr(torch.optim.SGD, "step", step_to_infinity)
+    expected = "at step 5: the loss is" if what == "loss" else "at step 6: the weights are no longer finite"
+    with pytest.raises(training.TrainingDiverged, match=f"training diverged {expected}") as stopped:
+        train(MICRO, CONFIG.replace(optimizer="sgd"), bench_root, tmp_path, progress=False, device="cpu")
+    assert "lower --lr or --weight-decay" in str(stopped.value)
+    state = checkpoint.load(tmp_path / LAST)
+    assert state["step"] == 3 and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert not (tmp_path / "model.pt").exists()
+
+
 def test_training_without_novel_images(bench_root, tmp_path):
     config = CONFIG.replace(steps=2, exclude_novel_images=True, hue_turns=True)
     train(MICRO, config, bench_root, tmp_path, progress=False, device="cpu")
@@ -167,6 +203,29 @@ def test_ddp_two_gloo_processes(bench_root, tmp_path):
     assert not torch.equal(
         ddp_weights["refinement.classifier.weight"], single_weights["refinement.classifier.weight"]
     )
+
+
+def test_ctrl_c_stops_a_rendezvous_that_waits_for_a_missing_process(bench_root, tmp_path):
+    """A stray WORLD_SIZE=2 in the shell: rank 0 waits for a rank 1 that never comes. It waited in torch's
+    C++ for 30 minutes, deaf to Ctrl-C and SIGTERM; now it says what it waits for, and Ctrl-C stops it."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once this closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rendezvous = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {**os.environ, **rendezvous, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / ".cache")}
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "crnet", "train", "--out", str(out), "--data", str(bench_root)]
+    command += ["--steps", "1", "--batch-size", "1", "--workers", "0", "--no-progress", "--device", "cpu"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(6)  # well into the wait: loading takes a few seconds
+    assert process.poll() is None, process.communicate()[1]
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=30)[1]
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.splitlines()[-1] == "interrupted"
+    assert not out.exists()
 
 
 def test_sigkill_between_checkpoints_then_resume_is_bit_exact(bench_root, tmp_path):
