@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from crnet.config import MAX_ITERATIONS, ModelConfig
+from crnet.config import MAX_BATCH, MAX_ITERATIONS, ModelConfig
 from crnet.errors import CRNetError
 from crnet.files import holds_only, parse_json
 
@@ -65,13 +65,14 @@ class BatchRange:
 
     @classmethod
     def parse(cls, text: str) -> BatchRange:
-        """'MIN:OPT:MAX' -> BatchRange, with 1 <= min <= opt <= max."""
-        try:
-            low, opt, high = (int(part) for part in text.split(":"))
-        except ValueError:
-            raise CRNetError(f"--batch-range takes MIN:OPT:MAX, three integers, got {text!r}") from None
-        if not 1 <= low <= opt <= high:
-            raise CRNetError(f"--batch-range needs 1 <= MIN <= OPT <= MAX, got {text!r}")
+        """'MIN:OPT:MAX' -> BatchRange, with 1 <= min <= opt <= max <= MAX_BATCH."""
+        parts = text.split(":")
+        # ASCII digits only: int() also takes '1_0', '+1', spaces and other scripts' digits
+        if len(parts) != 3 or not all(part.isascii() and part.isdigit() for part in parts):
+            raise CRNetError(f"--batch-range takes MIN:OPT:MAX, three integers, got {text!r}")
+        low, opt, high = (int(part) for part in parts)
+        if not 1 <= low <= opt <= high <= MAX_BATCH:
+            raise CRNetError(f"--batch-range needs 1 <= MIN <= OPT <= MAX <= {MAX_BATCH}, got {text!r}")
         return cls(low, opt, high)
 
     def to_dict(self) -> dict:

@@ -26,6 +26,8 @@ class IterationsError(ConfigError):
 # The most refinement iterations a command takes: the paper's T is 5 and its masks settle within a few more;
 # an exported graph holds T copies of the head, so a huge T is an export that never ends.
 MAX_ITERATIONS = 50
+# Episodes, queries or an engine's batch at once: past it only a typo, and minutes of building batches.
+MAX_BATCH = 4096
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -62,6 +62,19 @@ def explain(error: OSError, path: str | Path, doing: str = "writing") -> OutputE
     return OutputError(f"cannot write {path}: {reason}")
 
 
+NAME_MAX = 255  # bytes in one file name, on Linux's file systems
+RANDOM = 8  # the characters that mkstemp and mkdtemp add
+
+
+def hidden_prefix(name: str, tag: str, suffix: str = "") -> str:
+    """`.NAME.TAG`, a temporary's prefix beside NAME, with NAME cut short where the temporary's whole name
+    would pass NAME_MAX: a name that fits must not fail for its temporary, after all the work is done."""
+    room = NAME_MAX - len(f"..{tag}{suffix}".encode()) - RANDOM
+    while len(name.encode()) > room:
+        name = name[:-1]
+    return f".{name}.{tag}"
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -160,7 +173,7 @@ def check_writable_place(path: Path) -> None:
     created = [p for p in reversed(path.parents) if not p.exists()]
     try:
         ensure_parent(path)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.check-", dir=path.parent))
+        os.rmdir(tempfile.mkdtemp(prefix=hidden_prefix(path.name, "check-"), dir=path.parent))
     except OSError as error:
         raise explain(error, path) from None
     finally:
@@ -195,7 +208,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     ensure_parent(path)
     try:
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        handle, name = tempfile.mkstemp(
+            dir=path.parent, prefix=hidden_prefix(path.name, "", ".tmp"), suffix=".tmp"
+        )
         os.close(handle)
         as_created(Path(name))
     except OSError as error:
@@ -338,7 +353,8 @@ class StagedDirectory:
         ensure_parent(self.out)
         try:
             with signals_deferred():  # not made and then lost before it has a name here
-                self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+                prefix = hidden_prefix(self.out.name, "partial-")
+                self.root = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out.parent))
             as_created(self.root)
         except OSError as error:
             raise explain(error, self.out) from None
@@ -365,7 +381,7 @@ class StagedDirectory:
                 rename_noreplace(self.root, out)
                 return out
             with signals_deferred():  # a Ctrl-C between the two renames would leave no output at all
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                old = Path(tempfile.mkdtemp(prefix=hidden_prefix(out.name, "old-"), dir=out.parent))
                 os.rename(out, old / "previous")
                 try:
                     rename_noreplace(self.root, out)

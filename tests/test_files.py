@@ -157,6 +157,17 @@ def test_an_error_on_another_file_is_not_blamed_on_the_output(tmp_path) -> None:
         raise OSError(errno.EACCES, "Permission denied", str(directory.root / "mask.png"))
 
 
+def test_a_name_that_fits_is_written_though_its_temporary_would_not(tmp_path) -> None:
+    """The temporary beside a file is 14 bytes longer than its name: a 250-byte name that fits failed at the
+    very end of the work that made it."""
+    name = "q" * 238 + "_overlay.png"
+    write_bytes(tmp_path / name, b"mask")
+    assert (tmp_path / name).read_bytes() == b"mask" and len(list(tmp_path.iterdir())) == 1
+    directory = StagedDirectory(tmp_path / ("d" * 250), what="test output", ours=lambda p: False)
+    directory.commit()
+    assert (tmp_path / ("d" * 250)).is_dir()
+
+
 def test_a_file_name_too_long_to_write_is_one_line(tmp_path) -> None:
     with pytest.raises(OutputError, match="the name is too long"):
         files.check_writable_file(tmp_path / ("b" * 300 + ".json"))

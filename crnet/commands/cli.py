@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 import typer
 
 from crnet.commands.entry import silence_stdout
-from crnet.config import MAX_ITERATIONS
+from crnet.config import MAX_BATCH, MAX_ITERATIONS
 from crnet.errors import CRNetError, CRNetWarning, interrupted
 from crnet.files import check_not_input, check_writable_file, parse_json
 from crnet.optional import MissingDependencyError
@@ -118,7 +118,6 @@ IterationsOption = Annotated[
 ]
 # Bounds on sizes that only a typo reaches: past them a command would build lists and batches for minutes and
 # die of memory, instead of saying so.
-MAX_BATCH = 4096
 MAX_EPISODES = 1_000_000
 CheckpointArgument = Annotated[Path, typer.Argument(help="model checkpoint (model.pt or last.pt)")]
 MinObjectOption = Annotated[

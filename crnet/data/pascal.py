@@ -200,7 +200,7 @@ class VOCTree:
     def ids(self, split: str) -> list[str]:
         path = self.split_file(split)
         try:
-            lines = path.read_text().split()
+            lines = path.read_text(encoding="utf-8-sig").split()  # a BOM is no part of the first id
         except UnicodeDecodeError as error:  # a binary or wrongly encoded list: no image ids can be read
             raise NotAVOCTreeError(
                 f"{path} is not a text list of image ids (byte {error.start} is not UTF-8)"

@@ -381,6 +381,13 @@ def test_unreadable_label(root: Path, damage: str) -> None:
         VOCTree(root).load(VAL_ID)
 
 
+def test_a_list_saved_with_a_byte_order_mark_reads_its_first_id(root: Path) -> None:
+    """Windows' Notepad starts a UTF-8 file with a BOM: it is no part of the first image id."""
+    path = root / "ImageSets/Segmentation/val.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert VOCTree(root).ids("val") == ids("val")
+
+
 def test_a_list_with_a_nul_byte_is_one_error(root: Path) -> None:
     path = root / "ImageSets/Segmentation/val.txt"
     path.write_text(path.read_text() + "bad\0id\n")

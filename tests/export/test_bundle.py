@@ -99,7 +99,11 @@ def test_a_missing_precision_says_how_to_get_it(micro_bundle) -> None:
         load_bundle(micro_bundle).engine("fp32", "head")
 
 
-@pytest.mark.parametrize("text", ["1:4", "a:b:c", "0:1:2", "4:2:8", "1:8:4"])
+# int() takes underscores, signs, spaces and other scripts' digits; no engine needs a batch past 4096
+@pytest.mark.parametrize(
+    "text",
+    ["1:4", "a:b:c", "0:1:2", "4:2:8", "1:8:4", "1_0:1_0:1_0", "+1:+1:+1", " 1:1:2", "١:١:١", "1:1:4097"],
+)
 def test_batch_range_parse_refuses(text) -> None:
     with pytest.raises(CRNetError, match="--batch-range"):
         BatchRange.parse(text)
