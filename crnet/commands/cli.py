@@ -481,8 +481,17 @@ def export_command(
     from crnet.bundle import BatchRange
     from crnet.export.build import export_bundle
 
-    if timing_cache is not None:  # read, then rewritten: never the checkpoint
+    if timing_cache is not None and not tensorrt:
+        raise CRNetError("--timing-cache is for TensorRT's builder: add --tensorrt, or leave it out")
+    if timing_cache is not None:  # read, then rewritten: never the checkpoint, nor in a folder written whole
         check_writable_file(timing_cache, [checkpoint], "--timing-cache")
+        cache = Path(os.path.realpath(timing_cache))
+        for option, folder in (("--out", out), ("--triton", triton)):
+            if folder is not None and Path(os.path.realpath(folder)) in cache.parents:
+                raise CRNetError(
+                    f"--timing-cache {timing_cache} is inside {option} {folder}, which is written whole; "
+                    "keep the cache outside it"
+                )
     if triton is not None:  # checked before the export, so that a bad --triton costs nothing
         from crnet.export.triton import check_repository_out
 

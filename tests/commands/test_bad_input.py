@@ -425,8 +425,20 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     ),
     "export-huge-workspace": (export("--workspace-gib", "1e300"), "'--workspace-gib': must be at most"),
     "export-timing-cache-is-the-checkpoint": (
-        lambda w: [*export()(w), "--timing-cache", str(w.checkpoint)],
+        lambda w: [*export("--tensorrt")(w), "--timing-cache", str(w.checkpoint)],
         "would replace the input",
+    ),
+    "export-timing-cache-without-tensorrt": (  # it was ignored without a word
+        lambda w: [*export()(w), "--timing-cache", str(w.root / "t.cache")],
+        "--timing-cache is for TensorRT's builder",
+    ),
+    "export-timing-cache-inside-the-bundle": (  # the bundle is written whole: the cache would be lost
+        lambda w: [
+            *export("--tensorrt", out=lambda w: w.root / "b")(w),
+            "--timing-cache",
+            str(w.root / "b/t"),
+        ],
+        "is inside --out",
     ),
     "export-overwrite-a-bundle-the-user-added-to": (
         export("--overwrite", out=lambda w: w.bundle_with_notes),
@@ -460,7 +472,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     ),
     "export-checkpoint-missing": (export(checkpoint=lambda w: new(w, "x.pt")), "checkpoint not found"),
     "export-timing-cache-is-a-folder": (
-        lambda w: [*export()(w), "--timing-cache", str(w.folder)],
+        lambda w: [*export("--tensorrt")(w), "--timing-cache", str(w.folder)],
         "'--timing-cache'",
     ),
     # infer
