@@ -57,6 +57,12 @@ def _learning_rate(value: float) -> float:
     return value
 
 
+def _fraction(value: float) -> float:
+    if not 0 <= value <= 1:  # NaN too, which click's range let through to a message about its upper bound
+        raise typer.BadParameter(f"must be 0 to 1, got {value}")
+    return value
+
+
 def _weight_decay(value: float) -> float:
     # past float32's range the optimizer's step overflows; far below it, training only diverges
     if not (0 <= value <= MAX_WEIGHT_DECAY):
@@ -195,7 +201,7 @@ def train(
     reset_probability: Annotated[
         float,
         typer.Option(
-            min=0.0, max=1.0, help="chance that the cached previous prediction is replaced by zeros"
+            callback=_fraction, help="chance, 0 to 1, that the cached previous prediction is zeroed"
         ),
     ] = 0.3,
     precision: Annotated[
@@ -289,9 +295,8 @@ def evaluate_command(
     exit_fraction: Annotated[
         float,
         typer.Option(
-            min=0.0,
-            max=1.0,
-            help="early exit: stop refining a query once less than this fraction of it changes (0: off)",
+            callback=_fraction,
+            help="early exit, 0 to 1: stop refining a query once less than this share of it changes (0: off)",
         ),
     ] = 0.0,
     baseline: Annotated[bool, typer.Option(help="also run the training-free prototype baseline")] = False,

@@ -335,6 +335,10 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
         "'--weight-decay': must be >= 0 and at most 10",
     ),
     "train-reset-probability-above-one": (train("--reset-probability", "1.5"), "'--reset-probability'"),
+    "train-reset-probability-nan": (
+        train("--reset-probability", "nan"),
+        "'--reset-probability': must be 0 to 1",
+    ),
     "train-zero-checkpoint-every": (train("--checkpoint-every", "0"), "'--checkpoint-every'"),
     "train-negative-workers": (train("--workers", "-1"), "'--workers'"),
     "train-fold-out-of-range": (train("--fold", "4"), "'--fold'"),
@@ -362,6 +366,10 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
         "'--finetune-lr': must be > 0 and at most 10",
     ),
     "eval-exit-fraction-above-one": (evaluate("--exit-fraction", "2"), "'--exit-fraction'"),
+    "eval-exit-fraction-nan": (
+        evaluate("--exit-fraction", "nan"),
+        "'--exit-fraction': must be 0 to 1, got nan",
+    ),
     "eval-too-many-iterations": (evaluate("--iterations", "51"), "'--iterations'"),
     "eval-huge-finetune-lr": (
         evaluate("--shots", "2", "--strategy", "finetune", "--finetune-lr", "1e308"),
