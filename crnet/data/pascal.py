@@ -70,6 +70,9 @@ def open_image(path: Path) -> Image.Image:
     return image
 
 
+ANIMATED = ("GIF", "PNG", "TIFF", "WEBP")  # formats whose further frames are pictures of their own
+
+
 def upright(image: Image.Image) -> Image.Image:
     """The image as a viewer shows it: turned by its EXIF orientation (a phone's photo is stored sideways)."""
     try:
@@ -84,6 +87,10 @@ def read_image(path: Path, *, as_shown: bool = False) -> np.ndarray:
     way their labels were drawn. Raises ImageReadError."""
     try:
         with open_image(path) as image:
+            # an animation, a multi-page TIFF (a phone's JPEG, MPO, holds a second frame that is no picture)
+            if image.format in ANIMATED and getattr(image, "n_frames", 1) > 1:
+                message = f"{path} holds {image.n_frames} frames; the first is used"
+                warnings.warn(message, CRNetWarning, stacklevel=2)
             image = upright(image) if as_shown else image
             if image.mode.startswith("I;16"):  # PIL would clip 16-bit values to 255, not scale them
                 gray = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from crnet.commands import cli
 from crnet.commands.infer import infer, output_names
-from crnet.errors import CRNetError, EmptySupportMaskError, MaskError
+from crnet.errors import CRNetError, CRNetWarning, EmptySupportMaskError, MaskError
 from crnet.files import OutputError
 from tests.commands.test_cli import check_user_error
 
@@ -99,6 +99,14 @@ def test_photos_are_read_as_viewers_show_them(pictures, micro_checkpoint, tmp_pa
     assert Image.open(tmp_path / "out" / record["mask"]).size == (50, 40)
     overlay = record["mask"].replace("_mask", "_overlay")
     assert Image.open(tmp_path / "out" / overlay).size == (50, 40)
+
+
+def test_an_animation_is_said_to_use_its_first_frame(pictures, micro_checkpoint, tmp_path) -> None:
+    frames = [Image.open(pictures / "support.png").rotate(angle) for angle in (0, 90, 180)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(CRNetWarning, match="clip.gif holds 3 frames; the first is used"):
+        infer(micro_checkpoint, [pictures / "support.png"], [pictures / "mask.png"], [tmp_path / "clip.gif"],
+              tmp_path / "out")  # fmt: skip
 
 
 def test_k_shot_uses_every_support(pictures, micro_checkpoint, tmp_path) -> None:
