@@ -185,8 +185,7 @@ def _rendezvous(backend: str, world: int, notice: Callable[[str], None]) -> None
     run, so it waits in a thread of its own and this one keeps listening."""
     import socket
 
-    address = os.environ["MASTER_ADDR"]
-    _environment_number("MASTER_PORT", "", 1, 65535)
+    address, port = os.environ["MASTER_ADDR"], _environment_number("MASTER_PORT", "", 1, 65535)
     try:
         socket.getaddrinfo(address, None)
     except (OSError, UnicodeError):
@@ -207,14 +206,13 @@ def _rendezvous(backend: str, world: int, notice: Callable[[str], None]) -> None
     while thread.is_alive():
         thread.join(0.2)  # a signal's handler runs between these waits
         if said is not None and time.monotonic() > said:
-            where = f"{address}:{os.environ['MASTER_PORT']}"
-            notice(f"waiting for all {world} processes (WORLD_SIZE) to join at {where}; Ctrl-C stops")
+            notice(
+                f"waiting for all {world} processes (WORLD_SIZE) to join at {address}:{port}; Ctrl-C stops"
+            )
             said = None
     if failed:
         lines = str(failed[0]).strip().splitlines() or [type(failed[0]).__name__]
-        raise CRNetError(
-            f"the process group did not start at {address}:{os.environ['MASTER_PORT']}: {lines[0]}"
-        ) from None
+        raise CRNetError(f"the process group did not start at {address}:{port}: {lines[0]}") from None
 
 
 def _check_same_run(stored: dict, model_config: ModelConfig, train_config: TrainConfig) -> None:

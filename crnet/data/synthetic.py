@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from crnet.errors import DataError
-from crnet.files import as_created, ensure_parent, explain, parse_json
+from crnet.files import as_created, ensure_parent, explain, hidden_prefix, parse_json
 
 GENERATOR_VERSION = 2
 IGNORE_INDEX = 255
@@ -746,7 +746,7 @@ def ensure(root: str | Path, **kwargs) -> Path:
             )
     ensure_parent(root)  # OutputError in one line when a part of the path is a file or cannot be made
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=hidden_prefix(root.name, "tmp-"), dir=root.parent))
         as_created(tmp)
     except OSError as error:
         raise explain(error, root) from None
