@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from crnet.config import MAX_BATCH, MAX_ITERATIONS, ModelConfig
+from crnet.config import IMAGENET_MEAN, IMAGENET_STD, MAX_BATCH, MAX_ITERATIONS, ModelConfig
 from crnet.errors import CRNetError
 from crnet.files import holds_only, parse_json
 
@@ -225,6 +225,15 @@ def _check_manifest(manifest: dict) -> None:
     # type(...) is int: JSON's 129.0 equals 129 but is no size, and True is no count (as in checkpoints).
     if stated != derived or not all(type(v) is int for v in stated.values()):
         raise ValueError(f"its sizes {stated} contradict its model config {derived}")
+    if manifest["preset"] != config.name:
+        raise ValueError(f"its preset {manifest['preset']!r} contradicts its model config {config.name!r}")
+    # Every runtime normalises with the ImageNet statistics; a manifest that states others is not ours.
+    normalization = manifest["normalization"]
+    expected = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": 1 / 255}
+    if normalization != expected:
+        raise ValueError(f"its normalization {normalization} is not the one its runtimes use, {expected}")
+    if type(manifest["opset"]) is not int or manifest["opset"] < 1:
+        raise ValueError(f"opset {manifest['opset']!r} is not an ONNX opset number")
     iterations = manifest["iterations"]
     if type(iterations) is not int or not 1 <= iterations <= MAX_ITERATIONS:
         raise ValueError(f"iterations {iterations!r} is not a count from 1 to {MAX_ITERATIONS}")

@@ -60,6 +60,10 @@ def test_a_missing_graph_is_named(copy) -> None:
         (lambda m: m.update(input_size=33.0), "incomplete or malformed"),  # equal to 33, but no size
         (lambda m: m.update(iterations=True), "incomplete or malformed"),
         (lambda m: m["batch"].update(min=True), "incomplete or malformed"),
+        (lambda m: m.update(preset="r50"), "preset 'r50' contradicts"),
+        (lambda m: m["normalization"].update(mean=[0.5, 0.5, 0.5]), "not the one its runtimes use"),
+        (lambda m: m.pop("normalization"), "incomplete or malformed"),
+        (lambda m: m.update(opset="18"), "not an ONNX opset"),
     ],
     ids=[
         "foreign-format",
@@ -69,6 +73,10 @@ def test_a_missing_graph_is_named(copy) -> None:
         "float-size",
         "flag-iterations",
         "flag-batch",
+        "other-preset",
+        "other-normalization",
+        "no-normalization",
+        "text-opset",
     ],
 )
 def test_a_bad_manifest_is_refused(copy, change, message) -> None:
