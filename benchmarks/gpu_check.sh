@@ -23,8 +23,8 @@
 #    side by side, the anchor among them; a row whose warm-up ran out of time stays out, as it would compile
 #    inside the bench, past its cap); a batch-64 kernel profile of the deployed row and the candidate; if
 #    time is left, which module and op launched each kernel of the deployed row, run eagerly, at batch 64
-#    and 1 (benchmarks/kernel_owners.py), a batch-1 profile of every row, and the native op against the
-#    compiled loop under graph replay (bench_ops).
+#    and 1 (benchmarks/kernel_owners.py), a batch-1 profile of the deployed and Triton rows, and the native
+#    op against the compiled loop under graph replay (bench_ops).
 # The rows (since 2026-11-27, eighth session): the deployed row, the anchor, and three candidates on the
 # deployed row: the encoder's neck as two bare convolutions whose sum, bias and ReLU inductor fuses
 # (`+bare-neck`), where the deployed row gives them to cuDNN's add-ReLU epilogue; `+triton-head`, whose

@@ -40,9 +40,9 @@ from crnet.engines.base import Runtime, RuntimeUnavailable
 NAMES = ("torch", "onnxruntime", "tensorrt")
 # The deployed GPU path of a checkpoint: what infer, bench and demo run by default on CUDA. PyTorch's loop,
 # not the native op (under graph replay the two tie), compiled, with cuDNN's fused epilogues and the stem over
-# 2x2 pixel blocks: the fastest row of both H200 runs of 2026-11-26 at batch 1 (1.22 against 1.33 ms for the
-# compiled loop alone) and at batch 64 (26.3 against 28.4 ms), and of the third against our Triton kernels
-# (1.24 against 1.43 ms; 25.4 against 29.7 ms) (docs/BENCHMARKS.md).
+# 2x2 pixel blocks: the fastest row of every H200 run of 2026-11-26 at batch 1 and batch 64; in the fifth,
+# 1.29 ms (1.43x the anchor) and 2507 episodes/s (1.26x), ahead of our Triton head's 1.33 ms and 2435/s
+# (docs/BENCHMARKS.md).
 DEPLOYED_GPU = "torch:fp16+channels-last+cudnn-epilogues+space-to-depth+compile+cuda-graphs+torch-loop"
 # Options that run kernels of a package crnet does not require: the default must run without it.
 OPTIONAL_PACKAGES = {"triton-head": "triton", "triton-encoder": "triton"}

@@ -11,7 +11,8 @@ for inference on CUDA. What `+triton-head` changes, per iteration of the hoisted
   branch's tiles at once, each writing its ReLU'd output straight into its channels of the concatenation
   the projection reads: no stream to fork, no copy to concatenate;
 - the last block's second convolution also writes each image's sums of its output over its pixels, and
-  the ASPP's image-pooling term is one small kernel from those sums (no pass over the map for the mean);
+  the ASPP's image-pooling term comes from those sums in two launches of one kernel, a program per
+  image and block of output channels (no pass over the map for the mean);
 - the ASPP's projection, its per-sample bias (the pooled branch) and ReLU, the classifier and the softmax
   the next iteration reads are one kernel (triton_project.py): the projected map is never written;
 - and, once per query, the condition module's three convolutions the same way.

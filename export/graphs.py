@@ -6,7 +6,7 @@
 
 The prompt graph works per shot; a runtime averages the k shots' vectors and prototypes, exactly as
 `CRNet.prompt` does. The head unrolls the T refinement iterations and upsamples to the input size. Every
-graph takes and returns FP32; an FP16 graph casts inside (see `precision_wrapper`).
+graph takes and returns FP32; an FP16 graph casts inside (see `PrecisionWrapper`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@
     bench.py      every runtime on the same episodes: latency and accuracy in one table
     demo.py       the demo: train or load, evaluate, draw, export, bench
     bench_ops.py  the native refinement op against the eager loop
+    floor.py      the FLOP floor: counted FLOPs at the measured matmul rate
+    timer.py      wall and CUDA-event timing of one call
     visualize.py  episode sheets and overlays
 
 Nothing below this package imports it.

@@ -70,9 +70,11 @@ REFERENCE = RuntimeSpec("torch", "fp32")
 #     latency_vs_anchor: this episode median / the anchor row's (when the run has an anchor row),
 #     floor_share: {episode, query}: floor time / this median (1.0 = every FLOP at the matmul rate),
 #     prompt_cache_saving: (episode - query) / encoder, the share of one encoder pass a cached prompt saves,
+#     first_calls_s: seconds of the row's first calls, which compile and capture,
 #     accuracy: {miou, fbiou, per_class},
 #     agreement: {pixel_agreement, mask_iou, max_abs_logit_error, mean_abs_logit_error}
 #   } ]
+#   triton_choices    [{shape, choice}] where a Triton row ran: each shape's pick on its first call
 
 
 @dataclass(frozen=True)

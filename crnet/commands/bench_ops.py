@@ -1,6 +1,7 @@
 """Time crnet::refine_loop against the eager PyTorch loop, side by side in one run.
 
-    python -m crnet.commands.bench_ops [--batch 1] [--iterations 5] [--repeats 20] [--threads 2] [--json F]
+    python -m crnet.commands.bench_ops [--batch 1] [--iterations 5] [--repeats 20] [--warmup 3] [--threads 2]
+        [--json F]
 
 Shapes are the r50 head's (256 channels, 41x41, dilations 6/12/18) with random weights; the feedback and
 classifier weights are scaled up so that masks move between iterations as in a trained model. Eager and

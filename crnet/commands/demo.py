@@ -1,5 +1,6 @@
 """The demo on the built-in benchmark: trained tiny model -> fold-0 evaluation -> pictures -> export
-(FP32 + FP16 ONNX) -> bench of torch against ONNX Runtime -> tables."""
+(FP32 + FP16 ONNX) -> bench of torch against ONNX Runtime (on CUDA: the GPU rows that run there, the
+deployed path and the anchor among them) -> tables."""
 
 from __future__ import annotations
 
