@@ -236,8 +236,7 @@ class VOCTree:
     def _index(self, split: str) -> dict[str, dict[int, int]]:
         split_file = self.split_file(split)
         ids = self.ids(split)  # read once: the stamp and the scan both need them
-        stamp = f"{INDEX_VERSION}:{split_file.stat().st_size}:{split_file.stat().st_mtime_ns}"
-        stamp += f":{self._labels_stamp(ids)}"
+        stamp = f"{INDEX_VERSION}:{_fingerprint(split_file.stat())}:{self._labels_stamp(ids)}"
         cache = _index_cache_path(self.root, split)
         if cache.is_file():
             try:
@@ -265,13 +264,17 @@ class VOCTree:
         return pixels
 
     def _labels_stamp(self, ids: list[str]) -> str:
-        """The newest modification time of the split's labels: a label edited in place (the list file
-        unchanged) must not leave the cached pixel counts in use. A label that cannot be read gives a stamp
-        no cache has, so the scan runs and says what is wrong with it."""
+        """A digest of every label's fingerprint: a label edited in place (the list file unchanged) must not
+        leave the cached pixel counts in use, nor one replaced by a file dated earlier (`cp -p`, `rsync -a`
+        and `tar x` keep a file's old mtime). A label that cannot be read gives a stamp no cache has, so the
+        scan runs and says what is wrong with it."""
+        digest = hashlib.sha256()
         try:
-            return str(max((self.label_path(i).stat().st_mtime_ns for i in ids), default=0))
+            for image_id in ids:
+                digest.update(f"{_fingerprint(self.label_path(image_id).stat())}\n".encode())
         except OSError:
             return "unreadable"
+        return digest.hexdigest()
 
     def samples(self, split: str, classes: tuple[int, ...], min_pixels: int = 1) -> list[tuple[str, int]]:
         """Sorted (image id, class) pairs of the split whose label has >= min_pixels of the class."""
@@ -285,6 +288,12 @@ class VOCTree:
                 if c in wanted and n >= min_pixels
             )
         return self._samples[key]
+
+
+def _fingerprint(stat: os.stat_result) -> str:
+    """What changes when a file is written, replaced or renamed over: its inode, size, mtime, and its ctime,
+    which the kernel sets on every such change and no tool can set back."""
+    return f"{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
 
 
 def _index_cache_path(root: Path, split: str) -> Path:

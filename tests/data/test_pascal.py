@@ -189,6 +189,23 @@ def test_index_cache_rebuilt_when_a_label_is_edited_in_place(root: Path) -> None
     assert VOCTree(root).class_pixels("val")["2008_000009"] == {1: 80, 3: 16}
 
 
+@pytest.mark.parametrize("how", ["dated back", "renamed over"])
+def test_index_cache_rebuilt_when_a_label_is_replaced_by_an_older_file(root: Path, how: str) -> None:
+    """A corrected label set restored with its old dates (`cp -p`, `rsync -a`, `tar x`): the newest mtime
+    does not change, the counts must all the same."""
+    VOCTree(root).class_pixels("val")
+    label_path = root / "SegmentationClassAug" / "2008_000009.png"
+    label = np.array(Image.open(label_path))
+    past = label_path.stat().st_mtime_ns - 86_400 * 10**9
+    label[label == 2] = 0
+    target = label_path if how == "dated back" else root / "corrected.png"
+    Image.fromarray(label).save(target)
+    os.utime(target, ns=(past, past))
+    if how == "renamed over":
+        target.replace(label_path)
+    assert VOCTree(root).class_pixels("val")["2008_000009"] == {1: 80, 3: 16}
+
+
 @pytest.mark.parametrize(
     "damage",
     [b"{not json", b"\xff\xfe\x00\x80 binary", b"[]", b'{"stamp": "0:0:0", "pixels": {}}', b""],
