@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from crnet.config import IMAGENET_MEAN, IMAGENET_STD
 from crnet.data.pascal import IGNORE_LABEL, VOCTree, fold_classes
-from crnet.errors import CRNetWarning, DataError
+from crnet.errors import CRNetWarning, DataError, MaskError
 
 
 @dataclass(frozen=True)
@@ -173,18 +173,28 @@ class EpisodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.specs)
 
+    def _load(self, image_id: str, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image and its class mask; a label without the class the index counted in it is refused, not
+        scored as an empty object (the data changed after it was indexed)."""
+        image, label = self.tree.load(image_id)
+        mask = binary_mask(label, class_id)
+        if not (mask == 1).any():
+            raise MaskError(
+                f"label {self.tree.label_path(image_id)} has no pixel of class {class_id}, which the split's "
+                "index counted in it: the data changed after it was indexed; run the command again"
+            )
+        return image, mask
+
     def __getitem__(self, i: int) -> dict:
         spec = self.specs[i]
-        image, label = self.tree.load(spec.query)
-        query_mask = binary_mask(label, spec.class_id)
+        image, query_mask = self._load(spec.query, spec.class_id)
         query_image, query_target = to_model_input(
             image, query_mask, self.input_size, spec.query_flip, spec.hue_turn
         )
         flips = spec.support_flips or (False,) * len(spec.supports)
         support_images, support_masks = [], []
         for support, flip in zip(spec.supports, flips, strict=True):
-            image, label = self.tree.load(support)
-            mask = binary_mask(label, spec.class_id)
+            image, mask = self._load(support, spec.class_id)
             tensor, mask = to_model_input(image, mask, self.input_size, flip, spec.hue_turn)
             support_images.append(tensor)
             support_masks.append(mask)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from crnet.config import IMAGENET_MEAN, IMAGENET_STD
@@ -24,7 +25,7 @@ from crnet.data.episodes import (
     hue_rotation,
 )
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
-from crnet.errors import CRNetWarning, DataError
+from crnet.errors import CRNetWarning, DataError, MaskError
 from tests.fake_voc import BY_ID, make_fake_voc, truth
 
 NOVEL = fold_classes(0)  # 1..5: each in >= 2 val images of the fake tree
@@ -263,6 +264,20 @@ def test_masks_mark_only_the_episode_class(tree: VOCTree, val_index: SampleIndex
     assert int(columns.min()) >= 11 and int(columns.max()) <= 18
     assert int(rows.min()) >= 1 and int(rows.max()) <= 8
     assert 20 <= len(rows) <= 36
+
+
+@pytest.mark.parametrize("where", ["query", "support"])
+def test_a_label_without_the_class_is_refused(tmp_path: Path, where: str) -> None:
+    """The data changed after it was indexed: the episode is refused, not scored on an empty object."""
+    tree = VOCTree(make_fake_voc(tmp_path / "voc"))
+    index = SampleIndex(tree, "val", NOVEL)
+    spec = EpisodeSpec(2, "2008_000009", ("2008_000011",))
+    image_id = spec.query if where == "query" else spec.supports[0]
+    label = BY_ID[image_id].label()
+    label[label == 2] = 0
+    Image.fromarray(label).save(tree.label_path(image_id))
+    with pytest.raises(MaskError, match=f"{image_id}.png has no pixel of class 2.*changed after"):
+        EpisodeDataset(tree, index, [spec], SIZE)[0]
 
 
 def test_full_size_input_is_exact(tree: VOCTree, val_index: SampleIndex) -> None:
