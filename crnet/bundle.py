@@ -30,6 +30,13 @@ GRAPH_IO = {
 }
 
 
+def graph_metadata(graph: str, precision: str, iterations: int) -> dict[str, str]:
+    """What the exporter writes into each ONNX graph (its metadata_props) and runtimes compare with the
+    manifest: the graph's name, its precision and, for the head, the T unrolled in it."""
+    metadata = {"crnet.graph": graph, "crnet.precision": precision}
+    return metadata | ({"crnet.iterations": str(iterations)} if graph == "head" else {})
+
+
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The shape of every graph tensor without its batch dimension."""
     size, side, channels = config.input_size, config.feature_size, config.channels
@@ -126,6 +133,21 @@ class Bundle:
             raise BundleError(
                 f"bundle {self.root} was exported from another checkpoint ({name}, SHA-256 {digest}...), "
                 f"not from {checkpoint}: pass that checkpoint, or export {checkpoint} to a bundle"
+            )
+
+    def check_metadata(self, file: Path, graph: str, precision: str, metadata: dict[str, str]) -> None:
+        """BundleError where what the exporter wrote into a graph contradicts the manifest's listing (files
+        swapped, or the manifest edited with the checksums recomputed: a head unrolled for another T would
+        be compared with a reference run at the manifest's). Graphs of older exports carry nothing."""
+        expected = graph_metadata(graph, precision, self.iterations)
+        wrong = [
+            f"{key} {metadata[key]}" for key, value in expected.items() if metadata.get(key, value) != value
+        ]
+        if wrong:
+            stated = ", ".join(f"{key} {value}" for key, value in expected.items())
+            raise BundleError(
+                f"{file} was exported with {', '.join(wrong)}, but {MANIFEST} lists it with {stated} (files "
+                "swapped, or the manifest edited?); re-export the bundle"
             )
 
     def check_tensors(self, file: Path, graph: str, inputs: list[tuple], outputs: list[tuple]) -> None:

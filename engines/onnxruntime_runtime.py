@@ -75,6 +75,8 @@ class OnnxRuntime(Runtime):
                 [(x.name, x.shape) for x in session.get_inputs()],
                 [(y.name, y.shape) for y in session.get_outputs()],
             )
+            metadata = session.get_modelmeta().custom_metadata_map
+            self.bundle.check_metadata(path, graph, precision, metadata)
 
     @property
     def label(self) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from crnet import checkpoint
-from crnet.bundle import BatchRange
+from crnet.bundle import BatchRange, graph_metadata
 from crnet.errors import CRNetError
 from crnet.export.graphs import OPSET, SPECS, GraphSpec, export_onnx, graph_module
 from crnet.export.writer import BundleWriter, base_manifest, file_entry
@@ -104,7 +104,8 @@ def export_bundle(
                 path = writer.root / f"{spec.name}.{precision}.onnx"
                 module = graph_module(spec, model, iterations, dtype)
                 with _quiet_exporter():
-                    export_onnx(module, spec, spec.example(model, 2), path)
+                    metadata = graph_metadata(spec.name, precision, iterations)
+                    export_onnx(module, spec, spec.example(model, 2), path, metadata)
                 onnx.checker.check_model(str(path), full_check=True)
                 errors = verify_graph(path, spec, model, iterations, threads)
                 if precision == "fp32":

@@ -113,8 +113,15 @@ def graph_module(spec: GraphSpec, model: CRNet, iterations: int, dtype: torch.dt
     return PrecisionWrapper(graph, dtype).eval()
 
 
-def export_onnx(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor, ...], path: Path) -> None:
-    """torch.export-based ONNX export with a symbolic batch on every input and output, one file."""
+def export_onnx(
+    module: nn.Module,
+    spec: GraphSpec,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """torch.export-based ONNX export with a symbolic batch on every input and output, one file;
+    `metadata` goes into the model's metadata_props."""
     optimizer = require("onnxscript.optimizer", "crnet export (the torch.export-based ONNX exporter)")
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic_shapes = (tuple({0: batch} for _ in spec.inputs),)  # forward(*inputs): one varargs entry
@@ -140,4 +147,5 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor,
         # stops at 8192-element inputs, and a Slice left in front of a Conv keeps its weights from being
         # build-time constants.
         optimizer.fold_constants(program.model, input_size_limit=WEIGHT_LIMIT, output_size_limit=WEIGHT_LIMIT)
+    program.model.metadata_props.update(metadata or {})
     program.save(str(path), external_data=False)

@@ -69,6 +69,8 @@ class World:
     pipe: Path  # a named pipe, not a regular file
     earlier_infer: Path  # an earlier infer's --out: infer.json, query_mask.png, query_overlay.png
     endless: Path  # a bundle whose manifest asks for a billion iterations, checksums valid
+    retold: Path  # the manifest's T edited (the head graph unrolls another), checksums valid
+    crossed: Path  # the fp32 and fp16 head graphs swapped, checksums recomputed
 
 
 def _rewrite(bundle: Path, change: Callable[[dict], None]) -> None:
@@ -166,6 +168,14 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
     (earlier_infer / "infer.json").write_text(json.dumps({"queries": [{"mask": "query_mask.png"}]}))
     endless = Path(shutil.copytree(micro_bundle, root / "endless"))
     _rewrite(endless, lambda m: m.update(iterations=10**9))
+    retold = Path(shutil.copytree(micro_bundle, root / "retold"))
+    _rewrite(retold, lambda m: m.update(iterations=m["iterations"] - 1))
+    crossed = Path(shutil.copytree(micro_bundle, root / "crossed"))
+    fp32, fp16 = crossed / "head.fp32.onnx", crossed / "head.fp16.onnx"
+    fp32_bytes = fp32.read_bytes()
+    fp32.write_bytes(fp16.read_bytes())
+    fp16.write_bytes(fp32_bytes)
+    _rewrite(crossed, lambda m: None)
     made = World(
         root=root,
         voc=voc,
@@ -197,6 +207,8 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
         pipe=root / "devices" / "pipe",
         earlier_infer=earlier_infer,
         endless=endless,
+        retold=retold,
+        crossed=crossed,
     )
     yield made
     release(made.read_only)
@@ -493,6 +505,11 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "infer-swapped-graphs": (infer(engine=lambda w: w.swapped), "does not fit bundle"),
     "infer-edited-input-size": (infer(engine=lambda w: w.resized), "does not fit bundle"),
     "infer-inconsistent-manifest": (infer(engine=lambda w: w.inconsistent), "contradict its model config"),
+    "infer-edited-iterations": (infer(engine=lambda w: w.retold), "exported with crnet.iterations"),
+    "infer-precisions-crossed": (
+        infer("--runtime", "onnxruntime:fp16", engine=lambda w: w.crossed),
+        "head.fp16.onnx was exported with crnet.precision fp32",
+    ),
     "infer-damaged-bundle": (infer(engine=lambda w: w.damaged), "does not match its checksum"),
     "infer-out-is-a-file": (infer(out=lambda w: w.a_file), "is a file"),
     "infer-out-is-a-broken-link": (infer(out=lambda w: w.broken_link), "is a symbolic link"),
@@ -537,6 +554,10 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "bench-swapped-graphs": (
         bench("--runtime", "onnxruntime", "--device", "cpu", bundle=lambda w: w.swapped),
         "does not fit bundle",
+    ),
+    "bench-edited-iterations": (  # else torch's rows run the manifest's T, the graph its own
+        bench("--runtime", "onnxruntime", "--device", "cpu", bundle=lambda w: w.retold),
+        "exported with crnet.iterations",
     ),
     "bench-edited-input-size": (
         bench("--runtime", "onnxruntime", "--device", "cpu", bundle=lambda w: w.resized),

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from crnet.bundle import FORMAT, BatchRange, BundleError, is_replaceable_bundle, load_bundle
+from crnet.bundle import (
+    FORMAT,
+    BatchRange,
+    BundleError,
+    graph_metadata,
+    is_replaceable_bundle,
+    load_bundle,
+)
 from crnet.errors import CRNetError
 from crnet.export import build
 from crnet.export.build import export_bundle
@@ -33,6 +40,21 @@ def test_a_good_bundle_loads(micro_bundle) -> None:
     assert bundle.model_config.input_size == 33
     assert bundle.graph("fp16", "head").is_file()
     assert load_bundle(bundle.graph("fp32", "encoder")).root == bundle.root  # a file inside one
+
+
+def test_graphs_carry_what_the_manifest_lists(micro_bundle) -> None:
+    onnx = pytest.importorskip("onnx")
+    bundle = load_bundle(micro_bundle)
+    for precision in ("fp32", "fp16"):
+        for graph in ("encoder", "prompt", "head"):
+            path = bundle.graph(precision, graph)
+            metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            assert metadata == graph_metadata(graph, precision, bundle.iterations)
+            bundle.check_metadata(path, graph, precision, metadata)
+    assert graph_metadata("head", "fp16", 5)["crnet.iterations"] == "5"
+    bundle.check_metadata(path, "head", "fp16", {})  # a graph of an older export carries nothing
+    with pytest.raises(BundleError, match="exported with crnet.iterations 4, but"):
+        bundle.check_metadata(path, "head", "fp16", metadata | {"crnet.iterations": "4"})
 
 
 def test_a_changed_graph_fails_its_checksum(copy) -> None:
