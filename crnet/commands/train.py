@@ -248,6 +248,18 @@ def _check_resumable(stored: dict, path: Path, model_config: ModelConfig, train_
         raise CRNetError(f"cannot resume: {path} has step {step!r}, not one of 0..{train_config.steps}")
 
 
+def _window_losses(stored: dict) -> list[tuple[float, float, float]]:
+    """The (loss, query, support) losses of the steps since the last metrics record, as saved; none from a
+    state saved before they were kept (that run's next record averages the steps since the resume)."""
+    try:
+        window = [tuple(float(x) for x in losses) for losses in stored.get("window_losses", [])]
+    except (TypeError, ValueError):
+        window = None
+    if window is None or not all(len(losses) == 3 for losses in window):
+        raise CRNetError("cannot resume: the training state's window of losses is malformed")
+    return window
+
+
 def _append(path: Path, line: str) -> None:
     try:
         with open(path, "a") as log:
@@ -327,7 +339,7 @@ def train(
     model = build_model(model_config, backbone_weights=backbone_weights).to(group.device)
     cache = PredictionCache(len(index.pairs), model_config.feature_size)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
-    start = 0
+    start, window = 0, []
     if stored is not None:
         model.load_state_dict(stored["model"])
         optimizer.load_state_dict(stored["optimizer"])
@@ -340,6 +352,7 @@ def train(
         cache.load_state_dict(stored["cache"])
         _set_rng_state(stored["rng"][group.rank], group.device)
         start = stored["step"]
+        window = _window_losses(stored)
         if group.main:
             notice(f"resuming {out_dir} at step {start} of {config.steps}")
     else:
@@ -364,6 +377,8 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "cache": cache.state_dict(),
                     "rng": rng,
+                    # The losses since the last metrics record: the next record averages its whole window.
+                    "window_losses": losses,
                 },
                 out_dir / LAST,
             )
@@ -388,7 +403,7 @@ def train(
     )
     autocast = training_autocast(config.precision, group.device)
     stop = _StopRequest()
-    step, window_start, window_episodes, losses = start, time.perf_counter(), 0, []
+    step, window_start, window_episodes, losses = start, time.perf_counter(), 0, window
     model.train()
     bar = _progress(progress and group.main, start, config.steps)
     step_start = None  # (rng, buffers) while a step is under way: an interrupted step is redone from it

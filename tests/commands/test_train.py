@@ -81,6 +81,36 @@ def test_resume_after_interruption_continues_the_same_run(
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_resumed_run_logs_the_same_losses(bench_root, tmp_path, monkeypatch):
+    """Records every 3 steps, stopped at step 4: the resumed run's record at step 6 averages steps 4 to 6,
+    as the straight run's does, not only the steps since the resume."""
+    import crnet.commands.train as training
+
+    config = CONFIG.replace(log_every=3)
+    train(MICRO, config, bench_root, tmp_path / "straight", progress=False, device="cpu")
+    calls, real_loss = {"n": 0}, training.episode_loss
+
+    def interrupt(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:  # two losses per step: the 7th is in step 4
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args)
+
+    monkeypatch.setattr(training, "episode_loss", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(MICRO, config, bench_root, tmp_path / "resumed", progress=False, device="cpu", notice=print)
+    assert len(checkpoint.load(tmp_path / "resumed" / LAST)["window_losses"]) == 1  # step 4's
+    monkeypatch.setattr(training, "episode_loss", real_loss)
+    train(MICRO, config, bench_root, tmp_path / "resumed", resume=True, progress=False, device="cpu")
+
+    def losses(run: Path) -> list[tuple]:
+        records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+        return [(r["step"], r["loss"], r["query_loss"], r["support_loss"]) for r in records]
+
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert [step for step, *_ in losses(tmp_path / "straight")] == [3, 6]
+
+
 def test_training_reduces_the_loss(bench_root, tmp_path):
     config = CONFIG.replace(steps=40, batch_size=4, log_every=10, checkpoint_every=1000, lr=5e-3)
     train(MICRO, config, bench_root, tmp_path, progress=False, device="cpu")
