@@ -12,12 +12,11 @@ convolutions in float64.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from layer_bench import layer_bench_arguments
+from layer_bench import layer_bench_arguments, script_parser
 from torch import nn
 
+from crnet.commands.script_args import count, run
 from crnet.commands.timer import Timer, medians_in_turns
 from crnet.model.banded_conv import BandedConv
 from crnet.model.conv_epilogues import ConvReLU
@@ -26,10 +25,8 @@ DILATIONS = (6, 12, 18)  # the r50 preset's
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--channels", type=int, default=256)
+    parser = script_parser(__doc__)
+    parser.add_argument("--channels", type=count(1, 4096), default=256)
     args, device, dtype = layer_bench_arguments(__doc__, "feature maps per call (repeatable)", 41, parser)
     torch.manual_seed(0)
     size, channels = (args.size, args.size), args.channels
@@ -90,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

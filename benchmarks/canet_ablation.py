@@ -12,7 +12,6 @@ again; an interrupted one resumes. The table and a JSON (ablation.json) go to --
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 from crnet import checkpoint
 from crnet.commands.demo import RECIPE
 from crnet.commands.evaluate import CRNetPredictor, evaluate
+from crnet.commands.script_args import OneLineParser, count
+from crnet.commands.script_args import run as run_script
 from crnet.commands.train import FINAL, LAST, train
 from crnet.config import TINY
 from crnet.files import write_text
@@ -71,11 +72,11 @@ def run(name: str, data: Path, out: Path, episodes: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS))
-    parser.add_argument("--episodes", type=int, default=1000)
+    parser.add_argument("--episodes", type=count(1), default=1000)
     args = parser.parse_args()
     torch.set_num_threads(2)
     # Denormal floats flushed to zero, for every variant alike: without it CaNet's condition variant trained
@@ -93,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -7,10 +7,12 @@ second process of a pair runs slower), and print the medians.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
+
+from crnet.checkpoint import load
+from crnet.commands.script_args import OneLineParser, count, run
 
 CHILD = """
 import sys, time, torch
@@ -30,11 +32,12 @@ for _ in range(int(sys.argv[3])):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="checkpoints/tiny_fold0.pt")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--rounds", type=count(1), default=4)
+    parser.add_argument("--calls", type=count(1), default=5)
     args = parser.parse_args()
+    load(args.checkpoint)  # a missing or foreign checkpoint in one line, not in the child's traceback
     times = {"plain": [], "flush": []}
     for round_ in range(args.rounds):
         for mode in ("plain", "flush")[:: 1 if round_ % 2 == 0 else -1]:  # the second of a pair runs slower
@@ -53,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,11 +7,13 @@ without freezing, and the two time the same random episode alternately (wall tim
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
+from crnet.checkpoint import load
+from crnet.commands.script_args import OneLineParser, count, run
 from crnet.commands.timer import Timer, medians_in_turns
+from crnet.config import MAX_BATCH
+from crnet.device import resolve_device
 from crnet.engines import RuntimeSpec, torch_options
 from crnet.engines.torch_runtime import TorchRuntime
 
@@ -25,20 +27,22 @@ def open_twice(spec: RuntimeSpec, checkpoint: str, device: str) -> dict[str, Tor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--spec", action="append", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch", type=count(1, MAX_BATCH), default=1)
+    parser.add_argument("--repeats", type=count(1), default=20)
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
+    specs = [RuntimeSpec.parse(text) for text in args.spec]  # bad input before the table starts
+    load(args.checkpoint)
     timer = Timer(device)
     print(f"episode median ms, batch {args.batch}, 1-shot, {device}")
     print("| spec | plain | frozen | plain / frozen | max logit difference |")
     print("|---|---|---|---|---|")
-    for text in args.spec:
-        runtimes = open_twice(RuntimeSpec.parse(text), args.checkpoint, args.device)
+    for text, spec in zip(args.spec, specs, strict=True):
+        runtimes = open_twice(spec, args.checkpoint, args.device)
         size = runtimes["plain"].input_size
         torch.manual_seed(0)
         query = torch.randn(args.batch, 3, size, size, device=device)
@@ -61,4 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.inference_mode()(main)()
+    run(torch.inference_mode()(main))

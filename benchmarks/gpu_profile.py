@@ -11,8 +11,6 @@ Random inputs: time does not depend on content.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +18,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from crnet.checkpoint import load
+from crnet.commands.script_args import OneLineParser, check_json_output, count, run, write_json
+from crnet.config import MAX_BATCH
+from crnet.device import resolve_device
 from crnet.engines import RuntimeSpec, open_runtime
+
+SCRIPT = "gpu_profile"
 
 # First match wins; the names are those of cuDNN, cuBLAS/CUTLASS, inductor's Triton kernels and ours.
 GROUPS = [
@@ -110,17 +114,22 @@ def report(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--spec", action="append", required=True)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--batch", type=count(1, MAX_BATCH), default=1)
+    parser.add_argument("--calls", type=count(0), default=10)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cuda", help="cpu only to check the script: no kernels there")
     parser.add_argument(
         "--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms for each shape first"
     )
     args = parser.parse_args()
+    check_json_output(args.json, SCRIPT, inputs=[args.checkpoint])
+    resolve_device(args.device)
+    for text in args.spec:  # bad input in one line, not as a failed row
+        RuntimeSpec.parse(text)
+    load(args.checkpoint)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     results = []
     for text in args.spec:
@@ -131,8 +140,8 @@ def main() -> None:
         except Exception as error:  # one spec that fails to compile or capture must not lose the others
             print(f"== {text}: failed: {type(error).__name__}: {error}", flush=True)
         if args.json:  # after every spec: a run cut off at its deadline keeps the specs it finished
-            args.json.write_text(json.dumps(results, indent=1))
+            write_json(args.json, SCRIPT, {"profiles": results})
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from layer_bench import layer_bench_arguments
 from torch import nn
 
+from crnet.commands.script_args import run
 from crnet.commands.timer import Timer, medians_in_turns
 from crnet.engines.cuda_graphs import CapturedCalls, CaptureOnOwnThread
 from crnet.engines.torch_runtime import _cudnn_benchmark
@@ -186,4 +187,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,7 +10,6 @@ on a GPU (`--device cuda`) torch FP16 channels-last eager and compiled with CUDA
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import warnings
 from pathlib import Path
@@ -18,7 +17,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from crnet.commands.script_args import OneLineParser, count, run
 from crnet.commands.timer import Timer, medians_in_turns
+from crnet.config import MAX_BATCH, MAX_ITERATIONS
+from crnet.device import resolve_device
 from crnet.engines.cuda_graphs import CapturedCalls
 from crnet.model.refinement import Refinement
 
@@ -52,13 +54,14 @@ def row(label: str, medians: dict[str, float]) -> str:
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=count(1, MAX_BATCH), default=1)
+    parser.add_argument("--iterations", type=count(1, MAX_ITERATIONS), default=5)
+    parser.add_argument("--repeats", type=count(1), default=10)
+    parser.add_argument("--threads", type=count(1, 1024), default=2)
     args = parser.parse_args()
+    resolve_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     refinement = Refinement(CHANNELS, DILATIONS, fused=False).eval()
@@ -125,4 +128,4 @@ def gpu_rows(refinement: Refinement, loops: dict[str, Loop], x: torch.Tensor, de
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

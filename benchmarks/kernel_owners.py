@@ -13,8 +13,6 @@ its owner; --json writes every one.
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,9 +20,12 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
+from crnet.commands.script_args import OneLineParser, check_json_output, count, run, write_json
+from crnet.config import MAX_BATCH
 from crnet.device import resolve_device
 from crnet.engines import DEPLOYED_GPU, RuntimeSpec, open_runtime
-from crnet.errors import CRNetError
+
+SCRIPT = "kernel_owners"
 
 EAGER_ONLY = {"compile", "cuda-graphs", "max-autotune", "cudnn-benchmark"}
 MODULE_PREFIX = "module: "
@@ -125,32 +126,23 @@ def report(result: dict, top: int) -> str:
     return "\n".join(lines)
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--spec", default=DEPLOYED_GPU)
-    parser.add_argument("--batch", type=positive, default=64)
-    parser.add_argument("--calls", type=positive, default=3)
-    parser.add_argument("--top", type=positive, default=40)
+    parser.add_argument("--batch", type=count(1, MAX_BATCH), default=64)
+    parser.add_argument("--calls", type=count(1), default=3)
+    parser.add_argument("--top", type=count(1), default=40)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cuda", help="cpu only to check the script: no kernels there")
     args = parser.parse_args()
-    try:
-        device = resolve_device(args.device)
-        result = kernel_owners(args.checkpoint, args.spec, args.batch, args.calls, device.type)
-    except CRNetError as error:  # a missing checkpoint, a bad spec, no GPU: one line, as crnet's commands
-        parser.error(str(error))
+    check_json_output(args.json, SCRIPT, inputs=[args.checkpoint])
+    device = resolve_device(args.device)
+    result = kernel_owners(args.checkpoint, args.spec, args.batch, args.calls, device.type)
     print(report(result, args.top), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        write_json(args.json, SCRIPT, result)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

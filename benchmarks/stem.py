@@ -16,6 +16,7 @@ import torch
 from layer_bench import layer_bench_arguments
 from torch import nn
 
+from crnet.commands.script_args import run
 from crnet.commands.timer import Timer, medians_in_turns
 from crnet.model.space_to_depth import SpaceToDepthConv
 
@@ -54,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -6,16 +6,18 @@ in a worker process during real training). Usage: python benchmarks/train_throug
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
+from crnet.commands.script_args import OneLineParser, check_json_output, count, run, write_json
 from crnet.config import preset
 from crnet.model.crnet import build_model
 from crnet.model.loss import episode_loss
+
+SCRIPT = "train_throughput"
 
 
 def episodes_per_second(name: str, batch: int, steps: int, warmup: int) -> float:
@@ -51,10 +53,11 @@ def episodes_per_second(name: str, batch: int, steps: int, warmup: int) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser = OneLineParser(description=__doc__)
+    parser.add_argument("--threads", type=count(1, 1024), default=2)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
+    check_json_output(args.json, SCRIPT)
     torch.set_num_threads(args.threads)
     results = {
         "tiny": episodes_per_second("tiny", batch=8, steps=20, warmup=3),
@@ -65,9 +68,9 @@ def main() -> None:
         print(f"{name:5s} {rate:8.2f} episodes/s")
     print(f"tiny / r50: {results['tiny'] / results['r50']:.0f}x")
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"threads": args.threads, "torch": torch.__version__, "episodes_per_s": results}, file)
+        document = {"threads": args.threads, "torch": torch.__version__, "episodes_per_s": results}
+        write_json(args.json, SCRIPT, document)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

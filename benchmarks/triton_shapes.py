@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from layer_bench import layer_bench_arguments
 
+from crnet.commands.script_args import run
 from crnet.commands.timer import Timer, medians_in_turns
 from crnet.engines.cuda_graphs import CapturedCalls
 from crnet.engines.triton_head import (
@@ -262,4 +263,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

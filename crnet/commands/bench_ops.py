@@ -16,17 +16,14 @@ fused convolution-bias-ReLU (`cudnn_epilogues`). A call that cannot be captured 
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import signal
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
 from crnet import ops
+from crnet.commands.script_args import OneLineParser, count, run
 from crnet.commands.timer import Timer, medians_in_turns
 from crnet.config import MAX_ITERATIONS
 from crnet.engines.cuda_graphs import capture_cuda_graph
@@ -47,18 +44,6 @@ def is_ops_json(path: Path) -> bool:
     return isinstance(document, dict) and (
         document.get("schema") == SCHEMA or document.keys() == {"machine", "runs", "replayed"}  # schema-less
     )
-
-
-def count(low: int, high: int | None = None):
-    """An argparse type: an integer in [low, high], refused in argparse's one usage line otherwise."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high if high is not None else ''}")
-        return value
-
-    return parse
 
 
 def head(device: str, dtype: torch.dtype, seed: int = 0) -> Refinement:
@@ -146,14 +131,6 @@ def compare_replayed(batch: int, iterations: int, replays: int) -> dict:
     return result
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments as crnet's commands say them: one `error:` line, exit 2 (argparse prints its usage)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=count(1, 1024), default=1)
@@ -163,15 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=count(1, 1024), default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    try:
-        if args.json:  # before the run, not after minutes of it
-            check_writable_file(args.json, ours=is_ops_json, what="bench_ops JSON")
-    except CRNetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    if args.json:  # before the run, not after minutes of it
+        check_writable_file(args.json, ours=is_ops_json, what="bench_ops JSON")
     if not ops.AVAILABLE:
-        print(f"error: {ops.MISSING}", file=sys.stderr)
-        raise SystemExit(2)
+        raise CRNetError(ops.MISSING)
     torch.set_num_threads(args.threads)
     runs = [compare("cpu", torch.float32, args.batch, args.iterations, args.repeats, args.warmup)]
     if torch.cuda.is_available():
@@ -219,14 +191,5 @@ def main(argv: list[str] | None = None) -> None:
         write_text(args.json, json.dumps(document, indent=2) + "\n")
 
 
-def interrupted(number, frame) -> None:
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, interrupted)  # as Ctrl-C: one line, exit 130
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    run(main)

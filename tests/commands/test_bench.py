@@ -369,6 +369,7 @@ def test_eval_json_is_recognised_by_its_keys(tmp_path) -> None:
 def test_bench_ops_refuses_a_foreign_json_before_it_runs(tmp_path, monkeypatch, capsys) -> None:
     """The native op's developer bench wrote its --json after minutes of timing, over any file there."""
     from crnet.commands import bench_ops
+    from crnet.commands.script_args import run
 
     monkeypatch.setattr(bench_ops, "compare", lambda *a, **k: pytest.fail("ran before checking --json"))
     photo = tmp_path / "photo.png"
@@ -376,7 +377,7 @@ def test_bench_ops_refuses_a_foreign_json_before_it_runs(tmp_path, monkeypatch, 
     refused = (["--json", str(photo)], ["--json", str(tmp_path)], ["--iterations", "51"], ["--repeats", "0"])
     for args in refused:
         with pytest.raises(SystemExit) as exit_info:
-            bench_ops.main(args)
+            run(lambda args=args: bench_ops.main(args))
         assert exit_info.value.code == 2
         lines = capsys.readouterr().err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ")  # not argparse's usage block

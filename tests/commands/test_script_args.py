@@ -1,0 +1,96 @@
+"""The scripts' command line (bench_ops and benchmarks/*.py): crnet's rules for bad input and outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crnet.commands.script_args import (
+    OneLineParser,
+    check_json_output,
+    count,
+    is_script_json,
+    run,
+    write_json,
+)
+from crnet.errors import CRNetError
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKPOINT = REPO / "checkpoints" / "tiny_fold0.pt"
+
+
+def test_count_refuses_in_one_line(capsys) -> None:
+    parser = OneLineParser()
+    parser.add_argument("--n", type=count(1, 8))
+    assert parser.parse_args(["--n", "8"]).n == 8
+    for text in ("0", "9", "x", "1.5"):
+        with pytest.raises(SystemExit) as stopped:
+            parser.parse_args(["--n", text])
+        assert stopped.value.code == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: argument --n: ")
+
+
+def test_a_json_replaces_only_its_own_script_s(tmp_path) -> None:
+    out = tmp_path / "profile.json"
+    check_json_output(out, "gpu_profile")  # nothing there yet
+    write_json(out, "gpu_profile", {"profiles": []})
+    assert json.loads(out.read_text()) == {"script": "gpu_profile", "profiles": []}
+    assert is_script_json(out, "gpu_profile") and not is_script_json(out, "kernel_owners")
+    check_json_output(out, "gpu_profile")  # an earlier one of the same script
+    with pytest.raises(CRNetError, match="not an earlier kernel_owners JSON"):
+        check_json_output(out, "kernel_owners")
+    users = tmp_path / "notes.json"
+    users.write_text('{"my": "notes"}')
+    with pytest.raises(CRNetError, match="not an earlier gpu_profile JSON"):
+        check_json_output(users, "gpu_profile")
+    assert users.read_text() == '{"my": "notes"}'
+    check_json_output(None, "gpu_profile")  # no --json: nothing to check
+
+
+def test_run_says_errors_and_interrupts_in_one_line(capsys) -> None:
+    def fails():
+        raise CRNetError("checkpoint not found: x.pt")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    cases = ((fails, 2, "error: checkpoint not found: x.pt"), (interrupted, 130, "interrupted"))
+    for main, code, line in cases:
+        with pytest.raises(SystemExit) as stopped:
+            run(main)
+        assert stopped.value.code == code and capsys.readouterr().err.splitlines() == [line]
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("untrained_checkpoint.py", ["--preset", "tiny", "--out", "{precious}"], "exists; give a new file"),
+        ("train_throughput.py", ["--threads", "0"], "argument --threads: 0 is outside 1..1024"),
+        ("kernel_owners.py", [str(CHECKPOINT), "--device", "cpu", "--json", "{notes}"], "not an earlier"),
+        ("hoisting.py", ["--device", "gpu7"], "unknown device 'gpu7'"),
+        ("denormals.py", ["--checkpoint", "{missing}"], "checkpoint not found"),
+    ],
+    ids=["untrained-over-checkpoint", "zero-threads", "json-over-notes", "bad-device", "missing-checkpoint"],
+)
+def test_benchmark_scripts_refuse_bad_input(tmp_path, script, args, message) -> None:
+    """They overwrote a trained checkpoint or a user's JSON without a word, and answered bad arguments with
+    tracebacks."""
+    precious, notes = tmp_path / "precious.pt", tmp_path / "notes.json"
+    precious.write_bytes(CHECKPOINT.read_bytes())
+    notes.write_text("the user's")
+    names = {"precious": precious, "notes": notes, "missing": tmp_path / "missing.pt"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *(a.format(**names) for a in args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert message in lines[0]
+    assert precious.read_bytes() == CHECKPOINT.read_bytes() and notes.read_text() == "the user's"
