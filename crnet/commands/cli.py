@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Annotated, Literal
@@ -736,6 +737,22 @@ def _compile_failure(error: Exception) -> str | None:
     )
 
 
+def _torch_start_failure(error: Exception) -> str | None:
+    """The line for PyTorch failing while it is imported (a bad TORCH_LOGS or PYTORCH_JIT, say: its
+    settings are read at import), else None. A failed import leaves no `torch` in sys.modules."""
+    if "torch" in sys.modules:
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    if not any(f"{os.sep}torch{os.sep}" in frame.filename for frame in frames):
+        return None
+    text = " ".join(str(error).split())
+    message = text.split(". ")[0][:300] or type(error).__name__  # TORCH_LOGS' goes on to list every setting
+    return (
+        f"PyTorch cannot start in this environment: {message} (check the TORCH_* and PYTORCH_* environment "
+        "variables)"
+    )
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """crnet's own warnings as one line; others keep Python's format (they point at a bug elsewhere)."""
     if issubclass(category, CRNetWarning):
@@ -779,7 +796,7 @@ def main() -> None:
         if interrupted(error):  # SIGTERM to the process group also stops the data loader's workers
             typer.echo("interrupted", err=True)
             sys.exit(130)
-        if failure := _compile_failure(error):
+        if failure := _compile_failure(error) or _torch_start_failure(error):
             typer.echo(f"error: {failure}", err=True)
             sys.exit(2)
         # Usage errors (unknown option, missing argument, bad value) come from typer's bundled click, whose

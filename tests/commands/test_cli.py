@@ -283,6 +283,23 @@ def test_broken_image_found_during_eval_is_one_line(files: Files, tmp_path: Path
     check_user_error(result.returncode, result.stdout, result.stderr, "cannot read image")
 
 
+@pytest.mark.parametrize(
+    "variable, expected",
+    [("TORCH_LOGS", "Invalid log settings: garbage"), ("PYTORCH_JIT", "Unknown setting of PYTORCH_JIT")],
+)
+def test_torch_that_cannot_start_is_one_line(files: Files, tmp_path: Path, monkeypatch, variable, expected):
+    """PyTorch reads some settings at import and raises on a bad one: every command gave its traceback."""
+    monkeypatch.setenv(variable, "garbage")
+    result = run_cli(["eval", str(files.checkpoint), "--data", str(files.voc), "--episodes", "1"], tmp_path)
+    check_user_error(
+        result.returncode,
+        result.stdout,
+        result.stderr,
+        f"PyTorch cannot start in this environment: {expected}",
+    )
+    assert "(check the TORCH_* and PYTORCH_* environment variables)" in result.stderr
+
+
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
     import crnet.commands.train as training
 
