@@ -57,6 +57,7 @@ def train_recipe(out: Path, root: Path, device: torch.device, progress: bool, no
         device=str(device),
         progress=progress,
         notice=notice,
+        how_to_continue="run the demo again with the same --out to continue",  # it has no --resume
     )
 
 

@@ -303,12 +303,19 @@ def train(
     device: str | None = None,
     progress: bool = True,
     notice: Callable[[str], None] = lambda line: None,
+    how_to_continue: str = "continue with --resume",
 ) -> Path:
-    """Train; returns the path of the final model checkpoint. Ctrl-C or SIGTERM saves before exiting;
-    a run killed outright resumes from its last checkpoint exactly as if it had not stopped."""
+    """Train; returns the path of the final model checkpoint. Ctrl-C or SIGTERM saves before exiting (and
+    says `how_to_continue`); a run killed outright resumes from its last checkpoint exactly as if it had not
+    stopped."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"--out {out_dir} is a file; training writes a run directory there")
+    if out_dir.is_symlink() and not out_dir.exists():  # else "cannot write: File exists"
+        raise OutputError(
+            f"--out {out_dir} is a symbolic link to {os.readlink(out_dir)}, which does not exist; create "
+            "that folder or give another --out"
+        )
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / LAST).exists():
         raise OutputError(f"--out {out_dir} holds other files and no run; choose a new or empty folder")
     if (out_dir / LAST).exists() and not resume:
@@ -487,7 +494,7 @@ def train(
         if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
             raise
         # Said, then the interrupt goes on: the CLI's "interrupted" and exit code 130, as for any command.
-        notice(f"interrupted at step {step}/{config.steps}; saved {out_dir / LAST}, continue with --resume")
+        notice(f"interrupted at step {step}/{config.steps}; saved {out_dir / LAST}, {how_to_continue}")
         raise KeyboardInterrupt from None
     finally:
         stop.close()

@@ -108,20 +108,26 @@ def read_image(path: Path, *, as_shown: bool = False) -> np.ndarray:
         raise ImageReadError(f"cannot read image {path}: {error}") from None
 
 
-def read_label(path: Path, *, as_shown: bool = False) -> np.ndarray:
-    """Single-channel uint8 (H, W) label map, palette indices kept as they are; `as_shown` as read_image.
-    Raises ImageReadError."""
+def read_label(path: Path, *, as_shown: bool = False, what: str = "label") -> np.ndarray:
+    """Single-channel uint8 (H, W) label map, palette indices kept as they are, a 1-bit image's set pixels
+    1; `as_shown` as read_image. `what` names the file in errors ("mask" for a support mask). Raises
+    ImageReadError."""
     try:
         with open_image(path) as image:
             image = upright(image) if as_shown else image
+            if image.mode == "1":  # as 0 and 1, not PIL's 0 and 255 (255 is "ignore")
+                return np.asarray(image, dtype=bool).astype(np.uint8)
             if image.mode not in ("L", "P"):
-                raise MaskError(f"label {path} must be a single-channel 8-bit PNG, got mode {image.mode}")
+                raise MaskError(
+                    f"{what} {path} must be a single-channel PNG (8-bit grey or palette), got mode "
+                    f"{image.mode}"
+                )
             return np.asarray(image, dtype=np.uint8)  # palette PNGs keep their indices
     except FileNotFoundError:
-        raise ImageReadError(f"label not found: {path}") from None
+        raise ImageReadError(f"{what} not found: {path}") from None
     # ValueError: a damaged header (a PGM's size, say); the bomb error: a header claiming billions of pixels
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"cannot read label {path}: {error}") from None
+        raise ImageReadError(f"cannot read {what} {path}: {error}") from None
 
 
 def check_label(label: np.ndarray, path: Path, image_shape: tuple[int, int]) -> None:

@@ -193,6 +193,10 @@ CASES = {
         "Invalid value for '--steps': ",
         (),
     ),
+    # An empty path is the current folder: `--data ""` was refused as "--json inside the input ."
+    "eval-empty-data": (ev(valid, "--data", ""), "an empty argument after --data", ()),
+    "eval-empty-data-with-equals": (ev(valid, "--data="), "--data has an empty value", ()),
+    "eval-empty-checkpoint": (ev(lambda f: ""), "an empty argument after eval", ()),
 }
 SUBPROCESS_CASES = [
     "eval-corrupt-checkpoint",

@@ -183,3 +183,14 @@ def test_a_demo_stopped_while_training_can_be_run_again(tmp_path) -> None:
     (out / "notes.txt").write_text("the user's")
     with pytest.raises(CRNetError, match="holds other files"):
         check_demo_out(out)
+
+
+def test_an_interrupted_demo_says_how_to_continue_it(monkeypatch, tmp_path) -> None:
+    """Its training run said "continue with --resume", an option the demo does not have."""
+    from crnet.commands import demo
+
+    asked = {}
+    monkeypatch.setattr(demo, "train", lambda *args, **kwargs: asked.update(kwargs))
+    demo.train_recipe(tmp_path / "out", tmp_path / "data", torch.device("cpu"), False, print)
+    assert asked["how_to_continue"] == "run the demo again with the same --out to continue"
+    assert asked["resume"] is False

@@ -111,6 +111,13 @@ def test_a_resumed_run_logs_the_same_losses(bench_root, tmp_path, monkeypatch):
     assert [step for step, *_ in losses(tmp_path / "straight")] == [3, 6]
 
 
+def test_out_as_a_link_to_nothing_is_named(bench_root, tmp_path):
+    (tmp_path / "runs").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CRNetError, match="is a symbolic link to .*elsewhere, which does not exist"):
+        train(MICRO, CONFIG, bench_root, tmp_path / "runs", progress=False, device="cpu")
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_training_reduces_the_loss(bench_root, tmp_path):
     config = CONFIG.replace(steps=40, batch_size=4, log_every=10, checkpoint_every=1000, lr=5e-3)
     train(MICRO, config, bench_root, tmp_path, progress=False, device="cpu")

@@ -112,6 +112,14 @@ def test_read_good_mask(tmp_path: Path, mode) -> None:
     np.testing.assert_array_equal(result, array)
 
 
+def test_a_one_bit_mask_reads_as_0_and_1(tmp_path: Path) -> None:
+    """PIL turns a 1-bit image into 0 and 255, which would make its object "ignore"."""
+    array = mask(1, 0, 1)
+    Image.fromarray(array.astype(bool)).save(tmp_path / "m.png")
+    assert Image.open(tmp_path / "m.png").mode == "1"
+    np.testing.assert_array_equal(read_binary_mask(tmp_path / "m.png", (H, W)), array)
+
+
 @pytest.mark.parametrize(
     "array, mode, error, text",
     [
@@ -119,7 +127,7 @@ def test_read_good_mask(tmp_path: Path, mode) -> None:
         (mask(0, 128), None, MaskError, "values"),
         (mask(1) * 255, None, EmptySupportMaskError, "no object pixel"),  # a 0/255 PNG has no 1
         (np.ones((H + 1, W), np.uint8), None, MaskError, f"is {W}x{H + 1} but its image is {W}x{H}"),
-        (mask(1, 1), "RGB", MaskError, "single-channel"),
+        (mask(1, 1), "RGB", MaskError, "mask .*m.png must be a single-channel PNG"),
         (mask(1, 1), "RGBA", MaskError, "single-channel"),
     ],
     ids=["value-2", "value-128", "0-255", "size", "rgb", "rgba"],
