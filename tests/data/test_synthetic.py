@@ -205,6 +205,23 @@ def test_ensure_generates_then_reuses(tmp_path: Path, monkeypatch: pytest.Monkey
     assert tree_bytes(root) == before
 
 
+@pytest.mark.parametrize(
+    "gone",
+    [
+        "JPEGImages/syn_val_000003.jpg",
+        "SegmentationClassAug/syn_train_000000.png",
+        "ImageSets/Segmentation/val.txt",
+    ],
+)
+def test_ensure_names_a_benchmark_with_files_missing(tmp_path: Path, gone: str) -> None:
+    """A complete marker, a file deleted since: it said "benchmark ready", and eval failed on the file."""
+    root = synthetic.ensure(tmp_path / "bench", **SMALL)
+    (root / gone).unlink()
+    with pytest.raises(synthetic.BenchmarkRootError, match=f"1 of its files missing \\(first: .*{gone}\\)"):
+        synthetic.ensure(root, **SMALL)
+    assert (root / "synthetic.json").is_file()  # nothing removed on the user's behalf
+
+
 def test_ensure_refuses_other_parameters(tmp_path: Path) -> None:
     root = synthetic.ensure(tmp_path / "bench", **SMALL)
     with pytest.raises(ValueError, match="different parameters"):
