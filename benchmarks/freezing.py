@@ -42,7 +42,7 @@ def main() -> None:
     print("| spec | plain | frozen | plain / frozen | max logit difference |")
     print("|---|---|---|---|---|")
     for text, spec in zip(args.spec, specs, strict=True):
-        runtimes = open_twice(spec, args.checkpoint, args.device)
+        runtimes = open_twice(spec, args.checkpoint, str(device))
         size = runtimes["plain"].input_size
         torch.manual_seed(0)
         query = torch.randn(args.batch, 3, size, size, device=device)

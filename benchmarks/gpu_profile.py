@@ -125,8 +125,10 @@ def main() -> None:
         "--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms for each shape first"
     )
     args = parser.parse_args()
-    check_json_output(args.json, SCRIPT, inputs=[args.checkpoint])
-    resolve_device(args.device)
+    # Before the name stamp (2026-11-27) it wrote a bare list of profiles.
+    earlier = lambda d: isinstance(d, list) and all(isinstance(p, dict) and "spec" in p for p in d)  # noqa: E731
+    check_json_output(args.json, SCRIPT, inputs=[args.checkpoint], legacy=earlier)
+    device = str(resolve_device(args.device))
     for text in args.spec:  # bad input in one line, not as a failed row
         RuntimeSpec.parse(text)
     load(args.checkpoint)
@@ -134,7 +136,7 @@ def main() -> None:
     results = []
     for text in args.spec:
         try:
-            results.append(profile_spec(args.checkpoint, text, args.batch, args.calls, args.device))
+            results.append(profile_spec(args.checkpoint, text, args.batch, args.calls, device))
             results[-1]["cudnn_benchmark"] = args.cudnn_benchmark
             print(report(results[-1]), flush=True)
         except Exception as error:  # one spec that fails to compile or capture must not lose the others

@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=count(1), default=10)
     parser.add_argument("--threads", type=count(1, 1024), default=2)
     args = parser.parse_args()
-    resolve_device(args.device)
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     refinement = Refinement(CHANNELS, DILATIONS, fused=False).eval()
@@ -79,10 +79,10 @@ def main() -> None:
         flops[name] = counter.get_total_flops() / 1e9
     ratio = flops["literal"] / flops["hoisted"]
     print(f"| GFLOP (counted) | {flops['literal']:.1f} | {flops['hoisted']:.1f} | {ratio:.2f}x |")
-    if args.device == "cpu":
+    if device.type == "cpu":
         cpu_rows(loops, x, args.threads, args.repeats)
     else:
-        gpu_rows(refinement, loops, x, args.device, args.repeats)
+        gpu_rows(refinement, loops, x, device, args.repeats)
     print(f"max |logit difference| FP32 CPU, as written vs hoisted: {error:.2e}")
 
 
@@ -113,8 +113,10 @@ def cpu_rows(loops: dict[str, Loop], x: torch.Tensor, threads: int, repeats: int
     print(row(f"onnxruntime fp32, CPU ({threads} threads)", side_by_side(calls, timer, repeats)))
 
 
-def gpu_rows(refinement: Refinement, loops: dict[str, Loop], x: torch.Tensor, device: str, repeats: int):
-    timer = Timer(torch.device(device))
+def gpu_rows(
+    refinement: Refinement, loops: dict[str, Loop], x: torch.Tensor, device: torch.device, repeats: int
+):
+    timer = Timer(device)
     refinement.to(device, torch.float16).to(memory_format=torch.channels_last)
     x = x.to(device, torch.float16).contiguous(memory_format=torch.channels_last)
     eager = {name: (lambda loop=loop: loop(x)) for name, loop in loops.items()}

@@ -11,6 +11,7 @@ from crnet.device import resolve_device
 
 
 def script_parser(doc: str) -> OneLineParser:
+    """A parser for a script whose docstring is its help, kept as written."""
     return OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 

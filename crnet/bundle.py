@@ -30,6 +30,12 @@ GRAPH_IO = {
 }
 
 
+def normalization() -> dict:
+    """What every runtime does to an image before the encoder, as the manifest states it: RGB scaled to
+    [0, 1], then (x - mean) / std."""
+    return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": 1 / 255}
+
+
 def graph_metadata(graph: str, precision: str, iterations: int) -> dict[str, str]:
     """What the exporter writes into each ONNX graph (its metadata_props) and runtimes compare with the
     manifest: the graph's name, its precision and, for the head, the T unrolled in it."""
@@ -150,6 +156,21 @@ class Bundle:
                 "swapped, or the manifest edited?); re-export the bundle"
             )
 
+    def check_engine_source(self, precision: str, graph: str) -> None:
+        """check_metadata for the ONNX graph a TensorRT engine was built from (the engine carries no such
+        metadata of its own); skipped where the onnx package is not installed."""
+        try:
+            import onnx
+        except ImportError:
+            return
+        source = self.manifest["engines"][precision][graph].get("source")
+        listed = [p for p, graphs in self.manifest["graphs"].items() if graphs[graph]["file"] == source]
+        if not listed:
+            return  # an engine of an older export, or built from a graph the bundle no longer lists
+        path = self.root / source
+        model = onnx.load(str(path), load_external_data=False)
+        self.check_metadata(path, graph, listed[0], {p.key: p.value for p in model.metadata_props})
+
     def check_tensors(self, file: Path, graph: str, inputs: list[tuple], outputs: list[tuple]) -> None:
         """Compare what a loaded graph or engine declares, [(name, shape)] with the batch dimension first
         (a string, None or -1 where dynamic), with the contract; BundleError on any difference, as when
@@ -250,10 +271,9 @@ def _check_manifest(manifest: dict) -> None:
     if manifest["preset"] != config.name:
         raise ValueError(f"its preset {manifest['preset']!r} contradicts its model config {config.name!r}")
     # Every runtime normalises with the ImageNet statistics; a manifest that states others is not ours.
-    normalization = manifest["normalization"]
-    expected = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": 1 / 255}
-    if normalization != expected:
-        raise ValueError(f"its normalization {normalization} is not the one its runtimes use, {expected}")
+    stated, expected = manifest["normalization"], normalization()
+    if stated != expected:
+        raise ValueError(f"its normalization {stated} is not the one its runtimes use, {expected}")
     if type(manifest["opset"]) is not int or manifest["opset"] < 1:
         raise ValueError(f"opset {manifest['opset']!r} is not an ONNX opset number")
     iterations = manifest["iterations"]

@@ -52,3 +52,11 @@ def interrupted(error: BaseException) -> bool:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return False
+
+
+def one_line(error: Exception) -> str:
+    """The message itself: errors re-raised from DataLoader workers carry the worker's traceback."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]  # "crnet.errors.ImageReadError: cannot read ..."
+    return " ".join(lines)

@@ -40,9 +40,9 @@ from crnet.engines.base import Runtime, RuntimeUnavailable
 NAMES = ("torch", "onnxruntime", "tensorrt")
 # The deployed GPU path of a checkpoint: what infer, bench and demo run by default on CUDA. PyTorch's loop,
 # not the native op (under graph replay the two tie), compiled, with cuDNN's fused epilogues and the stem over
-# 2x2 pixel blocks: the fastest row of every H200 run of 2026-11-26 at batch 1 and batch 64; in the fifth,
-# 1.29 ms (1.43x the anchor) and 2507 episodes/s (1.26x), ahead of our Triton head's 1.33 ms and 2435/s
-# (docs/BENCHMARKS.md).
+# 2x2 pixel blocks: the fastest row at batch 64 in every H200 run of 2026-11-26, and at batch 1 in all but
+# the third (where `+concurrent-aspp` was 0.03 ms faster, inside the spread, and 9% slower at batch 64); in
+# the fifth, 1.29 ms (1.43x the anchor) and 2507 episodes/s (1.26x) (docs/BENCHMARKS.md).
 DEPLOYED_GPU = "torch:fp16+channels-last+cudnn-epilogues+space-to-depth+compile+cuda-graphs+torch-loop"
 # Options that run kernels of a package crnet does not require: the default must run without it.
 OPTIONAL_PACKAGES = {"triton-head": "triton", "triton-encoder": "triton"}

@@ -72,6 +72,7 @@ class TensorRTRuntime(Runtime):
                 path = self.bundle.engine(precision, graph)
                 engine = self.engines[graph] = Engine(trt, self.runtime, path, self.device)
                 self.bundle.check_tensors(path, graph, *engine.signature())
+                self.bundle.check_engine_source(precision, graph)
         self.max_batch = min(engine.max_batch for engine in self.engines.values())
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crnet.bundle import FORMAT, MANIFEST, BatchRange, is_replaceable_bundle, sha256
-from crnet.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from crnet.bundle import FORMAT, MANIFEST, BatchRange, is_replaceable_bundle, normalization, sha256
+from crnet.config import ModelConfig
 from crnet.files import StagedDirectory, write_text
 
 
@@ -26,8 +26,7 @@ def base_manifest(
         "input_size": config.input_size,
         "feature_size": config.feature_size,
         "channels": config.channels,
-        # Runtimes feed RGB images scaled to [0, 1], then (x - mean) / std, resized to input_size.
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": 1 / 255},
+        "normalization": normalization(),  # after resizing to input_size
         "iterations": iterations,
         "batch": batch.to_dict(),
         "opset": opset,

@@ -9,6 +9,7 @@
     demo.py       the demo: train or load, evaluate, draw, export, bench
     bench_ops.py  the native refinement op against the eager loop
     floor.py      the FLOP floor: counted FLOPs at the measured matmul rate
+    script_args.py  the command line of bench_ops and the scripts in benchmarks/, under the same rules
     timer.py      wall and CUDA-event timing of one call
     visualize.py  episode sheets and overlays
 

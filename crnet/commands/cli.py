@@ -7,6 +7,7 @@ checked for writability before a long run. User errors print one `error:` line a
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import typer
 
 from crnet.commands.entry import silence_stdout
 from crnet.config import MAX_BATCH, MAX_ITERATIONS
-from crnet.errors import CRNetError, CRNetWarning, interrupted
+from crnet.errors import CRNetError, CRNetWarning, interrupted, one_line
 from crnet.files import check_not_input, check_writable_file, parse_json
 from crnet.optional import MissingDependencyError
 
@@ -714,14 +715,6 @@ class Reader:
             raise BrokenPipeError
 
 
-def one_line(error: Exception) -> str:
-    """The message itself: errors re-raised from DataLoader workers carry the worker's traceback."""
-    lines = str(error).strip().splitlines()
-    if len(lines) > 1 and "DataLoader worker" in lines[0]:
-        return lines[-1].split(": ", 1)[-1]  # "crnet.errors.ImageReadError: cannot read ..."
-    return " ".join(lines)
-
-
 def _compile_failure(error: Exception) -> str | None:
     """The line for torch.compile failing under a compiled runtime (inductor's BackendCompilerFailed), else
     None. Seen: a file of inductor's on-disk cache left empty ("file too short") failed every later compile
@@ -753,15 +746,17 @@ def _torch_start_failure(error: Exception) -> str | None:
     settings are read at import), else None. A failed import leaves no `torch` in sys.modules."""
     if "torch" in sys.modules:
         return None
-    frames = traceback.extract_tb(error.__traceback__)
-    if not any(f"{os.sep}torch{os.sep}" in frame.filename for frame in frames):
+    spec = importlib.util.find_spec("torch")
+    package = os.path.dirname(spec.origin) + os.sep if spec and spec.origin else None
+    if package is None or not any(
+        f.filename.startswith(package) for f in traceback.extract_tb(error.__traceback__)
+    ):
         return None
     text = " ".join(str(error).split())
     message = text.split(". ")[0][:300] or type(error).__name__  # TORCH_LOGS' goes on to list every setting
-    return (
-        f"PyTorch cannot start in this environment: {message} (check the TORCH_* and PYTORCH_* environment "
-        "variables)"
-    )
+    settings = sorted(name for name in os.environ if name.startswith(("TORCH_", "PYTORCH_")))
+    hint = f" (check {', '.join(settings)})" if settings else ""
+    return f"PyTorch cannot start in this environment: {message}{hint}"
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

@@ -1,6 +1,7 @@
 """The command line of `python -m crnet.commands.bench_ops` and of the scripts in benchmarks/: crnet's rules
 for them too. Bad arguments get one `error:` line and exit 2; a JSON output replaces only an earlier one of
-the same script (each is stamped with its script's name); Ctrl-C and SIGTERM end with "interrupted", 130."""
+the same script (the scripts stamp theirs with their name, bench_ops its with a schema); Ctrl-C and SIGTERM
+end with "interrupted", 130."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from crnet.errors import CRNetError
+from crnet.errors import CRNetError, one_line
 from crnet.files import check_writable_file, parse_json, write_text
 
 
@@ -49,11 +50,17 @@ def is_script_json(path: Path, script: str, legacy: Callable[[object], bool] | N
     return stamped or (legacy is not None and legacy(document))
 
 
-def check_json_output(path: Path | None, script: str, inputs=(), option: str = "--json", **legacy) -> None:
+def check_json_output(
+    path: Path | None,
+    script: str,
+    inputs=(),
+    option: str = "--json",
+    legacy: Callable[[object], bool] | None = None,
+) -> None:
     """Before the run, not after minutes of it: `path` can be written and holds nothing but an earlier
-    JSON of this script."""
+    JSON of this script (stamped, or one `legacy` recognises as written before the stamp)."""
     if path is not None:
-        ours = lambda p: is_script_json(p, script, **legacy)  # noqa: E731 - a predicate, named by its use
+        ours = lambda p: is_script_json(p, script, legacy)  # noqa: E731 - a predicate, named by its use
         check_writable_file(path, inputs, option, ours, f"{script} JSON")
 
 
@@ -73,7 +80,7 @@ def run(main: Callable[[], object]) -> None:
     try:
         main()
     except CRNetError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -246,18 +246,19 @@ def _check_resumable(stored: dict, path: Path, model_config: ModelConfig, train_
     step = stored["step"]
     if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= train_config.steps):
         raise CRNetError(f"cannot resume: {path} has step {step!r}, not one of 0..{train_config.steps}")
+    _window_losses(stored, path)
 
 
-def _window_losses(stored: dict) -> list[tuple[float, float, float]]:
+def _window_losses(stored: dict, path: Path) -> list[tuple[float, float, float]]:
     """The (loss, query, support) losses of the steps since the last metrics record, as saved; none from a
     state saved before they were kept (that run's next record averages the steps since the resume)."""
-    try:
-        window = [tuple(float(x) for x in losses) for losses in stored.get("window_losses", [])]
-    except (TypeError, ValueError):
-        window = None
-    if window is None or not all(len(losses) == 3 for losses in window):
-        raise CRNetError("cannot resume: the training state's window of losses is malformed")
-    return window
+    window = stored.get("window_losses", [])
+    if not isinstance(window, list) or not all(
+        isinstance(losses, list | tuple) and len(losses) == 3 and all(type(x) in (int, float) for x in losses)
+        for losses in window
+    ):
+        raise CRNetError(f"cannot resume: {path} holds no list of losses under window_losses")
+    return [tuple(float(x) for x in losses) for losses in window]
 
 
 def _append(path: Path, line: str) -> None:
@@ -359,7 +360,7 @@ def train(
         cache.load_state_dict(stored["cache"])
         _set_rng_state(stored["rng"][group.rank], group.device)
         start = stored["step"]
-        window = _window_losses(stored)
+        window = _window_losses(stored, out_dir / LAST)
         if group.main:
             notice(f"resuming {out_dir} at step {start} of {config.steps}")
     else:

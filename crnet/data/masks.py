@@ -43,7 +43,7 @@ def read_binary_mask(path: str | Path, image_shape: tuple[int, int]) -> np.ndarr
             CRNetWarning,
             stacklevel=2,
         )
-    mask = read_label(Path(path), as_shown=True, what="mask")
+    mask = read_label(Path(path), as_shown=True, binary=True)
     check_binary_mask(mask, image_shape, name=f"mask {path}")
     return mask
 

@@ -108,14 +108,15 @@ def read_image(path: Path, *, as_shown: bool = False) -> np.ndarray:
         raise ImageReadError(f"cannot read image {path}: {error}") from None
 
 
-def read_label(path: Path, *, as_shown: bool = False, what: str = "label") -> np.ndarray:
-    """Single-channel uint8 (H, W) label map, palette indices kept as they are, a 1-bit image's set pixels
-    1; `as_shown` as read_image. `what` names the file in errors ("mask" for a support mask). Raises
-    ImageReadError."""
+def read_label(path: Path, *, as_shown: bool = False, binary: bool = False) -> np.ndarray:
+    """Single-channel uint8 (H, W) label map, palette indices kept as they are; `as_shown` as read_image.
+    A `binary` one is a support mask: named so in errors, and a 1-bit image's set pixels are its object.
+    Raises ImageReadError."""
+    what = "mask" if binary else "label"
     try:
         with open_image(path) as image:
             image = upright(image) if as_shown else image
-            if image.mode == "1":  # as 0 and 1, not PIL's 0 and 255 (255 is "ignore")
+            if binary and image.mode == "1":  # as 0 and 1, not PIL's 0 and 255 (255 is "ignore")
                 return np.asarray(image, dtype=bool).astype(np.uint8)
             if image.mode not in ("L", "P"):
                 raise MaskError(
@@ -297,9 +298,10 @@ class VOCTree:
 
 
 def _fingerprint(stat: os.stat_result) -> str:
-    """What changes when a file is written, replaced or renamed over: its inode, size, mtime, and its ctime,
-    which the kernel sets on every such change and no tool can set back."""
-    return f"{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    """What changes when a file is written, replaced or renamed over: its size, its mtime, and its ctime,
+    which the kernel sets on every such change and no tool can set back. Not the inode: some network file
+    systems number files afresh at each mount, which would rescan every label each time."""
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
 
 
 def _index_cache_path(root: Path, split: str) -> Path:

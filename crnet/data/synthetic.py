@@ -696,19 +696,20 @@ def _check_complete(root: Path, params: dict) -> None:
             f"{root} is an incomplete synthetic benchmark ({error.strerror}: "
             f"{error.filename}); remove it and run again to regenerate it"
         ) from None
+    expected = []
     for (prefix, list_name), per_class in zip(
         SPLITS, (params["train_per_class"], params["val_per_class"]), strict=True
     ):
-        expected = [("ImageSets/Segmentation", f"{list_name}.txt")]
+        expected.append(("ImageSets/Segmentation", f"{list_name}.txt"))
         for index in range(NUM_CLASSES * per_class):
             name = f"syn_{prefix}_{index:06d}"
             expected += [("JPEGImages", f"{name}.jpg"), ("SegmentationClassAug", f"{name}.png")]
-        missing = [root / folder / name for folder, name in expected if name not in present[folder]]
-        if missing:
-            raise BenchmarkRootError(
-                f"{root} is a synthetic benchmark with {len(missing)} of its files missing (first: "
-                f"{missing[0]}); remove {root} and run again to regenerate it"
-            )
+    missing = [root / folder / name for folder, name in expected if name not in present[folder]]
+    if missing:
+        raise BenchmarkRootError(
+            f"{root} is a synthetic benchmark with {len(missing)} of its files missing (first: "
+            f"{missing[0]}); remove {root} and run again to regenerate it"
+        )
 
 
 def _only_generator_files(root: Path) -> bool:

@@ -50,6 +50,11 @@ def test_a_json_replaces_only_its_own_script_s(tmp_path) -> None:
         check_json_output(users, "gpu_profile")
     assert users.read_text() == '{"my": "notes"}'
     check_json_output(None, "gpu_profile")  # no --json: nothing to check
+    before = tmp_path / "old.json"  # written before the stamp: recognised by its shape, where asked
+    before.write_text('[{"spec": "torch:fp16"}]')
+    check_json_output(before, "gpu_profile", legacy=lambda d: isinstance(d, list))
+    with pytest.raises(CRNetError, match="not an earlier gpu_profile JSON"):
+        check_json_output(before, "gpu_profile")
 
 
 def test_run_says_errors_and_interrupts_in_one_line(capsys) -> None:
@@ -69,13 +74,25 @@ def test_run_says_errors_and_interrupts_in_one_line(capsys) -> None:
 @pytest.mark.parametrize(
     "script, args, message",
     [
-        ("untrained_checkpoint.py", ["--preset", "tiny", "--out", "{precious}"], "exists; give a new file"),
+        ("untrained_checkpoint.py", ["--preset", "tiny", "--out", "{precious}"], "not an earlier untrained"),
         ("train_throughput.py", ["--threads", "0"], "argument --threads: 0 is outside 1..1024"),
         ("kernel_owners.py", [str(CHECKPOINT), "--device", "cpu", "--json", "{notes}"], "not an earlier"),
         ("hoisting.py", ["--device", "gpu7"], "unknown device 'gpu7'"),
+        (
+            "freezing.py",
+            [str(CHECKPOINT), "--spec", "torch+compile", "--device", "auto", "--batch", "0"],
+            "--batch",
+        ),
         ("denormals.py", ["--checkpoint", "{missing}"], "checkpoint not found"),
     ],
-    ids=["untrained-over-checkpoint", "zero-threads", "json-over-notes", "bad-device", "missing-checkpoint"],
+    ids=[
+        "untrained-over-checkpoint",
+        "zero-threads",
+        "json-over-notes",
+        "bad-device",
+        "zero-batch",
+        "missing-checkpoint",
+    ],
 )
 def test_benchmark_scripts_refuse_bad_input(tmp_path, script, args, message) -> None:
     """They overwrote a trained checkpoint or a user's JSON without a word, and answered bad arguments with

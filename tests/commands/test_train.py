@@ -111,6 +111,16 @@ def test_a_resumed_run_logs_the_same_losses(bench_root, tmp_path, monkeypatch):
     assert [step for step, *_ in losses(tmp_path / "straight")] == [3, 6]
 
 
+def test_window_losses_of_a_training_state(tmp_path):
+    from crnet.commands.train import _window_losses
+
+    assert _window_losses({}, tmp_path) == []  # saved before the window was kept: resumes all the same
+    assert _window_losses({"window_losses": [(1.0, 2, 0.5)]}, tmp_path) == [(1.0, 2.0, 0.5)]
+    for bad in ("x", [[1.0, 2.0]], [[True, 1.0, 1.0]], [None], [["1", 2, 3]]):
+        with pytest.raises(CRNetError, match="holds no list of losses under window_losses"):
+            _window_losses({"window_losses": bad}, tmp_path)
+
+
 def test_out_as_a_link_to_nothing_is_named(bench_root, tmp_path):
     (tmp_path / "runs").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(CRNetError, match="is a symbolic link to .*elsewhere, which does not exist"):

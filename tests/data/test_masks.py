@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from crnet.data.masks import check_binary_mask, check_support_set, read_binary_mask
+from crnet.data.pascal import read_label
 from crnet.errors import CRNetError, EmptySupportMaskError, ImageReadError, MaskError, NoSupportError
 
 H, W = 6, 8
@@ -118,6 +119,8 @@ def test_a_one_bit_mask_reads_as_0_and_1(tmp_path: Path) -> None:
     Image.fromarray(array.astype(bool)).save(tmp_path / "m.png")
     assert Image.open(tmp_path / "m.png").mode == "1"
     np.testing.assert_array_equal(read_binary_mask(tmp_path / "m.png", (H, W)), array)
+    with pytest.raises(MaskError, match="label .*m.png must be a single-channel PNG"):
+        read_label(tmp_path / "m.png")  # a dataset's label of 1 bit: a class 1 nobody drew, refused
 
 
 @pytest.mark.parametrize(

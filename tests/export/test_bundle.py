@@ -57,6 +57,26 @@ def test_graphs_carry_what_the_manifest_lists(micro_bundle) -> None:
         bundle.check_metadata(path, "head", "fp16", metadata | {"crnet.iterations": "4"})
 
 
+def test_an_engine_s_source_graph_is_checked_against_the_manifest(copy) -> None:
+    """TensorRT engines carry no metadata: the graph each was built from answers for it."""
+    pytest.importorskip("onnx")
+    from crnet.bundle import sha256
+
+    def add_engines(manifest: dict) -> None:
+        manifest["engines"]["fp16"] = {}
+        for graph in ("encoder", "prompt", "head"):
+            plan = copy / f"{graph}.fp16.plan"
+            plan.write_bytes(b"an engine")
+            entry = {"file": plan.name, "sha256": sha256(plan), "source": f"{graph}.fp32.onnx"}
+            manifest["engines"]["fp16"][graph] = entry
+
+    edit_manifest(copy, add_engines)
+    load_bundle(copy).check_engine_source("fp16", "head")
+    edit_manifest(copy, lambda m: m.update(iterations=m["iterations"] + 1))
+    with pytest.raises(BundleError, match="head.fp32.onnx was exported with crnet.iterations"):
+        load_bundle(copy).check_engine_source("fp16", "head")
+
+
 def test_a_changed_graph_fails_its_checksum(copy) -> None:
     graph = copy / "head.fp32.onnx"
     data = bytearray(graph.read_bytes())
