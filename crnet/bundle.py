@@ -156,21 +156,6 @@ class Bundle:
                 "swapped, or the manifest edited?); re-export the bundle"
             )
 
-    def check_engine_source(self, precision: str, graph: str) -> None:
-        """check_metadata for the ONNX graph a TensorRT engine was built from (the engine carries no such
-        metadata of its own); skipped where the onnx package is not installed."""
-        try:
-            import onnx
-        except ImportError:
-            return
-        source = self.manifest["engines"][precision][graph].get("source")
-        listed = [p for p, graphs in self.manifest["graphs"].items() if graphs[graph]["file"] == source]
-        if not listed:
-            return  # an engine of an older export, or built from a graph the bundle no longer lists
-        path = self.root / source
-        model = onnx.load(str(path), load_external_data=False)
-        self.check_metadata(path, graph, listed[0], {p.key: p.value for p in model.metadata_props})
-
     def check_tensors(self, file: Path, graph: str, inputs: list[tuple], outputs: list[tuple]) -> None:
         """Compare what a loaded graph or engine declares, [(name, shape)] with the batch dimension first
         (a string, None or -1 where dynamic), with the contract; BundleError on any difference, as when

@@ -10,6 +10,22 @@ from crnet.model.crnet import SupportPrompt
 from crnet.optional import require
 
 
+def check_engine_source(bundle: Bundle, precision: str, graph: str) -> None:
+    """Bundle.check_metadata for the ONNX graph a TensorRT engine was built from (the engine carries no
+    such metadata of its own); skipped where the onnx package is not installed."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    source = bundle.manifest["engines"][precision][graph].get("source")
+    listed = [p for p, graphs in bundle.manifest["graphs"].items() if graphs[graph]["file"] == source]
+    if not listed:
+        return  # an engine of an older export, or built from a graph the bundle no longer lists
+    path = bundle.root / source
+    model = onnx.load(str(path), load_external_data=False)
+    bundle.check_metadata(path, graph, listed[0], {p.key: p.value for p in model.metadata_props})
+
+
 class Engine:
     """One deserialized engine and its execution context."""
 
@@ -72,7 +88,7 @@ class TensorRTRuntime(Runtime):
                 path = self.bundle.engine(precision, graph)
                 engine = self.engines[graph] = Engine(trt, self.runtime, path, self.device)
                 self.bundle.check_tensors(path, graph, *engine.signature())
-                self.bundle.check_engine_source(precision, graph)
+                check_engine_source(self.bundle, precision, graph)
         self.max_batch = min(engine.max_batch for engine in self.engines.values())
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -574,7 +574,7 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     ),
     "bench-json-is-a-pipe": (lambda w: [*bench()(w), "--json", str(w.pipe)], "is not a regular file"),
     "bench-json-is-the-current-folder": (lambda w: [*bench()(w), "--json", "."], "is a directory"),
-    "bench-json-is-empty": (lambda w: [*bench()(w), "--json", ""], "is a directory"),
+    "bench-json-is-empty": (lambda w: [*bench()(w), "--json", ""], "an empty argument after --json"),
     "bench-default-chart-is-a-users-picture": (  # --json support.json: the chart would be support.png
         lambda w: [*bench()(w), "--json", str(w.support.with_suffix(".json"))],
         "exists and is not an earlier bench chart",

@@ -61,6 +61,7 @@ def test_an_engine_s_source_graph_is_checked_against_the_manifest(copy) -> None:
     """TensorRT engines carry no metadata: the graph each was built from answers for it."""
     pytest.importorskip("onnx")
     from crnet.bundle import sha256
+    from crnet.engines.tensorrt_runtime import check_engine_source
 
     def add_engines(manifest: dict) -> None:
         manifest["engines"]["fp16"] = {}
@@ -71,10 +72,10 @@ def test_an_engine_s_source_graph_is_checked_against_the_manifest(copy) -> None:
             manifest["engines"]["fp16"][graph] = entry
 
     edit_manifest(copy, add_engines)
-    load_bundle(copy).check_engine_source("fp16", "head")
+    check_engine_source(load_bundle(copy), "fp16", "head")
     edit_manifest(copy, lambda m: m.update(iterations=m["iterations"] + 1))
     with pytest.raises(BundleError, match="head.fp32.onnx was exported with crnet.iterations"):
-        load_bundle(copy).check_engine_source("fp16", "head")
+        check_engine_source(load_bundle(copy), "fp16", "head")
 
 
 def test_a_changed_graph_fails_its_checksum(copy) -> None:
