@@ -12,7 +12,6 @@ again; an interrupted one resumes. The table and a JSON (ablation.json) go to --
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,15 +20,15 @@ import torch
 from crnet import checkpoint
 from crnet.commands.demo import RECIPE
 from crnet.commands.evaluate import CRNetPredictor, evaluate
-from crnet.commands.script_args import OneLineParser, count
+from crnet.commands.script_args import OneLineParser, check_json_output, count, write_json
 from crnet.commands.script_args import run as run_script
 from crnet.commands.train import FINAL, LAST, train
 from crnet.config import TINY
-from crnet.files import write_text
 
 BUDGET = RECIPE.replace(steps=3200, precision="fp32", min_object_pixels=None)
 
 # name -> (what changes, model config, training config)
+SCRIPT = "canet_ablation"
 VARIANTS = {
     "ours": ("crnet as committed", TINY, BUDGET),
     "canet-condition": (
@@ -78,6 +77,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS))
     parser.add_argument("--episodes", type=count(1), default=1000)
     args = parser.parse_args()
+    # Before the name stamp it wrote a bare list of rows.
+    earlier = lambda d: isinstance(d, list) and d and all(isinstance(r, dict) and "variant" in r for r in d)  # noqa: E731
+    check_json_output(args.out / "ablation.json", SCRIPT, inputs=[args.data], option="--out", legacy=earlier)
     torch.set_num_threads(2)
     # Denormal floats flushed to zero, for every variant alike: without it CaNet's condition variant trained
     # at 0.4 episodes/s on the CPU without AVX-512, against 14 for ours (docs/BENCHMARKS.md).
@@ -90,7 +92,7 @@ def main() -> None:
         print(
             f"| {row['variant']} | {row['change']} | {row['miou']:.1f} | {row['fbiou']:.1f} | {per_class} |"
         )
-    write_text(args.out / "ablation.json", json.dumps(rows, indent=2) + "\n")
+    write_json(args.out / "ablation.json", SCRIPT, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -126,7 +126,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     # Before the name stamp (2026-11-27) it wrote a bare list of profiles.
-    earlier = lambda d: isinstance(d, list) and all(isinstance(p, dict) and "spec" in p for p in d)  # noqa: E731
+    earlier = lambda d: (  # noqa: E731
+        isinstance(d, list)
+        and d
+        and all(isinstance(p, dict) and {"spec", "episode", "query"} <= p.keys() for p in d)
+    )
     check_json_output(args.json, SCRIPT, inputs=[args.checkpoint], legacy=earlier)
     device = str(resolve_device(args.device))
     for text in args.spec:  # bad input in one line, not as a failed row

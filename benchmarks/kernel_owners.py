@@ -136,7 +136,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cuda", help="cpu only to check the script: no kernels there")
     args = parser.parse_args()
-    earlier = lambda d: isinstance(d, dict) and {"spec", "kernels"} <= d.keys()  # before the name stamp  # noqa: E731
+    shape = {"spec", "batch", "kernel_ms_per_episode", "kernels"}  # what it wrote before the name stamp
+    earlier = lambda d: isinstance(d, dict) and d.keys() == shape  # noqa: E731
     check_json_output(args.json, SCRIPT, inputs=[args.checkpoint], legacy=earlier)
     device = resolve_device(args.device)
     result = kernel_owners(args.checkpoint, args.spec, args.batch, args.calls, device.type)

@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--threads", type=count(1, 1024), default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
-    earlier = lambda d: isinstance(d, dict) and "episodes_per_s" in d  # before the name stamp  # noqa: E731
+    shape = {"threads", "torch", "episodes_per_s"}  # what it wrote before the name stamp
+    earlier = lambda d: isinstance(d, dict) and d.keys() == shape  # noqa: E731
     check_json_output(args.json, SCRIPT, legacy=earlier)
     torch.set_num_threads(args.threads)
     results = {

@@ -48,7 +48,13 @@ def main() -> int:
     args = sys.argv[1:]
     extra = args[args.index("--") + 1 :] if "--" in args else []
     args = args[: args.index("--")] if "--" in args else args
+    if args[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     log = Path(args[0]) if args else DEFAULT_LOG
+    if not log.is_file():
+        print(f"error: no pytest log at {log} (run benchmarks/gpu_check.sh first, or name one)", file=sys.stderr)
+        return 2
     done = outcomes(log.read_text(errors="replace"))
     failed = [node for node, outcome in done.items() if outcome in ("FAILED", "ERROR")]
     rest = [node for node in collected() if done.get(node, "FAILED") in ("FAILED", "ERROR")]

@@ -144,11 +144,13 @@ class Bundle:
     def check_metadata(self, file: Path, graph: str, precision: str, metadata: dict[str, str]) -> None:
         """BundleError where what the exporter wrote into a graph contradicts the manifest's listing (files
         swapped, or the manifest edited with the checksums recomputed: a head unrolled for another T would
-        be compared with a reference run at the manifest's). Graphs of older exports carry nothing."""
+        be compared with a reference run at the manifest's). Graphs of older exports carry none of it; a
+        graph that carries some carries all."""
         expected = graph_metadata(graph, precision, self.iterations)
-        wrong = [
-            f"{key} {metadata[key]}" for key, value in expected.items() if metadata.get(key, value) != value
-        ]
+        if not any(key.startswith("crnet.") for key in metadata):
+            return
+        differ = [key for key, value in expected.items() if metadata.get(key) != value]
+        wrong = [f"{key} {metadata.get(key, '(none)')}" for key in differ]
         if wrong:
             stated = ", ".join(f"{key} {value}" for key, value in expected.items())
             raise BundleError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from crnet.bundle import GRAPHS, Bundle
+from crnet.bundle import GRAPHS, Bundle, BundleError
 from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.model.crnet import SupportPrompt
 from crnet.optional import require
@@ -75,7 +75,10 @@ class OnnxRuntime(Runtime):
                 [(x.name, x.shape) for x in session.get_inputs()],
                 [(y.name, y.shape) for y in session.get_outputs()],
             )
-            metadata = session.get_modelmeta().custom_metadata_map
+            try:
+                metadata = session.get_modelmeta().custom_metadata_map
+            except UnicodeDecodeError:
+                raise BundleError(f"{path} carries metadata that is not UTF-8 text: not crnet's") from None
             self.bundle.check_metadata(path, graph, precision, metadata)
 
     @property

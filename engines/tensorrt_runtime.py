@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from crnet.bundle import GRAPHS, Bundle
+from crnet.bundle import GRAPHS, Bundle, BundleError
 from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.model.crnet import SupportPrompt
 from crnet.optional import require
@@ -22,7 +22,10 @@ def check_engine_source(bundle: Bundle, precision: str, graph: str) -> None:
     if not listed:
         return  # an engine of an older export, or built from a graph the bundle no longer lists
     path = bundle.root / source
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError, OSError: the checksums passed, so a foreign file
+        raise BundleError(f"cannot read {path} as an ONNX graph: {error}") from None
     bundle.check_metadata(path, graph, listed[0], {p.key: p.value for p in model.metadata_props})
 
 

@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 import typer
 
 from crnet.commands.entry import silence_stdout
+from crnet.commands.script_args import empty_argument
 from crnet.config import MAX_BATCH, MAX_ITERATIONS
 from crnet.errors import CRNetError, CRNetWarning, interrupted, one_line
 from crnet.files import check_not_input, check_writable_file, parse_json
@@ -730,17 +731,6 @@ def _compile_failure(error: Exception) -> str | None:
     )
 
 
-def _empty_argument(arguments: list[str]) -> str | None:
-    """Where an empty string is given, which no crnet option or argument takes: as a path it would mean
-    the current folder (`--data ""` was refused as an output inside the input ".")."""
-    for index, argument in enumerate(arguments):
-        if argument.startswith("--") and argument.endswith("="):
-            return f"{argument[:-1]} has an empty value"
-        if argument == "":
-            return f"an empty argument after {arguments[index - 1]}" if index else "an empty argument"
-    return None
-
-
 def _torch_start_failure(error: Exception) -> str | None:
     """The line for PyTorch failing while it is imported (a bad TORCH_LOGS or PYTORCH_JIT, say: its
     settings are read at import), else None. A failed import leaves no `torch` in sys.modules."""
@@ -782,7 +772,7 @@ def main() -> None:
                 err=True,
             )
             sys.exit(2)
-    if empty := _empty_argument(sys.argv[1:]):
+    if empty := empty_argument(sys.argv[1:]):
         typer.echo(f"error: {empty} (an unset shell variable?); give a path or a value", err=True)
         sys.exit(2)
     try:

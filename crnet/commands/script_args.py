@@ -17,8 +17,25 @@ from crnet.errors import CRNetError, one_line
 from crnet.files import check_writable_file, parse_json, write_text
 
 
+def empty_argument(arguments: list[str]) -> str | None:
+    """Where an empty string is given, which no crnet option or argument takes: as a path it would mean
+    the current folder (`--data ""` was refused as an output inside the input ".")."""
+    for index, argument in enumerate(arguments):
+        name, equals, value = argument.partition("=")
+        if argument.startswith("--") and equals and not value:
+            return f"{name} has an empty value"
+        if argument == "":
+            return f"an empty argument after {arguments[index - 1]}" if index else "an empty argument"
+    return None
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad arguments as crnet's commands say them: one `error:` line, exit 2 (argparse prints its usage)."""
+
+    def parse_args(self, args=None, namespace=None):
+        if empty := empty_argument(sys.argv[1:] if args is None else list(args)):
+            self.error(f"{empty} (an unset shell variable?); give a path or a value")
+        return super().parse_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message}", file=sys.stderr)

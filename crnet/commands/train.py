@@ -11,6 +11,7 @@ earlier mask.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -246,18 +247,31 @@ def _check_resumable(stored: dict, path: Path, model_config: ModelConfig, train_
     step = stored["step"]
     if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= train_config.steps):
         raise CRNetError(f"cannot resume: {path} has step {step!r}, not one of 0..{train_config.steps}")
-    _window_losses(stored, path)
+    _window_losses(stored, path, train_config)
 
 
-def _window_losses(stored: dict, path: Path) -> list[tuple[float, float, float]]:
-    """The (loss, query, support) losses of the steps since the last metrics record, as saved; none from a
-    state saved before they were kept (that run's next record averages the steps since the resume)."""
-    window = stored.get("window_losses", [])
-    if not isinstance(window, list) or not all(
-        isinstance(losses, list | tuple) and len(losses) == 3 and all(type(x) in (int, float) for x in losses)
-        for losses in window
+def _window_losses(stored: dict, path: Path, config: TrainConfig) -> list[tuple[float, float, float]]:
+    """The (loss, query, support) losses of the steps since the last metrics record, as saved: one per
+    step since it, each finite and >= 0. None from a state saved before they were kept (that run's next
+    record averages the steps since the resume)."""
+    if "window_losses" not in stored:
+        return []
+    window, step = stored["window_losses"], stored["step"]
+    since_record = 0 if step == config.steps else step % config.log_every
+    if not (
+        isinstance(window, list)
+        and len(window) == since_record
+        and all(
+            isinstance(losses, list | tuple)
+            and len(losses) == 3
+            and all(type(x) in (int, float) and 0 <= x < math.inf for x in losses)
+            for losses in window
+        )
     ):
-        raise CRNetError(f"cannot resume: {path} holds no list of losses under window_losses")
+        raise CRNetError(
+            f"cannot resume: {path} holds no window_losses of its {since_record} steps since the last "
+            "metrics record (finite losses, three a step)"
+        )
     return [tuple(float(x) for x in losses) for losses in window]
 
 
@@ -360,7 +374,7 @@ def train(
         cache.load_state_dict(stored["cache"])
         _set_rng_state(stored["rng"][group.rank], group.device)
         start = stored["step"]
-        window = _window_losses(stored, out_dir / LAST)
+        window = _window_losses(stored, out_dir / LAST, config)
         if group.main:
             notice(f"resuming {out_dir} at step {start} of {config.steps}")
     else:

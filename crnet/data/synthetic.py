@@ -32,6 +32,7 @@ GENERATOR_VERSION = 2
 IGNORE_INDEX = 255
 NUM_CLASSES = 20
 MARKER = "synthetic.json"
+IMAGE_AND_LABEL = (("JPEGImages", ".jpg"), ("SegmentationClassAug", ".png"))
 SPLITS = (("train", "train_aug"), ("val", "val"))  # (id prefix, list name); the index seeds the rng
 
 Array = np.ndarray
@@ -684,32 +685,44 @@ def _check_marker(root: Path, params: dict) -> bool:
 
 
 def _check_complete(root: Path, params: dict) -> None:
-    """BenchmarkRootError unless every image, label and list the marker promises is there: a tree with
-    files deleted was "ready", and the command after it failed on the first one."""
+    """BenchmarkRootError unless every image, label and list the marker promises is there, and each list
+    names its split's images: a tree with files deleted was "ready", and the command after it failed on the
+    first one (or, with a list edited, ran on another benchmark)."""
     try:
-        present = {
-            folder: set(os.listdir(root / folder))
-            for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation")
-        }
+        present = {}
+        for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+            with os.scandir(root / folder) as entries:
+                present[folder] = {entry.name for entry in entries if entry.is_file()}
     except OSError as error:
         raise BenchmarkRootError(
             f"{root} is an incomplete synthetic benchmark ({error.strerror}: "
             f"{error.filename}); remove it and run again to regenerate it"
         ) from None
-    expected = []
+    expected, lists = [], {}
     for (prefix, list_name), per_class in zip(
         SPLITS, (params["train_per_class"], params["val_per_class"]), strict=True
     ):
+        ids = [f"syn_{prefix}_{index:06d}" for index in range(NUM_CLASSES * per_class)]
+        lists[root / "ImageSets" / "Segmentation" / f"{list_name}.txt"] = ids
         expected.append(("ImageSets/Segmentation", f"{list_name}.txt"))
-        for index in range(NUM_CLASSES * per_class):
-            name = f"syn_{prefix}_{index:06d}"
-            expected += [("JPEGImages", f"{name}.jpg"), ("SegmentationClassAug", f"{name}.png")]
+        expected += [(folder, f"{i}{suffix}") for i in ids for folder, suffix in IMAGE_AND_LABEL]
     missing = [root / folder / name for folder, name in expected if name not in present[folder]]
     if missing:
         raise BenchmarkRootError(
             f"{root} is a synthetic benchmark with {len(missing)} of its files missing (first: "
             f"{missing[0]}); remove {root} and run again to regenerate it"
         )
+    for path, ids in lists.items():
+        try:
+            listed = path.read_text().split()
+        except (OSError, UnicodeDecodeError) as error:
+            message = f"cannot read {path} ({error}); remove {root} and run again to regenerate it"
+            raise BenchmarkRootError(message) from None
+        if listed != ids:
+            raise BenchmarkRootError(
+                f"{path} does not list its split's {len(ids)} images as written ({len(listed)} ids): edited? "
+                f"remove {root} and run again to regenerate it"
+            )
 
 
 def _only_generator_files(root: Path) -> bool:

@@ -114,11 +114,26 @@ def test_a_resumed_run_logs_the_same_losses(bench_root, tmp_path, monkeypatch):
 def test_window_losses_of_a_training_state(tmp_path):
     from crnet.commands.train import _window_losses
 
-    assert _window_losses({}, tmp_path) == []  # saved before the window was kept: resumes all the same
-    assert _window_losses({"window_losses": [(1.0, 2, 0.5)]}, tmp_path) == [(1.0, 2.0, 0.5)]
-    for bad in ("x", [[1.0, 2.0]], [[True, 1.0, 1.0]], [None], [["1", 2, 3]]):
-        with pytest.raises(CRNetError, match="holds no list of losses under window_losses"):
-            _window_losses({"window_losses": bad}, tmp_path)
+    config = CONFIG.replace(log_every=3)  # steps 6: records at 3 and 6
+    assert _window_losses({"step": 4}, tmp_path, config) == []  # saved before the window was kept
+    window = [(1.0, 2, 0.5)]
+    assert _window_losses({"step": 4, "window_losses": window}, tmp_path, config) == [(1.0, 2.0, 0.5)]
+    assert _window_losses({"step": 6, "window_losses": []}, tmp_path, config) == []
+    one = [1.0, 1.0, 1.0]
+    for step, bad in [
+        (4, "x"),
+        (4, [[1.0, 2.0]]),
+        (4, [[True, 1.0, 1.0]]),
+        (4, [None]),
+        (4, [["1", 2, 3]]),
+        (4, [[float("nan"), 1.0, 1.0]]),
+        (4, [[-1.0, 1.0, 1.0]]),
+        (4, [one] * 5000),  # not the steps since the record at 3
+        (5, [one]),
+        (3, [one]),
+    ]:
+        with pytest.raises(CRNetError, match="holds no window_losses of its"):
+            _window_losses({"step": step, "window_losses": bad}, tmp_path, config)
 
 
 def test_out_as_a_link_to_nothing_is_named(bench_root, tmp_path):

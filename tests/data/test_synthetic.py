@@ -222,6 +222,25 @@ def test_ensure_names_a_benchmark_with_files_missing(tmp_path: Path, gone: str) 
     assert (root / "synthetic.json").is_file()  # nothing removed on the user's behalf
 
 
+@pytest.mark.parametrize("edit", ["fewer", "another id", "a folder for a label"])
+def test_ensure_names_a_benchmark_edited_since(tmp_path: Path, edit: str) -> None:
+    """A list edited (eval then ran on another benchmark) or a label turned into a folder."""
+    root = synthetic.ensure(tmp_path / "bench", **SMALL)
+    listed = root / "ImageSets/Segmentation/val.txt"
+    ids = listed.read_text().split()
+    if edit == "fewer":
+        listed.write_text("\n".join(ids[6:]) + "\n")
+    elif edit == "another id":
+        listed.write_text("\n".join([*ids[:-1], "syn_val_999999"]) + "\n")
+    else:
+        label = root / "SegmentationClassAug" / f"{ids[0]}.png"
+        label.unlink()
+        label.mkdir()
+    expected = "missing" if edit == "a folder for a label" else "does not list its split's"
+    with pytest.raises(synthetic.BenchmarkRootError, match=expected):
+        synthetic.ensure(root, **SMALL)
+
+
 def test_ensure_refuses_other_parameters(tmp_path: Path) -> None:
     root = synthetic.ensure(tmp_path / "bench", **SMALL)
     with pytest.raises(ValueError, match="different parameters"):
