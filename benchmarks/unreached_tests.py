@@ -53,7 +53,7 @@ def main() -> int:
         return 0
     log = Path(args[0]) if args else DEFAULT_LOG
     if not log.is_file():
-        print(f"error: no pytest log at {log} (run benchmarks/gpu_check.sh first, or name one)", file=sys.stderr)
+        print(f"error: no pytest log at {log} (run benchmarks/gpu_check.sh, or name one)", file=sys.stderr)
         return 2
     done = outcomes(log.read_text(errors="replace"))
     failed = [node for node, outcome in done.items() if outcome in ("FAILED", "ERROR")]
