@@ -82,6 +82,17 @@ def _rewrite(bundle: Path, change: Callable[[dict], None]) -> None:
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _swapped(bundle: Path, copy: Path, first: str, second: str) -> Path:
+    """A copy of the bundle with two of its files swapped, the checksums recomputed."""
+    copy = Path(shutil.copytree(bundle, copy))
+    a, b = copy / first, copy / second
+    a_bytes = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(a_bytes)
+    _rewrite(copy, lambda m: None)
+    return copy
+
+
 def benchmark_of_side(voc: Path, root: Path, side: str) -> Path:
     """A copy of the fake VOC tree marked as a built-in benchmark of 20 classes, its image side `side` as
     written in the JSON (Infinity: Python's reader takes it)."""
@@ -106,12 +117,7 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
         {"model_config": MICRO.to_dict(), "model": build_model(MICRO).state_dict()}, root / "o.pt"
     )
     bundle = Path(shutil.copytree(micro_bundle, root / "bundle"))
-    swapped = Path(shutil.copytree(micro_bundle, root / "swapped"))
-    encoder, head = swapped / "encoder.fp32.onnx", swapped / "head.fp32.onnx"
-    encoder_bytes = encoder.read_bytes()
-    encoder.write_bytes(head.read_bytes())
-    head.write_bytes(encoder_bytes)
-    _rewrite(swapped, lambda m: None)
+    swapped = _swapped(micro_bundle, root / "swapped", "encoder.fp32.onnx", "head.fp32.onnx")
     resized = Path(shutil.copytree(micro_bundle, root / "resized"))
 
     def resize(manifest: dict) -> None:
@@ -170,12 +176,7 @@ def world(tmp_path_factory, micro_checkpoint, micro_bundle):
     _rewrite(endless, lambda m: m.update(iterations=10**9))
     retold = Path(shutil.copytree(micro_bundle, root / "retold"))
     _rewrite(retold, lambda m: m.update(iterations=m["iterations"] - 1))
-    crossed = Path(shutil.copytree(micro_bundle, root / "crossed"))
-    fp32, fp16 = crossed / "head.fp32.onnx", crossed / "head.fp16.onnx"
-    fp32_bytes = fp32.read_bytes()
-    fp32.write_bytes(fp16.read_bytes())
-    fp16.write_bytes(fp32_bytes)
-    _rewrite(crossed, lambda m: None)
+    crossed = _swapped(micro_bundle, root / "crossed", "head.fp32.onnx", "head.fp16.onnx")
     made = World(
         root=root,
         voc=voc,
