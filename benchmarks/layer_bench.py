@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from crnet.commands.script_args import OneLineParser, count
+from crnet.config import MAX_BATCH
 from crnet.device import resolve_device
 
 
@@ -21,7 +22,7 @@ def layer_bench_arguments(
     """--batch (repeatable), --size, --repeats, --device, --no-compile, and any arguments `parser` already
     has; returns them with the device and the dtype timed there (FP16 on a GPU, FP32 on a CPU)."""
     parser = parser or script_parser(doc)
-    parser.add_argument("--batch", type=count(1, 4096), action="append", help=batch_help)
+    parser.add_argument("--batch", type=count(1, MAX_BATCH), action="append", help=batch_help)
     parser.add_argument("--size", type=count(1, 4096), default=size)
     parser.add_argument("--repeats", type=count(1), default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -146,9 +146,9 @@ class Bundle:
         swapped, or the manifest edited with the checksums recomputed: a head unrolled for another T would
         be compared with a reference run at the manifest's). Graphs of older exports carry none of it; a
         graph that carries some carries all."""
-        expected = graph_metadata(graph, precision, self.iterations)
         if not any(key.startswith("crnet.") for key in metadata):
             return
+        expected = graph_metadata(graph, precision, self.iterations)
         differ = [key for key, value in expected.items() if metadata.get(key) != value]
         wrong = [f"{key} {metadata.get(key, '(none)')}" for key in differ]
         if wrong:

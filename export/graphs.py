@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from crnet.bundle import GRAPH_IO, GRAPHS, tensor_shapes
+from crnet.config import MAX_BATCH
 from crnet.errors import interrupted
 from crnet.model.crnet import CRNet, SupportPrompt
 from crnet.optional import require
@@ -123,7 +124,7 @@ def export_onnx(
     """torch.export-based ONNX export with a symbolic batch on every input and output, one file;
     `metadata` goes into the model's metadata_props."""
     optimizer = require("onnxscript.optimizer", "crnet export (the torch.export-based ONNX exporter)")
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     dynamic_shapes = (tuple({0: batch} for _ in spec.inputs),)  # forward(*inputs): one varargs entry
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # exporter chatter about opset conversion and deprecations

@@ -247,7 +247,6 @@ def _check_resumable(stored: dict, path: Path, model_config: ModelConfig, train_
     step = stored["step"]
     if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= train_config.steps):
         raise CRNetError(f"cannot resume: {path} has step {step!r}, not one of 0..{train_config.steps}")
-    _window_losses(stored, path, train_config)
 
 
 def _window_losses(stored: dict, path: Path, config: TrainConfig) -> list[tuple[float, float, float]]:
@@ -338,10 +337,11 @@ def train(
     if resume and not (out_dir / LAST).exists():
         raise CRNetError(f"nothing to resume: {out_dir / LAST} does not exist")
     stored = checkpoint.load(out_dir / LAST) if resume else None
-    metrics = None
+    metrics, window = None, []  # the log up to the resumed step, and the losses since its last record
     if stored is not None:
         _check_resumable(stored, out_dir / LAST, model_config, config)
         metrics = _metrics_until(out_dir / METRICS, stored["step"])
+        window = _window_losses(stored, out_dir / LAST, config)
 
     group = Distributed(device, notice)
     saved_by = len(stored["rng"]) if stored is not None and isinstance(stored["rng"], list) else None
@@ -361,7 +361,7 @@ def train(
     model = build_model(model_config, backbone_weights=backbone_weights).to(group.device)
     cache = PredictionCache(len(index.pairs), model_config.feature_size)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
-    start, window = 0, []
+    start = 0
     if stored is not None:
         model.load_state_dict(stored["model"])
         optimizer.load_state_dict(stored["optimizer"])
@@ -374,7 +374,6 @@ def train(
         cache.load_state_dict(stored["cache"])
         _set_rng_state(stored["rng"][group.rank], group.device)
         start = stored["step"]
-        window = _window_losses(stored, out_dir / LAST, config)
         if group.main:
             notice(f"resuming {out_dir} at step {start} of {config.steps}")
     else:
