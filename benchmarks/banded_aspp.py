@@ -12,14 +12,16 @@ convolutions in float64.
 
 from __future__ import annotations
 
-import torch
-from layer_bench import layer_bench_arguments, script_parser
-from torch import nn
+from crnet.commands.script_args import count, run, starting_torch
 
-from crnet.commands.script_args import count, run
-from crnet.commands.timer import Timer, medians_in_turns
-from crnet.model.banded_conv import BandedConv
-from crnet.model.conv_epilogues import ConvReLU
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+    from layer_bench import layer_bench_arguments, script_parser
+    from torch import nn
+
+    from crnet.commands.timer import Timer, medians_in_turns
+    from crnet.model.banded_conv import BandedConv
+    from crnet.model.conv_epilogues import ConvReLU
 
 DILATIONS = (6, 12, 18)  # the r50 preset's
 

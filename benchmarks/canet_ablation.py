@@ -15,15 +15,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
-from crnet import checkpoint
-from crnet.commands.demo import RECIPE
-from crnet.commands.evaluate import CRNetPredictor, evaluate
-from crnet.commands.script_args import OneLineParser, check_json_output, count, write_json
+from crnet.commands.script_args import OneLineParser, check_json_output, count, starting_torch, write_json
 from crnet.commands.script_args import run as run_script
-from crnet.commands.train import FINAL, LAST, train
-from crnet.config import TINY
+
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+
+    from crnet import checkpoint
+    from crnet.commands.demo import RECIPE
+    from crnet.commands.evaluate import CRNetPredictor, evaluate
+    from crnet.commands.train import FINAL, LAST, train
+    from crnet.config import TINY
 
 BUDGET = RECIPE.replace(steps=3200, precision="fp32", min_object_pixels=None)
 

@@ -11,8 +11,10 @@ import statistics
 import subprocess
 import sys
 
-from crnet.checkpoint import load
-from crnet.commands.script_args import OneLineParser, count, run
+from crnet.commands.script_args import OneLineParser, count, run, starting_torch
+
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    from crnet.checkpoint import load
 
 CHILD = """
 import sys, time, torch

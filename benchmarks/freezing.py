@@ -7,15 +7,17 @@ without freezing, and the two time the same random episode alternately (wall tim
 
 from __future__ import annotations
 
-import torch
+from crnet.commands.script_args import OneLineParser, count, run, starting_torch
 
-from crnet.checkpoint import load
-from crnet.commands.script_args import OneLineParser, count, run
-from crnet.commands.timer import Timer, medians_in_turns
-from crnet.config import MAX_BATCH
-from crnet.device import resolve_device
-from crnet.engines import RuntimeSpec, torch_options
-from crnet.engines.torch_runtime import TorchRuntime
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+
+    from crnet.checkpoint import load
+    from crnet.commands.timer import Timer, medians_in_turns
+    from crnet.config import MAX_BATCH
+    from crnet.device import resolve_device
+    from crnet.engines import RuntimeSpec, torch_options
+    from crnet.engines.torch_runtime import TorchRuntime
 
 
 def open_twice(spec: RuntimeSpec, checkpoint: str, device: str) -> dict[str, TorchRuntime]:

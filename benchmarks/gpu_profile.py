@@ -15,14 +15,23 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile
+from crnet.commands.script_args import (
+    OneLineParser,
+    check_json_output,
+    count,
+    run,
+    starting_torch,
+    write_json,
+)
 
-from crnet.checkpoint import load
-from crnet.commands.script_args import OneLineParser, check_json_output, count, run, write_json
-from crnet.config import MAX_BATCH
-from crnet.device import resolve_device
-from crnet.engines import RuntimeSpec, open_runtime
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from crnet.checkpoint import load
+    from crnet.config import MAX_BATCH
+    from crnet.device import resolve_device
+    from crnet.engines import RuntimeSpec, open_runtime
 
 SCRIPT = "gpu_profile"
 

@@ -26,18 +26,20 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-import torch.nn.functional as F
-from layer_bench import layer_bench_arguments
-from torch import nn
+from crnet.commands.script_args import run, starting_torch
 
-from crnet.commands.script_args import run
-from crnet.commands.timer import Timer, medians_in_turns
-from crnet.engines.cuda_graphs import CapturedCalls, CaptureOnOwnThread
-from crnet.engines.torch_runtime import _cudnn_benchmark
-from crnet.engines.triton_head import pack_weight
-from crnet.model.concurrent_aspp import _terms, aspp_terms
-from crnet.model.conv_epilogues import ConvReLU
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+    import torch.nn.functional as F
+    from layer_bench import layer_bench_arguments
+    from torch import nn
+
+    from crnet.commands.timer import Timer, medians_in_turns
+    from crnet.engines.cuda_graphs import CapturedCalls, CaptureOnOwnThread
+    from crnet.engines.torch_runtime import _cudnn_benchmark
+    from crnet.engines.triton_head import pack_weight
+    from crnet.model.concurrent_aspp import _terms, aspp_terms
+    from crnet.model.conv_epilogues import ConvReLU
 
 DILATIONS = (6, 12, 18)  # the r50 preset's
 DEPLOYED = "cuDNN, fused ReLU (deployed)"

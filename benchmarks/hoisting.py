@@ -14,15 +14,17 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+from crnet.commands.script_args import OneLineParser, count, run, starting_torch
 
-from crnet.commands.script_args import OneLineParser, count, run
-from crnet.commands.timer import Timer, medians_in_turns
-from crnet.config import MAX_BATCH, MAX_ITERATIONS
-from crnet.device import resolve_device
-from crnet.engines.cuda_graphs import CapturedCalls
-from crnet.model.refinement import Refinement
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from crnet.commands.timer import Timer, medians_in_turns
+    from crnet.config import MAX_BATCH, MAX_ITERATIONS
+    from crnet.device import resolve_device
+    from crnet.engines.cuda_graphs import CapturedCalls
+    from crnet.model.refinement import Refinement
 
 CHANNELS, SIDE, DILATIONS = 256, 41, (6, 12, 18)
 

@@ -16,14 +16,23 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-from torch.autograd.profiler import record_function
-from torch.profiler import ProfilerActivity, profile
+from crnet.commands.script_args import (
+    OneLineParser,
+    check_json_output,
+    count,
+    run,
+    starting_torch,
+    write_json,
+)
 
-from crnet.commands.script_args import OneLineParser, check_json_output, count, run, write_json
-from crnet.config import MAX_BATCH
-from crnet.device import resolve_device
-from crnet.engines import DEPLOYED_GPU, RuntimeSpec, open_runtime
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    from crnet.config import MAX_BATCH
+    from crnet.device import resolve_device
+    from crnet.engines import DEPLOYED_GPU, RuntimeSpec, open_runtime
 
 SCRIPT = "kernel_owners"
 

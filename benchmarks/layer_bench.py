@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-import torch
+from crnet.commands.script_args import OneLineParser, count, starting_torch
 
-from crnet.commands.script_args import OneLineParser, count
-from crnet.config import MAX_BATCH
-from crnet.device import resolve_device
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+
+    from crnet.config import MAX_BATCH
+    from crnet.device import resolve_device
 
 
 def script_parser(doc: str) -> OneLineParser:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import functools
 
-import torch
-from layer_bench import layer_bench_arguments
-from torch import nn
+from crnet.commands.script_args import run, starting_torch
 
-from crnet.commands.script_args import run
-from crnet.commands.timer import Timer, medians_in_turns
-from crnet.model.space_to_depth import SpaceToDepthConv
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+    from layer_bench import layer_bench_arguments
+    from torch import nn
+
+    from crnet.commands.timer import Timer, medians_in_turns
+    from crnet.model.space_to_depth import SpaceToDepthConv
 
 
 def main() -> None:

@@ -10,12 +10,21 @@ import platform
 import time
 from pathlib import Path
 
-import torch
+from crnet.commands.script_args import (
+    OneLineParser,
+    check_json_output,
+    count,
+    run,
+    starting_torch,
+    write_json,
+)
 
-from crnet.commands.script_args import OneLineParser, check_json_output, count, run, write_json
-from crnet.config import preset
-from crnet.model.crnet import build_model
-from crnet.model.loss import episode_loss
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+
+    from crnet.config import preset
+    from crnet.model.crnet import build_model
+    from crnet.model.loss import episode_loss
 
 SCRIPT = "train_throughput"
 

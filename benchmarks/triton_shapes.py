@@ -18,22 +18,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from layer_bench import layer_bench_arguments
+from crnet.commands.script_args import run, starting_torch
 
-from crnet.commands.script_args import run
-from crnet.commands.timer import Timer, medians_in_turns
-from crnet.engines.cuda_graphs import CapturedCalls
-from crnet.engines.triton_head import (
-    CLASS_COLUMNS,
-    _library_branches,
-    _library_conv,
-    _library_project_classify,
-    pack_weight,
-    sum_slots,
-)
-from crnet.model.refinement import image_pooling_term
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+    import torch.nn.functional as F
+    from layer_bench import layer_bench_arguments
+
+    from crnet.commands.timer import Timer, medians_in_turns
+    from crnet.engines.cuda_graphs import CapturedCalls
+    from crnet.engines.triton_head import (
+        CLASS_COLUMNS,
+        _library_branches,
+        _library_conv,
+        _library_project_classify,
+        pack_weight,
+        sum_slots,
+    )
+    from crnet.model.refinement import image_pooling_term
 
 ASPP_DILATIONS = (6, 12, 18)
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from crnet.commands.script_args import OneLineParser, count, run, starting_torch
 
-from crnet import checkpoint
-from crnet.commands.script_args import OneLineParser, count, run
-from crnet.config import preset
-from crnet.errors import CRNetError
-from crnet.files import check_writable_file
-from crnet.model.crnet import build_model
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+
+    from crnet import checkpoint
+    from crnet.config import preset
+    from crnet.errors import CRNetError
+    from crnet.files import check_writable_file
+    from crnet.model.crnet import build_model
 
 
 def is_untrained_checkpoint(path: Path) -> bool:

@@ -1,5 +1,10 @@
 """Exception types. The CLI turns every `CRNetError` into one line on stderr and exit code 2."""
 
+import importlib.util
+import os
+import sys
+import traceback
+
 
 class CRNetError(Exception):
     """Base class of every error caused by the user's input rather than by a bug."""
@@ -60,3 +65,23 @@ def one_line(error: Exception) -> str:
     if len(lines) > 1 and "DataLoader worker" in lines[0]:
         return lines[-1].split(": ", 1)[-1]  # "crnet.errors.ImageReadError: cannot read ..."
     return " ".join(lines)
+
+
+def torch_start_failure(error: BaseException) -> str | None:
+    """The line for PyTorch failing while it is imported, else None: its logging settings (TORCH_LOGS,
+    TORCH_LOGS_OUT) and PYTORCH_JIT are read at import. A failed import leaves no `torch` in sys.modules."""
+    if "torch" in sys.modules:
+        return None
+    spec = importlib.util.find_spec("torch")
+    package = os.path.dirname(spec.origin) + os.sep if spec and spec.origin else None
+    if package is None or not any(
+        f.filename.startswith(package) for f in traceback.extract_tb(error.__traceback__)
+    ):
+        return None
+    if isinstance(error, OSError) and error.filename is not None:
+        message = f"{error.strerror or error}: {error.filename}"
+    else:  # TORCH_LOGS' message goes on to list every valid setting
+        message = " ".join(str(error).split()).split(". ")[0][:300] or type(error).__name__
+    settings = sorted(name for name in os.environ if name.startswith(("TORCH_", "PYTORCH_")))
+    hint = f" (check {', '.join(settings)})" if settings else ""
+    return f"PyTorch cannot start in this environment: {message}{hint}"

@@ -20,16 +20,18 @@ import json
 import platform
 from pathlib import Path
 
-import torch
+from crnet.commands.script_args import OneLineParser, count, run, starting_torch
 
-from crnet import ops
-from crnet.commands.script_args import OneLineParser, count, run
-from crnet.commands.timer import Timer, medians_in_turns
-from crnet.config import MAX_ITERATIONS
-from crnet.engines.cuda_graphs import capture_cuda_graph
-from crnet.errors import CRNetError
-from crnet.files import check_writable_file, parse_json, write_text
-from crnet.model.refinement import Refinement
+with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
+    import torch
+
+    from crnet import ops
+    from crnet.commands.timer import Timer, medians_in_turns
+    from crnet.config import MAX_ITERATIONS
+    from crnet.engines.cuda_graphs import capture_cuda_graph
+    from crnet.errors import CRNetError
+    from crnet.files import check_writable_file, parse_json, write_text
+    from crnet.model.refinement import Refinement
 
 CHANNELS, SIDE, DILATIONS = 256, 41, (6, 12, 18)
 SCHEMA = "crnet-bench-ops-1"

@@ -7,12 +7,10 @@ checked for writability before a long run. User errors print one `error:` line a
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
 import sys
-import traceback
 import warnings
 from pathlib import Path
 from typing import Annotated, Literal
@@ -22,7 +20,7 @@ import typer
 from crnet.commands.entry import silence_stdout
 from crnet.commands.script_args import empty_argument
 from crnet.config import MAX_BATCH, MAX_ITERATIONS
-from crnet.errors import CRNetError, CRNetWarning, interrupted, one_line
+from crnet.errors import CRNetError, CRNetWarning, interrupted, one_line, torch_start_failure
 from crnet.files import check_not_input, check_writable_file, parse_json
 from crnet.optional import MissingDependencyError
 
@@ -731,24 +729,6 @@ def _compile_failure(error: Exception) -> str | None:
     )
 
 
-def _torch_start_failure(error: Exception) -> str | None:
-    """The line for PyTorch failing while it is imported (a bad TORCH_LOGS or PYTORCH_JIT, say: its
-    settings are read at import), else None. A failed import leaves no `torch` in sys.modules."""
-    if "torch" in sys.modules:
-        return None
-    spec = importlib.util.find_spec("torch")
-    package = os.path.dirname(spec.origin) + os.sep if spec and spec.origin else None
-    if package is None or not any(
-        f.filename.startswith(package) for f in traceback.extract_tb(error.__traceback__)
-    ):
-        return None
-    text = " ".join(str(error).split())
-    message = text.split(". ")[0][:300] or type(error).__name__  # TORCH_LOGS' goes on to list every setting
-    settings = sorted(name for name in os.environ if name.startswith(("TORCH_", "PYTORCH_")))
-    hint = f" (check {', '.join(settings)})" if settings else ""
-    return f"PyTorch cannot start in this environment: {message}{hint}"
-
-
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """crnet's own warnings as one line; others keep Python's format (they point at a bug elsewhere)."""
     if issubclass(category, CRNetWarning):
@@ -783,7 +763,9 @@ def main() -> None:
     except OSError as error:  # anything not caught closer to the file: still one line
         from crnet.files import DISK_FULL, explain
 
-        if error.errno in DISK_FULL:
+        if failure := torch_start_failure(error):  # TORCH_LOGS_OUT naming a file that cannot be opened
+            typer.echo(f"error: {failure}", err=True)
+        elif error.errno in DISK_FULL:
             typer.echo(f"error: {explain(error, error.filename or 'an output')}", err=True)
         else:
             typer.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
@@ -795,7 +777,7 @@ def main() -> None:
         if interrupted(error):  # SIGTERM to the process group also stops the data loader's workers
             typer.echo("interrupted", err=True)
             sys.exit(130)
-        if failure := _compile_failure(error) or _torch_start_failure(error):
+        if failure := _compile_failure(error) or torch_start_failure(error):
             typer.echo(f"error: {failure}", err=True)
             sys.exit(2)
         # Usage errors (unknown option, missing argument, bad value) come from typer's bundled click, whose

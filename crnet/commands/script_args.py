@@ -9,11 +9,12 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from crnet.errors import CRNetError, one_line
+from crnet.errors import CRNetError, one_line, torch_start_failure
 from crnet.files import check_writable_file, parse_json, write_text
 
 
@@ -84,6 +85,19 @@ def check_json_output(
 def write_json(path: Path, script: str, document: dict) -> None:
     """The document, stamped with the script's name, written whole or not at all."""
     write_text(path, json.dumps({"script": script} | document, indent=1) + "\n")
+
+
+@contextmanager
+def starting_torch() -> Iterator[None]:
+    """Around a script's imports: PyTorch failing to start (its TORCH_LOGS, TORCH_LOGS_OUT and PYTORCH_JIT
+    are read at import) is one `error:` line and exit 2, as in crnet's commands."""
+    try:
+        yield
+    except Exception as error:
+        if failure := torch_start_failure(error):
+            print(f"error: {failure}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
 
 
 def _interrupted(number, frame) -> NoReturn:

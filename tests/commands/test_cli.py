@@ -288,12 +288,20 @@ def test_broken_image_found_during_eval_is_one_line(files: Files, tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    "variable, expected",
-    [("TORCH_LOGS", "Invalid log settings: garbage"), ("PYTORCH_JIT", "Unknown setting of PYTORCH_JIT")],
+    "variable, value, expected",
+    [
+        ("TORCH_LOGS", "garbage", "Invalid log settings: garbage"),
+        ("PYTORCH_JIT", "garbage", "Unknown setting of PYTORCH_JIT"),
+        ("TORCH_LOGS_OUT", "{tmp}/no/such/folder/log.txt", "No such file or directory: {tmp}/no/such/folder"),
+    ],
 )
-def test_torch_that_cannot_start_is_one_line(files: Files, tmp_path: Path, monkeypatch, variable, expected):
-    """PyTorch reads some settings at import and raises on a bad one: every command gave its traceback."""
-    monkeypatch.setenv(variable, "garbage")
+def test_torch_that_cannot_start_is_one_line(
+    files: Files, tmp_path: Path, monkeypatch, variable, value, expected
+):
+    """PyTorch reads some settings at import and raises on a bad one: every command gave its traceback (a
+    TORCH_LOGS_OUT it cannot open was one line that did not say whose path it was)."""
+    monkeypatch.setenv(variable, value.format(tmp=tmp_path))
+    expected = expected.format(tmp=tmp_path)
     result = run_cli(["eval", str(files.checkpoint), "--data", str(files.voc), "--episodes", "1"], tmp_path)
     check_user_error(
         result.returncode,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +113,54 @@ def test_benchmark_scripts_refuse_bad_input(tmp_path, script, args, message) -> 
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert message in lines[0]
     assert precious.read_bytes() == CHECKPOINT.read_bytes() and notes.read_text() == "the user's"
+
+
+def _imports_torch(source: str) -> bool:
+    return any(
+        line.lstrip().startswith(("import torch", "from torch", "from crnet")) for line in source.splitlines()
+    )
+
+
+RUNNABLE = sorted(
+    p
+    for p in (REPO / "benchmarks").glob("*.py")
+    if "__main__" in p.read_text() and _imports_torch(p.read_text())
+) + [REPO / "crnet" / "commands" / "bench_ops.py"]
+
+
+@pytest.mark.parametrize("script", RUNNABLE, ids=lambda p: p.name)
+def test_scripts_import_torch_inside_starting_torch(script: Path) -> None:
+    """A script that imports torch (or crnet, which does) at the top, outside `starting_torch`, gave torch's
+    traceback for a bad TORCH_LOGS."""
+    body = ast.parse(script.read_text()).body
+    outside = [
+        ast.unparse(node)
+        for node in body
+        if isinstance(node, ast.ImportFrom | ast.Import)
+        and (node.module if isinstance(node, ast.ImportFrom) else node.names[0].name).split(".")[0]
+        in ("torch", "crnet", "layer_bench")
+        and not (isinstance(node, ast.ImportFrom) and node.module == "crnet.commands.script_args")
+    ]
+    guarded = [
+        node for node in body if isinstance(node, ast.With) and "starting_torch" in ast.unparse(node.items[0])
+    ]
+    assert guarded and not outside, outside
+
+
+@pytest.mark.parametrize(
+    "command", [["benchmarks/hoisting.py"], ["-m", "crnet.commands.bench_ops"]], ids=["script", "bench_ops"]
+)
+def test_scripts_say_torch_cannot_start_in_one_line(command) -> None:
+    done = subprocess.run(
+        [sys.executable, *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "TORCH_LOGS": "garbage"},
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(
+        "error: PyTorch cannot start in this environment: Invalid log settings: garbage"
+    )
