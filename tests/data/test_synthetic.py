@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crnet.data import synthetic
+from crnet.data import scenes, synthetic
 
 PARAMS = {"seed": 3, "train_per_class": 4, "val_per_class": 2, "image_size": 64}
 SMALL = {"seed": 1, "train_per_class": 1, "val_per_class": 1, "image_size": 48}
@@ -48,13 +48,13 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_class_table_and_folds() -> None:
-    assert len(synthetic.CLASS_NAMES) == 20 and len(set(synthetic.CLASS_NAMES)) == 20
-    folds = synthetic.FOLDS
+    assert len(scenes.CLASS_NAMES) == 20 and len(set(scenes.CLASS_NAMES)) == 20
+    folds = scenes.FOLDS
     assert folds == ((1, 2, 3, 4, 5), (6, 7, 8, 9, 10), (11, 12, 13, 14, 15), (16, 17, 18, 19, 20))
-    pairs = {(c.shape, c.texture) for c in synthetic.CLASSES}
+    pairs = {(c.shape, c.texture) for c in scenes.CLASSES}
     assert len(pairs) == 20, "every class needs its own (shape, texture) family pair"
-    assert {c.shape for c in synthetic.CLASSES} <= set(synthetic.SHAPES)
-    assert {c.texture for c in synthetic.CLASSES} <= set(synthetic.TEXTURES)
+    assert {c.shape for c in scenes.CLASSES} <= set(scenes.SHAPES)
+    assert {c.texture for c in scenes.CLASSES} <= set(scenes.TEXTURES)
 
 
 def test_layout_and_formats(bench: Path) -> None:
@@ -72,7 +72,7 @@ def test_layout_and_formats(bench: Path) -> None:
     meta = json.loads((bench / "synthetic.json").read_text())
     assert meta["version"] == synthetic.GENERATOR_VERSION
     assert {k: meta[k] for k in PARAMS} == PARAMS
-    assert meta["class_names"] == list(synthetic.CLASS_NAMES)
+    assert meta["class_names"] == list(scenes.CLASS_NAMES)
     n_files = sum(20 * PARAMS[f"{s}_per_class"] for s in LISTS)
     assert len(list((bench / "JPEGImages").iterdir())) == n_files
     assert len(list((bench / "SegmentationClassAug").iterdir())) == n_files
@@ -112,13 +112,13 @@ def test_ignore_band_covers_every_boundary(bench: Path) -> None:
 
 def test_ignore_band_sits_on_boundaries() -> None:
     size = PARAMS["image_size"]
-    width = synthetic.band_width(size)
-    assert width == 1 and synthetic.band_width(128) == 1 and synthetic.band_width(256) == 2
+    width = scenes.band_width(size)
+    assert width == 1 and scenes.band_width(128) == 1 and scenes.band_width(256) == 2
     for index in range(6):
         main = index + 1
-        _, raw = synthetic.render_sample(PARAMS["seed"], 0, index, main, size)
+        _, raw = scenes.render_sample(PARAMS["seed"], 0, index, main, size)
         assert 255 not in raw
-        banded = synthetic.ignore_band(raw, width)
+        banded = scenes.ignore_band(raw, width)
         ignored = banded == 255
         near_change = np.zeros_like(ignored)
         for a, b in ((np.s_[1:, :], np.s_[:-1, :]), (np.s_[:, 1:], np.s_[:, :-1])):
@@ -131,14 +131,14 @@ def test_ignore_band_sits_on_boundaries() -> None:
     # The width grows by whole 4-neighbour steps; a straight edge gets 2 * width ignored columns.
     step = np.zeros((8, 12), np.uint8)
     step[:, 6:] = 3
-    assert (synthetic.ignore_band(step, 2)[0] == 255).sum() == 4
+    assert (scenes.ignore_band(step, 2)[0] == 255).sum() == 4
 
 
 def test_written_labels_match_render(bench: Path) -> None:
     image_id = split_ids(bench, "val")[5]
     index = int(image_id.rsplit("_", 1)[1])
-    image, raw = synthetic.render_sample(PARAMS["seed"], 1, index, index // PARAMS["val_per_class"] + 1, 64)
-    assert np.array_equal(load_label(bench, image_id), synthetic.ignore_band(raw))
+    image, raw = scenes.render_sample(PARAMS["seed"], 1, index, index // PARAMS["val_per_class"] + 1, 64)
+    assert np.array_equal(load_label(bench, image_id), scenes.ignore_band(raw))
     with Image.open(bench / "JPEGImages" / f"{image_id}.jpg") as jpg:
         assert np.abs(np.asarray(jpg).astype(int) - image).mean() < 8  # JPEG q95 of the same pixels
 
@@ -155,9 +155,9 @@ def test_deterministic(bench: Path, tmp_path: Path) -> None:
 
 def test_images_independent_of_counts() -> None:
     # An image depends only on (seed, split, index, main class), not on how many images are generated.
-    a = synthetic.render_sample(7, 0, 11, 4, 48)
-    b = synthetic.render_sample(7, 0, 11, 4, 48)
-    c = synthetic.render_sample(7, 1, 11, 4, 48)
+    a = scenes.render_sample(7, 0, 11, 4, 48)
+    b = scenes.render_sample(7, 0, 11, 4, 48)
+    c = scenes.render_sample(7, 1, 11, 4, 48)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert not np.array_equal(a[0], c[0])
 
@@ -300,7 +300,7 @@ def test_invalid_parameters(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="train_per_class"):
         synthetic.ensure(tmp_path / "x", train_per_class=-1)
     with pytest.raises(ValueError, match="main_class"):
-        synthetic.render_sample(0, 0, 0, 21)
+        scenes.render_sample(0, 0, 0, 21)
     assert not (tmp_path / "x").exists()
 
 
