@@ -10,7 +10,11 @@ import contextlib
 import hashlib
 import json
 import os
+import struct
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,30 +59,98 @@ def base_classes(fold: int) -> tuple[int, ...]:
     return tuple(c for c in range(1, NUM_CLASSES + 1) if c not in novel)
 
 
-def open_image(path: Path) -> Image.Image:
-    """Image.open, with PIL's warning about a very large image (two lines of PIL's source) as one crnet
-    warning; above twice PIL's limit it refuses the image (DecompressionBombError, an ImageReadError here)."""
+@contextlib.contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """Image.open for the whole of a read, PIL's warnings turned into crnet's one-line ones: a very large
+    image (PIL's two lines of source) and a damaged EXIF block, say. A read that fails says only its error.
+    Above twice PIL's pixel limit, Image.open refuses the image (DecompressionBombError)."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", Image.DecompressionBombWarning)
-        image = Image.open(path)
+        warnings.simplefilter("always")
+        with Image.open(path) as image:
+            pixels = image.width * image.height
+            yield image
     for warning in caught:
-        if issubclass(warning.category, Image.DecompressionBombWarning):
-            message = f"{path} has {image.width * image.height} pixels: reading it takes much memory"
-            warnings.warn(message, CRNetWarning, stacklevel=3)
+        if issubclass(warning.category, CRNetWarning):
+            message = str(warning.message)
+        elif issubclass(warning.category, Image.DecompressionBombWarning):
+            message = f"{path} has {pixels} pixels: reading it takes much memory"
         else:
-            warnings.warn(warning.message, warning.category, stacklevel=3)
-    return image
+            message = f"{path}: {' '.join(str(warning.message).split())}"
+        warnings.warn(message, CRNetWarning, stacklevel=4)
 
 
 ANIMATED = ("GIF", "PNG", "TIFF", "WEBP")  # formats whose further frames are pictures of their own
+# What PIL raises for a file it cannot decode: besides OSError and ValueError (a damaged header, a PGM's
+# size), a damaged PNG chunk is a SyntaxError; a truncated GIF's or TIFF's frames an IndexError, TypeError,
+# EOFError or struct.error; a header claiming billions of pixels the bomb error.
+UNREADABLE = (
+    UnidentifiedImageError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    IndexError,
+    TypeError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
 
 
 def upright(image: Image.Image) -> Image.Image:
-    """The image as a viewer shows it: turned by its EXIF orientation (a phone's photo is stored sideways)."""
+    """The image as a viewer shows it: turned by its EXIF orientation (a phone's photo is stored sideways).
+    Decode the pixels first (`Image.load`): a decoding error inside this would pass for an EXIF one."""
     try:
         return ImageOps.exif_transpose(image)
     except Exception:  # a damaged EXIF block: PIL's parsers raise several types; the pixels as stored
         return image
+
+
+def _frames(image: Image.Image, path: Path) -> int:
+    """How many frames the file holds; counting them reads every frame's header."""
+    try:
+        return getattr(image, "n_frames", 1)
+    except UNREADABLE as error:
+        raise ImageReadError(
+            f"cannot read image {path}: a frame after the first is damaged ({_reason(error)})"
+        ) from None
+
+
+def _decoded(image: Image.Image, as_shown: bool) -> Image.Image:
+    """Every pixel decoded now, so that a damaged file fails here (PIL decodes on first use, and a failed
+    decode leaves the rest black), then turned as shown where asked."""
+    messages: list[str] = []
+    try:
+        with _libtiff_messages(image.format == "TIFF", messages):
+            image.load()
+    except UNREADABLE as error:
+        if messages:  # libtiff's reason, not PIL's "decoder error -2"
+            raise OSError("; ".join(messages)) from error
+        raise
+    if messages:  # the image decoded all the same: libtiff's warnings
+        warnings.warn(f"{image.filename}: {'; '.join(messages)}", CRNetWarning, stacklevel=3)
+    return upright(image) if as_shown else image
+
+
+@contextlib.contextmanager
+def _libtiff_messages(collect: bool, messages: list[str]) -> Iterator[None]:
+    """libtiff (which decodes compressed TIFFs for PIL) prints its errors and warnings to the process's
+    stderr from C: collected into `messages` instead, so that a damaged TIFF is one error line."""
+    if not collect:
+        yield
+        return
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as caught:
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            messages += [
+                " ".join(line.split()) for line in caught.read().decode(errors="replace").splitlines()
+            ]
 
 
 def read_image(path: Path, *, as_shown: bool = False) -> np.ndarray:
@@ -88,11 +160,15 @@ def read_image(path: Path, *, as_shown: bool = False) -> np.ndarray:
     try:
         with open_image(path) as image:
             # an animation, a multi-page TIFF (a phone's JPEG, MPO, holds a second frame that is no picture)
-            if image.format in ANIMATED and getattr(image, "n_frames", 1) > 1:
-                message = f"{path} holds {image.n_frames} frames; the first is used"
-                warnings.warn(message, CRNetWarning, stacklevel=2)
-            image = upright(image) if as_shown else image
-            if image.mode.startswith("I;16"):  # PIL would clip 16-bit values to 255, not scale them
+            if image.format in ANIMATED and _frames(image, path) > 1:
+                warnings.warn(
+                    f"{path} holds {image.n_frames} frames; the first is used", CRNetWarning, stacklevel=2
+                )
+            pgm = image.format == "PPM"
+            image = _decoded(image, as_shown)
+            # 16-bit grayscale: PIL would clip the values to 255, not scale them. A PGM whose maxval is above
+            # 255 opens as 32-bit integers, which PIL scales to 0..65535.
+            if image.mode.startswith("I;16") or (image.mode == "I" and pgm):
                 gray = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
                 return np.repeat(gray[:, :, None], 3, axis=2)
             if image.mode in ("I", "F"):
@@ -100,12 +176,13 @@ def read_image(path: Path, *, as_shown: bool = False) -> np.ndarray:
                     f"cannot read image {path}: mode {image.mode} (32-bit) has no defined range; save it as "
                     "8-bit RGB or grayscale"
                 )
+            if image.mode == "P" and "transparency" in image.info:  # PIL warns unless it goes through RGBA
+                image = image.convert("RGBA")
             return np.asarray(image.convert("RGB"))
     except FileNotFoundError:
         raise ImageReadError(f"image not found: {path}") from None
-    # ValueError: a mode PIL cannot turn into RGB (16-bit grayscale, some TIFFs)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"cannot read image {path}: {error}") from None
+    except UNREADABLE as error:  # ValueError also: a mode PIL cannot turn into RGB (some TIFFs)
+        raise ImageReadError(f"cannot read image {path}: {_reason(error)}") from None
 
 
 def read_label(path: Path, *, as_shown: bool = False, binary: bool = False) -> np.ndarray:
@@ -115,7 +192,7 @@ def read_label(path: Path, *, as_shown: bool = False, binary: bool = False) -> n
     what = "mask" if binary else "label"
     try:
         with open_image(path) as image:
-            image = upright(image) if as_shown else image
+            image = _decoded(image, as_shown)
             if binary and image.mode == "1":  # as 0 and 1, not PIL's 0 and 255 (255 is "ignore")
                 return np.asarray(image, dtype=bool).astype(np.uint8)
             if image.mode not in ("L", "P"):
@@ -126,9 +203,13 @@ def read_label(path: Path, *, as_shown: bool = False, binary: bool = False) -> n
             return np.asarray(image, dtype=np.uint8)  # palette PNGs keep their indices
     except FileNotFoundError:
         raise ImageReadError(f"{what} not found: {path}") from None
-    # ValueError: a damaged header (a PGM's size, say); the bomb error: a header claiming billions of pixels
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"cannot read {what} {path}: {error}") from None
+    except UNREADABLE as error:
+        raise ImageReadError(f"cannot read {what} {path}: {_reason(error)}") from None
+
+
+def _reason(error: Exception) -> str:
+    """PIL's message, or the error's type where it has none (a truncated frame table's IndexError)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def check_label(label: np.ndarray, path: Path, image_shape: tuple[int, int]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -520,3 +521,87 @@ def test_a_very_large_image_is_one_crnet_warning(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
     with pytest.raises(ImageReadError, match="decompression bomb"):
         pascal.read_image(tmp_path / "large.png")
+
+
+def _picture(tmp_path: Path) -> Image.Image:
+    rng = np.random.default_rng(0)  # noise: PNG and deflate cannot compress it away
+    return Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+
+
+def _damaged(path: Path) -> Path:
+    """The file with 8 bytes of its compressed pixels inverted, three quarters of the way into them."""
+    data = bytearray(path.read_bytes())
+    if path.suffix == ".png":
+        at = data.index(b"IDAT") + 4
+        start, length = at, int.from_bytes(data[at - 8 : at - 4], "big")
+    else:  # TIFF: the first strip
+        with Image.open(path) as image:
+            start, length = image.tag_v2[273][0], image.tag_v2[279][0]
+    at = start + length * 3 // 4
+    data[at : at + 8] = bytes(b ^ 0xFF for b in data[at : at + 8])
+    damaged = path.with_name(f"damaged_{path.name}")
+    damaged.write_bytes(bytes(data))
+    return damaged
+
+
+@pytest.mark.parametrize("as_shown", [True, False])
+@pytest.mark.parametrize("suffix, options", [(".png", {}), (".tif", {"compression": "tiff_deflate"})])
+def test_a_damaged_image_is_refused_not_read_half_black(tmp_path, capfd, suffix, options, as_shown) -> None:
+    """Read as shown (infer's supports and queries), a PNG or TIFF damaged three quarters of the way in was
+    taken with its rest black, exit 0: turning it by its EXIF orientation decoded it and swallowed the error.
+    libtiff's own stderr line came beside the error line."""
+    _picture(tmp_path).save(tmp_path / f"full{suffix}", **options)
+    damaged = _damaged(tmp_path / f"full{suffix}")
+    with pytest.raises(ImageReadError, match=f"cannot read image {damaged}"):
+        pascal.read_image(damaged, as_shown=as_shown)
+    Image.fromarray(np.asarray(_picture(tmp_path))[:, :, 0] % 2).save(tmp_path / f"mask{suffix}", **options)
+    with pytest.raises(ImageReadError, match="cannot read mask"):
+        pascal.read_label(_damaged(tmp_path / f"mask{suffix}"), as_shown=as_shown, binary=True)
+    assert capfd.readouterr().err == ""
+
+
+def test_a_png_with_a_damaged_chunk_or_frames_is_one_error(tmp_path) -> None:
+    """PIL raises SyntaxError for a damaged chunk type and IndexError or TypeError for a truncated animation's
+    frames: tracebacks, which ImageReadError's list did not name."""
+    pixels = np.asarray(_picture(tmp_path))
+    rows = zlib.compress(b"".join(b"\x00" + row.tobytes() for row in pixels))  # filter 0 before each row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = chunk(b"IHDR", (96).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0]))
+    # the pixels in two IDAT chunks, the second's type damaged
+    body = header + chunk(b"IDAT", rows[:100]) + chunk(b"\x01\x02\x03\x04", rows[100:]) + chunk(b"IEND", b"")
+    path = tmp_path / "chunk.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    with pytest.raises(ImageReadError, match="chunk"):
+        pascal.read_image(path, as_shown=True)
+    picture = _picture(tmp_path)
+    for suffix in (".gif", ".tif"):
+        picture.save(tmp_path / f"one{suffix}")
+        whole = tmp_path / f"frames{suffix}"
+        picture.save(whole, save_all=True, append_images=[picture.rotate(90), picture.rotate(180)])
+        # a GIF cut inside its second frame's header, a TIFF's first frame without the tags that follow it
+        keep = (tmp_path / "one.gif").stat().st_size + 100 if suffix == ".gif" else whole.stat().st_size // 2
+        cut = tmp_path / f"cut{suffix}"
+        cut.write_bytes(whole.read_bytes()[:keep])
+        with pytest.raises(
+            ImageReadError, match=f"cannot read image {cut}: a frame after the first is damaged"
+        ):
+            pascal.read_image(cut, as_shown=True)
+
+
+def test_legal_images_read_without_pil_s_warnings(tmp_path) -> None:
+    """A 16-bit PGM (PIL opens it as 32-bit integers) was refused as "32-bit"; a palette PNG with its
+    transparency as bytes printed PIL's two-line warning."""
+    import warnings
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(">u2")
+    (tmp_path / "deep.pgm").write_bytes(b"P5 64 64 65535\n" + ramp.tobytes())
+    image = pascal.read_image(tmp_path / "deep.pgm")
+    assert np.array_equal(image[:, :, 0], (ramp.astype(np.uint32) >> 8).astype(np.uint8))
+    palette = _picture(tmp_path).convert("P")
+    palette.save(tmp_path / "clear.png", transparency=bytes([0, 128] + [255] * 254))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pascal.read_image(tmp_path / "clear.png", as_shown=True).shape == (96, 96, 3)
