@@ -47,6 +47,21 @@ def load(path: str | Path) -> dict:
     return state
 
 
+def fold_to_test(fold: int | None, state: dict, path: str | Path) -> tuple[int, str | None]:
+    """The fold to test a loaded checkpoint on: the one asked for, else the one it was trained on (0 where
+    it does not say); and a warning when the fold asked for is another: fold f's novel classes are among the
+    training classes of every other fold, so its results would not be few-shot results."""
+    trained = state.get("train_config", {}).get("fold")
+    if fold is None:
+        return (0 if trained is None else trained), None
+    if trained is not None and fold != trained:
+        return fold, (
+            f"{path} was trained on fold {trained}, whose training classes include fold {fold}'s 5: these "
+            "results are not few-shot (unseen-class) results"
+        )
+    return fold, None
+
+
 class EditedConfigError(CheckpointError):
     """A crnet checkpoint whose stored settings cannot be used (edited by hand, say)."""
 

@@ -358,6 +358,12 @@ def _bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice, 
         data = latency_batch(settings, runtimes[0][1].input_size)
         failed, start_up = first_calls(runtimes, data, torch.device(settings.device), notice)
         accuracy = measure_accuracy(runtimes, settings, progress, failed) if settings.episodes > 0 else {}
+        unscored = next(iter(accuracy.values()), {}).get("accuracy", {}).get("classes_without_episodes")
+        if unscored:  # as crnet eval says it
+            notice(
+                f"warning: classes {unscored} of fold {settings.fold} got no episode in {settings.episodes}: "
+                "they count 0 in the mIoU (give more --episodes)"
+            )
         for spec, reason in failed.items():
             notice(f"{spec} failed: {reason}")
         measured = [(spec, runtime) for spec, runtime in runtimes if spec not in failed]

@@ -114,7 +114,10 @@ DataOption = Annotated[
 ]
 DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
-FoldOption = Annotated[int, typer.Option(min=0, max=3, help="PASCAL-5i fold: its 5 novel classes are tested")]
+FoldOption = Annotated[int, typer.Option(min=0, max=3, help="PASCAL-5i fold: its 15 base classes train")]
+TestFoldOption = Annotated[
+    int | None, typer.Option(min=0, max=3, help="fold to test (default: the fold it was trained on)")
+]
 ShotsOption = Annotated[int, typer.Option(min=1, max=100, help="labelled support images per episode")]
 SeedOption = Annotated[int, typer.Option(min=0, max=2**64 - 1, help="random seed")]  # torch's seeds: 64 bits
 IterationsOption = Annotated[
@@ -275,9 +278,7 @@ def train(
 def evaluate_command(
     checkpoint: CheckpointArgument,
     data: DataOption = None,
-    fold: Annotated[
-        int | None, typer.Option(min=0, max=3, help="fold to test (default: the fold it was trained on)")
-    ] = None,
+    fold: TestFoldOption = None,
     shots: ShotsOption = 1,
     strategy: Annotated[
         Literal["average", "finetune"], typer.Option(help="k-shot strategy (with --shots >= 2)")
@@ -323,10 +324,7 @@ def evaluate_command(
     flush_denormals_for_inference(resolved)
     state = checkpoints.load(checkpoint)
     model = checkpoints.model_from_state(state, checkpoint, resolved)
-    stored = state.get("train_config", {})
-    trained_fold = stored.get("fold")
-    seen = fold is not None and trained_fold is not None and fold != trained_fold
-    fold = (trained_fold or 0) if fold is None else fold
+    fold, seen = checkpoints.fold_to_test(fold, state, checkpoint)
     suffix = f"fold{fold}_{shots}shot" + (f"_{strategy}" if shots > 1 else "")
     json_out = json_out or checkpoint.parent / f"eval_{suffix}.json"
     inputs = [checkpoint, data or DEFAULT_DATA]
@@ -357,18 +355,16 @@ def evaluate_command(
                 **evaluate(PrototypeBaseline.untrained(model.config, resolved), root, **common),
             }
         )
-    if seen:  # after the run, so that a user error stays one line: fold f's classes train every other fold
-        typer.echo(
-            f"warning: {checkpoint} was trained on fold {trained_fold}, whose training classes include "
-            f"fold {fold}'s 5: these results are not few-shot (unseen-class) results",
-            err=True,
-        )
+    if seen:  # after the run, so that a user error stays one line
+        typer.echo(f"warning: {seen}", err=True)
     write_json({"checkpoint": str(checkpoint), "data": str(root), "results": results}, json_out)
-    print_results(results)  # after the file: a reader that quits early (`| head`) costs only the table
+    # the table after the file: a reader that quits early (`| head`) costs only the table
+    print_results(results, novel=not seen)
 
 
-def print_results(results: list[dict]) -> None:
-    """The evaluation results as a Markdown table: full width in a terminal, a pipe or a file alike."""
+def print_results(results: list[dict], novel: bool = True) -> None:
+    """The evaluation results as a Markdown table: full width in a terminal, a pipe or a file alike.
+    `novel`: the fold's classes were unseen in training (else a fold the checkpoint was not trained on)."""
     iterations = any("mean_iterations" in r for r in results)
     columns = ["method", "fold", "shots", "k-shot", "episodes", "mIoU", "FB-IoU", "seconds"]
     columns += ["iterations"] if iterations else []
@@ -379,7 +375,9 @@ def print_results(results: list[dict]) -> None:
         if iterations:
             row.append(f"{r['mean_iterations']:.2f}" if "mean_iterations" in r else "-")
         lines.append("| " + " | ".join(row) + " |")
-    typer.echo("few-shot segmentation, novel classes")
+    typer.echo(
+        "few-shot segmentation, novel classes" if novel else "segmentation of classes seen in training"
+    )
     typer.echo("\n".join(lines))
     if any(r["method"] == "baseline" for r in results):
         typer.echo("baseline: cosine matching to support prototypes on the untrained encoder (no learning)")
@@ -402,7 +400,7 @@ def demo(
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:
-    """Built-in benchmark end to end: tiny model, fold-0 evaluation, pictures, export, runtime bench."""
+    """Built-in benchmark end to end: tiny model, evaluation on its fold, pictures, export, runtime bench."""
     from crnet.commands.bench import format_table, plot_latency
     from crnet.commands.demo import (
         RESULT_NAMES,
@@ -438,7 +436,10 @@ def demo(
     with staged_demo(out, [root]) as stage:  # the results land together, or not at all
         results, picture = run_demo(checkpoint, stage.root, root, episodes, resolved, progress)
         reader.show(print_results, results)
-        bench = export_and_bench(checkpoint, stage.root, root, episodes, resolved, _bar(progress), notice)
+        fold = results[0]["fold"]  # the fold the checkpoint was trained on
+        bench = export_and_bench(
+            checkpoint, stage.root, root, fold, episodes, resolved, _bar(progress), notice
+        )
         bench["settings"]["bundle"] = str(out / "bundle")  # where it will be
         reader.show(typer.echo, format_table(bench))
         write_text(stage.root / "bench.json", json.dumps(bench, indent=2) + "\n")  # said at the end
@@ -592,7 +593,7 @@ def bench_command(
         ),
     ] = None,
     data: DataOption = None,
-    fold: FoldOption = 0,
+    fold: TestFoldOption = None,
     shots: ShotsOption = 1,
     episodes: Annotated[
         int, typer.Option(min=0, max=MAX_EPISODES, help="accuracy episodes (0: latency only)")
@@ -616,6 +617,7 @@ def bench_command(
     progress: ProgressOption = True,
 ) -> None:
     """Latency and IoU of every runtime on the same episodes, with agreement to PyTorch FP32."""
+    from crnet import checkpoint as checkpoints
     from crnet.commands.bench import (
         BenchSettings,
         format_table,
@@ -629,6 +631,7 @@ def bench_command(
 
     resolved = resolve_device(device)
     flush_denormals_for_inference(resolved)
+    fold, seen = checkpoints.fold_to_test(fold, checkpoints.load(checkpoint), checkpoint)
     default = ["torch:fp32", "onnxruntime:fp32", "onnxruntime:fp16"]
     if resolved.type == "cuda":
         default = ["torch:fp16+channels-last", deployed_gpu(), "torch:fp16+anchor", "onnxruntime:fp32+cuda"]
@@ -667,6 +670,8 @@ def bench_command(
 
     notice = lambda line: typer.echo(line, err=True)  # noqa: E731
     result = run_bench(specs, settings, _bar(progress), notice=notice, stop_early=True)
+    if seen and episodes:  # after the run, so that a user error stays one line
+        typer.echo(f"warning: {seen}", err=True)
     write_json(result, json_out)  # the files first: a reader that quits early (`| head`) costs only the table
     try:  # interrupted too: the chart of the rounds done, as the JSON has them (an earlier one stays else)
         plot_latency(result, chart)

@@ -1,4 +1,4 @@
-"""The demo on the built-in benchmark: trained tiny model -> fold-0 evaluation -> pictures -> export
+"""The demo on the built-in benchmark: trained tiny model -> evaluation on its fold -> pictures -> export
 (FP32 + FP16 ONNX) -> bench of torch against ONNX Runtime (on CUDA: the GPU rows that run there, the
 deployed path and the anchor among them) -> tables."""
 
@@ -105,11 +105,13 @@ def staged_demo(out: Path, inputs: list[Path]) -> StagedDirectory:
     return StagedDirectory(out, what="demo", ours=is_demo_output, replaces_own=True, inputs=inputs)
 
 
-def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, count: int = 6) -> Path:
+def draw_episodes(
+    model: CRNet, root: Path, path: Path, device: torch.device, fold: int, count: int = 6
+) -> Path:
     """A sheet of `count` novel-class episodes: support + mask, query + truth, query + prediction."""
     loader = fixed_episode_loader(
         root,
-        fold=RECIPE.fold,
+        fold=fold,
         shots=1,
         count=count,
         input_size=model.config.input_size,
@@ -140,9 +142,12 @@ def draw_episodes(model: CRNet, root: Path, path: Path, device: torch.device, co
 def run_demo(
     checkpoint: Path, out: Path, root: Path, episodes: int, device: torch.device, progress: bool
 ) -> tuple[list[dict], Path]:
-    """Evaluate the checkpoint and draw episodes; the results and the episode sheet."""
-    model = checkpoints.load_model(checkpoint, device)
-    common = dict(fold=RECIPE.fold, input_size=model.config.input_size, episodes=episodes, progress=progress)
+    """Evaluate the checkpoint on the fold it was trained on (its novel classes) and draw episodes; the
+    results and the episode sheet."""
+    state = checkpoints.load(checkpoint)
+    model = checkpoints.model_from_state(state, checkpoint, device)
+    fold, _ = checkpoints.fold_to_test(None, state, checkpoint)
+    common = dict(fold=fold, input_size=model.config.input_size, episodes=episodes, progress=progress)
     results = [
         {
             "method": BASELINE,
@@ -161,7 +166,7 @@ def run_demo(
         },
     ]
     write_text(out / RESULTS, json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=2))
-    return results, draw_episodes(model, root, out / "episodes.png", device)
+    return results, draw_episodes(model, root, out / "episodes.png", device, fold)
 
 
 DEMO_RUNTIMES = ("torch:fp32", "torch:bf16+channels-last", "onnxruntime:fp32", "onnxruntime:fp16")
@@ -186,9 +191,9 @@ def demo_runtimes(device: torch.device) -> tuple[str, ...]:
 
 
 def export_and_bench(
-    checkpoint: Path, out: Path, root: Path, episodes: int, device: torch.device, progress, notice
+    checkpoint: Path, out: Path, root: Path, fold: int, episodes: int, device: torch.device, progress, notice
 ) -> dict:
-    """Export FP32 + FP16 graphs, then bench torch against ONNX Runtime on the demo's episodes."""
+    """Export FP32 + FP16 graphs, then bench torch against ONNX Runtime on the demo's episodes (of `fold`)."""
     from crnet.commands.bench import BenchSettings, run_bench
     from crnet.engines import RuntimeSpec
     from crnet.export.build import export_bundle
@@ -202,7 +207,12 @@ def export_and_bench(
         notice(f"no TensorRT row: {exported.tensorrt_skipped}")
         runtimes = tuple(r for r in runtimes if r != "tensorrt:fp16")
     settings = BenchSettings(
-        checkpoint=checkpoint, bundle=exported.bundle, data_root=root, episodes=episodes, device=str(device)
+        checkpoint=checkpoint,
+        bundle=exported.bundle,
+        data_root=root,
+        fold=fold,
+        episodes=episodes,
+        device=str(device),
     )
     specs = [RuntimeSpec.parse(text) for text in runtimes]
     return run_bench(specs, settings, progress, notice=notice)

@@ -426,3 +426,28 @@ def test_bench_ops_interrupted_is_one_line() -> None:
             process.kill()
             process.wait()
         assert process.returncode == 130 and stderr.splitlines() == ["interrupted"], stderr
+
+
+@pytest.mark.parametrize("fold, tested, warned", [(None, 2, False), (2, 2, False), (0, 0, True)])
+def test_bench_tests_the_fold_its_checkpoint_was_trained_on(
+    micro_checkpoint, bench_root, tmp_path, monkeypatch, capsys, fold, tested, warned
+) -> None:
+    """bench scored every checkpoint on fold 0: one trained on fold 2 on classes it had trained on, reported
+    as novel. Like eval, it now tests the checkpoint's own fold unless asked, and warns about another."""
+    import sys
+
+    from crnet.checkpoint import load, save_atomic
+    from crnet.commands import cli
+
+    checkpoint = save_atomic(load(micro_checkpoint) | {"train_config": {"fold": 2}}, tmp_path / "fold2.pt")
+    out = tmp_path / "bench.json"
+    argv = ["crnet", "bench", str(checkpoint), "--data", str(bench_root), "--runtime", "torch:fp32"]
+    argv += ["--episodes", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--json", str(out)]
+    argv += ["--no-progress"] + ([] if fold is None else ["--fold", str(fold)])
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.main()
+    assert json.loads(out.read_text())["settings"]["fold"] == tested
+    lines = capsys.readouterr().err.splitlines()
+    assert len([line for line in lines if "was trained on fold 2" in line]) == warned
+    # 2 episodes for 5 classes: as eval does, bench says that the classes without one count 0 in the mIoU
+    assert len([line for line in lines if "got no episode in 2: they count 0" in line]) == 1

@@ -21,13 +21,18 @@ COMMITTED = Path(__file__).parents[2] / "checkpoints" / "tiny_fold0.pt"
 
 
 def test_demo_runs_every_stage(micro_checkpoint, bench_root, tmp_path, monkeypatch, capsys) -> None:
+    """On a checkpoint trained on fold 2, the demo tests fold 2 (it scored fold 0's classes, which trained
+    it, as novel)."""
+    from crnet.checkpoint import load, save_atomic
+
+    checkpoint = save_atomic(load(micro_checkpoint) | {"train_config": {"fold": 2}}, tmp_path / "fold2.pt")
     out = tmp_path / "demo"
-    args = ["demo", "--checkpoint", str(micro_checkpoint), "--data", str(bench_root), "--out", str(out)]
+    args = ["demo", "--checkpoint", str(checkpoint), "--data", str(bench_root), "--out", str(out)]
     monkeypatch.setattr(sys, "argv", ["crnet", *args, "--episodes", "4", "--no-progress"])
     cli.main()
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())["results"]
-    assert [r["shots"] for r in results] == [1, 1, 5]
+    assert [r["shots"] for r in results] == [1, 1, 5] and {r["fold"] for r in results} == {2}
     assert (out / "episodes.png").is_file() and (out / "bundle" / "manifest.json").is_file()
     bench = json.loads((out / "bench.json").read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what --device auto picks
@@ -37,7 +42,8 @@ def test_demo_runs_every_stage(micro_checkpoint, bench_root, tmp_path, monkeypat
     if device.type == "cpu":
         assert "onnxruntime fp16" in printed
     assert bench["settings"]["bundle"] == str(out / "bundle")  # where it landed, not where it was staged
-    assert list(tmp_path.iterdir()) == [out]
+    assert bench["settings"]["fold"] == 2
+    assert sorted(tmp_path.iterdir()) == [out, checkpoint]
 
     # A rerun stopped partway leaves the first run's outputs as they were: no new results.json beside the
     # old bench.json (it used to write each output as its stage ended).
@@ -57,7 +63,7 @@ def test_demo_runs_every_stage(micro_checkpoint, bench_root, tmp_path, monkeypat
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 130
-    assert files(out) == before and list(tmp_path.iterdir()) == [out]
+    assert files(out) == before and sorted(tmp_path.iterdir()) == [out, checkpoint]
 
 
 def test_committed_checkpoint_is_the_recipes() -> None:
