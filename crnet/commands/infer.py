@@ -29,6 +29,7 @@ from crnet.engines import RuntimeSpec, deployed_gpu, open_runtime, runtime_devic
 from crnet.engines.base import Runtime
 from crnet.errors import CheckpointError, CRNetError, EmptySupportMaskError, NoSupportError
 from crnet.files import (
+    NAME_MAX,
     StagedDirectory,
     atomic_file,
     holds_only,
@@ -127,15 +128,23 @@ def earlier_output(out: Path) -> list[str] | None:
 
 def output_names(queries: list[Path]) -> list[str]:
     """Query file stems, made unique (two queries may share a name in different folders, and a numbered
-    name may be another query's stem: a/x, b/x, x_1 give x, x_1, x_1_1)."""
+    name may be another query's stem: a/x, b/x, x_1 give x, x_1, x_1_1), and cut short where a file named
+    after one would pass NAME_MAX bytes (a query's own name may be 255 bytes long; infer.json says which
+    mask is whose)."""
+    room = NAME_MAX - len("_overlay.png")  # the longer of the two files named after the query
     names: list[str] = []
     for query in queries:
-        name, count = query.stem, 0
+        name, count = _cut(query.stem, room), 0
         while name in names:
             count += 1
-            name = f"{query.stem}_{count}"
+            name = _cut(query.stem, room - len(f"_{count}")) + f"_{count}"
         names.append(name)
     return names
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, whole characters."""
+    return text.encode()[:limit].decode(errors="ignore")
 
 
 def infer(

@@ -213,6 +213,15 @@ def test_output_names_are_unique() -> None:
     assert output_names([Path("x_1.jpg"), Path("a/x.jpg"), Path("b/x.jpg")]) == ["x_1", "x", "x_2"]
 
 
+def test_output_names_fit_the_file_system() -> None:
+    """A query named with 245 bytes is legal, but its `_overlay.png` is not: infer segmented every query
+    and then failed, naming its hidden staging folder. Names are cut to fit, whole characters, unique."""
+    long = "\u00e9" * 125  # 250 bytes: e-acute is two, and 243 of them would cut one in half
+    names = output_names([Path(f"{long}.jpg"), Path(f"other/{long}.png"), Path("q.jpg")])
+    assert all(len(f"{name}_overlay.png".encode()) <= 255 for name in names)
+    assert names[0] == "\u00e9" * 121 and names[1] == "\u00e9" * 120 + "_1" and names[2] == "q"
+
+
 @pytest.mark.parametrize(
     "mask, error, message",
     [
