@@ -29,6 +29,15 @@ def check_engine_source(bundle: Bundle, precision: str, graph: str) -> None:
     bundle.check_metadata(path, graph, listed[0], {p.key: p.value for p in model.metadata_props})
 
 
+def padded_to(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` with its first row repeated until it has `rows`: an engine built for batches of at least `rows`
+    (`--batch-range MIN:...` with MIN > 1) runs a smaller batch so, and the extra rows' outputs are dropped.
+    A repeated row, not zeros: a zero support mask would divide by zero in the prompt."""
+    if len(x) >= rows:
+        return x
+    return torch.cat([x, x[:1].expand(rows - len(x), *x.shape[1:])])
+
+
 class Engine:
     """One deserialized engine and its execution context."""
 
@@ -46,7 +55,9 @@ class Engine:
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.inputs = [n for n in names if is_input[n]]
         self.outputs = [n for n in names if not is_input[n]]
-        self.max_batch = min(self.engine.get_tensor_profile_shape(n, 0)[2][0] for n in self.inputs)
+        profiles = [self.engine.get_tensor_profile_shape(n, 0) for n in self.inputs]  # (min, opt, max) shapes
+        self.min_batch = max(shapes[0][0] for shapes in profiles)
+        self.max_batch = min(shapes[2][0] for shapes in profiles)
 
     def signature(self) -> tuple[list[tuple], list[tuple]]:
         """[(name, shape)] of the inputs and of the outputs, -1 where a dimension is dynamic."""
@@ -55,9 +66,10 @@ class Engine:
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         stream = torch.cuda.current_stream(self.device)
+        batch = len(inputs[self.inputs[0]])
         keep = []
         for name in self.inputs:
-            x = inputs[name].to(self.device, torch.float32).contiguous()
+            x = padded_to(inputs[name].to(self.device, torch.float32), self.min_batch).contiguous()
             keep.append(x)
             self.context.set_input_shape(name, tuple(x.shape))
             self.context.set_tensor_address(name, x.data_ptr())
@@ -68,7 +80,8 @@ class Engine:
             self.context.set_tensor_address(name, outputs[name].data_ptr())
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        return outputs  # ordered on torch's stream: later torch work waits for it
+        # ordered on torch's stream: later torch work waits for it
+        return {name: output[:batch] for name, output in outputs.items()}
 
 
 class TensorRTRuntime(Runtime):

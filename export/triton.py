@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from crnet.bundle import GRAPH_IO, Bundle, tensor_shapes
+from crnet.errors import CRNetError
 from crnet.files import StagedDirectory, check_output_dir, check_writable_place
 
 PREFIX = "crnet_"
@@ -141,6 +142,16 @@ def is_repository(path: Path) -> bool:
 TARGET = {"what": "crnet Triton repository", "ours": is_repository, "option": "--triton"}
 
 
+def check_engine_batches(smallest: int) -> None:
+    """CRNetError where TensorRT engines built for batches of at least `smallest` would serve Triton: a
+    model whose config says max_batch_size N may be sent any batch from 1 to N."""
+    if smallest > 1:
+        raise CRNetError(
+            f"TensorRT engines built for batches of at least {smallest} cannot serve a Triton model, which "
+            "may be sent batches from 1: export with --batch-range 1:OPT:MAX for --triton"
+        )
+
+
 def check_repository_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Before an export: OutputError when --triton could not be written (see crnet.files)."""
     check_output_dir(Path(out), overwrite=overwrite, inputs=inputs, **TARGET)
@@ -167,6 +178,8 @@ def _fill(staging: Path, bundle: Bundle, precision: str | None) -> None:
     shapes = {name: list(shape) for name, shape in tensor_shapes(bundle.model_config).items()}
     io = {name: (list(inputs), list(outputs)) for name, (inputs, outputs) in GRAPH_IO.items()}
     max_batch = manifest["batch"]["max"]
+    if use_engines:
+        check_engine_batches(manifest["batch"]["min"])
 
     for graph, (inputs, outputs) in io.items():
         source = bundle.engine(precision, graph) if use_engines else bundle.graph(precision, graph)

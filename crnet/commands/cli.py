@@ -464,7 +464,8 @@ def export_command(
         str,
         typer.Option(
             callback=_batch_range,
-            help="batch sizes MIN:OPT:MAX, 1 <= MIN <= OPT <= MAX, the engines are built for",
+            help="batch sizes MIN:OPT:MAX, 1 <= MIN <= OPT <= MAX, the engines are built for (a smaller "
+            "batch is padded to MIN)",
         ),
     ] = "1:1:16",
     iterations: IterationsOption = None,
@@ -500,7 +501,10 @@ def export_command(
                     "keep the cache outside it"
                 )
     if triton is not None:  # checked before the export, so that a bad --triton costs nothing
-        from crnet.export.triton import check_repository_out
+        from crnet.export.triton import check_engine_batches, check_repository_out
+
+        if tensorrt:
+            check_engine_batches(BatchRange.parse(batch_range).min)
 
         bundle, repository = os.path.realpath(out), os.path.realpath(triton)
         if os.path.commonpath([bundle, repository]) in (bundle, repository):

@@ -491,6 +491,10 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
         lambda w: export("--overwrite", "--triton", str(w.folder))(w),
         "not a crnet Triton repository",
     ),
+    "export-triton-engines-from-batch-2": (
+        lambda w: export("--tensorrt", "--batch-range", "2:4:8", "--triton", new(w, "triton"))(w),
+        "engines built for batches of at least 2 cannot serve a Triton model",
+    ),
     "export-checkpoint-missing": (export(checkpoint=lambda w: new(w, "x.pt")), "checkpoint not found"),
     "export-timing-cache-is-a-folder": (
         lambda w: [*export("--tensorrt")(w), "--timing-cache", str(w.folder)],
