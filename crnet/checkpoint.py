@@ -47,11 +47,16 @@ def load(path: str | Path) -> dict:
     return state
 
 
+def trained_fold(state: dict) -> int | None:
+    """The fold whose 15 base classes trained a loaded checkpoint; None where it does not say."""
+    return state.get("train_config", {}).get("fold")
+
+
 def fold_to_test(fold: int | None, state: dict, path: str | Path) -> tuple[int, str | None]:
     """The fold to test a loaded checkpoint on: the one asked for, else the one it was trained on (0 where
     it does not say); and a warning when the fold asked for is another: fold f's novel classes are among the
     training classes of every other fold, so its results would not be few-shot results."""
-    trained = state.get("train_config", {}).get("fold")
+    trained = trained_fold(state)
     if fold is None:
         return (0 if trained is None else trained), None
     if trained is not None and fold != trained:

@@ -56,8 +56,8 @@ REFERENCE = RuntimeSpec("torch", "fp32")
 # The JSON `crnet bench` writes (also documented in docs/BENCHMARKS.md):
 #   schema            "crnet-bench-2"
 #   machine           {cpu, threads, device, gpu, torch, onnxruntime, tensorrt, platform}
-#   settings          {checkpoint, bundle, data, fold, shots, episodes, batch, warmup, repeats, repeats_done,
-#                      iterations, input_size}
+#   settings          {checkpoint, bundle, data, fold, trained_fold, shots, episodes, batch, warmup, repeats,
+#                      repeats_done, iterations, input_size}
 #   interrupted       true when an interrupt ended the timed rounds early (repeats_done < repeats)
 #   floor             {flops: {episode, query, encoder}, matmul_tflop_per_s: {precision: rate},
 #                      best_precision, floor_ms: {episode, query, encoder}}
@@ -83,6 +83,7 @@ class BenchSettings:
     bundle: Path | None
     data_root: Path
     fold: int = 0
+    trained_fold: int | None = None  # the checkpoint's, where it says: another fold's classes are not novel
     shots: int = 1
     episodes: int = 1000
     batch: int = 1
@@ -406,6 +407,7 @@ def _bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice, 
             "bundle": None if settings.bundle is None else str(settings.bundle),
             "data": str(settings.data_root),
             "fold": settings.fold,
+            "trained_fold": settings.trained_fold,
             "shots": settings.shots,
             "episodes": settings.episodes,
             "batch": settings.batch,
@@ -429,6 +431,14 @@ def _fmt(value, digits=1) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _seen(settings: dict) -> str:
+    """What the table says when the fold tested is not the one the checkpoint was trained on."""
+    trained = settings.get("trained_fold")  # JSONs of 2026-11-26 and before lack it
+    if trained is None or trained == settings["fold"]:
+        return ""
+    return f" (trained on fold {trained}: classes seen in training, not few-shot)"
+
+
 def format_table(result: dict) -> str:
     """The results as a Markdown table (it reads in a terminal and pastes into docs). On a GPU a column of
     GPU time; with an anchor row a column of ratios to it."""
@@ -447,7 +457,8 @@ def format_table(result: dict) -> str:
     lines = [
         f"{settings['input_size']}x{settings['input_size']}, {settings['shots']}-shot, "
         f"T={settings['iterations']}, batch {settings['batch']}, on {where}; accuracy on "
-        f"{settings['episodes']} episodes of fold {settings['fold']}; agreement vs torch fp32; FLOP floor "
+        f"{settings['episodes']} episodes of fold {settings['fold']}{_seen(settings)}; agreement vs torch "
+        "fp32; FLOP floor "
         f"{floor['flops']['episode'] / 1e9:.3g} GFLOP per call at {rate:.3g} TFLOP/s "
         f"({floor['best_precision']} matmul) = {floor['floor_ms']['episode']:.3g} ms"
         + (

@@ -357,7 +357,11 @@ def evaluate_command(
         )
     if seen:  # after the run, so that a user error stays one line
         typer.echo(f"warning: {seen}", err=True)
-    write_json({"checkpoint": str(checkpoint), "data": str(root), "results": results}, json_out)
+    trained = checkpoints.trained_fold(state)
+    write_json(
+        {"checkpoint": str(checkpoint), "trained_fold": trained, "data": str(root), "results": results},
+        json_out,
+    )
     # the table after the file: a reader that quits early (`| head`) costs only the table
     print_results(results, novel=not seen)
 
@@ -434,11 +438,10 @@ def demo(
     flush_denormals_for_inference(resolved)  # after training, which stays bit-identical to `crnet train`
     reader = Reader()
     with staged_demo(out, [root]) as stage:  # the results land together, or not at all
-        results, picture = run_demo(checkpoint, stage.root, root, episodes, resolved, progress)
+        results, picture, trained = run_demo(checkpoint, stage.root, root, episodes, resolved, progress)
         reader.show(print_results, results)
-        fold = results[0]["fold"]  # the fold the checkpoint was trained on
         bench = export_and_bench(
-            checkpoint, stage.root, root, fold, episodes, resolved, _bar(progress), notice
+            checkpoint, stage.root, root, trained, episodes, resolved, _bar(progress), notice
         )
         bench["settings"]["bundle"] = str(out / "bundle")  # where it will be
         reader.show(typer.echo, format_table(bench))
@@ -635,7 +638,8 @@ def bench_command(
 
     resolved = resolve_device(device)
     flush_denormals_for_inference(resolved)
-    fold, seen = checkpoints.fold_to_test(fold, checkpoints.load(checkpoint), checkpoint)
+    state = checkpoints.load(checkpoint)  # here for its fold; the runtimes load it again
+    fold, seen = checkpoints.fold_to_test(fold, state, checkpoint)
     default = ["torch:fp32", "onnxruntime:fp32", "onnxruntime:fp16"]
     if resolved.type == "cuda":
         default = ["torch:fp16+channels-last", deployed_gpu(), "torch:fp16+anchor", "onnxruntime:fp32+cuda"]
@@ -661,6 +665,7 @@ def bench_command(
         bundle=bundle,
         data_root=data_root(data),
         fold=fold,
+        trained_fold=checkpoints.trained_fold(state),
         shots=shots,
         episodes=episodes,
         batch=batch_size,

@@ -143,9 +143,10 @@ def run_demo(
     checkpoint: Path, out: Path, root: Path, episodes: int, device: torch.device, progress: bool
 ) -> tuple[list[dict], Path]:
     """Evaluate the checkpoint on the fold it was trained on (its novel classes) and draw episodes; the
-    results and the episode sheet."""
+    results, the episode sheet and the fold the checkpoint says it was trained on (None if it does not)."""
     state = checkpoints.load(checkpoint)
     model = checkpoints.model_from_state(state, checkpoint, device)
+    trained = checkpoints.trained_fold(state)
     fold, _ = checkpoints.fold_to_test(None, state, checkpoint)
     common = dict(fold=fold, input_size=model.config.input_size, episodes=episodes, progress=progress)
     results = [
@@ -165,8 +166,9 @@ def run_demo(
             **evaluate(CRNetPredictor(model, device), root, shots=5, **common),
         },
     ]
-    write_text(out / RESULTS, json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=2))
-    return results, draw_episodes(model, root, out / "episodes.png", device, fold)
+    document = {"checkpoint": str(checkpoint), "trained_fold": trained, "results": results}
+    write_text(out / RESULTS, json.dumps(document, indent=2))
+    return results, draw_episodes(model, root, out / "episodes.png", device, fold), trained
 
 
 DEMO_RUNTIMES = ("torch:fp32", "torch:bf16+channels-last", "onnxruntime:fp32", "onnxruntime:fp16")
@@ -191,9 +193,17 @@ def demo_runtimes(device: torch.device) -> tuple[str, ...]:
 
 
 def export_and_bench(
-    checkpoint: Path, out: Path, root: Path, fold: int, episodes: int, device: torch.device, progress, notice
+    checkpoint: Path,
+    out: Path,
+    root: Path,
+    trained_fold: int | None,
+    episodes: int,
+    device: torch.device,
+    progress,
+    notice,
 ) -> dict:
-    """Export FP32 + FP16 graphs, then bench torch against ONNX Runtime on the demo's episodes (of `fold`)."""
+    """Export FP32 + FP16 graphs, then bench torch against ONNX Runtime on the demo's episodes (of the fold
+    the checkpoint was trained on)."""
     from crnet.commands.bench import BenchSettings, run_bench
     from crnet.engines import RuntimeSpec
     from crnet.export.build import export_bundle
@@ -210,7 +220,8 @@ def export_and_bench(
         checkpoint=checkpoint,
         bundle=exported.bundle,
         data_root=root,
-        fold=fold,
+        fold=trained_fold or 0,
+        trained_fold=trained_fold,
         episodes=episodes,
         device=str(device),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import struct
 import sys
@@ -61,14 +62,28 @@ def base_classes(fold: int) -> tuple[int, ...]:
 
 @contextlib.contextmanager
 def open_image(path: Path) -> Iterator[Image.Image]:
-    """Image.open for the whole of a read, PIL's warnings turned into crnet's one-line ones: a very large
-    image (PIL's two lines of source) and a damaged EXIF block, say. A read that fails says only its error.
-    Above twice PIL's pixel limit, Image.open refuses the image (DecompressionBombError)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with Image.open(path) as image:
-            pixels = image.width * image.height
-            yield image
+    """Image.open for the whole of a read, PIL's warnings and log records turned into crnet's one-line
+    warnings: a very large image (PIL's two lines of source) and a damaged EXIF block, say. A read that
+    fails says only its error, with what PIL logged as its reason (its own message may say less: "cannot
+    identify image file"). Above twice PIL's pixel limit, Image.open refuses the image (the bomb error)."""
+    logged = _PILRecords()
+    pil = logging.getLogger("PIL")
+    pil.addHandler(logged)
+    propagate, pil.propagate = pil.propagate, False  # else Python's last-resort handler prints them
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with Image.open(path) as image:
+                    pixels = image.width * image.height
+                    yield image
+            except UNREADABLE as error:
+                if logged.messages:
+                    raise OSError("; ".join(logged.messages)) from error
+                raise
+    finally:
+        pil.removeHandler(logged)
+        pil.propagate = propagate
     for warning in caught:
         if issubclass(warning.category, CRNetWarning):
             message = str(warning.message)
@@ -77,18 +92,33 @@ def open_image(path: Path) -> Iterator[Image.Image]:
         else:
             message = f"{path}: {' '.join(str(warning.message).split())}"
         warnings.warn(message, CRNetWarning, stacklevel=4)
+    for message in logged.messages:
+        warnings.warn(f"{path}: {message}", CRNetWarning, stacklevel=4)
+
+
+class _PILRecords(logging.Handler):
+    """PIL's log records of warning level and above, kept: it logs some reasons before it raises."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
 
 
 ANIMATED = ("GIF", "PNG", "TIFF", "WEBP")  # formats whose further frames are pictures of their own
 # What PIL raises for a file it cannot decode: besides OSError and ValueError (a damaged header, a PGM's
 # size), a damaged PNG chunk is a SyntaxError; a truncated GIF's or TIFF's frames an IndexError, TypeError,
-# EOFError or struct.error; a header claiming billions of pixels the bomb error.
+# EOFError or struct.error, a damaged tag of a later TIFF page a KeyError; a header claiming billions of
+# pixels the bomb error.
 UNREADABLE = (
     UnidentifiedImageError,
     OSError,
     ValueError,
     SyntaxError,
     IndexError,
+    KeyError,
     TypeError,
     EOFError,
     struct.error,
@@ -131,6 +161,9 @@ def _decoded(image: Image.Image, as_shown: bool) -> Image.Image:
     return upright(image) if as_shown else image
 
 
+_LIBTIFF_NAME = "tempfile.tif"
+
+
 @contextlib.contextmanager
 def _libtiff_messages(collect: bool, messages: list[str]) -> Iterator[None]:
     """libtiff (which decodes compressed TIFFs for PIL) prints its errors and warnings to the process's
@@ -148,9 +181,9 @@ def _libtiff_messages(collect: bool, messages: list[str]) -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             caught.seek(0)
-            messages += [
-                " ".join(line.split()) for line in caught.read().decode(errors="replace").splitlines()
-            ]
+            lines = caught.read().decode(errors="replace").splitlines()
+            # PIL names the file to libtiff "tempfile.tif", which libtiff puts before some messages
+            messages += [" ".join(line.removeprefix(f"{_LIBTIFF_NAME}: ").split()) for line in lines]
 
 
 def read_image(path: Path, *, as_shown: bool = False) -> np.ndarray:
@@ -209,6 +242,8 @@ def read_label(path: Path, *, as_shown: bool = False, binary: bool = False) -> n
 
 def _reason(error: Exception) -> str:
     """PIL's message, or the error's type where it has none (a truncated frame table's IndexError)."""
+    if isinstance(error, KeyError):  # a tag's value PIL has no entry for
+        return f"an unknown value {error.args[0]!r} in its header" if error.args else "an unknown value"
     return " ".join(str(error).split()) or type(error).__name__
 
 

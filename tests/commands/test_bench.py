@@ -446,8 +446,12 @@ def test_bench_tests_the_fold_its_checkpoint_was_trained_on(
     argv += ["--no-progress"] + ([] if fold is None else ["--fold", str(fold)])
     monkeypatch.setattr(sys, "argv", argv)
     cli.main()
-    assert json.loads(out.read_text())["settings"]["fold"] == tested
-    lines = capsys.readouterr().err.splitlines()
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["fold"] == tested and settings["trained_fold"] == 2
+    printed, stderr = capsys.readouterr()
+    lines = stderr.splitlines()
     assert len([line for line in lines if "was trained on fold 2" in line]) == warned
+    # the table and the JSON say it too: a saved result must not pass for a few-shot one
+    assert ("(trained on fold 2: classes seen in training, not few-shot)" in printed) == warned
     # 2 episodes for 5 classes: as eval does, bench says that the classes without one count 0 in the mIoU
     assert len([line for line in lines if "got no episode in 2: they count 0" in line]) == 1

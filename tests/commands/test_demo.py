@@ -31,7 +31,9 @@ def test_demo_runs_every_stage(micro_checkpoint, bench_root, tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", ["crnet", *args, "--episodes", "4", "--no-progress"])
     cli.main()
     printed = capsys.readouterr().out
-    results = json.loads((out / "results.json").read_text())["results"]
+    document = json.loads((out / "results.json").read_text())
+    results = document["results"]
+    assert document["trained_fold"] == 2
     assert [r["shots"] for r in results] == [1, 1, 5] and {r["fold"] for r in results} == {2}
     assert (out / "episodes.png").is_file() and (out / "bundle" / "manifest.json").is_file()
     bench = json.loads((out / "bench.json").read_text())

@@ -1,5 +1,7 @@
 """Evaluation: k-shot strategies (fine-tuning restores the weights), the baseline, the fixed protocol."""
 
+import json
+
 import pytest
 import torch
 
@@ -155,4 +157,4 @@ def test_a_fold_the_model_was_trained_on_is_named(fold, warned, bench_root, tmp_
         assert done.code in (0, None)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "was trained on fold 0" in line]
     assert len(warnings) == warned, warnings
-    assert (tmp_path / f"eval_fold{fold}_1shot.json").is_file()
+    assert json.loads((tmp_path / f"eval_fold{fold}_1shot.json").read_text())["trained_fold"] == 0

@@ -605,3 +605,37 @@ def test_legal_images_read_without_pil_s_warnings(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert pascal.read_image(tmp_path / "clear.png", as_shown=True).shape == (96, 96, 3)
+
+
+def _with_tag(path: Path, page: int, tag: int, value: int) -> Path:
+    """A copy of a little-endian TIFF with a SHORT tag of one page set to `value`."""
+    data = bytearray(path.read_bytes())
+    ifd = int.from_bytes(data[4:8], "little")
+    for _ in range(page):  # each page's directory: a count, 12 bytes an entry, then the next's offset
+        count = int.from_bytes(data[ifd : ifd + 2], "little")
+        ifd = int.from_bytes(data[ifd + 2 + 12 * count : ifd + 6 + 12 * count], "little")
+    for entry in range(int.from_bytes(data[ifd : ifd + 2], "little")):
+        at = ifd + 2 + 12 * entry
+        if int.from_bytes(data[at : at + 2], "little") == tag:
+            data[at + 8 : at + 10] = value.to_bytes(2, "little")
+    edited = path.with_name(f"{tag}_{value}_{path.name}")
+    edited.write_bytes(bytes(data))
+    return edited
+
+
+def test_damaged_tiffs_are_one_error_with_their_reason(tmp_path, capfd) -> None:
+    """A later page's unknown compression was a KeyError traceback; PIL logged "More samples per pixel than
+    can be decoded" to stderr beside the error line (which said only "cannot identify image file"); libtiff's
+    reasons named "tempfile.tif", PIL's name for every file it hands libtiff."""
+    picture = _picture(tmp_path)
+    pages = tmp_path / "pages.tif"
+    picture.save(pages, save_all=True, append_images=[picture.rotate(90)], compression="tiff_lzw")
+    with pytest.raises(ImageReadError, match="a frame after the first is damaged \\(an unknown value 0"):
+        pascal.read_image(_with_tag(pages, 1, 259, 0), as_shown=True)  # 259: Compression
+    picture.save(tmp_path / "one.tif", compression="tiff_lzw")
+    with pytest.raises(ImageReadError, match="More samples per pixel than can be decoded: 255"):
+        pascal.read_image(_with_tag(tmp_path / "one.tif", 0, 277, 255))  # 277: SamplesPerPixel
+    with pytest.raises(ImageReadError) as damaged:
+        pascal.read_image(_damaged(tmp_path / "one.tif"))
+    assert "tempfile" not in str(damaged.value)
+    assert capfd.readouterr().err == ""
