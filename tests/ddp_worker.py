@@ -5,6 +5,8 @@ own: under torchrun (DDP with gloo), or alone to be killed with SIGKILL.
 
 With HOLD_AFTER_FIRST_CHECKPOINT=1 in its environment the run waits after its first checkpoint, to be
 killed there: on a loaded machine the killer may otherwise see that checkpoint only after the last one.
+With SIGTERM_RANK_1_AT_LOSS=N, rank 1 alone sends itself SIGTERM at its Nth loss (two a step): a signal
+that reaches one process of a DDP run.
 """
 
 import os
@@ -36,8 +38,26 @@ def hold_after_first_checkpoint() -> None:
     checkpoint.save_atomic = save_then_hold
 
 
+def sigterm_at_loss(n: int) -> None:
+    import signal
+
+    import crnet.commands.train as training
+
+    calls, real_loss = [0], training.episode_loss
+
+    def loss(*args):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args)
+
+    training.episode_loss = loss
+
+
 if __name__ == "__main__":
     if os.environ.get("HOLD_AFTER_FIRST_CHECKPOINT") == "1":
         hold_after_first_checkpoint()
+    if "SIGTERM_RANK_1_AT_LOSS" in os.environ and os.environ.get("RANK") == "1":
+        sigterm_at_loss(int(os.environ["SIGTERM_RANK_1_AT_LOSS"]))
     root, out, *numbers = sys.argv[1:]
     train(MICRO, config(*map(int, numbers)), root, out, device="cpu", progress=False)

@@ -468,7 +468,10 @@ def train(
             cache.write(group.gather(written).cpu(), group.gather(flips).cpu().bool(), group.gather(logits))
             step += 1
             losses.append((loss.item(), query_loss.item(), support_loss.item()))
-            every_loss = group.gather(loss.detach().float().reshape(1))  # every rank stops, or none
+            # With each rank's loss, whether a signal asked it to stop: every rank stops at the same step
+            # (a rank stopping alone would wait in a collective the others never join), or none does.
+            shared = group.gather(torch.tensor([loss.item(), float(stop.requested)], device=group.device))
+            every_loss, stopping = shared[0::2], bool(shared[1::2].any())
             if not torch.isfinite(every_loss).all():
                 bar.close()
                 raise diverged(step, f"the loss is {every_loss.tolist()}")
@@ -491,7 +494,7 @@ def train(
                     bar.set_postfix(loss=f"{mean[0]:.3f}", eps=f"{record['episodes_per_s']:.1f}")
                 window_start, window_episodes, losses = time.perf_counter(), 0, []
             step_start = None
-            if stop.requested:
+            if stopping:
                 raise KeyboardInterrupt
             if step % config.checkpoint_every == 0 and step < config.steps:
                 save(step)
@@ -510,21 +513,22 @@ def train(
         # Said, then the interrupt goes on: the CLI's "interrupted" and exit code 130, as for any command.
         notice(f"interrupted at step {step}/{config.steps}; saved {out_dir / LAST}, {how_to_continue}")
         raise KeyboardInterrupt from None
+    else:  # the last step's saves under the same shield: Ctrl-C during them lost the run since its last save
+        bar.close()
+        save(step)
+        final = out_dir / FINAL
+        if group.main:
+            checkpoint.save_atomic(
+                {
+                    "model_config": model_config.to_dict(),
+                    "train_config": config.to_dict(),
+                    "step": step,
+                    "model": model.state_dict(),
+                },
+                final,
+            )
     finally:
         stop.close()
-    bar.close()
-    save(step)
-    final = out_dir / FINAL
-    if group.main:
-        checkpoint.save_atomic(
-            {
-                "model_config": model_config.to_dict(),
-                "train_config": config.to_dict(),
-                "step": step,
-                "model": model.state_dict(),
-            },
-            final,
-        )
     group.barrier()
     group.close()
     return final

@@ -267,6 +267,42 @@ def test_ddp_two_gloo_processes(bench_root, tmp_path):
     )
 
 
+def test_a_signal_to_one_ddp_process_stops_every_process_at_one_step(bench_root, tmp_path):
+    """SIGTERM to rank 1 alone: it stopped and waited in its checkpoint's collective while rank 0 waited in
+    the next step's, until gloo's timeout (30 minutes). The ranks now share the stop with the loss."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    env["SIGTERM_RANK_1_AT_LOSS"] = "5"  # in step 3
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "tests.ddp_worker", str(bench_root), str(out), "8", "100"]
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[2]
+    )
+    assert result.returncode != 0  # interrupted
+    # both ranks stopped, by the interrupt (the worker's train() has no notice to say it in)
+    assert "[rank0]: KeyboardInterrupt" in result.stderr and "[rank1]: KeyboardInterrupt" in result.stderr
+    state = checkpoint.load(out / LAST)
+    assert state["step"] == 3 and len(state["rng"]) == 2
+
+
+def test_ctrl_c_during_the_last_saves_keeps_them(bench_root, tmp_path, monkeypatch):
+    """A Ctrl-C while the last step's last.pt was written lost the run since its previous save (the default
+    handlers were back by then): no last.pt at all before the first periodic one."""
+    import crnet.commands.train as training
+
+    real_save = training.checkpoint.save_atomic
+
+    def save(state, path):
+        if Path(path).name == LAST and state["step"] == CONFIG.steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_save(state, path)
+
+    monkeypatch.setattr(training.checkpoint, "save_atomic", save)
+    final = train(MICRO, CONFIG, bench_root, tmp_path / "run", progress=False, device="cpu")
+    assert checkpoint.load(tmp_path / "run" / LAST)["step"] == CONFIG.steps
+    assert checkpoint.load(final)["step"] == CONFIG.steps
+
+
 def test_ctrl_c_stops_a_rendezvous_that_waits_for_a_missing_process(bench_root, tmp_path):
     """A stray WORLD_SIZE=2 in the shell: rank 0 waits for a rank 1 that never comes. It waited in torch's
     C++ for 30 minutes, deaf to Ctrl-C and SIGTERM; now it says what it waits for, and Ctrl-C stops it."""
