@@ -257,7 +257,9 @@ def train(
     if out.exists() and not out.is_dir():
         raise CRNetError(f"--out {out} is a file; training writes a run directory there")
     check_not_input(out, [data or DEFAULT_DATA] + ([backbone_weights] if backbone_weights else []))
-    if model_config.name == "r50" and backbone_weights is None:
+    if resume and backbone_weights is not None:  # last.pt's weights would replace them at once
+        raise CRNetError("--backbone-weights starts a new run; a resumed run continues from its last.pt")
+    if model_config.name == "r50" and backbone_weights is None and not resume:
         typer.echo("warning: r50 without --backbone-weights freezes a randomly initialised trunk", err=True)
     resolved = resolve_device(device)
     final = run_training(

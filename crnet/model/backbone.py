@@ -6,6 +6,7 @@ state dict loads as is.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,24 +87,36 @@ def load_torchvision_weights(trunk: ResNetTrunk, path: str | Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"backbone weights not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would precede our one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a corrupt file surfaces as many different unpickling errors
         raise CheckpointError(
             f"cannot read backbone weights {path}: damaged, or not a weights file"
         ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path} does not hold a state dict (parameter names to tensors)")
     state = {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
     expected = trunk.state_dict().keys()
-    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    # BatchNorm's step counter holds no weight, and files saved before torch 0.4.1 have none: BatchNorm fills
+    # it in (a plain dict carries no version metadata)
+    missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
     if missing or unexpected:  # named by count and a few examples: the full lists run to hundreds of keys
         examples = [", ".join(keys[:3]) or "-" for keys in (missing, unexpected)]
         raise CheckpointError(
             f"{path} is not a torchvision resnet50 state dict: {len(missing)} keys missing (such as "
             f"{examples[0]}), {len(unexpected)} unexpected (such as {examples[1]})"
         )
+    broken = next(
+        (k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None
+    )
+    if broken is not None:
+        raise CheckpointError(f"{path} holds values that are not finite (NaN or infinity) in {broken}")
     try:
         trunk.load_state_dict(state, strict=True)
     except RuntimeError as error:  # a tensor of another shape: the first mismatch is enough

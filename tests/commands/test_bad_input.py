@@ -360,6 +360,10 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
     "train-unknown-precision": (train("--precision", "fp16"), "'--precision'"),
     "train-steps-not-a-number": (train("--steps", "many"), "'--steps'"),
     "train-missing-backbone-weights": (train("--backbone-weights", "/nowhere/r50.pth"), "does not exist"),
+    "train-resume-with-backbone-weights": (
+        lambda w: [*train("--resume", "--backbone-weights", str(w.checkpoint))(w)],
+        "--backbone-weights starts a new run",
+    ),
     "train-out-is-a-file": (train(out=lambda w: w.a_file), "is a file"),
     "train-out-is-a-users-folder": (train(out=lambda w: w.folder), "holds other files"),
     "train-data-is-a-file": (lambda w: [*train()(w), "--data", str(w.a_file)], "'--data'"),

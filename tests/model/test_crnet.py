@@ -49,6 +49,17 @@ def test_trunk_keys_are_torchvision_resnet50_through_layer3():
     assert ours == expected
 
 
+def test_a_weight_file_without_batchnorm_step_counters_loads(tmp_path):
+    """Files saved before torch 0.4.1 have no num_batches_tracked (no weight: BatchNorm fills it in); they
+    were refused as "keys missing"."""
+    trunk = ResNetTrunk(8, (1, 1, 1))
+    state = {k: v for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "resnet.pth")
+    fresh = ResNetTrunk(8, (1, 1, 1))
+    load_torchvision_weights(fresh, tmp_path / "resnet.pth")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+
+
 def test_torchvision_weight_file_loads_and_drops_layer4(tmp_path):
     trunk = ResNetTrunk(8, (1, 1, 1))
     state = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in trunk.state_dict().items()}
@@ -66,6 +77,9 @@ def test_torchvision_weight_file_loads_and_drops_layer4(tmp_path):
         (b"not a checkpoint", "cannot read"),
         ("width", "not a ResNet-50 of this width: size mismatch for conv1.weight"),
         ("keys", "not a torchvision resnet50 state dict: [0-9]+ keys missing .*1 unexpected \\(such as head"),
+        ("int keys", "does not hold a state dict \\(parameter names to tensors\\)"),  # was AttributeError
+        ("non-tensor", "does not hold a state dict"),  # was "not a ResNet-50 of this width:" and no reason
+        ("nan", "not finite \\(NaN or infinity\\) in bn1.running_var"),  # was a run that "diverged"
     ],
 )
 def test_bad_weight_files_raise_checkpoint_error(tmp_path, content, message):
@@ -74,6 +88,15 @@ def test_bad_weight_files_raise_checkpoint_error(tmp_path, content, message):
         torch.save(ResNetTrunk(16, (1, 1, 1)).state_dict(), path)
     elif content == "keys":  # another model's weights: named by count and example, in one short line
         torch.save({"head": torch.zeros(1)}, path)
+    elif content == "int keys":
+        torch.save({1: torch.zeros(1)}, path)
+    elif content in ("non-tensor", "nan"):
+        state = ResNetTrunk(8, (1, 1, 1)).state_dict()
+        if content == "nan":
+            state["bn1.running_var"] = torch.full_like(state["bn1.running_var"], float("nan"))
+        else:
+            state["conv1.weight"] = 5
+        torch.save(state, path)
     else:
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match=message) as error:
