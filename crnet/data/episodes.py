@@ -51,8 +51,15 @@ class SampleIndex:
         self.images = {c: [image for image, pc in self.pairs if pc == c] for c in classes}
         thin = [c for c, images in self.images.items() if len(images) < 2]
         if thin:
+            # Say whether the small-object rule is what left them short: the classes are there, but smaller
+            shown = [c for counts in tree.class_pixels(split).values() for c, n in counts.items() if n > 0]
+            rule = (
+                f"; it counts only objects of at least {min_pixels} pixels (--min-object-pixels)"
+                if min_pixels > 1 and any(shown.count(c) >= 2 for c in thin)
+                else ""
+            )
             raise DataError(
-                f"{tree.root} ({split}) has fewer than 2 images of classes {thin}: "
+                f"{tree.root} ({split}) has fewer than 2 images of classes {thin}{rule}: "
                 "an episode needs a query and a different support"
             )
 

@@ -70,9 +70,13 @@ def test_sample_index(val_index: SampleIndex) -> None:
     ids=["one-image", "no-image", "min-pixels"],
 )
 def test_class_with_fewer_than_two_images(tree: VOCTree, classes, min_pixels: int, thin: int) -> None:
-    # Val class 6 is in one image, 7 in none; class 5 has >= 60 px only in 2008_000012 (64 px).
-    with pytest.raises(DataError, match=rf"classes \[{thin}\]"):
+    """Val class 6 is in one image, 7 in none; class 5 has >= 60 px only in 2008_000012 (64 px). Where the
+    small-object rule left a class short, the message names it (on PASCAL's default rule, every class of a
+    tree of small objects was "in fewer than 2 images", with no word of --min-object-pixels)."""
+    with pytest.raises(DataError, match=rf"classes \[{thin}\]") as error:
         SampleIndex(tree, "val", classes, min_pixels)
+    rule = "it counts only objects of at least 60 pixels (--min-object-pixels)"
+    assert (rule in str(error.value)) == (min_pixels == 60)
 
 
 def test_min_pixels_drops_tiny_instances(tree: VOCTree) -> None:
