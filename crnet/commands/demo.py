@@ -15,7 +15,7 @@ import torch
 from crnet import checkpoint as checkpoints
 from crnet.bundle import is_replaceable_bundle
 from crnet.commands.evaluate import BASELINE, CRNetPredictor, PrototypeBaseline, evaluate
-from crnet.commands.train import LAST, train
+from crnet.commands.train import LAST, train, unsaved_run
 from crnet.commands.visualize import denormalise, episode_sheet
 from crnet.config import TINY, TrainConfig
 from crnet.data.episodes import fixed_episode_loader
@@ -76,7 +76,8 @@ def is_demo_output(out: Path) -> bool:
     try:
         earlier = {"checkpoint", "results"} <= parse_json((out / RESULTS).read_text()).keys()
     except (OSError, ValueError, TypeError, AttributeError):
-        earlier = not os.path.lexists(out / RESULTS) and (out / "train" / LAST).is_file()
+        run = out / "train"  # a demo stopped while training: a checkpoint, or the log of its first steps
+        earlier = not os.path.lexists(out / RESULTS) and ((run / LAST).is_file() or unsaved_run(run))
     return earlier and holds_only(out, OUTPUTS) and _results_replaceable(out)
 
 

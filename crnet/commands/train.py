@@ -330,14 +330,18 @@ def train(
             f"--out {out_dir} is a symbolic link to {os.readlink(out_dir)}, which does not exist; create "
             "that folder or give another --out"
         )
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / LAST).exists():
+    unsaved = unsaved_run(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / LAST).exists() and not unsaved:
         raise OutputError(f"--out {out_dir} holds other files and no run; choose a new or empty folder")
     if (out_dir / LAST).exists() and not resume:
         raise CRNetError(f"{out_dir} already holds a run; pass --resume to continue it or pick another --out")
     if resume and not (out_dir / LAST).exists():
-        raise CRNetError(f"nothing to resume: {out_dir / LAST} does not exist")
+        stopped = " (its run stopped before its first checkpoint: start it again without --resume)"
+        raise CRNetError(f"nothing to resume: {out_dir / LAST} does not exist{stopped if unsaved else ''}")
     stored = checkpoint.load(out_dir / LAST) if resume else None
-    metrics, window = None, []  # the log up to the resumed step, and the losses since its last record
+    # the log up to the resumed step (empty: a run killed before its first checkpoint starts afresh), and
+    # the losses since its last record
+    metrics, window = ("" if unsaved else None), []
     if stored is not None:
         _check_resumable(stored, out_dir / LAST, model_config, config)
         metrics = _metrics_until(out_dir / METRICS, stored["step"])
@@ -532,6 +536,18 @@ def train(
     group.barrier()
     group.close()
     return final
+
+
+def unsaved_run(out_dir: Path) -> bool:
+    """Whether `out_dir` holds only the metrics log of a run stopped (killed outright) before its first
+    checkpoint: crnet's own output, which a new run replaces."""
+    try:
+        if {path.name for path in out_dir.iterdir()} != {METRICS}:
+            return False
+        records = [parse_json(line) for line in (out_dir / METRICS).read_text().splitlines() if line]
+    except (OSError, ValueError):
+        return False
+    return all(isinstance(record, dict) and "step" in record and "loss" in record for record in records)
 
 
 def diverged(step: int, what: str) -> TrainingDiverged:

@@ -202,3 +202,15 @@ def test_an_interrupted_demo_says_how_to_continue_it(monkeypatch, tmp_path) -> N
     demo.train_recipe(tmp_path / "out", tmp_path / "data", torch.device("cpu"), False, print)
     assert asked["how_to_continue"] == "run the demo again with the same --out to continue"
     assert asked["resume"] is False
+
+
+def test_a_demo_killed_before_its_first_checkpoint_is_its_own_output(tmp_path) -> None:
+    """Killed outright before step 500, the demo left only train/metrics.jsonl: the rerun refused the folder
+    as "other files than an earlier demo"."""
+    from crnet.commands.demo import is_demo_output
+
+    (tmp_path / "demo" / "train").mkdir(parents=True)
+    (tmp_path / "demo" / "train" / "metrics.jsonl").write_text('{"step": 50, "loss": 0.7}\n')
+    assert is_demo_output(tmp_path / "demo")
+    (tmp_path / "demo" / "train" / "metrics.jsonl").write_text("a user's notes\n")
+    assert not is_demo_output(tmp_path / "demo")

@@ -303,6 +303,23 @@ def test_ctrl_c_during_the_last_saves_keeps_them(bench_root, tmp_path, monkeypat
     assert checkpoint.load(final)["step"] == CONFIG.steps
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_again(bench_root, tmp_path):
+    """Killed outright before its first checkpoint, a run leaves only its metrics log: neither a rerun nor
+    --resume accepted the folder ("holds other files and no run"), nor did the demo's rerun."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / METRICS).write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
+    with pytest.raises(CRNetError, match="stopped before its first checkpoint: start it again without"):
+        train(MICRO, CONFIG, bench_root, out, resume=True, progress=False, device="cpu")
+    train(MICRO, CONFIG, bench_root, out, progress=False, device="cpu")
+    steps = [json.loads(line)["step"] for line in (out / METRICS).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the stale log replaced, not appended to
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / METRICS).write_text("my notes\n")  # not crnet's log: still refused
+    with pytest.raises(CRNetError, match="holds other files and no run"):
+        train(MICRO, CONFIG, bench_root, tmp_path / "mine", progress=False, device="cpu")
+
+
 def test_ctrl_c_stops_a_rendezvous_that_waits_for_a_missing_process(bench_root, tmp_path):
     """A stray WORLD_SIZE=2 in the shell: rank 0 waits for a rank 1 that never comes. It waited in torch's
     C++ for 30 minutes, deaf to Ctrl-C and SIGTERM; now it says what it waits for, and Ctrl-C stops it."""
