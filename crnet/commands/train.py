@@ -375,6 +375,12 @@ def train(
                 f"cannot resume: the training data changed since {out_dir / LAST} was saved ({saved_pairs} "
                 f"image-class pairs then, {len(index.pairs)} now); resume it on the same data"
             )
+        saved_on = stored.get("data")  # runs saved before 2026-11-27 do not say
+        if group.main and saved_on is not None and saved_on != os.path.realpath(data_root):
+            notice(
+                f"warning: {out_dir / LAST} was trained on {saved_on}, and this resume reads {data_root}: "
+                "the run goes on with the data given (its image-class pairs are as many)"
+            )
         cache.load_state_dict(stored["cache"])
         _set_rng_state(stored["rng"][group.rank], group.device)
         start = stored["step"]
@@ -404,6 +410,7 @@ def train(
                     "rng": rng,
                     # The losses since the last metrics record: the next record averages its whole window.
                     "window_losses": losses,
+                    "data": os.path.realpath(data_root),  # a resume on another tree is said
                 },
                 out_dir / LAST,
             )

@@ -320,6 +320,23 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(bench_root, tmp_p
         train(MICRO, CONFIG, bench_root, tmp_path / "mine", progress=False, device="cpu")
 
 
+def test_a_resume_on_another_data_tree_is_said(bench_root, tmp_path):
+    """A resume with --data naming another tree of as many image-class pairs went on in silence: one run
+    trained on two datasets. The checkpoint keeps the tree it was trained on; the resume says so."""
+    import shutil
+
+    train(MICRO, CONFIG, bench_root, tmp_path / "run", progress=False, device="cpu")
+    said = []
+    train(MICRO, CONFIG, bench_root, tmp_path / "run", resume=True, progress=False, notice=said.append)
+    assert not [line for line in said if "warning" in line]
+    other = shutil.copytree(bench_root, tmp_path / "other")
+    train(MICRO, CONFIG, other, tmp_path / "run", resume=True, progress=False, notice=said.append)
+    assert [line for line in said if line.startswith("warning")] == [
+        f"warning: {tmp_path / 'run' / LAST} was trained on {os.path.realpath(bench_root)}, and this resume "
+        f"reads {other}: the run goes on with the data given (its image-class pairs are as many)"
+    ]
+
+
 def test_ctrl_c_stops_a_rendezvous_that_waits_for_a_missing_process(bench_root, tmp_path):
     """A stray WORLD_SIZE=2 in the shell: rank 0 waits for a rank 1 that never comes. It waited in torch's
     C++ for 30 minutes, deaf to Ctrl-C and SIGTERM; now it says what it waits for, and Ctrl-C stops it."""
