@@ -554,7 +554,7 @@ def unsaved_run(out_dir: Path) -> bool:
         records = [parse_json(line) for line in (out_dir / METRICS).read_text().splitlines() if line]
     except (OSError, ValueError):
         return False
-    return all(isinstance(record, dict) and "step" in record and "loss" in record for record in records)
+    return bool(records) and all(isinstance(r, dict) and "step" in r and "loss" in r for r in records)
 
 
 def diverged(step: int, what: str) -> TrainingDiverged:
