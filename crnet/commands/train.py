@@ -481,7 +481,7 @@ def train(
             losses.append((loss.item(), query_loss.item(), support_loss.item()))
             # With each rank's loss, whether a signal asked it to stop: every rank stops at the same step
             # (a rank stopping alone would wait in a collective the others never join), or none does.
-            shared = group.gather(torch.tensor([loss.item(), float(stop.requested)], device=group.device))
+            shared = group.gather(torch.tensor([losses[-1][0], float(stop.requested)], device=group.device))
             every_loss, stopping = shared[0::2], bool(shared[1::2].any())
             if not torch.isfinite(every_loss).all():
                 bar.close()
