@@ -69,10 +69,12 @@ RANDOM = 8  # the characters that mkstemp and mkdtemp add
 def hidden_prefix(name: str, tag: str, suffix: str = "") -> str:
     """`.NAME.TAG`, a temporary's prefix beside NAME, with NAME cut short where the temporary's whole name
     would pass NAME_MAX: a name that fits must not fail for its temporary, after all the work is done."""
-    room = NAME_MAX - len(f"..{tag}{suffix}".encode()) - RANDOM
-    while len(name.encode()) > room:
-        name = name[:-1]
-    return f".{name}.{tag}"
+    return f".{cut_to_bytes(name, NAME_MAX - len(f'..{tag}{suffix}'.encode()) - RANDOM)}.{tag}"
+
+
+def cut_to_bytes(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, whole characters."""
+    return text.encode()[:limit].decode(errors="ignore")
 
 
 def _remove(path: Path) -> None:

@@ -32,6 +32,7 @@ from crnet.files import (
     NAME_MAX,
     StagedDirectory,
     atomic_file,
+    cut_to_bytes,
     holds_only,
     parse_json,
     write_text,
@@ -134,17 +135,12 @@ def output_names(queries: list[Path]) -> list[str]:
     room = NAME_MAX - len("_overlay.png")  # the longer of the two files named after the query
     names: list[str] = []
     for query in queries:
-        name, count = _cut(query.stem, room), 0
+        name, count = cut_to_bytes(query.stem, room), 0
         while name in names:
             count += 1
-            name = _cut(query.stem, room - len(f"_{count}")) + f"_{count}"
+            name = cut_to_bytes(query.stem, room - len(f"_{count}")) + f"_{count}"
         names.append(name)
     return names
-
-
-def _cut(text: str, limit: int) -> str:
-    """`text` cut to at most `limit` bytes of UTF-8, whole characters."""
-    return text.encode()[:limit].decode(errors="ignore")
 
 
 def infer(
