@@ -6,7 +6,8 @@ own: under torchrun (DDP with gloo), or alone to be killed with SIGKILL.
 With HOLD_AFTER_FIRST_CHECKPOINT=1 in its environment the run waits after its first checkpoint, to be
 killed there: on a loaded machine the killer may otherwise see that checkpoint only after the last one.
 With SIGTERM_RANK_1_AT_LOSS=N, rank 1 alone sends itself SIGTERM at its Nth loss (two a step): a signal
-that reaches one process of a DDP run.
+that reaches one process of a DDP run. With CLI=1 it runs `crnet train` on the micro model (as the
+tiny preset) with the same settings, as a user's torchrun would.
 """
 
 import os
@@ -60,4 +61,16 @@ if __name__ == "__main__":
     if "SIGTERM_RANK_1_AT_LOSS" in os.environ and os.environ.get("RANK") == "1":
         sigterm_at_loss(int(os.environ["SIGTERM_RANK_1_AT_LOSS"]))
     root, out, *numbers = sys.argv[1:]
-    train(MICRO, config(*map(int, numbers)), root, out, device="cpu", progress=False)
+    settings = config(*map(int, numbers))
+    if os.environ.get("CLI") == "1":
+        import crnet.config
+        from crnet.commands.entry import main
+
+        crnet.config.preset = lambda name: MICRO
+        options = {"steps": settings.steps, "batch-size": settings.batch_size, "workers": settings.workers}
+        options["checkpoint-every"] = settings.checkpoint_every
+        sys.argv = ["crnet", "train", "--data", root, "--out", out, "--preset", "tiny", "--device", "cpu"]
+        sys.argv += ["--no-progress"] + [f"--{name}={value}" for name, value in options.items()]
+        main()
+    else:
+        train(MICRO, settings, root, out, device="cpu", progress=False)

@@ -140,13 +140,14 @@ MinObjectOption = Annotated[
 ]
 
 
-def data_root(path: Path | None) -> Path:
+def data_root(path: Path | None, say: bool = True) -> Path:
     """The given root, or the built-in benchmark (generated on first use)."""
     if path is not None:
         return path
     from crnet.data import synthetic
 
-    typer.echo(f"using the built-in benchmark at {DEFAULT_DATA}", err=True)
+    if say:
+        typer.echo(f"using the built-in benchmark at {DEFAULT_DATA}", err=True)
     return synthetic.ensure(DEFAULT_DATA)
 
 
@@ -232,6 +233,7 @@ def train(
     progress: ProgressOption = True,
 ) -> None:
     """Episodic training on the base classes of a fold (DDP when launched by torchrun)."""
+    from crnet.commands.train import follower_rank
     from crnet.commands.train import train as run_training
     from crnet.config import TrainConfig
     from crnet.config import preset as model_preset
@@ -259,21 +261,30 @@ def train(
     check_not_input(out, [data or DEFAULT_DATA] + ([backbone_weights] if backbone_weights else []))
     if resume and backbone_weights is not None:  # last.pt's weights would replace them at once
         raise CRNetError("--backbone-weights starts a new run; a resumed run continues from its last.pt")
-    if model_config.name == "r50" and backbone_weights is None and not resume:
+    quiet = follower_rank()  # under torchrun, rank 0 says each line once; the other ranks, their errors
+    if quiet:
+        warnings.filterwarnings("ignore", category=CRNetWarning)
+    if model_config.name == "r50" and backbone_weights is None and not resume and not quiet:
         typer.echo("warning: r50 without --backbone-weights freezes a randomly initialised trunk", err=True)
     resolved = resolve_device(device)
-    final = run_training(
-        model_config,
-        config,
-        data_root(data),
-        out,
-        backbone_weights=backbone_weights,
-        resume=resume,
-        device=None if device == "auto" else str(resolved),
-        progress=progress,
-        notice=lambda line: typer.echo(line, err=True),
-    )
-    typer.echo(f"saved {final}")
+    try:
+        final = run_training(
+            model_config,
+            config,
+            data_root(data, say=not quiet),
+            out,
+            backbone_weights=backbone_weights,
+            resume=resume,
+            device=None if device == "auto" else str(resolved),
+            progress=progress,
+            notice=(lambda line: None) if quiet else (lambda line: typer.echo(line, err=True)),
+        )
+    except KeyboardInterrupt:
+        if quiet:  # every rank stops at the same step, and rank 0 says so
+            raise SystemExit(130) from None
+        raise
+    if not quiet:
+        typer.echo(f"saved {final}")
 
 
 @app.command("eval")

@@ -168,6 +168,15 @@ MAX_WORLD = 2**20  # processes: far past any cluster, inside the int32 that torc
 RENDEZVOUS_NOTICE_S = 10  # a rendezvous slower than this is said: a stray WORLD_SIZE would wait in silence
 
 
+def follower_rank() -> bool:
+    """Whether this process is a torchrun rank other than 0: rank 0 speaks for the run, the others say only
+    their errors (every rank printed the same lines). A stray value is Distributed's to report."""
+    try:
+        return int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
 def _environment_number(name: str, default: str, least: int, most: int) -> int:
     """A whole number that torchrun puts in the environment; a user's stray value is an error line."""
     text = os.environ.get(name, default)
