@@ -363,15 +363,15 @@ def train(
             f"cannot resume: {out_dir / LAST} was saved by {saved_by} training processes, and this run has "
             f"{group.world}; resume it with as many (torchrun --nproc_per_node {saved_by})"
         )
+    # the model first: a bad --backbone-weights file is said before the data is indexed (minutes on PASCAL)
+    torch.manual_seed(config.seed)  # identical initial weights on every process
+    model = build_model(model_config, backbone_weights=backbone_weights).to(group.device)
     tree = VOCTree(data_root)
     excluded = fold_classes(config.fold) if config.exclude_novel_images else ()
     threshold = tree.object_threshold(config.min_object_pixels)
     index = SampleIndex(tree, "train", base_classes(config.fold), threshold, exclude_images_with=excluded)
     episodes = TrainingEpisodes(index, config.shots, config.seed, config.flip, hue_turns=config.hue_turns)
     dataset = EpisodeDataset(tree, index, episodes, model_config.input_size)
-
-    torch.manual_seed(config.seed)  # identical initial weights on every process
-    model = build_model(model_config, backbone_weights=backbone_weights).to(group.device)
     cache = PredictionCache(len(index.pairs), model_config.feature_size)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     start = 0

@@ -448,3 +448,11 @@ def test_full_disk_during_a_checkpoint_is_one_line(bench_root, small_disk, tmp_p
         exit_info.value.code, stdout, stderr, f"no space left on the device writing {place / 'run'}"
     )
     assert leftovers(place) == []
+
+
+def test_a_bad_backbone_weight_file_is_said_before_the_data_is_read(tmp_path):
+    """A damaged --backbone-weights file was said only after the training data was indexed (minutes on
+    PASCAL): the model is built first, so here the data that does not exist is never reached."""
+    (tmp_path / "resnet.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CRNetError, match="cannot read"):
+        train(MICRO, CONFIG, tmp_path / "no-data", tmp_path / "run", backbone_weights=tmp_path / "resnet.pth")
