@@ -367,6 +367,9 @@ def train(
     torch.manual_seed(config.seed)  # identical initial weights on every process
     model = build_model(model_config, backbone_weights=backbone_weights).to(group.device)
     tree = VOCTree(data_root)
+    caution = tree.check_training_list()
+    if caution and group.main:
+        notice(f"warning: {caution}")
     excluded = fold_classes(config.fold) if config.exclude_novel_images else ()
     threshold = tree.object_threshold(config.min_object_pixels)
     index = SampleIndex(tree, "train", base_classes(config.fold), threshold, exclude_images_with=excluded)

@@ -327,6 +327,25 @@ class VOCTree:
             f"{self.root} has no {' or '.join(SPLIT_FILES[split])} in ImageSets/Segmentation/"
         )
 
+    def check_training_list(self) -> str | None:
+        """Refuses a training list that shares images with val.txt (test queries would be trained on).
+        Returns a warning where a PASCAL tree trains from VOC's own train.txt: published PASCAL-5i results
+        train on VOC with SBD's images (train_aug.txt here), and the fallback used to be silent."""
+        train_file, val_ids = self.split_file("train"), set(self.ids("val"))
+        train_ids = self.ids("train")
+        shared = [image for image in train_ids if image in val_ids]
+        if shared:
+            raise NotAVOCTreeError(
+                f"{len(shared)} images are in both {train_file} and val.txt (such as {shared[0]}): training "
+                f"would see the test queries; remove them from {train_file.name}"
+            )
+        if train_file.name == "train.txt" and self._benchmark_settings() is None:
+            return (
+                f"training on {train_file} ({len(train_ids)} images), VOC's own list: published PASCAL-5i "
+                "results train on VOC with SBD's images (as ImageSets/Segmentation/train_aug.txt here)"
+            )
+        return None
+
     def ids(self, split: str) -> list[str]:
         path = self.split_file(split)
         try:

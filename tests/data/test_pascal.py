@@ -639,3 +639,25 @@ def test_damaged_tiffs_are_one_error_with_their_reason(tmp_path, capfd) -> None:
         pascal.read_image(_damaged(tmp_path / "one.tif"))
     assert "tempfile" not in str(damaged.value)
     assert capfd.readouterr().err == ""
+
+
+def test_training_list_sharing_images_with_val_is_refused(root: Path) -> None:
+    """Nothing compared the lists: a train list holding a val image trained on a test query in silence."""
+    listed = root / "ImageSets/Segmentation/train_aug.txt"
+    listed.write_text(listed.read_text() + ids("val")[0] + "\n")
+    with pytest.raises(NotAVOCTreeError, match=f"1 images are in both .* \\(such as {ids('val')[0]}\\)"):
+        VOCTree(root).check_training_list()
+
+
+def test_training_from_vocs_own_train_txt_is_said(tmp_path: Path) -> None:
+    """The fallback to VOC's 1464-image train.txt was silent; on the built-in benchmark it is not one."""
+    root = make_fake_voc(tmp_path / "voc", train_file="train.txt")
+    assert "VOC's own list" in VOCTree(root).check_training_list()
+    (root / "synthetic.json").write_text(
+        json.dumps({"class_names": [f"c{i}" for i in range(20)], "image_size": 64})
+    )
+    assert VOCTree(root).check_training_list() is None
+
+
+def test_training_from_train_aug_says_nothing(root: Path) -> None:
+    assert VOCTree(root).check_training_list() is None
