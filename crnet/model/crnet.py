@@ -57,7 +57,7 @@ class Prediction:
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Feature-resolution logits -> image resolution (bilinear, corners aligned like the mask resize)."""
+    """Feature-resolution logits -> image resolution (bilinear, corners aligned, as CaNet's train.py)."""
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
 
