@@ -228,7 +228,12 @@ def train(
     backbone_weights: Annotated[
         Path | None, typer.Option(exists=True, dir_okay=False, help="torchvision resnet50 state-dict file")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="continue the run saved in --out")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="continue the run saved in --out (same options; --workers and --checkpoint-every may change)"
+        ),
+    ] = False,
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
 ) -> None:

@@ -225,6 +225,11 @@ def _rendezvous(backend: str, world: int, notice: Callable[[str], None]) -> None
         raise CRNetError(f"the process group did not start at {address}:{port}: {lines[0]}") from None
 
 
+# Settings a resume may change: they decide how fast the data loads and how often the run is saved, not
+# what it computes (an episode depends on (seed, index) alone; the loader's workers draw no randomness).
+FREE_ON_RESUME = ("workers", "checkpoint_every")
+
+
 def _check_same_run(stored: dict, model_config: ModelConfig, train_config: TrainConfig) -> None:
     for name, given, saved in (
         ("model", model_config.to_dict(), ModelConfig.from_dict(stored["model_config"]).to_dict()),
@@ -232,7 +237,9 @@ def _check_same_run(stored: dict, model_config: ModelConfig, train_config: Train
     ):  # through the dataclasses, so fields added since the checkpoint was written take their defaults
         saved = {k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()}
         given = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
-        changed = sorted(k for k in set(given) | set(saved) if given.get(k) != saved.get(k))
+        changed = sorted(
+            k for k in set(given) | set(saved) if given.get(k) != saved.get(k) and k not in FREE_ON_RESUME
+        )
         if changed:
             raise CRNetError(
                 f"cannot resume: the {name} settings differ from the checkpoint's ({', '.join(changed)})"
