@@ -42,7 +42,6 @@ MAX_LEARNING_RATE = 10.0
 MAX_WEIGHT_DECAY = 10.0
 MAX_WORKSPACE_GIB = 1024  # above any GPU's memory; TensorRT takes the limit as a 64-bit byte count
 DEFAULT_DATA = _default_data()  # versioned: a newer generator never meets an older tree
-DEFAULT_CHECKPOINT = Path("checkpoints/tiny_fold0.pt")
 
 
 def _positive(value: float | None) -> float | None:
@@ -409,7 +408,10 @@ def print_results(results: list[dict], novel: bool = True) -> None:
 def demo(
     checkpoint: Annotated[
         Path | None,
-        typer.Option(help=f"trained tiny model (default: {DEFAULT_CHECKPOINT}, trained first when absent)"),
+        typer.Option(
+            help="trained tiny model (default: the committed checkpoints/tiny_fold0.pt, which the package "
+            "installs; trained first where it is missing)"
+        ),
     ] = None,
     train_first: Annotated[
         bool, typer.Option("--train", help="train the tiny recipe into OUT/train (resumed if interrupted)")
@@ -427,6 +429,7 @@ def demo(
     from crnet.commands.demo import (
         RESULT_NAMES,
         check_demo_out,
+        committed_checkpoint,
         export_and_bench,
         run_demo,
         staged_demo,
@@ -444,14 +447,15 @@ def demo(
     check_demo_out(out, [data or DEFAULT_DATA] + ([checkpoint] if checkpoint else []))
     resolved = resolve_device(device)
     notice = lambda line: typer.echo(line, err=True)  # noqa: E731
-    if checkpoint is None and not train_first and DEFAULT_CHECKPOINT.is_file():
-        checkpoint = DEFAULT_CHECKPOINT
+    if checkpoint is None and not train_first:
+        checkpoint = committed_checkpoint()
+        if checkpoint is None:
+            notice(
+                "the committed tiny model is not installed: training the tiny recipe first (about 10 min on "
+                "2 CPU cores with native bfloat16)"
+            )
     root = data_root(data)
     if checkpoint is None:
-        if not train_first:
-            notice(
-                f"no {DEFAULT_CHECKPOINT} here: training the tiny recipe first (about 10 min on 2 CPU cores)"
-            )
         checkpoint = train_recipe(out, root, resolved, progress, notice)
     flush_denormals_for_inference(resolved)  # after training, which stays bit-identical to `crnet train`
     reader = Reader()

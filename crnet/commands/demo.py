@@ -45,12 +45,48 @@ RECIPE = TrainConfig(
 )
 
 
+COMMITTED = "tiny_fold0.pt"
+
+
+def committed_checkpoint() -> Path | None:
+    """The committed tiny model: inside the installed package (a wheel ships it), else in the source tree
+    the package runs from (a clone, an editable install); None where neither holds it."""
+    package = Path(__file__).resolve().parents[1]
+    if (package / "checkpoints" / COMMITTED).is_file():
+        return package / "checkpoints" / COMMITTED
+    source = package.parent
+    if (source / "pyproject.toml").is_file() and (source / "checkpoints" / COMMITTED).is_file():
+        return source / "checkpoints" / COMMITTED
+    return None
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere torch emulates it, and
+    the recipe ran 11x slower in bf16 than in fp32 (docs/BENCHMARKS.md, CPU-2b)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: not known, so the safe choice
+        return False
+    return not flags.isdisjoint({"avx512_bf16", "amx_bf16"})
+
+
+def recipe_for(device: torch.device) -> TrainConfig:
+    """RECIPE, in fp32 on a CPU without native bfloat16."""
+    return RECIPE if device.type != "cpu" or native_bf16() else RECIPE.replace(precision="fp32")
+
+
 def train_recipe(out: Path, root: Path, device: torch.device, progress: bool, notice) -> Path:
-    """Train RECIPE into OUT/train, resuming an interrupted demo run; the model checkpoint."""
+    """Train the recipe into OUT/train, resuming an interrupted demo run; the model checkpoint."""
     run = out / "train"
+    config = recipe_for(device)
+    if config != RECIPE:
+        notice(
+            "this CPU has no native bfloat16 (AVX512-BF16 or AMX): the recipe trains in fp32 (emulated bf16 "
+            "ran 11x slower), so its weights differ from the committed model's"
+        )
     return train(
         TINY,
-        RECIPE,
+        config,
         root,
         run,
         resume=(run / "last.pt").exists(),

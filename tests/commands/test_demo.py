@@ -106,7 +106,7 @@ def test_readme_train_example_is_the_recipe(monkeypatch, tmp_path) -> None:
     "args, default_exists, trains, message",
     [
         ([], True, False, None),  # the committed checkpoint: no training
-        ([], False, True, "no checkpoints/tiny_fold0.pt here: training the tiny recipe first"),
+        ([], False, True, "the committed tiny model is not installed: training the tiny recipe first"),
         (["--train"], True, True, None),  # asked for
     ],
 )
@@ -116,9 +116,8 @@ def test_demo_trains_only_when_asked_or_when_the_default_is_absent(
     import crnet.commands.demo as demo
 
     monkeypatch.chdir(tmp_path)
-    if default_exists:
-        (tmp_path / "checkpoints").mkdir()
-        shutil.copy(micro_checkpoint, tmp_path / "checkpoints/tiny_fold0.pt")
+    committed = micro_checkpoint if default_exists else None
+    monkeypatch.setattr(demo, "committed_checkpoint", lambda: committed)
     used = {}
     monkeypatch.setattr(demo, "train_recipe", lambda *a, **k: used.setdefault("trained", micro_checkpoint))
 
@@ -133,7 +132,7 @@ def test_demo_trains_only_when_asked_or_when_the_default_is_absent(
     with pytest.raises(SystemExit):
         cli.main()
     assert ("trained" in used) == trains
-    assert used["evaluated"] == (micro_checkpoint if trains else Path("checkpoints/tiny_fold0.pt"))
+    assert used["evaluated"] == micro_checkpoint  # the committed one, or the one trained
     stderr = capsys.readouterr().err
     assert (message in stderr) if message else "training" not in stderr
 
@@ -146,7 +145,6 @@ def test_demo_runtimes_on_a_gpu_are_ones_that_run_there(monkeypatch) -> None:
 
 
 def test_the_demo_replaces_only_an_earlier_demos_output(tmp_path, micro_bundle) -> None:
-    import shutil
 
     from crnet.commands.demo import check_demo_out
 
@@ -214,3 +212,30 @@ def test_a_demo_killed_before_its_first_checkpoint_is_its_own_output(tmp_path) -
     assert is_demo_output(tmp_path / "demo")
     (tmp_path / "demo" / "train" / "metrics.jsonl").write_text("a user's notes\n")
     assert not is_demo_output(tmp_path / "demo")
+
+
+def test_the_committed_model_is_found_from_any_folder(tmp_path, monkeypatch) -> None:
+    """The default was checkpoints/tiny_fold0.pt under the current folder: from anywhere else, and always
+    from a wheel, the demo trained for ten minutes (or hours without native bfloat16) instead."""
+    from crnet.commands.demo import committed_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    assert committed_checkpoint() == COMMITTED  # the source tree's; .ci/wheel checks the installed one's
+
+
+@pytest.mark.parametrize(
+    "flags, precision", [("avx512_bf16", "bf16"), ("amx_bf16 avx2", "bf16"), ("avx2", "fp32")]
+)
+def test_the_recipe_trains_in_fp32_without_native_bfloat16(flags, precision, tmp_path, monkeypatch) -> None:
+    import crnet.commands.demo as demo
+
+    real_read = Path.read_text
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda path, *a, **k: (
+            f"flags : fpu {flags}\n" if str(path) == "/proc/cpuinfo" else real_read(path, *a, **k)
+        ),
+    )
+    assert demo.recipe_for(torch.device("cpu")).precision == precision
+    assert demo.recipe_for(torch.device("cuda")) == demo.RECIPE
