@@ -73,7 +73,7 @@ def run(name: str, data: Path, out: Path, episodes: int) -> dict:
 
 
 def main() -> None:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS))

@@ -34,7 +34,7 @@ for _ in range(int(sys.argv[3])):
 
 
 def main() -> None:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="checkpoints/tiny_fold0.pt")
     parser.add_argument("--rounds", type=count(1), default=4)
     parser.add_argument("--calls", type=count(1), default=5)

@@ -29,7 +29,7 @@ def open_twice(spec: RuntimeSpec, checkpoint: str, device: str) -> dict[str, Tor
 
 
 def main() -> None:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--spec", action="append", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

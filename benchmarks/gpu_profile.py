@@ -123,7 +123,7 @@ def report(result: dict) -> str:
 
 
 def main() -> None:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--spec", action="append", required=True)
     parser.add_argument("--batch", type=count(1, MAX_BATCH), default=1)

@@ -56,7 +56,7 @@ def row(label: str, medians: dict[str, float]) -> str:
 
 @torch.no_grad()
 def main() -> None:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=count(1, MAX_BATCH), default=1)
     parser.add_argument("--iterations", type=count(1, MAX_ITERATIONS), default=5)

@@ -136,7 +136,7 @@ def report(result: dict, top: int) -> str:
 
 
 def main() -> None:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--spec", default=DEPLOYED_GPU)
     parser.add_argument("--batch", type=count(1, MAX_BATCH), default=64)

@@ -30,7 +30,7 @@ def is_untrained_checkpoint(path: Path) -> bool:
 
 
 def main() -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split(":\n")[0] + ".")
     parser.add_argument("--preset", default="r50", choices=["r50", "tiny"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=count(0, 2**63 - 1), default=0)

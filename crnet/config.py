@@ -32,6 +32,9 @@ MAX_BATCH = 4096
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    """A CRNet's shape: preset("r50") is the paper's, preset("tiny") the CPU-sized one; .replace(...) varies
+    it. The fields' comments say what each sets."""
+
     name: str
     input_size: int  # square input side; features are at output stride 8
     width: int  # ResNet base width: 64 is ResNet-50
@@ -103,6 +106,8 @@ def preset(name: str) -> ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    """Episodic training settings, as `crnet train`'s options (the same names, with _ for -)."""
+
     fold: int = 0
     shots: int = 1
     steps: int = 2000

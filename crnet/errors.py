@@ -30,6 +30,10 @@ class EmptySupportMaskError(MaskError):
     """A support mask marks no foreground pixel, so it defines no prototype."""
 
 
+class InputError(CRNetError, ValueError):
+    """A tensor or object handed to the model or a runtime has the wrong type, shape or dtype."""
+
+
 class NoSupportError(CRNetError):
     """An episode was given zero support images."""
 

@@ -1,6 +1,6 @@
 """crnet.engines: one runtime per backend (torch, ONNX Runtime, TensorRT) behind one interface.
 
-    runtime = open_runtime(RuntimeSpec.parse("onnxruntime:fp16"), bundle=load_bundle(path), device="cpu")
+    runtime = open_runtime("onnxruntime:fp16", bundle="runs/bundle", device="cpu")
     features = runtime.encode(images); prompt = runtime.prompt(features, masks); runtime.segment(...)
 
 A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `torch:bf16+channels-last`,
@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-from crnet.bundle import Bundle
+from crnet.bundle import Bundle, load_bundle
 from crnet.engines.base import Runtime, RuntimeUnavailable
+from crnet.errors import CRNetError
 
 NAMES = ("torch", "onnxruntime", "tensorrt")
 # The deployed GPU path of a checkpoint: what infer, bench and demo run by default on CUDA. PyTorch's loop,
@@ -100,14 +101,15 @@ class RuntimeSpec:
 
     @classmethod
     def parse(cls, text: str, defaults: dict[str, str] | None = None) -> RuntimeSpec:
-        """NAME[:PRECISION][+OPTION...]; without a precision, `defaults[NAME]` or fp32."""
+        """NAME[:PRECISION][+OPTION...]; without a precision, `defaults[NAME]`, else fp16 for tensorrt
+        (engines are deployed in FP16) and fp32 for the others."""
         head, *options = text.strip().split("+")
         name, colon, precision = head.partition(":")
         if name not in NAMES:
             raise RuntimeUnavailable(f"unknown runtime {name!r} in {text!r}; choose {', '.join(NAMES)}")
         if colon and not precision:
             raise RuntimeUnavailable(f"{text!r} has a ':' but no precision after it")
-        precision = precision or (defaults or {}).get(name, "fp32")
+        precision = precision or (defaults or {}).get(name, "fp16" if name == "tensorrt" else "fp32")
         allowed = ("fp32", "fp16", "bf16") if name == "torch" else ("fp32", "fp16")
         if precision not in allowed:
             raise RuntimeUnavailable(f"{name} precision in {text!r} must be one of {', '.join(allowed)}")
@@ -183,18 +185,23 @@ def runtime_device(spec: RuntimeSpec, requested: torch.device | None) -> torch.d
 
 
 def open_runtime(
-    spec: RuntimeSpec,
+    spec: RuntimeSpec | str,
     *,
     checkpoint: str | Path | None = None,
-    bundle: Bundle | None = None,
+    bundle: Bundle | str | Path | None = None,
     device: str | torch.device = "cpu",
     threads: int | None = None,
     iterations: int | None = None,
     fused: bool | None = None,
 ) -> Runtime:
-    """Open the runtime a spec names: torch reads the checkpoint, the others run a loaded bundle (whose
-    exported T they run; `iterations` sets the torch runtime's T, by default the model's; `fused` its use of
-    the native refinement op, by default on where the library is built)."""
+    """Open the runtime a spec names ("onnxruntime:fp16", or a RuntimeSpec): torch reads the checkpoint,
+    the others run a bundle (a folder `crnet export` wrote, or load_bundle's Bundle) at the T it was
+    exported with. `iterations` sets the torch runtime's T, by default the model's (for a bundle it must be
+    the bundle's); `fused` the torch runtime's use of the native refinement op, by default on where the
+    library is built. On a CPU, crnet.device.flush_denormals_for_inference(device) first spares the slow
+    path of denormal floats (the commands call it; it changes this process's float mode)."""
+    if isinstance(spec, str):
+        spec = RuntimeSpec.parse(spec)
     if spec.name == "torch":
         if checkpoint is None:
             raise RuntimeUnavailable("the torch runtime needs a checkpoint (.pt)")
@@ -203,6 +210,13 @@ def open_runtime(
         return TorchRuntime(checkpoint, device=device, iterations=iterations, **torch_options(spec, fused))
     if bundle is None:
         raise RuntimeUnavailable(f"the {spec.name} runtime needs an exported bundle (crnet export)")
+    if isinstance(bundle, str | Path):
+        bundle = load_bundle(bundle)
+    if iterations is not None and iterations != bundle.iterations:  # the graphs unroll their T
+        raise CRNetError(
+            f"the bundle runs T = {bundle.iterations} refinement iterations, asked for {iterations}: export "
+            f"it again with --iterations {iterations}"
+        )
     if spec.name == "onnxruntime":
         from crnet.engines.onnxruntime_runtime import OnnxRuntime
 

@@ -16,6 +16,7 @@ import torch
 
 from crnet.errors import CRNetError
 from crnet.model.crnet import SupportPrompt
+from crnet.model.inputs import check_episode, check_features, check_images, check_prompt, check_support_masks
 
 
 class RuntimeUnavailable(CRNetError):
@@ -36,7 +37,8 @@ class Runtime(ABC):
         return f"{self.name} {self.precision}"
 
     @abstractmethod
-    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised images -> (N, C, s, s) features (implementations call check_images)."""
 
     @abstractmethod
     def prompt_per_shot(
@@ -45,18 +47,31 @@ class Runtime(ABC):
         """(N, C, s, s) features, (N, 1, S, S) float foreground -> (N, C) vectors and prototypes."""
 
     @abstractmethod
-    def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor: ...
+    def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
+        """(B, C, s, s) query features and a prompt (of batch B, or 1 for every query) -> (B, 2, S, S)
+        logits at input size, channel 1 the object (implementations call check_segment)."""
+
+    def check_images(self, images: torch.Tensor, name: str = "images") -> None:
+        check_images(images, name, self.input_size)
+
+    def check_segment(self, features: torch.Tensor, prompt: SupportPrompt) -> None:
+        check_features(features, "B, C, s, s", "query features")
+        check_prompt(prompt, *features.shape[:2])
 
     def close(self) -> None:  # noqa: B027 - runtimes without resources keep the default
         """Release sessions, engines and device memory."""
 
     def prompt(self, features: torch.Tensor, masks: torch.Tensor) -> SupportPrompt:
+        """(B, K, C, s, s) support features and (B, K, S, S) masks of 0/1/255 -> the k-shot prompt."""
+        check_features(features, "B, K, C, s, s", "support features")
+        check_support_masks(features, masks, self.input_size)
         return SupportPrompt.of_shots(self.prompt_per_shot, features, masks)
 
     def episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Query (B, 3, S, S), supports (B, K, 3, S, S), masks (B, K, S, S) -> logits (B, 2, S, S).
         Supports and queries are encoded in one call (one launch sequence instead of two) where the
         runtime's batch limit allows."""
+        check_episode(query, supports, masks, self.input_size)
         batch, shots = supports.shape[:2]
         images = supports.flatten(0, 1)
         if self.max_batch is None or len(images) + batch <= self.max_batch:
@@ -69,6 +84,8 @@ class Runtime(ABC):
 
     def query(self, images: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
         """The deployed path: query images (B, 3, S, S) against a prompt computed once -> logits."""
+        self.check_images(images)
+        check_prompt(prompt, len(images))
         return self.segment(self.encode(images), prompt)
 
     def check_batch(self, n: int) -> None:

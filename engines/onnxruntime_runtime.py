@@ -114,16 +114,22 @@ class OnnxRuntime(Runtime):
         return outputs
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_images(images)
         (features,) = self._run("encoder", {"images": images.float()})
         return features
 
     def prompt_per_shot(self, features: torch.Tensor, foreground: torch.Tensor):
-        vector, prototype = self._run("prompt", {"features": features, "foreground": foreground})
+        vector, prototype = self._run("prompt", {"features": features.float(), "foreground": foreground})
         return vector, prototype
 
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
-        inputs = {"features": features, "vector": prompt.vector, "prototype": prompt.prototype}
-        (logits,) = self._run("head", inputs)
+        self.check_segment(features, prompt)
+        vector, prototype = prompt.vector.float(), prompt.prototype.float()
+        if len(vector) != len(features):  # one prompt for every query: the graph takes one per query
+            vector, prototype = (t.expand(len(features), -1).contiguous() for t in (vector, prototype))
+        (logits,) = self._run(
+            "head", {"features": features.float(), "vector": vector, "prototype": prototype}
+        )
         return logits
 
     def close(self) -> None:

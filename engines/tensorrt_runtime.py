@@ -108,6 +108,7 @@ class TensorRTRuntime(Runtime):
         self.max_batch = min(engine.max_batch for engine in self.engines.values())
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_images(images)
         self.check_batch(images.shape[0])
         return self.engines["encoder"]({"images": images})["features"]
 
@@ -117,8 +118,12 @@ class TensorRTRuntime(Runtime):
         return outputs["vector"], outputs["prototype"]
 
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
+        self.check_segment(features, prompt)
         self.check_batch(features.shape[0])
-        inputs = {"features": features, "vector": prompt.vector, "prototype": prompt.prototype}
+        vector, prototype = prompt.vector, prompt.prototype
+        if len(vector) != len(features):  # one prompt for every query: the engine takes one per query
+            vector, prototype = (t.expand(len(features), -1).contiguous() for t in (vector, prototype))
+        inputs = {"features": features, "vector": vector, "prototype": prototype}
         return self.engines["head"](inputs)["logits"]
 
     def close(self) -> None:

@@ -50,6 +50,7 @@ from crnet.model.conv_epilogues import bare_neck as bare_neck_of
 from crnet.model.conv_epilogues import fuse_conv_epilogues
 from crnet.model.crnet import SupportPrompt
 from crnet.model.fold import fold_batchnorm
+from crnet.model.inputs import check_episode, check_prompt
 from crnet.model.space_to_depth import space_to_depth_stem
 
 # bf16 is torch-only: on CPUs with AVX512-BF16 or AMX (oneDNN) it is the fast CPU path.
@@ -246,6 +247,7 @@ class TorchRuntime(Runtime):
 
     @torch.inference_mode()
     def episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        check_episode(query, supports, masks, self.input_size)
         if self._episode is None:
             return super().episode(query, supports, masks)
         with self._compiling():
@@ -255,6 +257,8 @@ class TorchRuntime(Runtime):
     def query(self, images: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
         if self._query is None:
             return super().query(images, prompt)
+        self.check_images(images)
+        check_prompt(prompt, len(images))
         with self._compiling():
             return self._owned(self._query(images, prompt.vector, prompt.prototype))
 
@@ -262,6 +266,7 @@ class TorchRuntime(Runtime):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         # FP32 out, as every runtime (the conversion also copies CUDA-graph outputs, which the next replay
         # overwrites while callers may still hold them).
+        self.check_images(images)
         with self._compiling():
             features = self._encode(images)
         return features.float() if features.dtype != torch.float32 else self._owned(features)
@@ -283,6 +288,7 @@ class TorchRuntime(Runtime):
 
     @torch.inference_mode()
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
+        self.check_segment(features, prompt)
         with self._compiling():
             return self._owned(self._segment(features.to(self.dtype), prompt.vector, prompt.prototype))
 

@@ -134,13 +134,15 @@ def compare_replayed(batch: int, iterations: int, replays: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=count(1, 1024), default=1)
-    parser.add_argument("--iterations", type=count(1, MAX_ITERATIONS), default=5)
-    parser.add_argument("--repeats", type=count(1), default=20)
-    parser.add_argument("--warmup", type=count(0), default=3)
-    parser.add_argument("--threads", type=count(1, 1024), default=2)
-    parser.add_argument("--json", type=Path, default=None)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=count(1, 1024), default=1, help="episodes per call (default 1)")
+    parser.add_argument(
+        "--iterations", type=count(1, MAX_ITERATIONS), default=5, help="refinement iterations T (default 5)"
+    )
+    parser.add_argument("--repeats", type=count(1), default=20, help="timed calls of each (default 20)")
+    parser.add_argument("--warmup", type=count(0), default=3, help="untimed calls first (default 3)")
+    parser.add_argument("--threads", type=count(1, 1024), default=2, help="CPU threads (default 2)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.json:  # before the run, not after minutes of it
         check_writable_file(args.json, ours=is_ops_json, what="bench_ops JSON")

@@ -414,7 +414,11 @@ def demo(
         ),
     ] = None,
     train_first: Annotated[
-        bool, typer.Option("--train", help="train the tiny recipe into OUT/train (resumed if interrupted)")
+        bool,
+        typer.Option(
+            "--train",
+            help="first train the tiny recipe into OUT/train (resumed if interrupted); default: off",
+        ),
     ] = False,
     out: Annotated[Path, typer.Option(help="results, pictures, bundle and any training run go here")] = Path(
         "runs/demo"
@@ -618,7 +622,10 @@ def bench_command(
         list[str] | None,
         typer.Option(
             callback=_runtime_specs,
-            help="NAME[:fp32|fp16|bf16][+OPTION], repeatable, e.g. onnxruntime:fp16, torch:fp16+compile",
+            help="NAME[:PRECISION][+OPTION...], repeatable, e.g. onnxruntime:fp16, torch:fp16+compile "
+            "(default: torch:fp32, with --bundle also onnxruntime:fp32 and :fp16; on CUDA "
+            "torch:fp16+channels-last, the deployed path and the anchor, with --bundle also "
+            "onnxruntime:fp32+cuda and tensorrt:fp16)",
         ),
     ] = None,
     data: DataOption = None,
@@ -662,10 +669,11 @@ def bench_command(
     flush_denormals_for_inference(resolved)
     state = checkpoints.load(checkpoint)  # here for its fold; the runtimes load it again
     fold, seen = checkpoints.fold_to_test(fold, state, checkpoint)
-    default = ["torch:fp32", "onnxruntime:fp32", "onnxruntime:fp16"]
+    # the bundle's rows only with a bundle: without one, a plain `crnet bench model.pt` benches torch
+    default = ["torch:fp32"] + (["onnxruntime:fp32", "onnxruntime:fp16"] if bundle else [])
     if resolved.type == "cuda":
-        default = ["torch:fp16+channels-last", deployed_gpu(), "torch:fp16+anchor", "onnxruntime:fp32+cuda"]
-        default += ["tensorrt:fp16"]
+        default = ["torch:fp16+channels-last", deployed_gpu(), "torch:fp16+anchor"]
+        default += ["onnxruntime:fp32+cuda", "tensorrt:fp16"] if bundle else []
     specs = [RuntimeSpec.parse(text) for text in runtime or default]
     if any(spec.name != "torch" for spec in specs) and bundle is None:
         raise CRNetError("onnxruntime and tensorrt runtimes need --bundle (make one with `crnet export`)")

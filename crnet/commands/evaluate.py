@@ -25,7 +25,8 @@ Predictor = Callable[[dict], torch.Tensor]  # collated batch -> (B, 2, h, w) sco
 
 
 class CRNetPredictor:
-    """CRNet on a batch of k-shot episodes; `finetune` adapts the heads per episode on support pairs."""
+    """CRNet on a batch of k-shot episodes; `finetune` adapts the heads per episode on support pairs. Puts
+    the model in eval mode (BatchNorm's running statistics, no dropout)."""
 
     def __init__(
         self,
@@ -141,7 +142,7 @@ def evaluate(
     *,
     fold: int,
     shots: int = 1,
-    input_size: int,
+    input_size: int | None = None,
     episodes: int = 1000,
     seed: int = 0,
     batch_size: int = 16,
@@ -150,9 +151,18 @@ def evaluate(
     min_object_pixels: int | None = None,
     notice: Callable[[str], None] = lambda line: None,
 ) -> dict:
-    """Run the predictor on the fold's fixed episodes; returns mIoU, FB-IoU and per-class IoU (percent).
-    A class of the fold that got no episode counts 0 in the mIoU, as in hsnet and PFENet, and is named
-    through `notice`."""
+    """Run the predictor (CRNetPredictor, PrototypeBaseline, or any callable from a collated batch to
+    (B, 2, h, w) scores) on the fold's fixed episodes, its images resized to `input_size` (by default the
+    predictor's model's). Returns {fold, shots, episodes, seed, miou, fbiou, per_class,
+    classes_without_episodes, seconds} (IoUs in percent), and mean_iterations for a predictor that counts
+    them. A class of the fold that got no episode counts 0 in the mIoU, as in hsnet and PFENet, and is named
+    through `notice`. Test the fold the model was not trained on: crnet.checkpoint.fold_to_test says which."""
+    model = getattr(predictor, "model", None)
+    model_size = model.config.input_size if isinstance(model, CRNet) else None
+    if input_size is None:
+        if model_size is None:
+            raise CRNetError("input_size is needed for a predictor without a CRNet `model`")
+        input_size = model_size
     if shots < 1:
         raise CRNetError(f"shots must be >= 1, got {shots}")
     if episodes < 1:

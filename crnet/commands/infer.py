@@ -85,7 +85,7 @@ def choose_engine(path: Path, runtime: str | None, device: torch.device | None) 
     if runtime is None:
         has_engines = "fp16" in bundle.manifest.get("engines", {})
         runtime = "tensorrt:fp16" if gpu and has_engines else "onnxruntime:fp32"
-    spec = RuntimeSpec.parse(runtime, defaults={"tensorrt": "fp16"})
+    spec = RuntimeSpec.parse(runtime)
     return EngineChoice(spec, None, bundle, runtime_device(spec, device))
 
 

@@ -29,8 +29,9 @@ from crnet import checkpoint
 from crnet.config import ModelConfig, TrainConfig
 from crnet.data.episodes import EpisodeDataset, SampleIndex, TrainingEpisodes, collate
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
-from crnet.errors import CRNetError, TrainingDiverged
-from crnet.files import OutputError, explain, parse_json, write_text
+from crnet.device import resolve_device
+from crnet.errors import CRNetError, InputError, TrainingDiverged
+from crnet.files import OutputError, check_not_input, explain, parse_json, write_text
 from crnet.model.crnet import build_model
 from crnet.model.loss import episode_loss
 
@@ -131,7 +132,7 @@ class Distributed:
             )
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(str(device))  # "cuda" without a GPU: one line, not torch's assertion
         if self.world > 1 and not dist.is_initialized():
             _rendezvous("nccl" if self.device.type == "cuda" else "gloo", self.world, notice)
         self.active = self.world > 1
@@ -338,9 +339,15 @@ def train(
     """Train; returns the path of the final model checkpoint. Ctrl-C or SIGTERM saves before exiting (and
     says `how_to_continue`); a run killed outright resumes from its last checkpoint exactly as if it had not
     stopped."""
+    if not (isinstance(model_config, ModelConfig) and isinstance(config, TrainConfig)):
+        raise InputError(
+            "train(model_config, config, ...) takes a ModelConfig (crnet.preset('tiny')) and a TrainConfig, "
+            f"got {type(model_config).__name__} and {type(config).__name__}"
+        )
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"--out {out_dir} is a file; training writes a run directory there")
+    check_not_input(out_dir, [data_root] + ([backbone_weights] if backbone_weights else []))
     if out_dir.is_symlink() and not out_dir.exists():  # else "cannot write: File exists"
         raise OutputError(
             f"--out {out_dir} is a symbolic link to {os.readlink(out_dir)}, which does not exist; create "

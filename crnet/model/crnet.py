@@ -15,10 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from crnet.config import ModelConfig
-from crnet.errors import NoSupportError
+from crnet.errors import InputError, NoSupportError
 from crnet.model.backbone import Encoder, load_torchvision_weights
 from crnet.model.condition import Condition, foreground, masked_average_pool, weighted_average_pool
 from crnet.model.cross_reference import CrossReference
+from crnet.model.inputs import (
+    check_exit_fraction,
+    check_features,
+    check_images,
+    check_prompt,
+    check_support_masks,
+)
 from crnet.model.refinement import Refinement
 
 # (N, C, h, w) features, (N, 1, H, W) float foreground -> (N, C) support vectors and prototypes
@@ -61,7 +68,23 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
 
+def _checking() -> bool:
+    """Whether to check arguments: not while torch.compile or torch.export traces the model (the checks
+    would add guards on sizes the graphs leave free)."""
+    return not torch.compiler.is_compiling()
+
+
 class CRNet(nn.Module):
+    """CRNet (Liu et al., CVPR 2020). For inference, load a checkpoint with crnet.checkpoint.load_model
+    (eval mode) and call, under torch.no_grad():
+
+        features = model.encode(images)                  # (N, 3, H, W) normalised -> (N, C, h, w)
+        prompt = model.prompt(support_features, masks)   # (B, K, C, h, w), (B, K, H, W) of 0/1/255
+        logits = model.segment(query_features, prompt)   # (B, C, h, w) -> (B, 2, h, w); channel 1 = object
+
+    Images are RGB normalised like ImageNet (crnet.data.episodes.to_model_input does it). A prompt of batch
+    1 serves any number of queries. `forward` runs a whole episode (training)."""
+
     def __init__(self, config: ModelConfig, *, fused: bool | None = None):
         super().__init__()
         self.config = config
@@ -79,10 +102,20 @@ class CRNet(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, C, h, w) features at output stride 8."""
+        if _checking():
+            check_images(images)
+            weights = next(self.encoder.parameters()).dtype
+            if images.dtype != weights and not torch.is_autocast_enabled(images.device.type):
+                raise InputError(f"images are {images.dtype} and the model's weights {weights}: convert one")
         return self.encoder(images)
 
     def prompt(self, support_features: torch.Tensor, support_masks: torch.Tensor) -> SupportPrompt:
-        """(B, K, C, h, w) features and (B, K, H, W) masks {0, 1, 255} -> the k-shot support prompt."""
+        """(B, K, C, h, w) features and (B, K, H, W) masks {0, 1, 255} -> the k-shot support prompt (a mask
+        without a 1 gives a zero prototype)."""
+        if _checking():
+            check_features(support_features, "B, K, C, h, w", "support features")
+            # training's masks come from the indexed data, where a small object may vanish in the resize
+            check_support_masks(support_features, support_masks, say_empty=not self.training)
         return SupportPrompt.of_shots(self.shot_prompts, support_features, support_masks)
 
     def shot_prompts(
@@ -104,11 +137,16 @@ class CRNet(nn.Module):
         fused: bool | None = None,
         return_iterations: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Query features + support prompt -> (B, 2, h, w) logits, or at `output_size` when given.
+        """(B, C, h, w) query features + support prompt -> (B, 2, h, w) logits (channel 1: the object), or
+        at `output_size` when given (bilinear, corners aligned).
 
-        exit_fraction > 0 stops a query's refinement early once its mask settles (see Refinement.run);
-        `fused` overrides the model's choice of the native loop; `return_iterations` also returns the
-        iterations each query used."""
+        exit_fraction, 0 to 1, > 0 stops a query's refinement early once its mask settles (see
+        Refinement.run); `fused` overrides the model's choice of the native loop; `return_iterations` also
+        returns the iterations each query used."""
+        if _checking():
+            check_features(query_features, "B, C, h, w", "query features")
+            check_prompt(prompt, *query_features.shape[:2])
+            check_exit_fraction(exit_fraction)
         common = prompt.vector * self.cross_reference.query_vector(query_features)
         x = self.condition(query_features * common[:, :, None, None], prompt.prototype * common)
         logits, used = self.refinement.run(
@@ -180,8 +218,9 @@ class CRNet(nn.Module):
 def build_model(
     config: ModelConfig, *, backbone_weights: str | Path | None = None, fused: bool | None = None
 ) -> CRNet:
-    """A CRNet for the config; `backbone_weights` is a torchvision resnet50 state-dict file. `fused`: run
-    the refinement loop as the native op at inference (default: when the library is built)."""
+    """A new CRNet for the config, in training mode; `backbone_weights` is a torchvision resnet50 state-dict
+    file. `fused`: run the refinement loop as the native op at inference (default: when the library is
+    built). A trained model: crnet.checkpoint.load_model(path), which also puts it in eval mode."""
     model = CRNet(config, fused=fused)
     if backbone_weights is not None:
         load_torchvision_weights(model.encoder.trunk, backbone_weights)

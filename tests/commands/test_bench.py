@@ -455,3 +455,17 @@ def test_bench_tests_the_fold_its_checkpoint_was_trained_on(
     assert ("(trained on fold 2: classes seen in training, not few-shot)" in printed) == warned
     # 2 episodes for 5 classes: as eval does, bench says that the classes without one count 0 in the mIoU
     assert len([line for line in lines if "got no episode in 2: they count 0" in line]) == 1
+
+
+def test_a_plain_bench_without_a_bundle_benches_torch(micro_checkpoint, bench_root, tmp_path, monkeypatch):
+    """`crnet bench model.pt` failed: its default rows included ONNX Runtime's, which need --bundle."""
+    import sys
+
+    from crnet.commands import cli
+
+    out = tmp_path / "bench.json"
+    argv = ["crnet", "bench", str(micro_checkpoint), "--data", str(bench_root), "--episodes", "2"]
+    argv += ["--warmup", "0", "--repeats", "1", "--device", "cpu", "--json", str(out), "--no-progress"]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.main()
+    assert [row["spec"] for row in json.loads(out.read_text())["runtimes"]] == ["torch:fp32"]

@@ -1,0 +1,121 @@
+"""Checks of what a caller hands the model and the runtimes: one line that names the argument, instead of an
+error deep inside a convolution or, worse, a wrong result (0/255 masks gave an empty prompt in silence).
+
+Shapes, dtypes and types are metadata, free to read. Mask values are read only where the masks are on the
+CPU: on a GPU the read would make every call wait for the device (the CLI reads masks from files and checks
+them there, crnet.data.masks).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from crnet.errors import CRNetWarning, InputError, MaskError
+
+MASK_VALUES = (0, 1, 255)  # background, object, ignore
+
+
+def _tensor(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "(" + ", ".join(map(str, tensor.shape)) + ")"
+
+
+def check_images(images, name: str = "images", size: int | None = None) -> None:
+    """(N, 3, H, W) floating-point images, normalised as crnet.data.episodes.to_model_input does (RGB in
+    0..1, less ImageNet's mean, over its std); H = W = `size` where a runtime is built for one size."""
+    images = _tensor(images, name)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise InputError(f"{name} must be (N, 3, H, W) RGB images, got {_shape(images)}")
+    if not images.is_floating_point():
+        raise InputError(
+            f"{name} are {images.dtype}: pass floating-point images normalised like ImageNet "
+            "(crnet.data.episodes.to_model_input), not raw pixel values"
+        )
+    if size is not None and tuple(images.shape[2:]) != (size, size):
+        raise InputError(f"{name} are {images.shape[2]}x{images.shape[3]}; this runtime takes {size}x{size}")
+
+
+def check_features(features, dims: str, name: str = "features") -> None:
+    """Floating-point features with the named dims, e.g. "B, C, h, w"."""
+    features = _tensor(features, name)
+    if features.ndim != len(dims.split(",")) or not features.is_floating_point():
+        raise InputError(
+            f"{name} must be floating-point ({dims}) features, got {features.dtype} {_shape(features)}"
+        )
+
+
+def check_support_masks(
+    supports: torch.Tensor, masks, size: int | None = None, say_empty: bool = True
+) -> None:
+    """(B, K, H, W) masks of 0, 1 and 255 for (B, K, ...) support features or images, H = W = `size` where
+    a runtime is built for one size. A mask without a 1 gives a zero prototype: said in a warning where
+    `say_empty` (not an error: a small object can vanish in a resize)."""
+    masks = _tensor(masks, "support masks")
+    if masks.ndim != 4 or tuple(masks.shape[:2]) != tuple(supports.shape[:2]):
+        raise InputError(
+            f"support masks must be (B, K, H, W) for supports of (B, K) = {tuple(supports.shape[:2])}, "
+            f"got {_shape(masks)}"
+        )
+    if size is not None and tuple(masks.shape[2:]) != (size, size):
+        raise InputError(
+            f"support masks are {masks.shape[2]}x{masks.shape[3]}; this runtime takes {size}x{size}"
+        )
+    if masks.device.type != "cpu":
+        return
+    values = torch.unique(masks)
+    bad = [v for v in values.tolist() if v not in MASK_VALUES]
+    if bad:
+        raise MaskError(
+            f"support masks hold {bad[:5]}; a mask holds only 0 (background), 1 (object) and 255 (ignore)"
+        )
+    if say_empty and not (masks == 1).flatten(2).any(2).all():
+        warnings.warn(
+            "a support mask marks no object pixel (value 1), so its prompt is zero (255 means ignore: a mask "
+            "of 0 and 255 must be divided by 255)",
+            CRNetWarning,
+            stacklevel=3,
+        )
+
+
+def check_episode(query, supports, masks, size: int | None = None) -> None:
+    """Query images (B, 3, S, S), support images (B, K, 3, S, S) and their masks (B, K, S, S)."""
+    check_images(query, "query images", size)
+    supports = _tensor(supports, "support images")
+    if supports.ndim != 5 or supports.shape[0] != query.shape[0] or supports.shape[1] == 0:
+        raise InputError(
+            f"support images must be (B, K, 3, H, W) with K >= 1 for {query.shape[0]} queries, got "
+            f"{_shape(supports)}"
+        )
+    check_images(supports.flatten(0, 1), "support images", size)
+    check_support_masks(supports, masks, size)
+
+
+def check_prompt(prompt, batch: int, channels: int | None = None) -> None:
+    """A SupportPrompt for `batch` queries (of features with `channels` channels, where known): one per
+    query, or one for all."""
+    from crnet.model.crnet import SupportPrompt
+
+    if not isinstance(prompt, SupportPrompt):
+        raise InputError(
+            f"prompt must be the SupportPrompt that prompt() returns, got {type(prompt).__name__}"
+        )
+    vector, prototype = _tensor(prompt.vector, "prompt.vector"), _tensor(prompt.prototype, "prompt.prototype")
+    if vector.shape != prototype.shape or vector.ndim != 2 or vector.shape[0] not in (1, batch):
+        raise InputError(
+            f"prompt of vector {_shape(vector)} and prototype {_shape(prototype)} does not fit {batch} "
+            f"queries: both must be (1 or {batch}, C)"
+        )
+    if channels is not None and vector.shape[1] != channels:
+        raise InputError(f"prompt has {vector.shape[1]} channels and the query features {channels}")
+
+
+def check_exit_fraction(exit_fraction: float) -> None:
+    if not 0.0 <= exit_fraction <= 1.0:  # also refuses NaN
+        raise InputError(f"exit_fraction must be from 0 to 1, got {exit_fraction}")
