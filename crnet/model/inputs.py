@@ -27,19 +27,20 @@ def _shape(tensor: torch.Tensor) -> str:
     return "(" + ", ".join(map(str, tensor.shape)) + ")"
 
 
-def check_images(images, name: str = "images", size: int | None = None) -> None:
+def check_images(images, name: str = "images", size: int | None = None, dims: str = "N") -> None:
     """(N, 3, H, W) floating-point images, normalised as crnet.data.episodes.to_model_input does (RGB in
-    0..1, less ImageNet's mean, over its std); H = W = `size` where a runtime is built for one size."""
-    images = _tensor(images, name)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise InputError(f"{name} must be (N, 3, H, W) RGB images, got {_shape(images)}")
+    0..1, less ImageNet's mean, over its std); H = W = `size` where a runtime is built for one size. `dims`
+    names the leading dimensions ("B, K" for support images)."""
+    shape, leading = _tensor(images, name).shape, dims.count(",") + 1  # read once: it runs every call
+    if len(shape) != leading + 3 or shape[leading] != 3:
+        raise InputError(f"{name} must be ({dims}, 3, H, W) RGB images, got {_shape(images)}")
     if not images.is_floating_point():
         raise InputError(
             f"{name} are {images.dtype}: pass floating-point images normalised like ImageNet "
             "(crnet.data.episodes.to_model_input), not raw pixel values"
         )
-    if size is not None and tuple(images.shape[2:]) != (size, size):
-        raise InputError(f"{name} are {images.shape[2]}x{images.shape[3]}; this runtime takes {size}x{size}")
+    if size is not None and (shape[-2] != size or shape[-1] != size):
+        raise InputError(f"{name} are {shape[-2]}x{shape[-1]}; this runtime takes {size}x{size}")
 
 
 def check_features(features, dims: str, name: str = "features") -> None:
@@ -57,17 +58,15 @@ def check_support_masks(
     """(B, K, H, W) masks of 0, 1 and 255 for (B, K, ...) support features or images, H = W = `size` where
     a runtime is built for one size. A mask without a 1 gives a zero prototype: said in a warning where
     `say_empty` (not an error: a small object can vanish in a resize)."""
-    masks = _tensor(masks, "support masks")
-    if masks.ndim != 4 or tuple(masks.shape[:2]) != tuple(supports.shape[:2]):
+    shape = _tensor(masks, "support masks").shape
+    if len(shape) != 4 or shape[:2] != supports.shape[:2]:
         raise InputError(
             f"support masks must be (B, K, H, W) for supports of (B, K) = {tuple(supports.shape[:2])}, "
             f"got {_shape(masks)}"
         )
-    if size is not None and tuple(masks.shape[2:]) != (size, size):
-        raise InputError(
-            f"support masks are {masks.shape[2]}x{masks.shape[3]}; this runtime takes {size}x{size}"
-        )
-    if masks.device.type != "cpu":
+    if size is not None and (shape[2] != size or shape[3] != size):
+        raise InputError(f"support masks are {shape[2]}x{shape[3]}; this runtime takes {size}x{size}")
+    if not masks.is_cpu:
         return
     values = torch.unique(masks)
     bad = [v for v in values.tolist() if v not in MASK_VALUES]
@@ -87,13 +86,12 @@ def check_support_masks(
 def check_episode(query, supports, masks, size: int | None = None) -> None:
     """Query images (B, 3, S, S), support images (B, K, 3, S, S) and their masks (B, K, S, S)."""
     check_images(query, "query images", size)
-    supports = _tensor(supports, "support images")
-    if supports.ndim != 5 or supports.shape[0] != query.shape[0] or supports.shape[1] == 0:
+    check_images(supports, "support images", size, dims="B, K")
+    if supports.shape[0] != len(query) or supports.shape[1] == 0:
         raise InputError(
             f"support images must be (B, K, 3, H, W) with K >= 1 for {query.shape[0]} queries, got "
             f"{_shape(supports)}"
         )
-    check_images(supports.flatten(0, 1), "support images", size)
     check_support_masks(supports, masks, size)
 
 
