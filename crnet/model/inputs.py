@@ -68,13 +68,14 @@ def check_support_masks(
         raise InputError(f"support masks are {shape[2]}x{shape[3]}; this runtime takes {size}x{size}")
     if not masks.is_cpu:
         return
-    values = torch.unique(masks)
-    bad = [v for v in values.tolist() if v not in MASK_VALUES]
-    if bad:
+    objects = masks == 1  # compares, not torch.unique: a 321x321 unique took 25 ms on CPU-2c
+    allowed = objects | (masks == 0) | (masks == 255)
+    if not allowed.all():
+        bad = torch.unique(masks[~allowed])[:5].tolist()
         raise MaskError(
-            f"support masks hold {bad[:5]}; a mask holds only 0 (background), 1 (object) and 255 (ignore)"
+            f"support masks hold {bad}; a mask holds only 0 (background), 1 (object) and 255 (ignore)"
         )
-    if say_empty and not (masks == 1).flatten(2).any(2).all():
+    if say_empty and not objects.flatten(2).any(2).all():
         warnings.warn(
             "a support mask marks no object pixel (value 1), so its prompt is zero (255 means ignore: a mask "
             "of 0 and 255 must be divided by 255)",
