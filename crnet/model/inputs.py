@@ -14,8 +14,6 @@ import torch
 
 from crnet.errors import CRNetWarning, InputError, MaskError
 
-MASK_VALUES = (0, 1, 255)  # background, object, ignore
-
 
 def _tensor(value, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
