@@ -210,7 +210,13 @@ def open_runtime(
         return TorchRuntime(checkpoint, device=device, iterations=iterations, **torch_options(spec, fused))
     if bundle is None:
         raise RuntimeUnavailable(f"the {spec.name} runtime needs an exported bundle (crnet export)")
-    if isinstance(bundle, str | Path):
+    if isinstance(
+        bundle, str | Path
+    ):  # its folder: a graph's file would name one precision, and the spec another
+        if not Path(bundle).is_dir():
+            raise CRNetError(
+                f"bundle={str(bundle)!r}: give the bundle's folder (crnet export --out), not a file"
+            )
         bundle = load_bundle(bundle)
     if iterations is not None and iterations != bundle.iterations:  # the graphs unroll their T
         raise CRNetError(

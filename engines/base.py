@@ -72,6 +72,10 @@ class Runtime(ABC):
         Supports and queries are encoded in one call (one launch sequence instead of two) where the
         runtime's batch limit allows."""
         check_episode(query, supports, masks, self.input_size)
+        return self._run_episode(query, supports, masks)
+
+    def _run_episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """`episode` on checked arguments."""
         batch, shots = supports.shape[:2]
         images = supports.flatten(0, 1)
         if self.max_batch is None or len(images) + batch <= self.max_batch:
@@ -79,7 +83,10 @@ class Runtime(ABC):
             support_features, query_features = features[: len(images)], features[len(images) :]
         else:
             support_features, query_features = self.encode(images), self.encode(query)
-        prompt = self.prompt(support_features.unflatten(0, (batch, shots)), masks)
+        # the masks are checked: the prompt straight from the shots
+        prompt = SupportPrompt.of_shots(
+            self.prompt_per_shot, support_features.unflatten(0, (batch, shots)), masks
+        )
         return self.segment(query_features, prompt)
 
     def query(self, images: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:

@@ -245,13 +245,15 @@ class TorchRuntime(Runtime):
     def _query_forward(self, images: torch.Tensor, vector: torch.Tensor, prototype: torch.Tensor):
         return self._head_forward(self._encoder_forward(images), vector, prototype)
 
-    @torch.inference_mode()
     def episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        check_episode(query, supports, masks, self.input_size)
-        if self._episode is None:
-            return super().episode(query, supports, masks)
-        with self._compiling():
-            return self._owned(self._episode(torch.cat([supports.flatten(0, 1), query]), masks))
+        check_episode(
+            query, supports, masks, self.input_size
+        )  # outside the mode: its warnings name the caller
+        with torch.inference_mode():
+            if self._episode is None:
+                return self._run_episode(query, supports, masks)
+            with self._compiling():
+                return self._owned(self._episode(torch.cat([supports.flatten(0, 1), query]), masks))
 
     @torch.inference_mode()
     def query(self, images: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:

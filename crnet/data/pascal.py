@@ -331,13 +331,15 @@ class VOCTree:
         """Refuses a training list that shares images with val.txt (test queries would be trained on).
         Returns a warning where a PASCAL tree trains from VOC's own train.txt: published PASCAL-5i results
         train on VOC with SBD's images (train_aug.txt here), and the fallback used to be silent."""
-        train_file, val_ids = self.split_file("train"), set(self.ids("val"))
-        train_ids = self.ids("train")
+        train_file, train_ids = self.split_file("train"), self.ids("train")
+        has_val = (self.root / "ImageSets/Segmentation/val.txt").is_file()  # training needs none
+        val_ids = set(self.ids("val")) if has_val else set()
         shared = [image for image in train_ids if image in val_ids]
         if shared:
+            are = "image is" if len(shared) == 1 else f"{len(shared)} images are"
             raise NotAVOCTreeError(
-                f"{len(shared)} images are in both {train_file} and val.txt (such as {shared[0]}): training "
-                f"would see the test queries; remove them from {train_file.name}"
+                f"{are} in both {train_file} and val.txt (such as {shared[0]}): training would see the test "
+                f"queries; remove {'it' if len(shared) == 1 else 'them'} from {train_file.name}"
             )
         if train_file.name == "train.txt" and self._benchmark_settings() is None:
             return (

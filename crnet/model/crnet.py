@@ -69,9 +69,9 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _checking() -> bool:
-    """Whether to check arguments: not while torch.compile or torch.export traces the model (the checks
-    would add guards on sizes the graphs leave free)."""
-    return not torch.compiler.is_compiling()
+    """Whether to check arguments: not while torch.compile, torch.export or torch.jit traces the model (the
+    checks would add guards on sizes the graphs leave free, or tracer warnings)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 class CRNet(nn.Module):
@@ -105,7 +105,9 @@ class CRNet(nn.Module):
         if _checking():
             check_images(images)
             weights = next(self.encoder.parameters()).dtype
-            if images.dtype != weights and not torch.is_autocast_enabled(images.device.type):
+            device = images.device.type  # autocast knows only some devices ('meta' raises)
+            autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+            if images.dtype != weights and not autocast:
                 raise InputError(f"images are {images.dtype} and the model's weights {weights}: convert one")
         return self.encoder(images)
 

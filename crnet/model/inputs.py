@@ -51,7 +51,7 @@ def check_features(features, dims: str, name: str = "features") -> None:
 
 
 def check_support_masks(
-    supports: torch.Tensor, masks, size: int | None = None, say_empty: bool = True
+    supports: torch.Tensor, masks, size: int | None = None, say_empty: bool = True, stacklevel: int = 3
 ) -> None:
     """(B, K, H, W) masks of 0, 1 and 255 for (B, K, ...) support features or images, H = W = `size` where
     a runtime is built for one size. A mask without a 1 gives a zero prototype: said in a warning where
@@ -78,7 +78,7 @@ def check_support_masks(
             "a support mask marks no object pixel (value 1), so its prompt is zero (255 means ignore: a mask "
             "of 0 and 255 must be divided by 255)",
             CRNetWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,  # the caller's line: 3 from a prompt()
         )
 
 
@@ -91,7 +91,7 @@ def check_episode(query, supports, masks, size: int | None = None) -> None:
             f"support images must be (B, K, 3, H, W) with K >= 1 for {query.shape[0]} queries, got "
             f"{_shape(supports)}"
         )
-    check_support_masks(supports, masks, size)
+    check_support_masks(supports, masks, size, stacklevel=4)  # the line that called episode()
 
 
 def check_prompt(prompt, batch: int, channels: int | None = None) -> None:

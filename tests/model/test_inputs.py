@@ -1,6 +1,8 @@
 """The Python API's arguments: wrong kinds are one error naming the argument, not a traceback deep in a
 convolution or a silently wrong result (found by a pass that used the API as a researcher would)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,30 @@ def test_evaluate_resizes_to_the_models_input_size_by_default(model, bench_root)
     given = evaluate(predictor, bench_root, fold=0, input_size=SIZE, episodes=4, progress=False, workers=0)
     default = evaluate(predictor, bench_root, fold=0, episodes=4, progress=False, workers=0)
     assert np.isclose(given["miou"], default["miou"])
+
+
+@pytest.mark.parametrize("name", ["torch:fp32", "onnxruntime:fp32"])
+def test_an_empty_support_mask_is_said_once_at_the_callers_line(name, micro_checkpoint, micro_bundle) -> None:
+    """An eager episode checked its masks three times: three warnings, at crnet's own lines (and Python then
+    kept quiet about the next empty mask at those lines)."""
+    import warnings
+
+    if name.startswith("onnxruntime"):
+        pytest.importorskip("onnxruntime")
+    runtime = open_runtime(name, checkpoint=micro_checkpoint, bundle=micro_bundle)
+    with runtime, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runtime.episode(images(1), images(1)[:, None], masks(1, 1) * 0)
+    said = [w for w in caught if issubclass(w.category, CRNetWarning)]
+    assert len(said) == 1 and said[0].filename == __file__
+
+
+def test_open_runtime_takes_a_bundles_folder_not_one_of_its_files(micro_bundle) -> None:
+    graph = next(micro_bundle.glob("*.fp32.onnx"))  # its precision would quarrel with the spec's
+    with pytest.raises(CRNetError, match="give the bundle's folder"):
+        open_runtime("onnxruntime:fp16", bundle=graph)
+
+
+def test_a_dtype_mismatch_on_the_meta_device_is_one_error(model) -> None:
+    with pytest.raises(InputError, match="torch.float16 and the model's weights torch.float32"):
+        copy.deepcopy(model).to("meta").encode(torch.randn(1, 3, SIZE, SIZE, device="meta", dtype=torch.half))
