@@ -89,7 +89,7 @@ class OnnxRuntime(Runtime):
     def _run(self, graph: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         session = self.sessions[graph]
         if self.device.type == "cpu":
-            feeds = {name: x.detach().contiguous().numpy() for name, x in inputs.items()}
+            feeds = {name: x.detach().cpu().contiguous().numpy() for name, x in inputs.items()}
             return [torch.from_numpy(y) for y in session.run(None, feeds)]
         return self._run_bound(session, inputs)
 
@@ -98,8 +98,8 @@ class OnnxRuntime(Runtime):
         binding = session.io_binding()
         index = self.device.index or torch.cuda.current_device()
         batch = next(iter(inputs.values())).shape[0]
-        for name, x in inputs.items():
-            x = x.detach().contiguous().float()
+        for name, x in inputs.items():  # on the device first: a host pointer bound as CUDA memory is garbage
+            x = x.detach().to(self.device, torch.float32).contiguous()
             inputs[name] = x  # keep alive until the run ends
             binding.bind_input(name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
         outputs = []
