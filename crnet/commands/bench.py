@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from crnet.bundle import Bundle, load_bundle
+from crnet.commands.contention import OTHERS_WARN, OtherProcesses
 from crnet.commands.floor import checkpoint_flops, floor_ms, matmul_rate
 from crnet.commands.timer import Timer
 from crnet.data.episodes import fixed_episode_loader
@@ -55,7 +56,8 @@ REFERENCE = RuntimeSpec("torch", "fp32")
 
 # The JSON `crnet bench` writes (also documented in docs/BENCHMARKS.md):
 #   schema            "crnet-bench-2"
-#   machine           {cpu, threads, device, gpu, torch, onnxruntime, tensorrt, platform}
+#   machine           {cpu, threads, device, gpu, torch, onnxruntime, tensorrt, platform,
+#                      other_processes_cpu_share: of all CPUs, while the rounds were timed (None: unknown)}
 #   settings          {checkpoint, bundle, data, fold, trained_fold, shots, episodes, batch, warmup, repeats,
 #                      repeats_done, iterations, input_size}
 #   interrupted       true when an interrupt ended the timed rounds early (repeats_done < repeats)
@@ -235,11 +237,12 @@ def measure_accuracy(
 
 def measure_latency(
     runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, settings: BenchSettings, bar, stop_early=False
-) -> tuple[dict, int]:
+) -> tuple[dict, int, float | None]:
     """Every runtime timed in turns: each round times one call of each kind on each runtime, so a slow
-    spell of the machine lands on all runtimes alike and the ratios stay fair. Returns the results and the
-    number of timed rounds; with `stop_early`, an interrupt (Ctrl-C, `timeout -s INT`) after at least one
-    timed round ends the rounds there, and the whole rounds done so far are the result."""
+    spell of the machine lands on all runtimes alike and the ratios stay fair. Returns the results, the
+    number of timed rounds and the share of the CPUs other processes took meanwhile; with `stop_early`, an
+    interrupt (Ctrl-C, `timeout -s INT`) after at least one timed round ends the rounds there, and the
+    whole rounds done so far are the result."""
     device = torch.device(settings.device)
     query = data["query_image"].to(device)
     supports, masks = data["support_images"].to(device), data["support_masks"].to(device)
@@ -255,6 +258,7 @@ def measure_latency(
             "encoder": lambda r=runtime: r.encode(query),
         }
     rounds = []  # the timed rounds, each {spec: {kind: (seconds, gpu seconds)}}, whole rounds only
+    others = OtherProcesses()
     try:
         for round_ in range(settings.warmup + settings.repeats):
             timed = {
@@ -266,6 +270,7 @@ def measure_latency(
     except KeyboardInterrupt:
         if not (stop_early and rounds):
             raise
+    sharing = others.share()
     results = {}
     for spec, kinds in work.items():
         walls = {kind: [r[spec][kind][0] for r in rounds] for kind in kinds}
@@ -282,7 +287,7 @@ def measure_latency(
         if timer.cuda:
             gpu = {kind: float(np.median([r[spec][kind][1] for r in rounds])) * 1000.0 for kind in kinds}
             results[spec]["gpu_ms"] = gpu
-    return results, len(rounds)
+    return results, len(rounds), sharing
 
 
 def latency_batch(settings: BenchSettings, input_size: int) -> dict:
@@ -371,12 +376,17 @@ def _bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice, 
         # Before the timed rounds, so that an interrupt there leaves only the writing to do.
         floor = measure_floor(settings, runtimes[0][1].iterations)
         with progress(settings.warmup + settings.repeats, "latency") as bar:
-            latency, timed = measure_latency(measured, data, settings, bar, stop_early)
+            latency, timed, sharing = measure_latency(measured, data, settings, bar, stop_early)
     finally:
         for _, runtime in runtimes:
             runtime.close()
     if timed < settings.repeats:
         notice(f"interrupted: {timed} of {settings.repeats} timed rounds done; the results are theirs")
+    if sharing is not None and sharing > OTHERS_WARN:
+        notice(
+            f"warning: other processes used {sharing:.0%} of the CPUs while the rounds were timed: these "
+            "latencies include the sharing; time on a quiet machine"
+        )
     reference_ms = latency[REFERENCE]["latency_ms"]["episode"]["median"]
     anchor = next((spec for spec, _ in measured if "anchor" in spec.options), None)
     rows = []
@@ -401,7 +411,7 @@ def _bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice, 
     ]
     result = {
         "schema": SCHEMA,
-        "machine": machine(settings),
+        "machine": machine(settings) | {"other_processes_cpu_share": sharing},
         "settings": {
             "checkpoint": str(settings.checkpoint),
             "bundle": None if settings.bundle is None else str(settings.bundle),

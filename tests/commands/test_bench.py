@@ -469,3 +469,22 @@ def test_a_plain_bench_without_a_bundle_benches_torch(micro_checkpoint, bench_ro
     monkeypatch.setattr(sys, "argv", argv)
     cli.main()
     assert [row["spec"] for row in json.loads(out.read_text())["runtimes"]] == ["torch:fp32"]
+
+
+def test_a_bench_that_shared_its_cpus_says_so(micro_checkpoint, bench_root, tmp_path, monkeypatch, capsys):
+    """Two benches at once on 2 cores timed torch fp32 at ~2500 ms an episode against 21 ms alone, with no
+    word: the share of the CPUs other processes took during the timed rounds is in the JSON, and said."""
+    import sys
+
+    from crnet.commands import bench, cli
+
+    monkeypatch.setattr(bench.OtherProcesses, "share", lambda self: 0.45)
+    out = tmp_path / "bench.json"
+    argv = ["crnet", "bench", str(micro_checkpoint), "--data", str(bench_root), "--episodes", "0"]
+    argv += ["--warmup", "0", "--repeats", "1", "--device", "cpu", "--json", str(out), "--no-progress"]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.main()
+    assert json.loads(out.read_text())["machine"]["other_processes_cpu_share"] == 0.45
+    assert (
+        "warning: other processes used 45% of the CPUs while the rounds were timed" in capsys.readouterr().err
+    )
