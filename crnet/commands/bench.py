@@ -57,7 +57,8 @@ REFERENCE = RuntimeSpec("torch", "fp32")
 # The JSON `crnet bench` writes (also documented in docs/BENCHMARKS.md):
 #   schema            "crnet-bench-2"
 #   machine           {cpu, threads, device, gpu, torch, onnxruntime, tensorrt, platform,
-#                      other_processes_cpu_share: of all CPUs, while the rounds were timed (None: unknown)}
+#                      other_processes_cpu_share: of the CPUs bench may run on, while the rounds were
+#                      timed (None: unknown)}
 #   settings          {checkpoint, bundle, data, fold, trained_fold, shots, episodes, batch, warmup, repeats,
 #                      repeats_done, iterations, input_size}
 #   interrupted       true when an interrupt ended the timed rounds early (repeats_done < repeats)

@@ -2,8 +2,9 @@
 the sharing: two benches at once on 2 cores timed tiny's torch fp32 episode at 2436 and 2504 ms, against 21
 ms alone (docs/BENCHMARKS.md, CPU-2c).
 
-The machine's busy time (/proc/stat, hypervisor steal included) less this process's own CPU time (all its
-threads: torch's, ONNX Runtime's) over the same wall time. Linux only; None elsewhere.
+The busy time of the CPUs this process may run on (/proc/stat, hypervisor steal included) less this
+process's own CPU time (all its threads: torch's, ONNX Runtime's) over the same wall time. Linux only; None
+elsewhere.
 """
 
 from __future__ import annotations
@@ -11,21 +12,33 @@ from __future__ import annotations
 import os
 import time
 
-OTHERS_WARN = 0.10  # of all CPUs: more than background noise (a shell, the kernel's threads)
+OTHERS_WARN = 0.10  # of the CPUs this process may use: more than background noise (a shell, kernel threads)
 
 
-def _machine_busy_s() -> float | None:
-    """Seconds of CPU time the whole machine has been busy (all CPUs), or None without /proc/stat."""
+def _cpus() -> set[int]:
+    """The CPUs this process may run on (a container's or taskset's, not the host's)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def _machine_busy_s(cpus: set[int] | None = None) -> float | None:
+    """Seconds of CPU time `cpus` (by default this process's) have been busy, or None without /proc/stat.
+    Only those CPUs: on a shared host, other tenants' work on other cores is no contention."""
+    cpus = _cpus() if cpus is None else cpus
     try:
         with open("/proc/stat") as stat:
-            fields = stat.readline().split()
+            lines = [line.split() for line in stat if line.startswith("cpu") and line[3:4].isdigit()]
     except OSError:
         return None
-    if not fields or fields[0] != "cpu":
-        return None
-    # user nice system idle iowait irq softirq steal (guest time is inside user already)
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    busy = 0
+    for fields in lines:
+        if int(fields[0][3:]) in cpus:
+            # user nice system idle iowait irq softirq steal (guest time is inside user already)
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+            busy += user + nice + system + irq + softirq + steal
+    return busy / os.sysconf("SC_CLK_TCK") if lines else None
 
 
 def _own_s() -> float:
@@ -38,13 +51,14 @@ class OtherProcesses:
     the hypervisor) used meanwhile, or None where it cannot be read."""
 
     def __init__(self):
-        self.start = (_machine_busy_s(), _own_s(), time.monotonic())
+        self.cpus = _cpus()
+        self.start = (_machine_busy_s(self.cpus), _own_s(), time.monotonic())
 
     def share(self) -> float | None:
-        busy, own, wall = _machine_busy_s(), _own_s(), time.monotonic()
+        busy, own, wall = _machine_busy_s(self.cpus), _own_s(), time.monotonic()
         if busy is None or self.start[0] is None:
             return None
-        elapsed = (wall - self.start[2]) * (os.cpu_count() or 1)
+        elapsed = (wall - self.start[2]) * len(self.cpus)
         if elapsed <= 0:
             return None
         others = (busy - self.start[0]) - (own - self.start[1])
