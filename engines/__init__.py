@@ -210,9 +210,8 @@ def open_runtime(
         return TorchRuntime(checkpoint, device=device, iterations=iterations, **torch_options(spec, fused))
     if bundle is None:
         raise RuntimeUnavailable(f"the {spec.name} runtime needs an exported bundle (crnet export)")
-    if isinstance(
-        bundle, str | Path
-    ):  # its folder: a graph's file would name one precision, and the spec another
+    # a bundle's folder: one graph's file would name one precision, and the spec another
+    if isinstance(bundle, str | Path):
         if not Path(bundle).is_dir():
             raise CRNetError(
                 f"bundle={str(bundle)!r}: give the bundle's folder (crnet export --out), not a file"

@@ -93,6 +93,10 @@ class Runtime(ABC):
         """The deployed path: query images (B, 3, S, S) against a prompt computed once -> logits."""
         self.check_images(images)
         check_prompt(prompt, len(images))
+        return self._run_query(images, prompt)
+
+    def _run_query(self, images: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
+        """`query` on checked arguments."""
         return self.segment(self.encode(images), prompt)
 
     def check_batch(self, n: int) -> None:
@@ -107,3 +111,9 @@ class Runtime(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def per_query(prompt: SupportPrompt, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's vector and prototype, one row per query: graphs and engines take one per query, and a
+    prompt of batch 1 serves them all (expanded, not copied)."""
+    return prompt.vector.expand(batch, -1), prompt.prototype.expand(batch, -1)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from crnet.bundle import GRAPHS, Bundle, BundleError
-from crnet.engines.base import Runtime, RuntimeUnavailable
+from crnet.engines.base import Runtime, RuntimeUnavailable, per_query
 from crnet.model.crnet import SupportPrompt
 from crnet.optional import require
 
@@ -88,8 +88,11 @@ class OnnxRuntime(Runtime):
 
     def _run(self, graph: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         session = self.sessions[graph]
+        # the graphs take FP32: converted here on the host, as _run_bound does on the device
         if self.device.type == "cpu":
-            feeds = {name: x.detach().cpu().contiguous().numpy() for name, x in inputs.items()}
+            feeds = {
+                name: x.detach().to("cpu", torch.float32).contiguous().numpy() for name, x in inputs.items()
+            }
             return [torch.from_numpy(y) for y in session.run(None, feeds)]
         return self._run_bound(session, inputs)
 
@@ -115,21 +118,17 @@ class OnnxRuntime(Runtime):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         self.check_images(images)
-        (features,) = self._run("encoder", {"images": images.float()})
+        (features,) = self._run("encoder", {"images": images})
         return features
 
     def prompt_per_shot(self, features: torch.Tensor, foreground: torch.Tensor):
-        vector, prototype = self._run("prompt", {"features": features.float(), "foreground": foreground})
+        vector, prototype = self._run("prompt", {"features": features, "foreground": foreground})
         return vector, prototype
 
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
         self.check_segment(features, prompt)
-        vector, prototype = prompt.vector.float(), prompt.prototype.float()
-        if len(vector) != len(features):  # one prompt for every query: the graph takes one per query
-            vector, prototype = (t.expand(len(features), -1).contiguous() for t in (vector, prototype))
-        (logits,) = self._run(
-            "head", {"features": features.float(), "vector": vector, "prototype": prototype}
-        )
+        vector, prototype = per_query(prompt, len(features))
+        (logits,) = self._run("head", {"features": features, "vector": vector, "prototype": prototype})
         return logits
 
     def close(self) -> None:

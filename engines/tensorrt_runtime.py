@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from crnet.bundle import GRAPHS, Bundle, BundleError
-from crnet.engines.base import Runtime, RuntimeUnavailable
+from crnet.engines.base import Runtime, RuntimeUnavailable, per_query
 from crnet.model.crnet import SupportPrompt
 from crnet.optional import require
 
@@ -120,9 +120,7 @@ class TensorRTRuntime(Runtime):
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
         self.check_segment(features, prompt)
         self.check_batch(features.shape[0])
-        vector, prototype = prompt.vector, prompt.prototype
-        if len(vector) != len(features):  # one prompt for every query: the engine takes one per query
-            vector, prototype = (t.expand(len(features), -1).contiguous() for t in (vector, prototype))
+        vector, prototype = per_query(prompt, len(features))
         inputs = {"features": features, "vector": vector, "prototype": prototype}
         return self.engines["head"](inputs)["logits"]
 

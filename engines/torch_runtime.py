@@ -50,7 +50,6 @@ from crnet.model.conv_epilogues import bare_neck as bare_neck_of
 from crnet.model.conv_epilogues import fuse_conv_epilogues
 from crnet.model.crnet import SupportPrompt
 from crnet.model.fold import fold_batchnorm
-from crnet.model.inputs import check_episode, check_prompt
 from crnet.model.space_to_depth import space_to_depth_stem
 
 # bf16 is torch-only: on CPUs with AVX512-BF16 or AMX (oneDNN) it is the fast CPU path.
@@ -245,22 +244,17 @@ class TorchRuntime(Runtime):
     def _query_forward(self, images: torch.Tensor, vector: torch.Tensor, prototype: torch.Tensor):
         return self._head_forward(self._encoder_forward(images), vector, prototype)
 
-    def episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        check_episode(
-            query, supports, masks, self.input_size
-        )  # outside the mode: its warnings name the caller
-        with torch.inference_mode():
-            if self._episode is None:
-                return self._run_episode(query, supports, masks)
-            with self._compiling():
-                return self._owned(self._episode(torch.cat([supports.flatten(0, 1), query]), masks))
+    @torch.inference_mode()
+    def _run_episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        if self._episode is None:
+            return super()._run_episode(query, supports, masks)
+        with self._compiling():
+            return self._owned(self._episode(torch.cat([supports.flatten(0, 1), query]), masks))
 
     @torch.inference_mode()
-    def query(self, images: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
+    def _run_query(self, images: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
         if self._query is None:
-            return super().query(images, prompt)
-        self.check_images(images)
-        check_prompt(prompt, len(images))
+            return super()._run_query(images, prompt)
         with self._compiling():
             return self._owned(self._query(images, prompt.vector, prompt.prototype))
 

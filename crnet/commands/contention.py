@@ -47,8 +47,8 @@ def _own_s() -> float:
 
 
 class OtherProcesses:
-    """Started before the timed work, `share()` after: the fraction of all CPUs that other processes (and
-    the hypervisor) used meanwhile, or None where it cannot be read."""
+    """Started before the timed work, `share()` after: the fraction of the CPUs this process may run on
+    that other processes (and the hypervisor) used meanwhile, or None where it cannot be read."""
 
     def __init__(self):
         self.cpus = _cpus()

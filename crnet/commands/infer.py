@@ -37,7 +37,7 @@ from crnet.files import (
     parse_json,
     write_text,
 )
-from crnet.model.crnet import SupportPrompt, upsample
+from crnet.model.crnet import upsample
 
 
 @dataclass(frozen=True)
@@ -219,10 +219,7 @@ def segment_into(
         for start in range(0, len(queries), batch_size):
             chunk = query_images[start : start + batch_size]
             tensors = torch.stack([to_model_input(image, None, size)[0] for image in chunk]).to(device)
-            expanded = SupportPrompt(
-                vector=prompt.vector.expand(len(chunk), -1), prototype=prompt.prototype.expand(len(chunk), -1)
-            )
-            logits = runner.query(tensors, expanded).float().cpu()
+            logits = runner.query(tensors, prompt).float().cpu()  # one prompt serves every query
             for i, image in enumerate(chunk):
                 mask = upsample(logits[i : i + 1], image.shape[:2]).argmax(1)[0].numpy().astype(np.uint8)
                 name = names[start + i]

@@ -420,6 +420,15 @@ def train(
             model, device_ids=[group.device.index] if group.device.type == "cuda" else None
         )
 
+    def weights(step: int) -> dict:
+        """What model.pt holds; last.pt holds it and the state to continue from."""
+        return {
+            "model_config": model_config.to_dict(),
+            "train_config": config.to_dict(),
+            "step": step,
+            "model": model.state_dict(),
+        }
+
     def save(step: int, rng_state: dict | None = None) -> None:
         if not all(torch.isfinite(p).all() for p in model.parameters()):  # the same on every rank
             raise diverged(step, "the weights are no longer finite")
@@ -427,10 +436,7 @@ def train(
         if group.main:
             checkpoint.save_atomic(
                 {
-                    "model_config": model_config.to_dict(),
-                    "train_config": config.to_dict(),
-                    "step": step,
-                    "model": model.state_dict(),
+                    **weights(step),
                     "optimizer": optimizer.state_dict(),
                     "cache": cache.state_dict(),
                     "rng": rng,
@@ -555,15 +561,7 @@ def train(
         save(step)
         final = out_dir / FINAL
         if group.main:
-            checkpoint.save_atomic(
-                {
-                    "model_config": model_config.to_dict(),
-                    "train_config": config.to_dict(),
-                    "step": step,
-                    "model": model.state_dict(),
-                },
-                final,
-            )
+            checkpoint.save_atomic(weights(step), final)
     finally:
         stop.close()
     group.barrier()
