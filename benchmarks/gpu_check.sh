@@ -22,16 +22,18 @@
 # 4. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them; a row whose warm-up ran out of time stays out, as it would compile
 #    inside the bench, past its cap); a batch-64 kernel profile of the deployed row and the candidate; if
-#    time is left, which module and op launched each kernel of the deployed row, run eagerly, at batch 64
-#    and 1 (benchmarks/kernel_owners.py), a batch-1 profile of the deployed and Triton rows, and the native
-#    op against the compiled loop under graph replay (bench_ops).
-# The rows (since 2026-11-27, eighth session): the deployed row, the anchor, and three candidates on the
-# deployed row: the encoder's neck as two bare convolutions whose sum, bias and ReLU inductor fuses
-# (`+bare-neck`), where the deployed row gives them to cuDNN's add-ReLU epilogue; `+triton-head`, whose
-# pooling term is now a program per image and output block (it took 0.137 ms of the row's 1.19 at batch 1
-# in the fifth run); and `+cudnn-benchmark` (cuDNN's timed choice for each convolution, measured only at
-# batch 1 so far, where it lost). The Triton shapes' table (benchmarks/triton_shapes.py) made way for the
-# kernels' owners after the fifth run.
+#    time is left, which module and op launched each kernel, run eagerly, of the candidate at batch 64 and
+#    of the deployed row at batch 1 (benchmarks/kernel_owners.py), a batch-1 profile of the deployed and
+#    Triton rows, and the native op against the compiled loop under graph replay (bench_ops).
+# The rows (since 2026-11-27, twelfth session): the deployed row, the anchor, and three candidates on the
+# deployed row: `+split-neck`, the encoder's neck as bare convolutions over pieces of at most 512 channels
+# (the sixth run's kernels' owners: the layer3 half's 1024-channel convolution, with cuDNN's add-ReLU
+# epilogue, took 2.45 ms of the batch-64 episode on an sm80 kernel, the layer2 half's 512-channel one 0.63
+# ms on an sm90 one); `+triton-head` (faster than the deployed row at batch 1 in the sixth run, slower in
+# the fifth, slower at batch 64 in both); and `+cudnn-benchmark` (0.6% faster at batch 64, 1.7% slower at
+# batch 1 in the sixth run). `+bare-neck` made way after the sixth run: level with the deployed row at
+# batch 64 (25.65 against 25.61 ms), 0.02 ms slower at batch 1. The Triton shapes' table
+# (benchmarks/triton_shapes.py) made way for the kernels' owners after the fifth run.
 # `+banded-aspp` (twice as slow at batch 1), `+concurrent-aspp` (9% slower at batch 64) and `+triton-encoder`
 # (0.10 ms more encoder time at batch 1) made way after the third GPU run. The two max-autotune rows (with
 # and without cuDNN's epilogues) made way after the fourth: neither compiled within 180 s at either batch
@@ -74,7 +76,7 @@ WORK=$(mktemp -d)
 # native op (bench_ops measures it against the compiled loop); the rehearsal's CPU refuses cuDNN's epilogues.
 if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
-  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+bare-neck+compile+torch-loop)
+  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+split-neck+compile+torch-loop)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
 else
   # The tests that only a GPU exercises first (Triton's kernels, the options, the graphs), so that a suite cut
@@ -87,7 +89,7 @@ else
   # The deployed row on 400 episodes: a check that its FP16 masks still agree (the 1000-episode figures of
   # 2026-11-26 stand); 1000 made this the step that the compiles waited for (t=266 s against the suite's 200).
   TINY=("$DEPLOYED" 400)
-  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+bare-neck" "$DEPLOYED+triton-head" "$DEPLOYED+cudnn-benchmark")
+  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+split-neck" "$DEPLOYED+triton-head" "$DEPLOYED+cudnn-benchmark")
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
@@ -209,9 +211,10 @@ within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 
 grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12 | tee -a "$LOG"
 
 # What is left of the budget goes to the decisions that matter less.
-step "which module and op launched each kernel of the deployed row (eager), batch $LARGE and 1"
-for batch in "$LARGE" 1; do
-  within 45 python3 benchmarks/kernel_owners.py "$MODEL" --spec "${ROWS[0]}" --batch "$batch" --top 40 \
+step "which module and op launched each kernel (eager): $CANDIDATE at batch $LARGE, the deployed row at batch 1"
+for owner in "$CANDIDATE $LARGE" "${ROWS[0]} 1"; do
+  read -r spec batch <<<"$owner"
+  within 45 python3 benchmarks/kernel_owners.py "$MODEL" --spec "$spec" --batch "$batch" --top 40 \
     "${DEVICE[@]}" >"$WORK/owners_$batch.log" 2>&1
   grep -A40 "^==" "$WORK/owners_$batch.log" >>"$OUT/profile.txt"
   grep -A15 "^==" "$WORK/owners_$batch.log" | tee -a "$LOG"

@@ -9,7 +9,9 @@ residual add and ReLU inside cuDNN's convolution kernel (crnet/model/conv_epilog
 runs the stem's strided 7x7 convolution over 3 colours as a 4x4 one over 2x2 pixel blocks, 16 channels
 (crnet/model/space_to_depth.py). `+bare-neck` runs the encoder's neck as two bare convolutions, one per
 level, and leaves their sum, bias and ReLU to one pass (inductor's, compiled) where `+cudnn-epilogues`
-gives them to cuDNN's add-ReLU epilogue (crnet/model/conv_epilogues.py). `+banded-aspp` computes the
+gives them to cuDNN's add-ReLU epilogue (crnet/model/conv_epilogues.py); `+split-neck` the same with each
+convolution in pieces of at most 512 input channels (cuDNN's kernels for the 1024-channel layer3 half ran at
+half the rate of the 512-channel layer2 half's on the H200). `+banded-aspp` computes the
 ASPP's dilated branches in blocks of output pixels that read the map with the same taps, skipping the taps
 that read zero padding
 (crnet/model/banded_conv.py). `+concurrent-aspp` (CUDA, PyTorch's loop) runs the ASPP's independent
@@ -46,8 +48,8 @@ from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.engines.cuda_graphs import CapturedCalls, CaptureOnOwnThread
 from crnet.model.banded_conv import band_aspp
 from crnet.model.concurrent_aspp import concurrent_aspp as concurrent_aspp_of
+from crnet.model.conv_epilogues import BareNeck, fuse_conv_epilogues
 from crnet.model.conv_epilogues import bare_neck as bare_neck_of
-from crnet.model.conv_epilogues import fuse_conv_epilogues
 from crnet.model.crnet import SupportPrompt
 from crnet.model.fold import fold_batchnorm
 from crnet.model.space_to_depth import space_to_depth_stem
@@ -86,6 +88,7 @@ class TorchRuntime(Runtime):
         cudnn_epilogues: bool = False,
         space_to_depth: bool = False,
         bare_neck: bool = False,
+        split_neck: bool = False,
         banded_aspp: bool = False,
         concurrent_aspp: bool = False,
         triton_head: bool = False,
@@ -113,13 +116,21 @@ class TorchRuntime(Runtime):
                 " (and is not the anchor's)"
             )
         if (
-            space_to_depth or bare_neck or banded_aspp or concurrent_aspp or triton_head or triton_encoder
+            space_to_depth
+            or bare_neck
+            or split_neck
+            or banded_aspp
+            or concurrent_aspp
+            or triton_head
+            or triton_encoder
         ) and anchor:
             raise RuntimeUnavailable(
                 "the anchor is plain PyTorch: no rewrite of ours (stem, encoder, ASPP or head)"
             )
-        if bare_neck and triton_encoder:
+        if (bare_neck or split_neck) and triton_encoder:
             raise RuntimeUnavailable("+triton-encoder runs the neck's own convolutions: not +bare-neck")
+        if bare_neck and split_neck:
+            raise RuntimeUnavailable("+split-neck is +bare-neck in pieces: one or the other")
         if concurrent_aspp and self.device.type != "cuda":
             raise RuntimeUnavailable("the concurrent ASPP runs on CUDA streams: it needs --device cuda")
         if triton_head:
@@ -147,8 +158,10 @@ class TorchRuntime(Runtime):
             model = space_to_depth_stem(model)
         if cudnn_epilogues:  # bias, residual and ReLU in cuDNN's convolutions (model/conv_epilogues.py)
             model = fuse_conv_epilogues(model)
-        if bare_neck:  # after the epilogues: the fused neck's sum leaves cuDNN (model/conv_epilogues.py)
-            model = bare_neck_of(model)
+        if (
+            bare_neck or split_neck
+        ):  # after the epilogues: the neck's sum leaves cuDNN (model/conv_epilogues.py)
+            model = bare_neck_of(model, BareNeck.SPLIT_CHANNELS if split_neck else None)
         if banded_aspp:  # after the epilogues: a branch with its ReLU keeps it in each block
             size = model.config.feature_size
             model = band_aspp(model, (size, size))
@@ -203,6 +216,7 @@ class TorchRuntime(Runtime):
             "cudnn_epilogues": cudnn_epilogues,
             "space_to_depth": space_to_depth,
             "bare_neck": bare_neck,
+            "split_neck": split_neck,
             "banded_aspp": banded_aspp,
             "concurrent_aspp": concurrent_aspp,
             "triton_head": triton_head,

@@ -173,38 +173,59 @@ class FusedNeck(Neck):
 
 
 class BareNeck(Neck):
-    """The encoder's neck as two bare convolutions, one per level, and one pass for their sum, the bias and
-    the ReLU: relu(conv(a, W_a) + conv(b, W_b) + bias), the same function as relu(conv(concat(a, b), W) +
+    """The encoder's neck as bare convolutions, one per level, and one pass for their sum, the bias and the
+    ReLU: relu(conv(a, W_a) + conv(b, W_b) + bias), the same function as relu(conv(concat(a, b), W) +
     bias). FusedNeck hands that sum to cuDNN's fused add-ReLU epilogue; this leaves it to the pass, which
-    torch.compile makes one pointwise kernel, so both convolutions may take cuDNN's plain kernels. Which is
-    faster is measured (`+bare-neck`): on the H200 at batch 64 the deployed row's profile has one call of
-    cuDNN's sm80 "indexed" kernel taking 2.54 ms, 10% of the episode; whether that call is the neck's fused
-    one, benchmarks/kernel_owners.py says."""
+    torch.compile makes one pointwise kernel, so the convolutions may take cuDNN's plain kernels
+    (`+bare-neck`).
+
+    With `piece_channels`, each level's convolution is cut along its input channels into pieces of at most
+    that many, one convolution each, summed in the same pass (`+split-neck`: pieces of 512). On the H200 at
+    batch 64 (2026-11-27) the layer3 half, 1024 channels, ran cuDNN's sm80 kernels at 410 to 460 TFLOP/s
+    (fused 2.45 ms, bare 2.22 ms), while the layer2 half, the same convolution over 512 channels, ran an
+    sm90 one at about 800 (0.63 ms). Two 512-channel halves of layer3 cost a copy of each (a channel
+    slice of a channels-last map is not dense), about 0.1 ms apiece at that size."""
+
+    SPLIT_CHANNELS = 512  # `+split-neck`'s pieces
 
     @classmethod
-    def of(cls, neck: Neck, layer2_channels: int) -> BareNeck:
+    def of(cls, neck: Neck, layer2_channels: int, piece_channels: int | None = None) -> BareNeck:
         """The bare twin of a Neck or FusedNeck (same parameters, same state-dict keys)."""
         conv = neck[0]
         bare = cls(conv, nn.Identity(), neck[2])
-        _split_weight(bare, conv, layer2_channels)
+        weight = conv.weight.detach()
+        levels = [(0, 0, layer2_channels), (1, layer2_channels, weight.shape[1])]
+        bare.pieces = []  # (level, first channel of that level, last + 1): one convolution each
+        for level, start, stop in levels:
+            step = piece_channels or stop - start
+            for first in range(0, stop - start, step):
+                last = min(first + step, stop - start)
+                # split once, like the fold: later weight updates do not reach them
+                piece = weight[:, start + first : start + last].clone()
+                bare.register_buffer(f"piece{len(bare.pieces)}_weight", piece, persistent=False)
+                bare.pieces.append((level, first, last))
         return bare.train(neck.training)
 
     def forward(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
         conv = self[0]
         geometry = (conv.stride, conv.padding, conv.dilation)
-        total = F.conv2d(layer2, self.layer2_weight, None, *geometry)
-        total = total + F.conv2d(layer3, self.layer3_weight, None, *geometry)
+        total = None
+        for i, (level, first, stop) in enumerate(self.pieces):
+            x = (layer2, layer3)[level]
+            x = x if stop - first == x.shape[1] else x[:, first:stop]
+            part = F.conv2d(x, getattr(self, f"piece{i}_weight"), None, *geometry)
+            total = part if total is None else total + part
         if conv.bias is not None:
             total = total + conv.bias.view(1, -1, 1, 1)
         return self[2](F.relu(total))
 
 
-def bare_neck(model: nn.Module) -> nn.Module:
-    """Every encoder's neck (plain or fused) as a BareNeck, in place; an inference transform. Returns the
-    model."""
+def bare_neck(model: nn.Module, piece_channels: int | None = None) -> nn.Module:
+    """Every encoder's neck (plain or fused) as a BareNeck, in place, its levels' convolutions in pieces of
+    at most `piece_channels` input channels if given; an inference transform. Returns the model."""
     for module in list(model.modules()):
         if isinstance(module, Encoder):
-            module.neck = BareNeck.of(module.neck, module.trunk.out_channels[0])
+            module.neck = BareNeck.of(module.neck, module.trunk.out_channels[0], piece_channels)
     return model
 
 

@@ -1,30 +1,39 @@
-"""The encoder's neck as two bare convolutions and one pass for their sum, bias and ReLU (`+bare-neck`): the
-same function as the concatenating neck and as the fused one, from either, through the runtimes."""
+"""The encoder's neck as two bare convolutions and one pass for their sum, bias and ReLU (`+bare-neck`), or
+as more, each over a piece of a level's channels (`+split-neck`): the same function as the concatenating
+neck and as the fused one, from either, through the runtimes."""
 
 import copy
 
 import pytest
 import torch
+from torch import nn
 
 from crnet.engines import RuntimeSpec, RuntimeUnavailable, open_runtime
 from crnet.engines.torch_runtime import TorchRuntime
+from crnet.model.backbone import Neck
 from crnet.model.conv_epilogues import BareNeck, FusedNeck, bare_neck, fuse_conv_epilogues
 from tests.engines.test_runtimes import episode
 from tests.model.test_conv_epilogues import assert_encoder_compiles_whole, folded_micro
 from tests.model.test_crnet import MICRO
 from tests.model.test_crnet import episode as model_episode
 
+# micro's levels have 64 and 128 channels: pieces of 48 are 48 + 16 and 48 + 48 + 32
+PIECES = {None: [(0, 0, 64), (1, 0, 128)], 64: [(0, 0, 64), (1, 0, 64), (1, 64, 128)]}
+PIECES[48] = [(0, 0, 48), (0, 48, 64), (1, 0, 48), (1, 48, 96), (1, 96, 128)]
+
 
 @pytest.mark.parametrize("fused_first", [False, True], ids=["from the plain neck", "from the fused neck"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"])
-def test_the_bare_neck_computes_the_concatenating_neck(fused_first, layout) -> None:
+@pytest.mark.parametrize("piece", PIECES, ids=["a level each", "pieces of 64", "pieces of 48"])
+def test_the_bare_neck_computes_the_concatenating_neck(fused_first, layout, piece) -> None:
     folded = folded_micro().double()
     model = copy.deepcopy(folded)
     if fused_first:
         model = fuse_conv_epilogues(model)
         assert isinstance(model.encoder.neck, FusedNeck)
-    model = bare_neck(model).to(memory_format=layout)
+    model = bare_neck(model, piece).to(memory_format=layout)
     assert isinstance(model.encoder.neck, BareNeck)
+    assert model.encoder.neck.pieces == PIECES[piece]
     assert model.state_dict().keys() == folded.state_dict().keys()  # the same parameters, by name
     query, supports, masks, _ = model_episode(MICRO)
     query = query.double().contiguous(memory_format=layout)
@@ -57,8 +66,32 @@ def test_the_runtime_option_bares_the_neck(micro_checkpoint) -> None:
         TorchRuntime(micro_checkpoint, anchor=True, bare_neck=True)
     with pytest.raises(RuntimeUnavailable, match="not \\+bare-neck"):
         TorchRuntime(micro_checkpoint, bare_neck=True, triton_encoder=True)
+    with pytest.raises(RuntimeUnavailable, match="one or the other"):
+        TorchRuntime(micro_checkpoint, bare_neck=True, split_neck=True)
+
+
+def test_the_runtime_option_splits_the_neck_in_pieces_of_512(micro_checkpoint, monkeypatch) -> None:
+    monkeypatch.setattr(BareNeck, "SPLIT_CHANNELS", 48)  # micro's levels are narrower than 512
+    query, supports, masks = episode(1)
+    with open_runtime(RuntimeSpec.parse("torch"), checkpoint=micro_checkpoint) as plain:
+        expected = plain.episode(query, supports, masks)
+    with open_runtime(RuntimeSpec.parse("torch+split-neck"), checkpoint=micro_checkpoint) as split:
+        assert split.model.encoder.neck.pieces == PIECES[48]
+        assert split.label == "torch fp32 split-neck fused"
+        logits = split.episode(query, supports, masks)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeUnavailable, match="no rewrite of ours"):
+        TorchRuntime(micro_checkpoint, anchor=True, split_neck=True)
+
+
+def test_r50s_neck_splits_into_three_convolutions_of_512_channels() -> None:
+    neck = Neck(nn.Conv2d(512 + 1024, 256, 3, padding=2, dilation=2), nn.ReLU(), nn.Dropout2d(0.5))
+    split = BareNeck.of(neck, 512, BareNeck.SPLIT_CHANNELS)
+    assert split.pieces == [(0, 0, 512), (1, 0, 512), (1, 512, 1024)]
+    torch.testing.assert_close(split.piece2_weight, neck[0].weight[:, 1024:].detach())
 
 
 @pytest.mark.slow
-def test_torch_compile_traces_the_bare_neck() -> None:
-    assert_encoder_compiles_whole(bare_neck(folded_micro()))
+@pytest.mark.parametrize("piece", [None, 48], ids=["a level each", "pieces of 48"])
+def test_torch_compile_traces_the_bare_neck(piece) -> None:
+    assert_encoder_compiles_whole(bare_neck(folded_micro(), piece))
