@@ -1,8 +1,8 @@
 """Run the tests that a suite run cut off at its deadline did not reach, and again those that failed in it:
 every test pytest collects whose node id has no outcome, or FAILED or ERROR, in that run's verbose log (a
-suite stopped at its deadline prints no failure's traceback). Verbose itself, so that its own log, cut off
-at a deadline, still names what ended. For a GPU machine's second, shorter call after
-benchmarks/gpu_check.sh, which keeps its log where this looks first.
+suite stopped at its deadline prints no failure's traceback), the slow and GPU ones first. Verbose itself,
+so that its own log, cut off at a deadline, still names what ended. For a GPU machine's second, shorter
+call after benchmarks/gpu_check.sh, which keeps its log where this looks first.
 
     python benchmarks/unreached_tests.py [LOG] [-- PYTEST ARGS...]
 """
@@ -34,12 +34,14 @@ def outcomes(log: str) -> dict[str, str]:
     return found
 
 
-def collected() -> list[str]:
+def collected(marks: str | None = None) -> list[str]:
+    """The node ids pytest collects from tests/, those with `marks` only if given (a -m expression)."""
+    select = ["-m", marks] if marks else []
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *select, "tests"],
         capture_output=True,
         text=True,
-        check=True,
+        check=marks is None,  # exit 5 when nothing matches the marks
     ).stdout
     return [line.strip() for line in out.splitlines() if "::" in line]
 
@@ -58,6 +60,10 @@ def main() -> int:
     done = outcomes(log.read_text(errors="replace"))
     failed = [node for node, outcome in done.items() if outcome in ("FAILED", "ERROR")]
     rest = [node for node in collected() if done.get(node, "FAILED") in ("FAILED", "ERROR")]
+    # The slow ones first, so that they start at once on the workers: the sixth GPU run's rerun hit its
+    # deadline with seven compiling tests started last and still running.
+    slow = set(collected("slow or cuda"))
+    rest.sort(key=lambda node: node not in slow)
     print(f"{len(done)} tests reached in {log}, {len(failed)} of them failed; running those and the", end=" ")
     print(f"{len(rest) - len(failed)} not reached", flush=True)
     return int(pytest.main(["-p", "no:cacheprovider", "-v", "-rfE", *extra, *rest])) if rest else 0
