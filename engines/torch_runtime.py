@@ -128,7 +128,9 @@ class TorchRuntime(Runtime):
                 "the anchor is plain PyTorch: no rewrite of ours (stem, encoder, ASPP or head)"
             )
         if (bare_neck or split_neck) and triton_encoder:
-            raise RuntimeUnavailable("+triton-encoder runs the neck's own convolutions: not +bare-neck")
+            raise RuntimeUnavailable(
+                "+triton-encoder runs the neck's own convolutions: not +bare-neck or +split-neck"
+            )
         if bare_neck and split_neck:
             raise RuntimeUnavailable("+split-neck is +bare-neck in pieces: one or the other")
         if concurrent_aspp and self.device.type != "cuda":
@@ -158,9 +160,8 @@ class TorchRuntime(Runtime):
             model = space_to_depth_stem(model)
         if cudnn_epilogues:  # bias, residual and ReLU in cuDNN's convolutions (model/conv_epilogues.py)
             model = fuse_conv_epilogues(model)
-        if (
-            bare_neck or split_neck
-        ):  # after the epilogues: the neck's sum leaves cuDNN (model/conv_epilogues.py)
+        # after the epilogues: the neck's sum leaves cuDNN (model/conv_epilogues.py)
+        if bare_neck or split_neck:
             model = bare_neck_of(model, BareNeck.SPLIT_CHANNELS if split_neck else None)
         if banded_aspp:  # after the epilogues: a branch with its ReLU keeps it in each block
             size = model.config.feature_size

@@ -66,6 +66,8 @@ def test_the_runtime_option_bares_the_neck(micro_checkpoint) -> None:
         TorchRuntime(micro_checkpoint, anchor=True, bare_neck=True)
     with pytest.raises(RuntimeUnavailable, match="not \\+bare-neck"):
         TorchRuntime(micro_checkpoint, bare_neck=True, triton_encoder=True)
+    with pytest.raises(RuntimeUnavailable, match="not \\+bare-neck or \\+split-neck"):
+        TorchRuntime(micro_checkpoint, split_neck=True, triton_encoder=True)
     with pytest.raises(RuntimeUnavailable, match="one or the other"):
         TorchRuntime(micro_checkpoint, bare_neck=True, split_neck=True)
 
