@@ -25,7 +25,7 @@
 #    time is left, which module and op launched each kernel, run eagerly, of the candidate at batch 64 and
 #    of the deployed row at batch 1 (benchmarks/kernel_owners.py), a batch-1 profile of the deployed and
 #    Triton rows, and the native op against the compiled loop under graph replay (bench_ops).
-# The rows (since 2026-11-27, twelfth session): the deployed row, the anchor, and three candidates on the
+# The rows (since 2026-11-27, thirteenth session): the deployed row, the anchor, and three candidates on the
 # deployed row: `+split-neck`, the encoder's neck as bare convolutions over pieces of at most 512 channels
 # (the sixth run's kernels' owners: the layer3 half's 1024-channel convolution, with cuDNN's add-ReLU
 # epilogue, took 2.45 ms of the batch-64 episode on an sm80 kernel, the layer2 half's 512-channel one 0.63
