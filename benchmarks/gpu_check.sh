@@ -22,8 +22,8 @@
 # 4. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them; a row whose warm-up ran out of time stays out, as it would compile
 #    inside the bench, past its cap); a batch-64 kernel profile of the deployed row and the candidate; if
-#    time is left, which module and op launched each kernel, run eagerly, of the candidate at batch 64 and
-#    of the deployed row at batch 1 (benchmarks/kernel_owners.py), a batch-1 profile of the deployed and
+#    time is left, which module and op launched each kernel, run eagerly, of the deployed row at batch 1 and
+#    of the candidate at batch 64 (benchmarks/kernel_owners.py), a batch-1 profile of the deployed and
 #    Triton rows, and the native op against the compiled loop under graph replay (bench_ops).
 # The rows (since 2026-11-27, thirteenth session): the deployed row, the anchor, and three candidates on the
 # deployed row: `+split-neck`, the encoder's neck as bare convolutions over pieces of at most 512 channels
@@ -211,8 +211,10 @@ within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 
 grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12 | tee -a "$LOG"
 
 # What is left of the budget goes to the decisions that matter less.
-step "which module and op launched each kernel (eager): $CANDIDATE at batch $LARGE, the deployed row at batch 1"
-for owner in "$CANDIDATE $LARGE" "${ROWS[0]} 1"; do
+# Batch 1 first: the sixth run named batch 64's owners and ran out of budget before batch 1's (its 204 kernels,
+# their gaps under replay, the copies); the batch-64 profile above already sets the candidate beside the row.
+step "which module and op launched each kernel (eager): the deployed row at batch 1, $CANDIDATE at batch $LARGE"
+for owner in "${ROWS[0]} 1" "$CANDIDATE $LARGE"; do
   read -r spec batch <<<"$owner"
   within 45 python3 benchmarks/kernel_owners.py "$MODEL" --spec "$spec" --batch "$batch" --top 40 \
     "${DEVICE[@]}" >"$WORK/owners_$batch.log" 2>&1
