@@ -30,7 +30,7 @@
 # (the sixth run's kernels' owners: the layer3 half's 1024-channel convolution, with cuDNN's add-ReLU
 # epilogue, took 2.45 ms of the batch-64 episode on an sm80 kernel, the layer2 half's 512-channel one 0.63
 # ms on an sm90 one); `+triton-head` (faster than the deployed row at batch 1 in the sixth run, slower in
-# the fifth, slower at batch 64 in both); and `+cudnn-benchmark` (0.6% faster at batch 64, 1.7% slower at
+# the fifth, slower at batch 64 in both); and `+cudnn-benchmark` (0.6% faster at batch 64, 1.8% slower at
 # batch 1 in the sixth run). `+bare-neck` made way after the sixth run: level with the deployed row at
 # batch 64 (25.65 against 25.61 ms), 0.02 ms slower at batch 1. The Triton shapes' table
 # (benchmarks/triton_shapes.py) made way for the kernels' owners after the fifth run.
