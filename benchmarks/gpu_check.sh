@@ -32,15 +32,15 @@
 # ms on an sm90 one); `+triton-head` (faster than the deployed row at batch 1 in the sixth run, slower in
 # the fifth, slower at batch 64 in both); and `+cudnn-benchmark` (0.6% faster at batch 64, 1.8% slower at
 # batch 1 in the sixth run). `+bare-neck` made way after the sixth run: level with the deployed row at
-# batch 64 (25.65 against 25.61 ms), 0.02 ms slower at batch 1. The Triton shapes' table
+# batch 64 (25.65 against 25.61 ms), 0.03 ms slower at batch 1. The Triton shapes' table
 # (benchmarks/triton_shapes.py) made way for the kernels' owners after the fifth run.
 # `+banded-aspp` (twice as slow at batch 1), `+concurrent-aspp` (9% slower at batch 64) and `+triton-encoder`
 # (0.10 ms more encoder time at batch 1) made way after the third GPU run. The two max-autotune rows (with
 # and without cuDNN's epilogues) made way after the fourth: neither compiled within 180 s at either batch
 # size beside the other rows' compiles, which spent 90 s of the run on nothing; CHECK_ROWS can bring them
-# back for a run of their own. The suite gets 120 s (SUITE_CAP), beside the tiny accuracy, which took until
-# t=149 s: every test has passed or been mended on the GPU (docs/BENCHMARKS.md), and its GPU-only tests run
-# first; benchmarks/unreached_tests.py runs the rest on the still-warm machine.
+# back for a run of their own. The suite gets 120 s (SUITE_CAP), beside the tiny accuracy (done at t=199 s in
+# the sixth run), with its GPU-only tests first; benchmarks/unreached_tests.py runs the rest on the
+# still-warm machine, the slow ones first (four compiling tests have no outcome in any GPU log yet).
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
 # profile.txt (the kernels' owners too), profile.json.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script

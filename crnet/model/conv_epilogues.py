@@ -184,7 +184,7 @@ class BareNeck(Neck):
     batch 64 (2026-11-27) the layer3 half, 1024 channels, ran cuDNN's sm80 kernels at 410 to 460 TFLOP/s
     (fused 2.45 ms, bare 2.22 ms), while the layer2 half, the same convolution over 512 channels, ran an
     sm90 one at about 800 (0.63 ms). Two 512-channel halves of layer3 cost a copy of each (a channel
-    slice of a channels-last map is not dense), about 0.1 ms apiece at that size."""
+    slice of a channels-last map is not dense), 0.1 to 0.3 ms apiece at that size."""
 
     SPLIT_CHANNELS = 512  # `+split-neck`'s pieces
 
