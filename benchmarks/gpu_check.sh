@@ -21,7 +21,7 @@
 #    inductor's on-disk caches, so that the timed runs below do not spend minutes compiling;
 # 4. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them; a row whose warm-up ran out of time stays out, as it would compile
-#    inside the bench, past its cap); a batch-64 kernel profile of the deployed row and the candidate; if
+#    inside the bench, past its cap); a batch-64 kernel profile of the deployed row and the candidates; if
 #    time is left, which module and op launched each kernel, run eagerly, of the deployed row at batch 1 and
 #    of the candidate at batch 64 (benchmarks/kernel_owners.py), a batch-1 profile of the deployed and
 #    Triton rows, and the native op against the compiled loop under graph replay (bench_ops).
@@ -29,11 +29,14 @@
 # deployed row: `+split-neck`, the encoder's neck as bare convolutions over pieces of at most 512 channels
 # (the sixth run's kernels' owners: the layer3 half's 1024-channel convolution, with cuDNN's add-ReLU
 # epilogue, took 2.45 ms of the batch-64 episode on an sm80 kernel, the layer2 half's 512-channel one 0.63
-# ms on an sm90 one); `+triton-head` (faster than the deployed row at batch 1 in the sixth run, slower in
-# the fifth, slower at batch 64 in both); and `+cudnn-benchmark` (0.6% faster at batch 64, 1.8% slower at
-# batch 1 in the sixth run). `+bare-neck` made way after the sixth run: level with the deployed row at
-# batch 64 (25.65 against 25.61 ms), 0.03 ms slower at batch 1. The Triton shapes' table
-# (benchmarks/triton_shapes.py) made way for the kernels' owners after the fifth run.
+# ms on an sm90 one), each layer3 piece a copy of its channel slice; `+grouped-neck`, the same pieces as
+# one grouped convolution over the whole map, no copies; and `+triton-head` (faster than the deployed row
+# at batch 1 in the sixth run, slower in the fifth, slower at batch 64 in every run: the best batch-1 row
+# to know, never one to deploy). `+bare-neck` made way after the sixth run (level with the deployed row at
+# batch 64, 25.65 against 25.61 ms, 0.03 ms slower at batch 1), and so did `+cudnn-benchmark` (0.6% faster
+# at batch 64, 1.8% slower at batch 1; its captures time cuDNN's algorithms for every convolution, the
+# longest warm-up). The Triton shapes' table (benchmarks/triton_shapes.py) made way for the kernels' owners
+# after the fifth run.
 # `+banded-aspp` (twice as slow at batch 1), `+concurrent-aspp` (9% slower at batch 64) and `+triton-encoder`
 # (0.10 ms more encoder time at batch 1) made way after the third GPU run. The two max-autotune rows (with
 # and without cuDNN's epilogues) made way after the fourth: neither compiled within 180 s at either batch
@@ -76,7 +79,8 @@ WORK=$(mktemp -d)
 # native op (bench_ops measures it against the compiled loop); the rehearsal's CPU refuses cuDNN's epilogues.
 if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
-  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+split-neck+compile+torch-loop)
+  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+split-neck+compile+torch-loop
+    torch:fp32+grouped-neck+compile+torch-loop)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
 else
   # The tests that only a GPU exercises first (Triton's kernels, the options, the graphs), so that a suite cut
@@ -89,7 +93,7 @@ else
   # The deployed row on 400 episodes: a check that its FP16 masks still agree (the 1000-episode figures of
   # 2026-11-26 stand); 1000 made this the step that the compiles waited for (t=266 s against the suite's 200).
   TINY=("$DEPLOYED" 400)
-  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+split-neck" "$DEPLOYED+triton-head" "$DEPLOYED+cudnn-benchmark")
+  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+split-neck" "$DEPLOYED+grouped-neck" "$DEPLOYED+triton-head")
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
@@ -205,9 +209,11 @@ done
 LARGE=${BATCHES[-1]}
 CANDIDATE=${ROWS[2]:-${ROWS[-1]}}
 
-step "where the GPU time goes at batch $LARGE: the deployed row and $CANDIDATE"
-within 60 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 --json "$OUT/profile.json" \
-  "${DEVICE[@]}" "--spec=${ROWS[0]}" "--spec=$CANDIDATE" >"$OUT/profile.txt" 2>&1
+# The deployed row and every neck candidate (else the first candidate): about 17 s a row.
+mapfile -t PROFILED < <(printf '%s\n' "${ROWS[@]:2}" | grep -- "-neck" || echo "$CANDIDATE")
+step "where the GPU time goes at batch $LARGE: the deployed row and ${PROFILED[*]}"
+within 80 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 --json "$OUT/profile.json" \
+  "${DEVICE[@]}" "--spec=${ROWS[0]}" "${PROFILED[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
 grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12 | tee -a "$LOG"
 
 # What is left of the budget goes to the decisions that matter less.

@@ -8,7 +8,8 @@ A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `tor
 (inductor's code, captured), `+cudnn-epilogues` (bias, residual and ReLU inside cuDNN's convolutions),
 `+space-to-depth` (the stem's strided 7x7 convolution as a 4x4 one over 2x2 pixel blocks), `+bare-neck`
 (the encoder's neck as two bare convolutions, their sum, bias and ReLU one pass), `+split-neck` (the
-same with each convolution in pieces of at most 512 input channels), `+banded-aspp`
+same with each convolution in pieces of at most 512 input channels), `+grouped-neck` (layer3's pieces as
+one grouped convolution, no slice copies), `+banded-aspp`
 (the dilated ASPP branches without the taps that read only padding), `+concurrent-aspp` (the ASPP's
 branches on CUDA streams of their own, side by side), `+triton-head` (the head's 3x3
 convolutions and the ASPP's branches as Triton kernels of ours, ReLUs and residual adds inside, and each
@@ -58,6 +59,7 @@ OPTIONS = {
         "space-to-depth",
         "bare-neck",
         "split-neck",
+        "grouped-neck",
         "banded-aspp",
         "concurrent-aspp",
         "triton-head",
@@ -161,6 +163,7 @@ def torch_options(spec: RuntimeSpec, fused: bool | None = None) -> dict:
         "space_to_depth": "space-to-depth" in spec.options,
         "bare_neck": "bare-neck" in spec.options,
         "split_neck": "split-neck" in spec.options,
+        "grouped_neck": "grouped-neck" in spec.options,
         "banded_aspp": "banded-aspp" in spec.options,
         "concurrent_aspp": "concurrent-aspp" in spec.options,
         "triton_head": "triton-head" in spec.options,

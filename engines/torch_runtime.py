@@ -11,7 +11,8 @@ runs the stem's strided 7x7 convolution over 3 colours as a 4x4 one over 2x2 pix
 level, and leaves their sum, bias and ReLU to one pass (inductor's, compiled) where `+cudnn-epilogues`
 gives them to cuDNN's add-ReLU epilogue (crnet/model/conv_epilogues.py); `+split-neck` the same with each
 convolution in pieces of at most 512 input channels (cuDNN's kernels for the 1024-channel layer3 half ran at
-half the rate of the 512-channel layer2 half's on the H200). `+banded-aspp` computes the
+half the rate of the 512-channel layer2 half's on the H200), `+grouped-neck` with layer3's two pieces as one
+grouped convolution over the whole map (no copies of its channel slices). `+banded-aspp` computes the
 ASPP's dilated branches in blocks of output pixels that read the map with the same taps, skipping the taps
 that read zero padding
 (crnet/model/banded_conv.py). `+concurrent-aspp` (CUDA, PyTorch's loop) runs the ASPP's independent
@@ -89,6 +90,7 @@ class TorchRuntime(Runtime):
         space_to_depth: bool = False,
         bare_neck: bool = False,
         split_neck: bool = False,
+        grouped_neck: bool = False,
         banded_aspp: bool = False,
         concurrent_aspp: bool = False,
         triton_head: bool = False,
@@ -119,6 +121,7 @@ class TorchRuntime(Runtime):
             space_to_depth
             or bare_neck
             or split_neck
+            or grouped_neck
             or banded_aspp
             or concurrent_aspp
             or triton_head
@@ -127,12 +130,17 @@ class TorchRuntime(Runtime):
             raise RuntimeUnavailable(
                 "the anchor is plain PyTorch: no rewrite of ours (stem, encoder, ASPP or head)"
             )
-        if (bare_neck or split_neck) and triton_encoder:
+        necks = [
+            name for name, on in (("bare", bare_neck), ("split", split_neck), ("grouped", grouped_neck)) if on
+        ]
+        if necks and triton_encoder:
             raise RuntimeUnavailable(
-                "+triton-encoder runs the neck's own convolutions: not +bare-neck or +split-neck"
+                f"+triton-encoder runs the neck's own convolutions: not +{necks[0]}-neck"
             )
-        if bare_neck and split_neck:
-            raise RuntimeUnavailable("+split-neck is +bare-neck in pieces: one or the other")
+        if len(necks) > 1:
+            raise RuntimeUnavailable(
+                f"+{necks[0]}-neck and +{necks[1]}-neck are forms of one neck: one of them"
+            )
         if concurrent_aspp and self.device.type != "cuda":
             raise RuntimeUnavailable("the concurrent ASPP runs on CUDA streams: it needs --device cuda")
         if triton_head:
@@ -161,8 +169,9 @@ class TorchRuntime(Runtime):
         if cudnn_epilogues:  # bias, residual and ReLU in cuDNN's convolutions (model/conv_epilogues.py)
             model = fuse_conv_epilogues(model)
         # after the epilogues: the neck's sum leaves cuDNN (model/conv_epilogues.py)
-        if bare_neck or split_neck:
-            model = bare_neck_of(model, BareNeck.SPLIT_CHANNELS if split_neck else None)
+        if necks:
+            pieces = None if bare_neck else BareNeck.SPLIT_CHANNELS
+            model = bare_neck_of(model, pieces, grouped=grouped_neck)
         if banded_aspp:  # after the epilogues: a branch with its ReLU keeps it in each block
             size = model.config.feature_size
             model = band_aspp(model, (size, size))
@@ -218,6 +227,7 @@ class TorchRuntime(Runtime):
             "space_to_depth": space_to_depth,
             "bare_neck": bare_neck,
             "split_neck": split_neck,
+            "grouped_neck": grouped_neck,
             "banded_aspp": banded_aspp,
             "concurrent_aspp": concurrent_aspp,
             "triton_head": triton_head,

@@ -184,48 +184,66 @@ class BareNeck(Neck):
     batch 64 (2026-11-27) the layer3 half, 1024 channels, ran cuDNN's sm80 kernels at 410 to 460 TFLOP/s
     (fused 2.45 ms, bare 2.22 ms), while the layer2 half, the same convolution over 512 channels, ran an
     sm90 one at about 800 (0.63 ms). Two 512-channel halves of layer3 cost a copy of each (a channel
-    slice of a channels-last map is not dense), 0.1 to 0.3 ms apiece at that size."""
+    slice of a channels-last map is not dense), 0.1 to 0.3 ms apiece at that size. With `grouped` too, a
+    level cut into equal pieces is one grouped convolution over the whole map instead (`+grouped-neck`):
+    no copies, its output's groups summed in the same pass; whether cuDNN's grouped kernels keep the pieces'
+    rate is what the GPU run measures."""
 
-    SPLIT_CHANNELS = 512  # `+split-neck`'s pieces
+    SPLIT_CHANNELS = 512  # `+split-neck`'s and `+grouped-neck`'s pieces
 
     @classmethod
-    def of(cls, neck: Neck, layer2_channels: int, piece_channels: int | None = None) -> BareNeck:
+    def of(
+        cls, neck: Neck, layer2_channels: int, piece_channels: int | None = None, grouped: bool = False
+    ) -> BareNeck:
         """The bare twin of a Neck or FusedNeck (same parameters, same state-dict keys)."""
         conv = neck[0]
         bare = cls(conv, nn.Identity(), neck[2])
         weight = conv.weight.detach()
         levels = [(0, 0, layer2_channels), (1, layer2_channels, weight.shape[1])]
-        bare.pieces = []  # (level, first channel of that level, last + 1): one convolution each
+        # (level, first channel of that level, last + 1, groups): one convolution each
+        bare.pieces = []
         for level, start, stop in levels:
             step = piece_channels or stop - start
-            for first in range(0, stop - start, step):
-                last = min(first + step, stop - start)
+            count = -(-(stop - start) // step)
+            if grouped and count > 1 and (stop - start) % step == 0:
+                # the pieces' weights stacked along the output channels: group g reads channels g*step..
+                pieces = [weight[:, start + g * step : start + (g + 1) * step] for g in range(count)]
+                terms = [(level, 0, stop - start, count, torch.cat(pieces))]
+            else:
+                bounds = [(first, min(first + step, stop - start)) for first in range(0, stop - start, step)]
+                terms = [(level, a, b, 1, weight[:, start + a : start + b]) for a, b in bounds]
+            for level_, first, last, groups, piece in terms:
                 # split once, like the fold: later weight updates do not reach them
-                piece = weight[:, start + first : start + last].clone()
-                bare.register_buffer(f"piece{len(bare.pieces)}_weight", piece, persistent=False)
-                bare.pieces.append((level, first, last))
+                name = f"piece{len(bare.pieces)}_weight"
+                bare.register_buffer(name, piece.clone(), persistent=False)
+                bare.pieces.append((level_, first, last, groups))
         return bare.train(neck.training)
 
     def forward(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
         conv = self[0]
         geometry = (conv.stride, conv.padding, conv.dilation)
         total = None
-        for i, (level, first, stop) in enumerate(self.pieces):
+        for i, (level, first, stop, groups) in enumerate(self.pieces):
             x = (layer2, layer3)[level]
             x = x if stop - first == x.shape[1] else x[:, first:stop]
-            part = F.conv2d(x, getattr(self, f"piece{i}_weight"), None, *geometry)
-            total = part if total is None else total + part
+            part = F.conv2d(x, getattr(self, f"piece{i}_weight"), None, *geometry, groups)
+            width = part.shape[1] // groups
+            for g in range(groups):  # a grouped convolution's outputs, one per piece, summed
+                share = part[:, g * width : (g + 1) * width] if groups > 1 else part
+                total = share if total is None else total + share
         if conv.bias is not None:
             total = total + conv.bias.view(1, -1, 1, 1)
         return self[2](F.relu(total))
 
 
-def bare_neck(model: nn.Module, piece_channels: int | None = None) -> nn.Module:
+def bare_neck(model: nn.Module, piece_channels: int | None = None, grouped: bool = False) -> nn.Module:
     """Every encoder's neck (plain or fused) as a BareNeck, in place, its levels' convolutions in pieces of
-    at most `piece_channels` input channels if given; an inference transform. Returns the model."""
+    at most `piece_channels` input channels if given (`grouped`: as one grouped convolution where a level
+    cuts evenly); an inference transform. Returns the model."""
     for module in list(model.modules()):
         if isinstance(module, Encoder):
-            module.neck = BareNeck.of(module.neck, module.trunk.out_channels[0], piece_channels)
+            channels = module.trunk.out_channels[0]
+            module.neck = BareNeck.of(module.neck, channels, piece_channels, grouped)
     return model
 
 

@@ -225,6 +225,7 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
         DEPLOYED_GPU,  # compiled, captured, cuDNN's epilogues, the blocked stem
         DEPLOYED_GPU + "+bare-neck",  # the neck's sum, bias and ReLU inductor's, not cuDNN's epilogue
         DEPLOYED_GPU + "+split-neck",  # and its convolutions over channel slices (pieces of 48 here)
+        DEPLOYED_GPU + "+grouped-neck",  # and layer3's pieces as one grouped convolution (2 groups here)
         DEPLOYED_GPU + "+concurrent-aspp",  # the ASPP's branches on streams of their own, inside the graph
         DEPLOYED_GPU + "+triton-head",  # the head's 3x3 convolutions as our Triton kernels
         DEPLOYED_GPU + "+triton-head+triton-encoder",  # and the encoder's
@@ -236,7 +237,7 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
 )
 def test_gpu_runtimes_match_the_model(text, micro_checkpoint, micro_bundle, monkeypatch) -> None:
     spec = RuntimeSpec.parse(text)
-    monkeypatch.setattr(BareNeck, "SPLIT_CHANNELS", 48)  # micro's levels (64, 128) in pieces
+    monkeypatch.setattr(BareNeck, "SPLIT_CHANNELS", 48 if "split" in text else 64)  # micro's (64, 128)
     if spec.name == "onnxruntime":
         ort = pytest.importorskip("onnxruntime")
         if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -1,6 +1,7 @@
 """The encoder's neck as two bare convolutions and one pass for their sum, bias and ReLU (`+bare-neck`), or
-as more, each over a piece of a level's channels (`+split-neck`): the same function as the concatenating
-neck and as the fused one, from either, through the runtimes."""
+as more, each over a piece of a level's channels (`+split-neck`), or with a level's equal pieces as one
+grouped convolution (`+grouped-neck`): the same function as the concatenating neck and as the fused one,
+from either, through the runtimes."""
 
 import copy
 
@@ -17,23 +18,31 @@ from tests.model.test_conv_epilogues import assert_encoder_compiles_whole, folde
 from tests.model.test_crnet import MICRO
 from tests.model.test_crnet import episode as model_episode
 
-# micro's levels have 64 and 128 channels: pieces of 48 are 48 + 16 and 48 + 48 + 32
-PIECES = {None: [(0, 0, 64), (1, 0, 128)], 64: [(0, 0, 64), (1, 0, 64), (1, 64, 128)]}
-PIECES[48] = [(0, 0, 48), (0, 48, 64), (1, 0, 48), (1, 48, 96), (1, 96, 128)]
+# micro's levels have 64 and 128 channels: pieces of 48 are 48 + 16 and 48 + 48 + 32. Each piece is
+# (level, first channel, last + 1, groups); grouped, a level cut evenly is one convolution of those groups.
+PIECES = {
+    (None, False): [(0, 0, 64, 1), (1, 0, 128, 1)],
+    (64, False): [(0, 0, 64, 1), (1, 0, 64, 1), (1, 64, 128, 1)],
+    (48, False): [(0, 0, 48, 1), (0, 48, 64, 1), (1, 0, 48, 1), (1, 48, 96, 1), (1, 96, 128, 1)],
+    (32, True): [(0, 0, 64, 2), (1, 0, 128, 4)],
+    (64, True): [(0, 0, 64, 1), (1, 0, 128, 2)],
+}
+PIECES[48, True] = PIECES[48, False]  # 64 and 128 do not cut evenly into 48s: slices
+IDS = ["a level each", "pieces of 64", "pieces of 48", "4 groups of 32", "2 groups of 64", "48s ungrouped"]
 
 
 @pytest.mark.parametrize("fused_first", [False, True], ids=["from the plain neck", "from the fused neck"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"])
-@pytest.mark.parametrize("piece", PIECES, ids=["a level each", "pieces of 64", "pieces of 48"])
-def test_the_bare_neck_computes_the_concatenating_neck(fused_first, layout, piece) -> None:
+@pytest.mark.parametrize("form", PIECES, ids=IDS)
+def test_the_bare_neck_computes_the_concatenating_neck(fused_first, layout, form) -> None:
     folded = folded_micro().double()
     model = copy.deepcopy(folded)
     if fused_first:
         model = fuse_conv_epilogues(model)
         assert isinstance(model.encoder.neck, FusedNeck)
-    model = bare_neck(model, piece).to(memory_format=layout)
+    model = bare_neck(model, *form).to(memory_format=layout)
     assert isinstance(model.encoder.neck, BareNeck)
-    assert model.encoder.neck.pieces == PIECES[piece]
+    assert model.encoder.neck.pieces == PIECES[form]
     assert model.state_dict().keys() == folded.state_dict().keys()  # the same parameters, by name
     query, supports, masks, _ = model_episode(MICRO)
     query = query.double().contiguous(memory_format=layout)
@@ -66,34 +75,42 @@ def test_the_runtime_option_bares_the_neck(micro_checkpoint) -> None:
         TorchRuntime(micro_checkpoint, anchor=True, bare_neck=True)
     with pytest.raises(RuntimeUnavailable, match="not \\+bare-neck"):
         TorchRuntime(micro_checkpoint, bare_neck=True, triton_encoder=True)
-    with pytest.raises(RuntimeUnavailable, match="not \\+bare-neck or \\+split-neck"):
-        TorchRuntime(micro_checkpoint, split_neck=True, triton_encoder=True)
-    with pytest.raises(RuntimeUnavailable, match="one or the other"):
+    with pytest.raises(RuntimeUnavailable, match="not \\+grouped-neck"):
+        TorchRuntime(micro_checkpoint, grouped_neck=True, triton_encoder=True)
+    with pytest.raises(RuntimeUnavailable, match="\\+bare-neck and \\+split-neck are forms of one neck"):
         TorchRuntime(micro_checkpoint, bare_neck=True, split_neck=True)
+    with pytest.raises(RuntimeUnavailable, match="\\+split-neck and \\+grouped-neck are forms of one neck"):
+        TorchRuntime(micro_checkpoint, split_neck=True, grouped_neck=True)
 
 
-def test_the_runtime_option_splits_the_neck_in_pieces_of_512(micro_checkpoint, monkeypatch) -> None:
-    monkeypatch.setattr(BareNeck, "SPLIT_CHANNELS", 48)  # micro's levels are narrower than 512
+@pytest.mark.parametrize("option, form", [("split-neck", (64, False)), ("grouped-neck", (64, True))])
+def test_the_runtime_options_cut_the_neck_in_pieces(micro_checkpoint, monkeypatch, option, form) -> None:
+    monkeypatch.setattr(BareNeck, "SPLIT_CHANNELS", 64)  # micro's levels are narrower than 512
     query, supports, masks = episode(1)
     with open_runtime(RuntimeSpec.parse("torch"), checkpoint=micro_checkpoint) as plain:
         expected = plain.episode(query, supports, masks)
-    with open_runtime(RuntimeSpec.parse("torch+split-neck"), checkpoint=micro_checkpoint) as split:
-        assert split.model.encoder.neck.pieces == PIECES[48]
-        assert split.label == "torch fp32 split-neck fused"
-        logits = split.episode(query, supports, masks)
+    with open_runtime(RuntimeSpec.parse(f"torch+{option}"), checkpoint=micro_checkpoint) as cut:
+        assert cut.model.encoder.neck.pieces == PIECES[form]
+        assert cut.label == f"torch fp32 {option} fused"
+        logits = cut.episode(query, supports, masks)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeUnavailable, match="no rewrite of ours"):
-        TorchRuntime(micro_checkpoint, anchor=True, split_neck=True)
+        TorchRuntime(micro_checkpoint, anchor=True, **{option.replace("-", "_"): True})
 
 
-def test_r50s_neck_splits_into_three_convolutions_of_512_channels() -> None:
+def test_r50s_neck_cuts_into_convolutions_of_512_channels() -> None:
     neck = Neck(nn.Conv2d(512 + 1024, 256, 3, padding=2, dilation=2), nn.ReLU(), nn.Dropout2d(0.5))
     split = BareNeck.of(neck, 512, BareNeck.SPLIT_CHANNELS)
-    assert split.pieces == [(0, 0, 512), (1, 0, 512), (1, 512, 1024)]
+    assert split.pieces == [(0, 0, 512, 1), (1, 0, 512, 1), (1, 512, 1024, 1)]
     torch.testing.assert_close(split.piece2_weight, neck[0].weight[:, 1024:].detach())
+    grouped = BareNeck.of(neck, 512, BareNeck.SPLIT_CHANNELS, grouped=True)
+    assert grouped.pieces == [(0, 0, 512, 1), (1, 0, 1024, 2)]
+    # group g's 256 output channels read layer3's channels g*512..: its weight rows are that piece's
+    assert grouped.piece1_weight.shape == (512, 512, 3, 3)
+    torch.testing.assert_close(grouped.piece1_weight[256:], neck[0].weight[:, 1024:].detach())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("piece", [None, 48], ids=["a level each", "pieces of 48"])
-def test_torch_compile_traces_the_bare_neck(piece) -> None:
-    assert_encoder_compiles_whole(bare_neck(folded_micro(), piece))
+@pytest.mark.parametrize("form", [(None, False), (48, False), (64, True)], ids=["level", "48s", "grouped"])
+def test_torch_compile_traces_the_bare_neck(form) -> None:
+    assert_encoder_compiles_whole(bare_neck(folded_micro(), *form))
