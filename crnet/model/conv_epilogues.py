@@ -208,15 +208,15 @@ class BareNeck(Neck):
             if grouped and count > 1 and (stop - start) % step == 0:
                 # the pieces' weights stacked along the output channels: group g reads channels g*step..
                 pieces = [weight[:, start + g * step : start + (g + 1) * step] for g in range(count)]
-                terms = [(level, 0, stop - start, count, torch.cat(pieces))]
+                terms = [(0, stop - start, count, torch.cat(pieces))]
             else:
                 bounds = [(first, min(first + step, stop - start)) for first in range(0, stop - start, step)]
-                terms = [(level, a, b, 1, weight[:, start + a : start + b]) for a, b in bounds]
-            for level_, first, last, groups, piece in terms:
+                terms = [(a, b, 1, weight[:, start + a : start + b]) for a, b in bounds]
+            for first, last, groups, piece in terms:
                 # split once, like the fold: later weight updates do not reach them
                 name = f"piece{len(bare.pieces)}_weight"
                 bare.register_buffer(name, piece.clone(), persistent=False)
-                bare.pieces.append((level_, first, last, groups))
+                bare.pieces.append((level, first, last, groups))
         return bare.train(neck.training)
 
     def forward(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
