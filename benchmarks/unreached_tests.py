@@ -34,16 +34,27 @@ def outcomes(log: str) -> dict[str, str]:
     return found
 
 
-def collected(marks: str | None = None) -> list[str]:
-    """The node ids pytest collects from tests/, those with `marks` only if given (a -m expression)."""
-    select = ["-m", marks] if marks else []
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *select, "tests"],
-        capture_output=True,
-        text=True,
-        check=marks is None,  # exit 5 when nothing matches the marks
-    ).stdout
-    return [line.strip() for line in out.splitlines() if "::" in line]
+def collected(*selections: str | None) -> list[list[str]]:
+    """The node ids pytest collects from tests/ for each selection (a -m expression; None: every test), the
+    collections run side by side: each takes seconds of the rerun's deadline."""
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+            + (["-m", marks] if marks else [])
+            + ["tests"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for marks in selections
+    ]
+    found = []
+    for marks, run in zip(selections, runs, strict=True):
+        out = run.communicate()[0]
+        if marks is None and run.returncode:  # a selection may match nothing (exit 5); every test may not
+            raise subprocess.CalledProcessError(run.returncode, run.args, out)
+        found.append([line.strip() for line in out.splitlines() if "::" in line])
+    return found
 
 
 def main() -> int:
@@ -59,11 +70,12 @@ def main() -> int:
         return 2
     done = outcomes(log.read_text(errors="replace"))
     failed = [node for node, outcome in done.items() if outcome in ("FAILED", "ERROR")]
-    rest = [node for node in collected() if done.get(node, "FAILED") in ("FAILED", "ERROR")]
+    every, slow = collected(None, "slow or cuda")
+    rest = [node for node in every if done.get(node, "FAILED") in ("FAILED", "ERROR")]
     # The slow ones first, so that they start at once on the workers: the sixth GPU run's rerun hit its
     # deadline with seven compiling tests started last and still running.
-    slow = set(collected("slow or cuda"))
-    rest.sort(key=lambda node: node not in slow)
+    first = set(slow)
+    rest.sort(key=lambda node: node not in first)
     print(f"{len(done)} tests reached in {log}, {len(failed)} of them failed; running those and the", end=" ")
     print(f"{len(rest) - len(failed)} not reached", flush=True)
     return int(pytest.main(["-p", "no:cacheprovider", "-v", "-rfE", *extra, *rest])) if rest else 0

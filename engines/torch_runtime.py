@@ -117,22 +117,15 @@ class TorchRuntime(Runtime):
                 "+max-autotune is inductor's choice of GPU kernels: it needs +compile and --device cuda"
                 " (and is not the anchor's)"
             )
+        necks = [
+            name for name, on in (("bare", bare_neck), ("split", split_neck), ("grouped", grouped_neck)) if on
+        ]
         if (
-            space_to_depth
-            or bare_neck
-            or split_neck
-            or grouped_neck
-            or banded_aspp
-            or concurrent_aspp
-            or triton_head
-            or triton_encoder
+            space_to_depth or necks or banded_aspp or concurrent_aspp or triton_head or triton_encoder
         ) and anchor:
             raise RuntimeUnavailable(
                 "the anchor is plain PyTorch: no rewrite of ours (stem, encoder, ASPP or head)"
             )
-        necks = [
-            name for name, on in (("bare", bare_neck), ("split", split_neck), ("grouped", grouped_neck)) if on
-        ]
         if necks and triton_encoder:
             raise RuntimeUnavailable(
                 f"+triton-encoder runs the neck's own convolutions: not +{necks[0]}-neck"

@@ -42,7 +42,7 @@ def test_the_rest_is_the_failed_and_the_unreached_slow_ones_first(unreached, tmp
     every = ["tests/a.py::test_one", "tests/a.py::test_two[x y]", "tests/b.py::test_three"]
     every += ["tests/b.py::test_started_then_cut_off", "tests/c.py::test_slow_compile"]
     slow = ["tests/c.py::test_slow_compile"]
-    monkeypatch.setattr(unreached, "collected", lambda marks=None: slow if marks else every)
+    monkeypatch.setattr(unreached, "collected", lambda *marks: [slow if m else every for m in marks])
     ran = []
     monkeypatch.setattr(unreached.pytest, "main", lambda args: ran.append(args) or 0)
     monkeypatch.setattr(unreached.sys, "argv", ["unreached_tests.py", str(log), "--", "-n", "14"])
