@@ -68,10 +68,8 @@ class ModelConfig:
 
     @property
     def feature_size(self) -> int:
-        """Side of the feature map for the configured input (stem /4, layer2 /2, layer3 dilated)."""
-        side = (self.input_size + 1) // 2  # conv1, stride 2, padding 3
-        side = (side + 1) // 2  # max-pool, stride 2, padding 1
-        return (side + 1) // 2  # layer2, stride 2
+        """Side of the feature map for the configured input."""
+        return feature_side(self.input_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,3 +169,10 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         # Runs saved before the small-object rule existed counted every object: they resume as they ran.
         return cls(**{"min_object_pixels": 1, **values})
+
+
+def feature_side(input_size: int) -> int:
+    """Side of the encoder's feature map for a square input (stem /4, layer2 /2, layer3 dilated)."""
+    side = (input_size + 1) // 2  # conv1, stride 2, padding 3
+    side = (side + 1) // 2  # max-pool, stride 2, padding 1
+    return (side + 1) // 2  # layer2, stride 2

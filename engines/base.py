@@ -64,7 +64,7 @@ class Runtime(ABC):
     def prompt(self, features: torch.Tensor, masks: torch.Tensor) -> SupportPrompt:
         """(B, K, C, s, s) support features and (B, K, S, S) masks of 0/1/255 -> the k-shot prompt."""
         check_features(features, "B, K, C, s, s", "support features")
-        check_support_masks(features, masks, self.input_size)
+        check_support_masks(features, masks, self.input_size, side=features.shape[-1])
         return SupportPrompt.of_shots(self.prompt_per_shot, features, masks)
 
     def episode(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

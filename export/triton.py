@@ -43,7 +43,6 @@ def _tensor(name: str, dims: list[int]) -> str:
 def _model_config(
     name: str, platform: str, max_batch: int, inputs: dict[str, list[int]], outputs: dict[str, list[int]]
 ) -> str:
-    preferred = sorted({b for b in (1, 4, 8, 16, max_batch) if b <= max_batch})
     return "\n".join(
         [
             f'name: "{name}"',
@@ -55,8 +54,10 @@ def _model_config(
             "output [",
             ",\n".join(_tensor(n, d) for n, d in outputs.items()),
             "]",
+            # No preferred sizes: the batcher sends the largest preferred size it can form, and with 1 among
+            # them a lone request never waited and 3 queued ones went one at a time. Without them it sends
+            # as many as are queued, up to max_batch_size, after waiting at most 100 us for more.
             "dynamic_batching {",
-            f"  preferred_batch_size: [ {', '.join(str(b) for b in preferred)} ]",
             "  max_queue_delay_microseconds: 100",
             "}",
             # TensorRT plans run on a GPU only; ONNX models let Triton choose (GPU when it has one).

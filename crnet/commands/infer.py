@@ -22,6 +22,7 @@ import crnet.device
 from crnet import checkpoint as checkpoints
 from crnet.bundle import MANIFEST, Bundle, load_bundle
 from crnet.commands.visualize import overlay
+from crnet.config import feature_side
 from crnet.data.episodes import to_model_input
 from crnet.data.masks import read_binary_mask
 from crnet.data.pascal import read_image
@@ -38,6 +39,7 @@ from crnet.files import (
     write_text,
 )
 from crnet.model.crnet import upsample
+from crnet.model.inputs import pooled_objects, stride
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,13 @@ def load_support(image_path: Path, mask_path: Path, size: int):
     if not (resized == 1).any():
         raise EmptySupportMaskError(
             f"support mask {mask_path} marks too few pixels: its object vanishes at the {size}x{size} input"
+        )
+    side = feature_side(size)
+    if not pooled_objects(resized[None], side).all():  # the prompt would be zero: nothing to find
+        raise EmptySupportMaskError(
+            f"support mask {mask_path} marks too few pixels: at the {size}x{size} input its object lies "
+            f"between the points the prompt samples on the {side}x{side} feature grid (one every "
+            f"{stride(size, side)} pixels)"
         )
     return tensor, resized
 

@@ -15,10 +15,16 @@ def foreground(mask: torch.Tensor) -> torch.Tensor:
     return (mask == 1).unsqueeze(1).float()
 
 
+def pooling_weights(weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Image-sized (N, 1, H, W) weights as the pooling reads them at the features' (h, w): sampled on a
+    grid (every 8th pixel at stride 8), so an object between the grid's points weighs nothing."""
+    return F.interpolate(weights.float(), size=size, mode="bilinear", align_corners=True)
+
+
 def weighted_average_pool(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean of the features under image-sized (N, 1, H, W) weights -> (N, C), in FP32 whatever the
     features' dtype (a 41x41 sum overflows FP16 precision); zero where the weights are all zero."""
-    weights = F.interpolate(weights.float(), size=features.shape[-2:], mode="bilinear", align_corners=True)
+    weights = pooling_weights(weights, features.shape[-2:])
     total = (features.float() * weights).sum(dim=(2, 3))
     return (total / (weights.sum(dim=(2, 3)) + MASK_EPSILON)).to(features.dtype)
 

@@ -117,7 +117,9 @@ class CRNet(nn.Module):
         if _checking():
             check_features(support_features, "B, K, C, h, w", "support features")
             # training's masks come from the indexed data, where a small object may vanish in the resize
-            check_support_masks(support_features, support_masks, say_empty=not self.training)
+            check_support_masks(
+                support_features, support_masks, say_empty=not self.training, side=support_features.shape[-1]
+            )
         return SupportPrompt.of_shots(self.shot_prompts, support_features, support_masks)
 
     def shot_prompts(

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from crnet.config import feature_side
 from crnet.errors import CRNetWarning, InputError, MaskError
 
 
@@ -51,10 +52,16 @@ def check_features(features, dims: str, name: str = "features") -> None:
 
 
 def check_support_masks(
-    supports: torch.Tensor, masks, size: int | None = None, say_empty: bool = True, stacklevel: int = 3
+    supports: torch.Tensor,
+    masks,
+    size: int | None = None,
+    say_empty: bool = True,
+    stacklevel: int = 3,
+    side: int | None = None,
 ) -> None:
     """(B, K, H, W) masks of 0, 1 and 255 for (B, K, ...) support features or images, H = W = `size` where
-    a runtime is built for one size. A mask without a 1 gives a zero prototype: said in a warning where
+    a runtime is built for one size. A mask without a 1 gives a zero prototype, and so does one whose object
+    lies between the points the pooling samples on the `side` x `side` feature grid: said in a warning where
     `say_empty` (not an error: a small object can vanish in a resize)."""
     shape = _tensor(masks, "support masks").shape
     if len(shape) != 4 or shape[:2] != supports.shape[:2]:
@@ -73,13 +80,38 @@ def check_support_masks(
         raise MaskError(
             f"support masks hold {bad}; a mask holds only 0 (background), 1 (object) and 255 (ignore)"
         )
-    if say_empty and not objects.flatten(2).any(2).all():
+    if not say_empty:
+        return
+    if not objects.flatten(2).any(2).all():
         warnings.warn(
             "a support mask marks no object pixel (value 1), so its prompt is zero (255 means ignore: a mask "
             "of 0 and 255 must be divided by 255)",
             CRNetWarning,
             stacklevel=stacklevel,  # the caller's line: 3 from a prompt()
         )
+    elif side is not None and not pooled_objects(objects.flatten(0, 1), side).all():
+        warnings.warn(
+            f"a support mask's object lies between the points the prompt samples on the {side}x{side} "
+            f"feature grid (one every {stride(shape[-1], side)} pixels), so its prompt is zero: give a "
+            "larger object or a larger input",
+            CRNetWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def pooled_objects(objects: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, H, W) booleans (or 0/1 labels) -> (N,) whether the object keeps any weight at the `side` x `side`
+    grid the prototype's pooling reads (condition.pooling_weights)."""
+    from crnet.model.condition import pooling_weights
+
+    weights = pooling_weights((objects == 1)[:, None], (side, side))
+    return weights.flatten(1).sum(1) > 0
+
+
+def stride(size: int, side: int) -> str:
+    """The pooling grid's spacing in pixels, as a word for messages ("8", or "7.5")."""
+    step = (size - 1) / max(side - 1, 1)
+    return f"{step:g}"
 
 
 def check_episode(query, supports, masks, size: int | None = None) -> None:
@@ -91,7 +123,8 @@ def check_episode(query, supports, masks, size: int | None = None) -> None:
             f"support images must be (B, K, 3, H, W) with K >= 1 for {query.shape[0]} queries, got "
             f"{_shape(supports)}"
         )
-    check_support_masks(supports, masks, size, stacklevel=4)  # the line that called episode()
+    side = feature_side(masks.shape[-1]) if _tensor(masks, "support masks").ndim == 4 else None
+    check_support_masks(supports, masks, size, stacklevel=4, side=side)  # the line that called episode()
 
 
 def check_prompt(prompt, batch: int, channels: int | None = None) -> None:

@@ -35,6 +35,9 @@ def pictures(tmp_path_factory) -> Path:
     speck = np.zeros((40, 50), np.uint8)
     speck[8, 1] = 1  # a pixel that nearest-neighbour resizing to 33x33 skips (row 8, column 1)
     Image.fromarray(speck).save(root / "mask_speck.png")
+    between = np.zeros((40, 50), np.uint8)
+    between[3:7, 3:9] = 1  # rows and columns 2 to 5 at 33x33: between the 5x5 feature grid's 0 and 8
+    Image.fromarray(between).save(root / "mask_between.png")
     Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(root / "query.jpg")
     Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(root / "gray.png")  # mode L
     Image.fromarray(rng.integers(0, 256, (30, 70, 4), dtype=np.uint8)).save(root / "rgba.png")
@@ -229,6 +232,8 @@ def test_output_names_fit_the_file_system() -> None:
         ("mask_empty.png", EmptySupportMaskError, "marks no object pixel"),
         ("mask_bad_values.png", MaskError, "has values"),
         ("mask_speck.png", EmptySupportMaskError, "vanishes at the 33x33 input"),
+        # kept at the input, but its prompt was zero and infer wrote a meaningless mask
+        ("mask_between.png", EmptySupportMaskError, "between the points .* 5x5 feature grid \\(one every 8"),
     ],
 )
 def test_bad_support_masks(mask, error, message, pictures, micro_checkpoint, tmp_path) -> None:

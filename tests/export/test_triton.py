@@ -83,6 +83,8 @@ def test_model_configs_match_the_graphs(repository, micro_bundle) -> None:
     assert tensors(encoder["input"]) == {"images": [3, size, size]}
     assert tensors(encoder["output"]) == {"features": [channels, side, side]}
     assert "dynamic_batching" in encoder
+    # a preferred size of 1 made Triton's batcher send batches of 1 however many requests were queued
+    assert "preferred_batch_size" not in (repository / "crnet_encoder" / "config.pbtxt").read_text()
     head = config(repository, "crnet_head")
     assert tensors(head["input"]) == {
         "features": [channels, side, side],

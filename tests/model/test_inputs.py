@@ -2,6 +2,7 @@
 convolution or a silently wrong result (found by a pass that used the API as a researcher would)."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -67,6 +68,37 @@ def test_prompt_checks_masks(model) -> None:
     with pytest.warns(CRNetWarning, match="marks no object pixel .* of 0 and 255 must be divided by 255"):
         empty = model.prompt(features, masks(1, 2) * 255)  # was silently the prompt of an empty mask
     assert torch.equal(empty.prototype, torch.zeros_like(empty.prototype))
+
+
+@torch.no_grad()
+def test_prompt_warns_of_an_object_between_the_pooling_grid_points(model) -> None:
+    """At stride 8 the pooling samples every 8th pixel: an object between those points kept its pixels at
+    the input, passed every check, and gave a zero prompt in silence."""
+    features = model.encode(images(1)).unflatten(0, (1, 1))
+    between = torch.zeros(1, 1, SIZE, SIZE, dtype=torch.long)
+    between[..., 2:6, 2:7] = 1  # micro: 33x33 input, a 5x5 grid at pixels 0, 8, 16, 24, 32
+    with pytest.warns(CRNetWarning, match="lies between the points .* 5x5 feature grid \\(one every 8 pix"):
+        prompt = model.prompt(features, between)
+    assert torch.equal(prompt.prototype, torch.zeros_like(prompt.prototype))
+    on_a_point = torch.zeros_like(between)
+    on_a_point[..., 8, 16] = 1  # one pixel, on a grid point: kept, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prompt = model.prompt(features, on_a_point)
+    assert prompt.prototype.abs().max() > 0
+    with pytest.warns(CRNetWarning, match="5x5 feature grid"):  # the whole episode checks the same
+        model(images(1), images(1)[:, None], between)
+
+
+def test_runtimes_warn_of_an_object_between_the_pooling_grid_points(micro_checkpoint) -> None:
+    between = torch.zeros(1, 1, SIZE, SIZE, dtype=torch.long)
+    between[..., 2:6, 2:7] = 1
+    with open_runtime("torch:fp32", checkpoint=micro_checkpoint) as runtime:
+        with pytest.warns(CRNetWarning, match="5x5 feature grid") as caught:
+            runtime.episode(images(1), images(1)[:, None], between)
+        assert caught[0].filename == __file__  # at the caller's line
+        with pytest.warns(CRNetWarning, match="5x5 feature grid"):
+            runtime.prompt(runtime.encode(images(1))[None], between)
 
 
 @torch.no_grad()
