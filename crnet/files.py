@@ -290,13 +290,13 @@ def check_output_dir(
         raise OutputError(
             f"{option} {out} holds other files than an earlier {what}; choose a new or empty folder"
         )
-    if not (overwrite or replaces_own):
-        raise OutputError(f"{out} already exists; pass --overwrite to replace it")
-    if not ours(out):
+    if not ours(out):  # said first: --overwrite would not help
         raise OutputError(
             f"refusing to replace {out}: it is not a {what}, or holds other files too (--overwrite replaces "
             f"only a {what} written by crnet, with nothing added); choose another {option}"
         )
+    if not (overwrite or replaces_own):
+        raise OutputError(f"{out} already exists; pass --overwrite to replace it")
     return True
 
 

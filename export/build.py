@@ -26,14 +26,17 @@ from crnet.optional import MissingDependencyError, require
 
 # FP32 ONNX Runtime vs PyTorch on the same CPU: the graphs differ only in kernel order of summation, so
 # anything beyond a relative 1e-3 of the output's scale is an export bug, not rounding.
-FP32_RELATIVE_TOLERANCE = 1e-3
+# How far ONNX Runtime may be from PyTorch's FP32 model, relative to the output's scale (at least 1). FP16
+# graphs round every activation: the tiny model's FP16 logits were 0.045 off at most (docs/BENCHMARKS.md),
+# so their gate catches an overflow or a broken graph, not rounding.
+RELATIVE_TOLERANCE = {"fp32": 1e-3, "fp16": 0.1}
 VERIFY_BATCH = 3  # not the export example's 2: checks that the batch dimension really is dynamic
 
 Progress = Callable[[str], None]
 
 
 class ExportVerificationError(CRNetError):
-    """ONNX Runtime disagrees with PyTorch on an exported FP32 graph."""
+    """ONNX Runtime disagrees with PyTorch on an exported graph beyond its precision's tolerance."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,14 @@ def verify_graph(path: Path, spec: GraphSpec, model, iterations: int, threads: i
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own classes: an old release refuses the IR version
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ExportVerificationError(
+            f"ONNX Runtime {ort.__version__} cannot load the exported {spec.name} graph to check it "
+            f"({first}); crnet's graphs need onnxruntime >= 1.18"
+        ) from None
     example = spec.example(model, VERIFY_BATCH)
     outputs = session.run(None, {name: x.numpy() for name, x in zip(spec.inputs, example, strict=True)})
     with torch.no_grad():
@@ -108,8 +118,7 @@ def export_bundle(
                     export_onnx(module, spec, spec.example(model, 2), path, metadata)
                 onnx.checker.check_model(str(path), full_check=True)
                 errors = verify_graph(path, spec, model, iterations, threads)
-                if precision == "fp32":
-                    _check_fp32(spec, errors)
+                _check_agreement(spec, precision, errors)
                 manifest["verification"][precision][spec.name] = {"onnxruntime_vs_torch_fp32": errors}
                 manifest["graphs"][precision][spec.name] = file_entry(
                     writer.root, path, inputs=list(spec.inputs), outputs=list(spec.outputs), dtype=precision
@@ -141,11 +150,11 @@ def export_bundle(
     return ExportResult(bundle=bundle, tensorrt_skipped=skipped)
 
 
-def _check_fp32(spec: GraphSpec, errors: dict) -> None:
+def _check_agreement(spec: GraphSpec, precision: str, errors: dict) -> None:
     for name, figures in errors.items():
-        limit = FP32_RELATIVE_TOLERANCE * max(1.0, figures["reference_max_abs"])
-        if figures["max_abs"] > limit:
+        limit = RELATIVE_TOLERANCE[precision] * max(1.0, figures["reference_max_abs"])
+        if not figures["max_abs"] <= limit:  # NaN fails too
             raise ExportVerificationError(
-                f"ONNX Runtime disagrees with PyTorch on {spec.name}/{name}: max abs error "
-                f"{figures['max_abs']:.3g} > {limit:.3g}"
+                f"ONNX Runtime disagrees with PyTorch on the {precision} {spec.name}/{name}: max abs error "
+                f"{figures['max_abs']:.3g}, more than {limit:.3g}"
             )

@@ -195,9 +195,43 @@ def test_an_fp32_graph_that_disagrees_fails_the_export(micro_checkpoint, tmp_pat
         return errors
 
     monkeypatch.setattr(build, "verify_graph", skewed)
-    with pytest.raises(build.ExportVerificationError, match="disagrees with PyTorch on encoder"):
+    with pytest.raises(build.ExportVerificationError, match="disagrees with PyTorch on the fp32 encoder"):
         export_bundle(micro_checkpoint, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_onnxruntime_that_cannot_load_the_graphs_is_one_line(micro_checkpoint, tmp_path, monkeypatch):
+    """onnxruntime 1.17 refuses IR version 10: the export's own check raised its traceback."""
+    ort = pytest.importorskip("onnxruntime")
+
+    def refuse(*args, **kwargs):
+        raise ort.capi.onnxruntime_pybind11_state.Fail("Unsupported model IR version: 10, max supported: 9")
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    with pytest.raises(build.ExportVerificationError, match="cannot load the exported encoder graph .*IR "):
+        export_bundle(micro_checkpoint, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("precision", "error", "fails"),
+    [
+        ("fp32", 2e-3, True),
+        ("fp32", 5e-4, False),
+        ("fp32", float("nan"), True),  # NaN > limit is false: a graph of NaNs passed
+        ("fp16", 0.5, True),  # FP16 graphs were not checked at all: an overflow was committed
+        ("fp16", float("inf"), True),
+        ("fp16", 0.045, False),  # rounding, as the tiny model's FP16 logits
+    ],
+)
+def test_the_export_checks_each_precision(precision, error, fails) -> None:
+    spec = next(s for s in build.SPECS if s.name == "head")
+    errors = {"logits": {"max_abs": error, "mean_abs": 0.0, "reference_max_abs": 0.5}}
+    if fails:
+        with pytest.raises(build.ExportVerificationError, match=f"on the {precision} head/logits"):
+            build._check_agreement(spec, precision, errors)
+    else:
+        build._check_agreement(spec, precision, errors)
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="checks the export without TensorRT; it is installed here")
