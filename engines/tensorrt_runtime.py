@@ -1,11 +1,16 @@
-"""TensorRT engines from a bundle: buffers are torch CUDA tensors, `execute_async_v3` on torch's stream."""
+"""TensorRT engines from a bundle: buffers are torch CUDA tensors, `execute_async_v3` on a CUDA stream of
+the runtime's own, ordered after the caller's stream and before its later work."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from crnet.bundle import GRAPHS, Bundle, BundleError
 from crnet.engines.base import Runtime, RuntimeUnavailable, per_query
+from crnet.errors import CRNetError
+from crnet.export.tensorrt import shared_logger
 from crnet.model.crnet import SupportPrompt
 from crnet.optional import require
 
@@ -38,11 +43,16 @@ def padded_to(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x[:1].expand(rows - len(x), *x.shape[1:])])
 
 
+class EngineRunError(CRNetError):
+    """TensorRT refused a shape or an address, or could not enqueue an engine."""
+
+
 class Engine:
     """One deserialized engine and its execution context."""
 
     def __init__(self, trt, runtime, path, device: torch.device):
         self.trt = trt
+        self.name = path.name
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise RuntimeUnavailable(
@@ -64,24 +74,36 @@ class Engine:
         shape = self.engine.get_tensor_shape
         return [(n, tuple(shape(n))) for n in self.inputs], [(n, tuple(shape(n))) for n in self.outputs]
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        stream = torch.cuda.current_stream(self.device)
-        batch = len(inputs[self.inputs[0]])
-        keep = []
-        for name in self.inputs:
-            x = padded_to(inputs[name].to(self.device, torch.float32), self.min_batch).contiguous()
-            keep.append(x)
-            self.context.set_input_shape(name, tuple(x.shape))
-            self.context.set_tensor_address(name, x.data_ptr())
-        outputs = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        # ordered on torch's stream: later torch work waits for it
-        return {name: output[:batch] for name, output in outputs.items()}
+    def __call__(self, inputs: dict[str, torch.Tensor], stream) -> dict[str, torch.Tensor]:
+        """Run on `stream`, a torch.cuda.Stream of the runtime's: not torch's default (legacy) stream, on
+        which TensorRT 10 adds synchronisations to each enqueue and warns every call. The stream waits for
+        the caller's stream (the inputs' copies) and the caller's stream for it (the outputs)."""
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with on_device:
+            caller = torch.cuda.current_stream(self.device)
+            batch = len(inputs[self.inputs[0]])
+            tensors = {}
+            for name in self.inputs:
+                x = padded_to(inputs[name].to(self.device, torch.float32), self.min_batch).contiguous()
+                tensors[name] = x
+                if not self.context.set_input_shape(name, tuple(x.shape)):
+                    raise EngineRunError(
+                        f"TensorRT refused {name} of shape {tuple(x.shape)} for {self.name} (its batches: "
+                        f"{self.min_batch} to {self.max_batch})"
+                    )
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                tensors[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
+            for name, tensor in tensors.items():
+                if not self.context.set_tensor_address(name, tensor.data_ptr()):
+                    raise EngineRunError(f"TensorRT refused the address of {name} for {self.name}")
+                if tensor.is_cuda:  # the allocator must not reuse it before the engine's stream is done
+                    tensor.record_stream(stream)
+            stream.wait_stream(caller)
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise EngineRunError(f"TensorRT could not enqueue {self.name} (see TensorRT's log above)")
+            caller.wait_stream(stream)
+        return {name: tensors[name][:batch] for name in self.outputs}
 
 
 class TensorRTRuntime(Runtime):
@@ -97,7 +119,8 @@ class TensorRTRuntime(Runtime):
         self.input_size = self.bundle.model_config.input_size
         self.iterations = self.bundle.iterations
         with torch.cuda.device(self.device):
-            self.logger = trt.Logger(trt.Logger.WARNING)
+            self.stream = torch.cuda.Stream(self.device)
+            self.logger = shared_logger(trt)
             self.runtime = trt.Runtime(self.logger)
             self.engines = {}
             for graph in GRAPHS:
@@ -110,11 +133,11 @@ class TensorRTRuntime(Runtime):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         self.check_images(images)
         self.check_batch(images.shape[0])
-        return self.engines["encoder"]({"images": images})["features"]
+        return self.engines["encoder"]({"images": images}, self.stream)["features"]
 
     def prompt_per_shot(self, features: torch.Tensor, foreground: torch.Tensor):
         self.check_batch(features.shape[0])
-        outputs = self.engines["prompt"]({"features": features, "foreground": foreground})
+        outputs = self.engines["prompt"]({"features": features, "foreground": foreground}, self.stream)
         return outputs["vector"], outputs["prototype"]
 
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
@@ -122,7 +145,7 @@ class TensorRTRuntime(Runtime):
         self.check_batch(features.shape[0])
         vector, prototype = per_query(prompt, len(features))
         inputs = {"features": features, "vector": vector, "prototype": prototype}
-        return self.engines["head"](inputs)["logits"]
+        return self.engines["head"](inputs, self.stream)["logits"]
 
     def close(self) -> None:
         self.engines.clear()

@@ -7,6 +7,7 @@ own casts decide precision, keeping softmax and the pooling reductions in FP32 a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +38,60 @@ def fp16_source(trt) -> str:
     return "fp32" if weak_typing else "fp16"
 
 
+_LOGGERS: dict = {}
+
+
+def shared_logger(trt):
+    """One trt.Logger for every builder and runtime of the process: TensorRT keeps the first it is given
+    and warns when another comes."""
+    if trt not in _LOGGERS:
+        _LOGGERS[trt] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS[trt]
+
+
+def builder_here(why: str = "--tensorrt"):
+    """(the tensorrt module, the GPU's name) where this machine can build engines: the package with its
+    builder (not a runtime-only install) and a CUDA GPU. Commands call it before any work."""
+    trt = require("tensorrt", why)
+    if not hasattr(trt, "Builder"):
+        raise TensorRTUnavailable(
+            f"{why}: tensorrt {getattr(trt, '__version__', '?')} here has no builder (a runtime-only "
+            "install); install the full tensorrt package"
+        )
+    device = cuda_device_name()
+    if device is None:
+        raise TensorRTUnavailable(f"{why} needs a CUDA GPU, and torch sees none")
+    return trt, device
+
+
+def load_timing_cache(trt, config, path: Path, given: bool) -> None:
+    """Attach the timing cache at `path` (a new one where there is no file) to the builder `config`. A file
+    TensorRT cannot read, or one timed by another TensorRT or GPU, is refused where the user named it (the
+    build would replace it) and started afresh where it is crnet's own (`given` False)."""
+    data = path.read_bytes() if path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(data)
+    except Exception:  # TensorRT's own error classes; None is its other way of refusing
+        cache = None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    if given:
+        raise EngineBuildError(
+            f"--timing-cache {path} is not a timing cache of TensorRT {trt.__version__} on this GPU, and "
+            "the build would replace it; give a new file name"
+        )
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+def check_timing_cache(path: Path) -> None:
+    """Before the export: a --timing-cache file already there is one this TensorRT reads."""
+    if not path.is_file():
+        return
+    trt, _ = builder_here()
+    builder = trt.Builder(shared_logger(trt))
+    load_timing_cache(trt, builder.create_builder_config(), path, given=True)
+
+
 def build_engine(
     trt,
     onnx_path: Path,
@@ -46,8 +101,9 @@ def build_engine(
     batch: BatchRange,
     workspace_bytes: int,
     timing_cache: Path,
+    cache_given: bool = True,
 ) -> None:
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = shared_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     if not fp16_flag and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
@@ -70,8 +126,7 @@ def build_engine(
         profile.set_shape(tensor.name, (batch.min, *rest), (batch.opt, *rest), (batch.max, *rest))
     config.add_optimization_profile(profile)
 
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    load_timing_cache(trt, config, timing_cache, cache_given)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(
@@ -99,12 +154,11 @@ def build_engines(
     progress: Callable[[str], None],
 ) -> dict:
     """Engines for every graph, FP32 and (with fp16) FP16; returns the manifest's `engines` section."""
-    trt = require("tensorrt", "--tensorrt")
-    device = cuda_device_name()
-    if device is None:
-        raise TensorRTUnavailable("--tensorrt needs a CUDA GPU, and torch sees none")
+    trt, device = builder_here()
+    given = timing_cache is not None
     if timing_cache is None:
         timing_cache = DEFAULT_TIMING_CACHE / f"timing-{trt.__version__}-{device.replace(' ', '_')}.cache"
+    timing_cache = Path(os.path.realpath(timing_cache))  # through a link: the file it names is updated
     engines = {}
     for precision in ("fp32", "fp16") if fp16 else ("fp32",):
         source = "fp32" if precision == "fp32" else fp16_source(trt)
@@ -120,6 +174,7 @@ def build_engines(
                 batch=batch,
                 workspace_bytes=workspace_bytes,
                 timing_cache=timing_cache,
+                cache_given=given,
             )
             engines[precision][name] = file_entry(
                 root, path, source=entry["file"], tensorrt_version=trt.__version__, device=device

@@ -539,6 +539,12 @@ def export_command(
         if os.path.commonpath([bundle, repository]) in (bundle, repository):
             raise CRNetError(f"--triton {triton} and --out {out} overlap; give each a folder of its own")
         check_repository_out(triton, overwrite, [checkpoint])
+    if tensorrt:  # after the arguments, before the export: a missing builder or GPU costs nothing
+        from crnet.export.tensorrt import builder_here, check_timing_cache
+
+        builder_here()
+        if timing_cache is not None:
+            check_timing_cache(timing_cache)
     result = export_bundle(
         checkpoint,
         out,
@@ -558,7 +564,7 @@ def export_command(
 
         repository = write_repository(load_bundle(result.bundle), triton, overwrite=overwrite)
         typer.echo(f"wrote Triton model repository {repository}")
-    if result.tensorrt_skipped:
+    if result.tensorrt_skipped:  # checked above: only a machine that changed during the export
         raise CRNetError(f"no TensorRT engines: {result.tensorrt_skipped}; the rest of the bundle is written")
 
 

@@ -10,6 +10,7 @@ fails for its one bad value only.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -499,6 +500,10 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
         lambda w: export("--tensorrt", "--batch-range", "2:4:8", "--triton", new(w, "triton"))(w),
         "engines built for batches of at least 2 cannot serve a Triton model",
     ),
+    "export-tensorrt-not-installed": (  # found before the graphs were exported, not after (27 s on tiny)
+        lambda w: export("--tensorrt", out=lambda w: new(w, "b"))(w),
+        "--tensorrt needs tensorrt, which is not installed",
+    ),
     "export-checkpoint-missing": (export(checkpoint=lambda w: new(w, "x.pt")), "checkpoint not found"),
     "export-timing-cache-is-a-folder": (
         lambda w: [*export("--tensorrt")(w), "--timing-cache", str(w.folder)],
@@ -645,6 +650,10 @@ READ_ONLY_CASES = {
     "bench-json-into-read-only": (lambda w: [*bench()(w), "--json", read_only(w, "b.json")], "cannot write"),
 }
 NEEDS_NO_CUDA = {"train-device-cuda"}
+NEEDS_NO_TENSORRT = {"export-tensorrt-not-installed"}
+NO_TENSORRT = pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here"
+)
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -684,7 +693,15 @@ def run_case(build, expected: str, world: World, tmp_path: Path, monkeypatch, ca
 
 def params(cases: dict, marks=()):
     return [
-        pytest.param(name, marks=[*marks, *([NO_CUDA] if name in NEEDS_NO_CUDA else [])], id=name)
+        pytest.param(
+            name,
+            marks=[
+                *marks,
+                *([NO_CUDA] if name in NEEDS_NO_CUDA else []),
+                *([NO_TENSORRT] if name in NEEDS_NO_TENSORRT else []),
+            ],
+            id=name,
+        )
         for name in cases
     ]
 

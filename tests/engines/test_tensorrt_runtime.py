@@ -10,31 +10,42 @@ import pytest
 import torch
 
 from crnet.engines import tensorrt_runtime
-from crnet.engines.tensorrt_runtime import Engine, padded_to
+from crnet.engines.tensorrt_runtime import Engine, EngineRunError, padded_to
 
 INPUT, OUTPUT = "INPUT", "OUTPUT"
 
 
-def stand_in(smallest: int, largest: int):
+class Stream:
+    """A stand-in for torch.cuda.Stream that records the streams it waits for and is waited for by."""
+
+    def __init__(self, handle: int, log: list):
+        self.cuda_stream, self.log = handle, log
+
+    def wait_stream(self, other) -> None:
+        self.log.append(("wait", self.cuda_stream, other.cuda_stream))
+
+
+def stand_in(smallest: int, largest: int, refuse: str = ""):
     """A one-input, one-output engine (x -> y, 4 values a row) built for batches smallest..largest; its
-    context records the shapes it is given."""
+    context records the shapes it is given and the stream it runs on, and returns False from the call
+    named in `refuse`, as TensorRT does."""
     trt = types.SimpleNamespace(TensorIOMode=types.SimpleNamespace(INPUT=INPUT, OUTPUT=OUTPUT))
     shapes: dict[str, tuple] = {}
 
     class Context:
         def set_input_shape(self, name, shape):
-            assert smallest <= shape[0] <= largest, f"TensorRT refuses batch {shape[0]}"
             shapes[name] = shape
-            return True
+            return refuse != "shape" and smallest <= shape[0] <= largest
 
         def get_tensor_shape(self, name):
             return (shapes["x"][0], 4)
 
         def set_tensor_address(self, name, address):
-            pass
+            return refuse != "address"
 
         def execute_async_v3(self, stream):
-            return True
+            shapes["stream"] = stream
+            return refuse != "execute"
 
     engine = types.SimpleNamespace(
         num_io_tensors=2,
@@ -60,11 +71,31 @@ def test_a_batch_below_the_engines_smallest_is_padded_and_cut_back(
     """Engines exported with --batch-range MIN:OPT:MAX, MIN > 1, failed inside TensorRT for a smaller batch:
     infer's last chunk of queries, a single support image."""
     trt, runtime, shapes = stand_in(smallest=4, largest=8)
-    monkeypatch.setattr(
-        tensorrt_runtime.torch.cuda, "current_stream", lambda device: types.SimpleNamespace(cuda_stream=0)
-    )
+    log: list = []
+    monkeypatch.setattr(tensorrt_runtime.torch.cuda, "current_stream", lambda device: Stream(0, log))
     (tmp_path / "x.plan").write_bytes(b"plan")
     engine = Engine(trt, runtime, tmp_path / "x.plan", torch.device("cpu"))
     assert (engine.min_batch, engine.max_batch) == (4, 8)
-    outputs = engine({"x": torch.ones(batch, 4)})
+    outputs = engine({"x": torch.ones(batch, 4)}, Stream(7, log))
     assert shapes["x"][0] == max(batch, 4) and outputs["y"].shape == (batch, 4)
+    # on the runtime's own stream, not the default one (TensorRT 10 synchronises there and warns each call),
+    # after the caller's work and before the caller's next
+    assert shapes["stream"] == 7 and log == [("wait", 7, 0), ("wait", 0, 7)]
+
+
+@pytest.mark.parametrize(
+    ("refuse", "message"),
+    [
+        ("shape", "refused x of shape \\(2, 4\\) for x.plan \\(its batches: 1 to 8\\)"),
+        ("address", "refused the address of x for x.plan"),
+        ("execute", "could not enqueue x.plan"),
+    ],
+)
+def test_what_tensorrt_refuses_is_one_error(tmp_path: Path, monkeypatch, refuse, message) -> None:
+    """Its False returns were ignored (shapes, addresses) or raised a bare RuntimeError (execute)."""
+    trt, runtime, _ = stand_in(smallest=1, largest=8, refuse=refuse)
+    monkeypatch.setattr(tensorrt_runtime.torch.cuda, "current_stream", lambda device: Stream(0, []))
+    (tmp_path / "x.plan").write_bytes(b"plan")
+    engine = Engine(trt, runtime, tmp_path / "x.plan", torch.device("cpu"))
+    with pytest.raises(EngineRunError, match=message):
+        engine({"x": torch.ones(2, 4)}, Stream(7, []))

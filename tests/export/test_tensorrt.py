@@ -64,11 +64,16 @@ def fake_tensorrt(version: str) -> types.ModuleType:
         def add_optimization_profile(self, profile):
             self.profiles.append(profile)
 
-        def create_timing_cache(self, data):
+        def create_timing_cache(self, data):  # caches are runs of "+"; "other-gpu" ones timed elsewhere
+            if data.strip(b"+") and not data.startswith(b"other-gpu"):
+                return None  # bytes it cannot read
             return types.SimpleNamespace(data=data, serialize=lambda: data + b"+")
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            if cache.data.startswith(b"other-gpu") and not ignore_mismatch:
+                return False
             self.cache = cache
+            return True
 
         def get_timing_cache(self):
             return self.cache
@@ -155,6 +160,57 @@ def test_engine_builds_follow_the_tensorrt_version(
     engine = json.loads(bundle.engine("fp16", "head").read_bytes())
     assert engine["source"] == head["source"]
     assert bundle.manifest["engines"]["fp16"]["head"]["tensorrt_version"] == version
+
+
+@pytest.mark.parametrize("content", [b"my notes", b"other-gpu+++"], ids=["not-a-cache", "another-gpus"])
+def test_a_timing_cache_tensorrt_refuses_is_never_replaced(
+    micro_checkpoint, tmp_path, monkeypatch, pretend_gpu, content
+) -> None:
+    """--timing-cache notes.txt passed every check, and the build would have replaced the file with a cache
+    (and a cache of another GPU with one of this GPU): refused before the export, the file as it was."""
+    use_tensorrt(monkeypatch, fake_tensorrt("10.16.1"))
+    cache = tmp_path / "notes.txt"
+    cache.write_bytes(content)
+    with pytest.raises(tensorrt_builder.EngineBuildError, match="is not a timing cache of TensorRT 10.16.1"):
+        tensorrt_builder.check_timing_cache(cache)
+    with pytest.raises(tensorrt_builder.EngineBuildError, match="would replace it"):
+        export_bundle(micro_checkpoint, tmp_path / "b", tensorrt=True, timing_cache=cache)
+    assert cache.read_bytes() == content and not (tmp_path / "b").exists()
+
+
+def test_crnets_own_timing_cache_starts_afresh_when_tensorrt_refuses_it(
+    micro_checkpoint, tmp_path, monkeypatch, pretend_gpu
+) -> None:
+    trt = fake_tensorrt("10.16.1")
+    use_tensorrt(monkeypatch, trt)
+    monkeypatch.setattr(tensorrt_builder, "DEFAULT_TIMING_CACHE", tmp_path / "cache")
+    default = tmp_path / "cache" / "timing-10.16.1-Pretend_GPU.cache"
+    default.parent.mkdir()
+    default.write_bytes(b"other-gpu")  # timed by another GPU of the same name, or damaged
+    export_bundle(micro_checkpoint, tmp_path / "b", tensorrt=True)
+    assert trt.builds[0]["cache_in"] == "" and default.read_bytes() == b"+++"
+
+
+def test_a_timing_cache_behind_a_link_is_updated_where_it_lies(
+    micro_checkpoint, tmp_path, monkeypatch, pretend_gpu
+) -> None:
+    use_tensorrt(monkeypatch, fake_tensorrt("10.16.1"))
+    real = tmp_path / "caches" / "trt.cache"
+    real.parent.mkdir()
+    real.write_bytes(b"+")
+    link = tmp_path / "link.cache"
+    link.symlink_to(real)
+    export_bundle(micro_checkpoint, tmp_path / "b", tensorrt=True, timing_cache=link)
+    assert link.is_symlink() and real.read_bytes() == b"++++"
+
+
+def test_no_builder_is_one_error(monkeypatch, pretend_gpu) -> None:
+    """The runtime-only ("lean") packages have no Builder: found before any work."""
+    runtime_only = types.ModuleType("tensorrt")
+    runtime_only.__version__ = "10.16.1"
+    use_tensorrt(monkeypatch, runtime_only)
+    with pytest.raises(tensorrt_builder.TensorRTUnavailable, match="has no builder"):
+        tensorrt_builder.builder_here()
 
 
 def test_no_gpu_skips_engines_but_writes_the_bundle(micro_checkpoint, tmp_path, monkeypatch) -> None:
