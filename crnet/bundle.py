@@ -36,11 +36,16 @@ def normalization() -> dict:
     return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": 1 / 255}
 
 
-def graph_metadata(graph: str, precision: str, iterations: int) -> dict[str, str]:
+def graph_metadata(
+    graph: str, precision: str, iterations: int, checkpoint_sha256: str | None = None
+) -> dict[str, str]:
     """What the exporter writes into each ONNX graph (its metadata_props) and runtimes compare with the
-    manifest: the graph's name, its precision and, for the head, the T unrolled in it."""
+    manifest: the graph's name, its precision, for the head the T unrolled in it, and the SHA-256 of the
+    checkpoint it was exported from (a graph of another checkpoint's bundle must not pass as this one's)."""
     metadata = {"crnet.graph": graph, "crnet.precision": precision}
-    return metadata | ({"crnet.iterations": str(iterations)} if graph == "head" else {})
+    if graph == "head":
+        metadata["crnet.iterations"] = str(iterations)
+    return metadata | ({"crnet.checkpoint": checkpoint_sha256} if checkpoint_sha256 else {})
 
 
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -144,11 +149,14 @@ class Bundle:
     def check_metadata(self, file: Path, graph: str, precision: str, metadata: dict[str, str]) -> None:
         """BundleError where what the exporter wrote into a graph contradicts the manifest's listing (files
         swapped, or the manifest edited with the checksums recomputed: a head unrolled for another T would
-        be compared with a reference run at the manifest's). Graphs of older exports carry none of it; a
-        graph that carries some carries all."""
+        be compared with a reference run at the manifest's; a graph of another checkpoint's bundle). Graphs
+        of older exports carry none of it, or all but the checkpoint (exports before 2026-11-27)."""
         if not any(key.startswith("crnet.") for key in metadata):
             return
-        expected = graph_metadata(graph, precision, self.iterations)
+        checkpoint = self.manifest.get("checkpoint", {}).get("sha256")
+        expected = graph_metadata(graph, precision, self.iterations, checkpoint)
+        if "crnet.checkpoint" not in metadata:
+            expected.pop("crnet.checkpoint", None)
         differ = [key for key, value in expected.items() if metadata.get(key) != value]
         wrong = [f"{key} {metadata.get(key, '(none)')}" for key in differ]
         if wrong:
@@ -268,14 +276,18 @@ def _check_manifest(manifest: dict) -> None:
         raise ValueError(f"iterations {iterations!r} is not a count from 1 to {MAX_ITERATIONS}")
     batch = manifest["batch"]
     if not all(type(batch[k]) is int for k in ("min", "opt", "max")) or not (
-        1 <= batch["min"] <= batch["opt"] <= batch["max"]
+        1 <= batch["min"] <= batch["opt"] <= batch["max"] <= MAX_BATCH
     ):
-        raise ValueError(f"batch range {batch} is not 1 <= min <= opt <= max")
+        raise ValueError(f"batch range {batch} is not 1 <= min <= opt <= max <= {MAX_BATCH}")
     for section in ("graphs", "engines"):
         for precision, graphs in manifest[section].items():
             if precision not in PRECISIONS or set(graphs) != set(GRAPHS):
                 raise ValueError(f"{section} holds {precision}: {sorted(graphs)}, not {list(GRAPHS)}")
             for name, entry in graphs.items():
+                file = entry["file"]
+                # a name in the bundle's folder, as the exporter writes them: not a path that leaves it
+                if type(file) is not str or file != Path(file).name or file in ("", ".", "..", MANIFEST):
+                    raise ValueError(f"{precision} {name} is listed as {file!r}, not a file of the bundle")
                 io = entry.get("inputs"), entry.get("outputs")
                 if section == "graphs" and tuple(map(tuple, io)) != GRAPH_IO[name]:
                     raise ValueError(f"{precision} {name} is listed with tensors {io}, not {GRAPH_IO[name]}")

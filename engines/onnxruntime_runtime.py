@@ -32,6 +32,9 @@ class OnnxRuntime(Runtime):
         ort = require("onnxruntime", "the onnxruntime runtime")
         self.bundle = bundle
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            # one GPU for the sessions and the IO binding: "cuda" is torch's current device, not always 0
+            self.device = torch.device("cuda", torch.cuda.current_device())
         provider = provider or ("cuda" if self.device.type == "cuda" else "cpu")
         if provider not in PROVIDERS:
             choices = ", ".join(PROVIDERS)
@@ -99,7 +102,7 @@ class OnnxRuntime(Runtime):
     def _run_bound(self, session, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """GPU: IO binding on torch CUDA tensors, so nothing is copied through the host."""
         binding = session.io_binding()
-        index = self.device.index or torch.cuda.current_device()
+        index = self.device.index or 0  # as the sessions were given
         batch = next(iter(inputs.values())).shape[0]
         for name, x in inputs.items():  # on the device first: a host pointer bound as CUDA memory is garbage
             x = x.detach().to(self.device, torch.float32).contiguous()

@@ -114,7 +114,8 @@ def export_bundle(
                 path = writer.root / f"{spec.name}.{precision}.onnx"
                 module = graph_module(spec, model, iterations, dtype)
                 with _quiet_exporter():
-                    metadata = graph_metadata(spec.name, precision, iterations)
+                    source = manifest["checkpoint"]["sha256"]
+                    metadata = graph_metadata(spec.name, precision, iterations, source)
                     export_onnx(module, spec, spec.example(model, 2), path, metadata)
                 onnx.checker.check_model(str(path), full_check=True)
                 errors = verify_graph(path, spec, model, iterations, threads)

@@ -49,12 +49,18 @@ def test_graphs_carry_what_the_manifest_lists(micro_bundle) -> None:
         for graph in ("encoder", "prompt", "head"):
             path = bundle.graph(precision, graph)
             metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-            assert metadata == graph_metadata(graph, precision, bundle.iterations)
+            source = bundle.manifest["checkpoint"]["sha256"]
+            assert metadata == graph_metadata(graph, precision, bundle.iterations, source)
             bundle.check_metadata(path, graph, precision, metadata)
     assert graph_metadata("head", "fp16", 5)["crnet.iterations"] == "5"
     bundle.check_metadata(path, "head", "fp16", {})  # a graph of an older export carries nothing
+    older = {k: v for k, v in metadata.items() if k != "crnet.checkpoint"}
+    bundle.check_metadata(path, "head", "fp16", older)  # nor, before 2026-11-27, the checkpoint
     with pytest.raises(BundleError, match="exported with crnet.iterations 4, but"):
         bundle.check_metadata(path, "head", "fp16", metadata | {"crnet.iterations": "4"})
+    # a graph of another checkpoint's bundle, with the checksums recomputed, passed as this bundle's
+    with pytest.raises(BundleError, match="exported with crnet.checkpoint 0000, but"):
+        bundle.check_metadata(path, "head", "fp16", metadata | {"crnet.checkpoint": "0000"})
 
 
 def test_an_engine_s_source_graph_is_checked_against_the_manifest(copy) -> None:
@@ -107,6 +113,10 @@ def test_a_missing_graph_is_named(copy) -> None:
         (lambda m: m["normalization"].update(mean=[0.5, 0.5, 0.5]), "not the one its runtimes use"),
         (lambda m: m.pop("normalization"), "incomplete or malformed"),
         (lambda m: m.update(opset="18"), "not an ONNX opset"),
+        # a graph outside the bundle ran as if it were the bundle's
+        (lambda m: m["graphs"]["fp32"]["head"].update(file="../other/head.fp32.onnx"), "not a file of"),
+        (lambda m: m["graphs"]["fp32"]["head"].update(file="/tmp/head.fp32.onnx"), "not a file of"),
+        (lambda m: m["batch"].update(max=10**9), "max <= 4096"),
     ],
     ids=[
         "foreign-format",
@@ -120,6 +130,9 @@ def test_a_missing_graph_is_named(copy) -> None:
         "other-normalization",
         "no-normalization",
         "text-opset",
+        "file-outside",
+        "absolute-file",
+        "endless-batch",
     ],
 )
 def test_a_bad_manifest_is_refused(copy, change, message) -> None:
