@@ -50,6 +50,11 @@ class CRNetWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI shows it as one `warning:` line)."""
 
 
+class ZeroPromptWarning(CRNetWarning):
+    """A support mask gives a zero prompt: no object pixel, or none on the grid the prototype's pooling
+    samples (crnet.model.inputs.check_support_masks)."""
+
+
 def interrupted(error: BaseException) -> bool:
     """Whether a KeyboardInterrupt (Ctrl-C, or SIGTERM in the CLI) is among the causes of `error`: a library
     that meets one in its own code (the ONNX exporter, a data loader whose workers the same signal

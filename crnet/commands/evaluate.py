@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from crnet.config import ModelConfig
+from crnet.config import ModelConfig, feature_side
 from crnet.data.episodes import fixed_episode_loader
 from crnet.data.pascal import fold_classes
-from crnet.errors import CRNetError
+from crnet.errors import CRNetError, ZeroPromptWarning
 from crnet.metrics import IoUMeter
 from crnet.model.condition import masked_average_pool
 from crnet.model.crnet import CRNet, build_model, upsample
+from crnet.model.inputs import pooled_objects
 from crnet.model.loss import episode_loss
 
 STRATEGIES = ("average", "finetune")
@@ -154,9 +156,11 @@ def evaluate(
     """Run the predictor (CRNetPredictor, PrototypeBaseline, or any callable from a collated batch to
     (B, 2, h, w) scores) on the fold's fixed episodes, its images resized to `input_size` (by default the
     predictor's model's). Returns {fold, shots, episodes, seed, miou, fbiou, per_class,
-    classes_without_episodes, seconds} (IoUs in percent), and mean_iterations for a predictor that counts
-    them. A class of the fold that got no episode counts 0 in the mIoU, as in hsnet and PFENet, and is named
-    through `notice`. Test the fold the model was not trained on: crnet.checkpoint.fold_to_test says which."""
+    classes_without_episodes, seconds} (IoUs in percent), mean_iterations for a predictor that counts
+    them, and for a CRNet zero_prompt_episodes (a support object between the pooling grid's points, said
+    through `notice`). A class of the fold that got no episode counts 0 in the mIoU, as in hsnet and PFENet,
+    and is named through `notice`. Test the fold the model was not trained on: crnet.checkpoint.fold_to_test
+    says which."""
     model = getattr(predictor, "model", None)
     model_size = model.config.input_size if isinstance(model, CRNet) else None
     if input_size is None:
@@ -181,9 +185,18 @@ def evaluate(
         min_object_pixels=min_object_pixels,
     )
     meter = IoUMeter(fold_classes(fold))
+    side = feature_side(input_size) if isinstance(model, CRNet) else None
+    zero_prompts = 0
     started = time.perf_counter()
-    with tqdm(total=episodes, disable=not progress, desc="eval", unit="episode", dynamic_ncols=True) as bar:
+    bar = tqdm(total=episodes, disable=not progress, desc="eval", unit="episode", dynamic_ncols=True)
+    with bar, warnings.catch_warnings():
+        # The protocol keeps an episode whose support object misses the pooling grid: counted, not warned of.
+        warnings.simplefilter("ignore", ZeroPromptWarning)
         for batch in loader:
+            if side is not None:
+                masks = batch["support_masks"]
+                kept = pooled_objects(masks.flatten(0, 1), side).view(masks.shape[:2])
+                zero_prompts += int((~kept).any(1).sum())
             scores = predictor(batch).float().cpu()
             for i, label in enumerate(batch["query_label"]):
                 mask = upsample(scores[i : i + 1], tuple(label.shape)).argmax(1)[0].bool()
@@ -197,6 +210,11 @@ def evaluate(
             f"classes {result['classes_without_episodes']} of fold {fold} got no episode in {episodes}: "
             "they count 0 in the mIoU (give more --episodes)"
         )
+    if zero_prompts:
+        notice(
+            f"{zero_prompts} of {episodes} episodes have a support object between the points the prompt "
+            f"samples on the {side}x{side} feature grid, so a zero prompt: kept, as the protocol draws them"
+        )
     return {
         "fold": fold,
         "shots": shots,
@@ -204,5 +222,6 @@ def evaluate(
         "seed": seed,
         **result,
         **({"mean_iterations": sum(used) / len(used)} if used else {}),
+        **({"zero_prompt_episodes": zero_prompts} if side is not None else {}),
         "seconds": round(seconds, 2),
     }

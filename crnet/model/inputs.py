@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from crnet.config import feature_side
-from crnet.errors import CRNetWarning, InputError, MaskError
+from crnet.errors import InputError, MaskError, ZeroPromptWarning
 
 
 def _tensor(value, name: str) -> torch.Tensor:
@@ -86,7 +86,7 @@ def check_support_masks(
         warnings.warn(
             "a support mask marks no object pixel (value 1), so its prompt is zero (255 means ignore: a mask "
             "of 0 and 255 must be divided by 255)",
-            CRNetWarning,
+            ZeroPromptWarning,
             stacklevel=stacklevel,  # the caller's line: 3 from a prompt()
         )
     elif side is not None and not pooled_objects(objects.flatten(0, 1), side).all():
@@ -94,7 +94,7 @@ def check_support_masks(
             f"a support mask's object lies between the points the prompt samples on the {side}x{side} "
             f"feature grid (one every {stride(shape[-1], side)} pixels), so its prompt is zero: give a "
             "larger object or a larger input",
-            CRNetWarning,
+            ZeroPromptWarning,
             stacklevel=stacklevel,
         )
 

@@ -164,8 +164,16 @@ def test_train_refuses_its_data_as_output_and_swapped_configs(bench_root, tmp_pa
 def test_evaluate_resizes_to_the_models_input_size_by_default(model, bench_root) -> None:
     predictor = CRNetPredictor(model, torch.device("cpu"))
     given = evaluate(predictor, bench_root, fold=0, input_size=SIZE, episodes=4, progress=False, workers=0)
-    default = evaluate(predictor, bench_root, fold=0, episodes=4, progress=False, workers=0)
+    notices = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the protocol's zero-prompt episodes are counted, not warned of
+        default = evaluate(predictor, bench_root, fold=0, episodes=4, progress=False, workers=0,
+                           notice=notices.append)  # fmt: skip
     assert np.isclose(given["miou"], default["miou"])
+    # at micro's 33x33 input the 5x5 grid misses some of these supports' objects
+    assert default["zero_prompt_episodes"] == given["zero_prompt_episodes"] > 0
+    said = f"{default['zero_prompt_episodes']} of 4 episodes have a support object between the points"
+    assert notices[-1].startswith(said) and "5x5 feature grid, so a zero prompt: kept" in notices[-1]
 
 
 @pytest.mark.parametrize("name", ["torch:fp32", "onnxruntime:fp32"])
