@@ -88,7 +88,9 @@ class BatchRange:
         # ASCII digits only: int() also takes '1_0', '+1', spaces and other scripts' digits
         if len(parts) != 3 or not all(part.isascii() and part.isdigit() for part in parts):
             raise CRNetError(f"--batch-range takes MIN:OPT:MAX, three integers, got {text!r}")
-        low, opt, high = (int(part) for part in parts)
+        # past MAX_BATCH's digits, out of range (and int() refuses 4300 digits with its own error)
+        longest = len(str(MAX_BATCH))
+        low, opt, high = (int(p) if len(p.lstrip("0")) <= longest else MAX_BATCH + 1 for p in parts)
         if not 1 <= low <= opt <= high <= MAX_BATCH:
             raise CRNetError(f"--batch-range needs 1 <= MIN <= OPT <= MAX <= {MAX_BATCH}, got {text!r}")
         return cls(low, opt, high)

@@ -600,7 +600,15 @@ def infer_command(
     from crnet.device import resolve_device
 
     resolved = resolve_device(device)  # checked here; "auto" lets the runtime pick (engines.runtime_device)
-    with tqdm(total=len(query), disable=not progress, desc="infer", unit="query", dynamic_ncols=True) as bar:
+    bars = []  # the bar opens once the inputs are checked: an error is then the only line
+
+    def advance(count: int) -> None:
+        if not bars:
+            bar = tqdm(total=len(query), disable=not progress, desc="infer", unit="query", dynamic_ncols=True)
+            bars.append(bar)
+        bars[0].update(count)
+
+    try:
         summary = infer(
             engine,
             support,
@@ -610,8 +618,11 @@ def infer_command(
             runtime=runtime,
             device=None if device == "auto" else resolved,
             batch_size=batch_size,
-            progress=bar.update,
+            progress=advance,
         )
+    finally:
+        for bar in bars:
+            bar.close()
     count, seconds = len(summary["queries"]), summary["seconds"]
     typer.echo(f"{summary['runtime']} on {summary['device']}: {count} masks in {out} ({seconds:.2f} s)")
 

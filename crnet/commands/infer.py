@@ -218,6 +218,7 @@ def segment_into(
         loaded = [load_support(i, m, size) for i, m in zip(supports, support_masks, strict=True)]
         query_images = [read_image(q, as_shown=True) for q in queries]
         runner.check_batch(len(loaded))
+        progress(0)  # every input checked: a progress bar may show from here
         images = torch.stack([t for t, _ in loaded]).to(device)
         masks = torch.stack([m for _, m in loaded]).to(device)
         started = time.perf_counter()

@@ -525,6 +525,10 @@ CASES: dict[str, tuple[Callable[[World], list[str]], str]] = {
         "head.fp16.onnx was exported with crnet.precision fp32",
     ),
     "infer-damaged-bundle": (infer(engine=lambda w: w.damaged), "does not match its checksum"),
+    "infer-damaged-bundle-with-progress": (  # the progress bar was drawn before the error line
+        lambda w: [a for a in infer(engine=lambda w: w.damaged)(w) if a != "--no-progress"],
+        "does not match its checksum",
+    ),
     "infer-out-is-a-file": (infer(out=lambda w: w.a_file), "is a file"),
     "infer-out-is-a-broken-link": (infer(out=lambda w: w.broken_link), "is a symbolic link"),
     "export-out-is-a-link": (export(out=lambda w: w.link_to_folder), "is a symbolic link"),

@@ -166,7 +166,11 @@ def test_a_missing_precision_says_how_to_get_it(micro_bundle) -> None:
 # int() takes underscores, signs, spaces and other scripts' digits; no engine needs a batch past 4096
 @pytest.mark.parametrize(
     "text",
-    ["1:4", "a:b:c", "0:1:2", "4:2:8", "1:8:4", "1_0:1_0:1_0", "+1:+1:+1", " 1:1:2", "١:١:١", "1:1:4097"],
+    [
+        *("1:4", "a:b:c", "0:1:2", "4:2:8", "1:8:4", "1_0:1_0:1_0", "+1:+1:+1", " 1:1:2", "١:١:١"),
+        "1:1:4097",
+        "1:1:" + "9" * 5000,  # int() raised its own ValueError: a traceback
+    ],
 )
 def test_batch_range_parse_refuses(text) -> None:
     with pytest.raises(CRNetError, match="--batch-range"):
@@ -175,6 +179,7 @@ def test_batch_range_parse_refuses(text) -> None:
 
 def test_batch_range_parse() -> None:
     assert BatchRange.parse("1:4:32") == BatchRange(1, 4, 32)
+    assert BatchRange.parse("0001:0004:00032") == BatchRange(1, 4, 32)
 
 
 def test_existing_output_needs_overwrite(micro_checkpoint, micro_bundle) -> None:
