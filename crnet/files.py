@@ -204,9 +204,11 @@ def as_created(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
+def atomic_file(path: str | Path, replaces: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; on success it is fsynced and renamed over `path`,
-    on any failure removed. OSErrors become OutputError / DiskFullError."""
+    on any failure removed. OSErrors become OutputError / DiskFullError. `replaces(path)` raises where a
+    file at `path` must not be replaced: checked at the rename, since a file may have come there during
+    the run (the commands check at their start too)."""
     path = Path(path)
     ensure_parent(path)
     try:
@@ -222,7 +224,10 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         yield temporary
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
-        os.replace(temporary, path)
+        if replaces is None:
+            os.replace(temporary, path)
+        else:
+            _replace_checked(temporary, path, replaces)
     except OSError as error:
         _remove(temporary)
         raise explain(error, path) from None
@@ -231,14 +236,24 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_file(path) as temporary:
+def _replace_checked(temporary: Path, path: Path, replaces: Callable[[Path], None]) -> None:
+    try:
+        rename_noreplace(temporary, path)  # nothing there: nothing to check, and nothing can come first
+        return
+    except FileExistsError:
+        pass
+    replaces(path)
+    os.replace(temporary, path)
+
+
+def write_bytes(path: str | Path, data: bytes, replaces: Callable[[Path], None] | None = None) -> Path:
+    with atomic_file(path, replaces) as temporary:
         temporary.write_bytes(data)
     return Path(path)
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    return write_bytes(path, text.encode())
+def write_text(path: str | Path, text: str, replaces: Callable[[Path], None] | None = None) -> Path:
+    return write_bytes(path, text.encode(), replaces)
 
 
 _AT_FDCWD, _RENAME_NOREPLACE = -100, 1

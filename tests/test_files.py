@@ -355,3 +355,26 @@ def test_json_nested_past_the_parsers_recursion_is_damaged_json(tmp_path) -> Non
     assert parse_json('{"a": [1]}') == {"a": [1]}
     (tmp_path / "deep.json").write_text(deep)
     assert not is_bench_json(tmp_path / "deep.json") and not is_eval_json(tmp_path / "deep.json")
+
+
+def test_a_file_that_came_during_the_run_is_checked_at_the_rename(tmp_path) -> None:
+    """eval and bench checked their --json and --chart at the start only: a user's file written there during
+    the run was replaced in silence. The check runs again at the rename."""
+    checked = []
+
+    def only_ours(path: Path) -> None:
+        checked.append(path)
+        if path.read_bytes() != b"ours":
+            raise OutputError(f"{path} is not ours")
+
+    target = tmp_path / "results.json"
+    with pytest.raises(OutputError, match="is not ours"), atomic_file(target, only_ours) as temporary:
+        temporary.write_bytes(b"new")
+        target.write_bytes(b"the user's notes")  # came while the command ran
+    assert tree(tmp_path) == {"results.json": b"the user's notes"}  # kept, and no temporary left
+    target.write_bytes(b"ours")  # an earlier output of the command: replaced
+    write_bytes(target, b"new", only_ours)
+    assert target.read_bytes() == b"new" and len(checked) == 2
+    target.unlink()  # nothing there: written without a check
+    write_bytes(target, b"new", only_ours)
+    assert target.read_bytes() == b"new" and len(checked) == 2

@@ -516,9 +516,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_latency(result: dict, path: Path) -> None:
+def plot_latency(result: dict, path: Path, replaces=None) -> None:
     """Bar chart of episode and cached-prompt query latency per runtime (MissingDependencyError without
-    matplotlib)."""
+    matplotlib); `replaces` as crnet.files.atomic_file takes it."""
     matplotlib = require("matplotlib", "the latency chart")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -536,7 +536,7 @@ def plot_latency(result: dict, path: Path) -> None:
     axis.set_title(f"crnet bench: {result['settings']['input_size']}px, batch {result['settings']['batch']}")
     axis.legend()
     figure.tight_layout()
-    with atomic_file(path) as temporary:
+    with atomic_file(path, replaces) as temporary:
         figure.savefig(temporary, dpi=120, format="png", metadata={"Source": CHART_SOURCE})
     plt.close(figure)
 

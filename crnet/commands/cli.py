@@ -158,11 +158,19 @@ def is_eval_json(path: Path) -> bool:
         return False
 
 
-def write_json(values: dict, path: Path) -> None:
+def write_json(values: dict, path: Path, replaces=None) -> None:
     from crnet.files import write_text
 
-    write_text(path, json.dumps(values, indent=2) + "\n")
+    write_text(path, json.dumps(values, indent=2) + "\n", replaces)
     typer.echo(f"wrote {path}", err=True)
+
+
+def replacing_only(ours, what: str, option: str):
+    """For write_json / plot_latency: at the rename, a file at the path is replaced only when `ours` says
+    it is an earlier `what` (as check_writable_file said at the start)."""
+    from crnet.files import check_replaceable_file
+
+    return lambda path: check_replaceable_file(path, ours, what, option)
 
 
 @app.command()
@@ -378,6 +386,7 @@ def evaluate_command(
     write_json(
         {"checkpoint": str(checkpoint), "trained_fold": trained, "data": str(root), "results": results},
         json_out,
+        replacing_only(is_eval_json, "eval results JSON", "--json"),
     )
     # the table after the file: a reader that quits early (`| head`) costs only the table
     print_results(results, novel=not seen)
@@ -728,9 +737,10 @@ def bench_command(
     result = run_bench(specs, settings, _bar(progress), notice=notice, stop_early=True)
     if seen and episodes:  # after the run, so that a user error stays one line
         typer.echo(f"warning: {seen}", err=True)
-    write_json(result, json_out)  # the files first: a reader that quits early (`| head`) costs only the table
+    # the files first: a reader that quits early (`| head`) costs only the table
+    write_json(result, json_out, replacing_only(is_bench_json, "bench JSON", "--json"))
     try:  # interrupted too: the chart of the rounds done, as the JSON has them (an earlier one stays else)
-        plot_latency(result, chart)
+        plot_latency(result, chart, replacing_only(is_bench_chart, "bench chart", "--chart"))
         typer.echo(f"wrote {chart}", err=True)
     except MissingDependencyError as error:  # the chart is optional; the table and JSON are written
         typer.echo(f"no latency chart: {error}", err=True)

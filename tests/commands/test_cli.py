@@ -587,3 +587,25 @@ def test_a_failed_compile_is_one_line(monkeypatch, capsys) -> None:
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: torch.compile failed (ImportError: ")
     assert "file too short" in lines[0] and "TORCHINDUCTOR_CACHE_DIR" in lines[0]
+
+
+def test_a_file_written_to_the_json_path_during_eval_is_kept(
+    micro_checkpoint, bench_root, tmp_path, monkeypatch, capsys
+) -> None:
+    """--json was checked at the start only: a file the user saved there during the run was replaced."""
+    from crnet.commands import evaluate as evaluation
+
+    json_out = tmp_path / "eval.json"
+
+    def meanwhile(predictor, root, **options):
+        json_out.write_text("my notes")  # the user, while eval runs
+        return {"fold": 0, "shots": 1, "episodes": 1, "seed": 0, "miou": 1.0, "fbiou": 1.0, "per_class": {}}
+
+    monkeypatch.setattr(evaluation, "evaluate", meanwhile)
+    args = ["eval", str(micro_checkpoint), "--data", str(bench_root), "--json", str(json_out), "--no-progress"]
+    monkeypatch.setattr(sys, "argv", ["crnet", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    stdout, stderr = capsys.readouterr()
+    check_user_error(exit_info.value.code, stdout, stderr, "exists and is not an earlier eval results JSON")
+    assert json_out.read_text() == "my notes" and list(tmp_path.iterdir()) == [json_out]
