@@ -549,6 +549,14 @@ def is_bench_json(path: Path) -> bool:
         return False
 
 
+def is_complete_bench_json(path: Path) -> bool:
+    """Whether `path` holds the JSON of a bench that ran all its rounds: an interrupted bench keeps it."""
+    try:
+        return is_bench_json(path) and parse_json(path.read_text()).get("interrupted") is False
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def is_bench_chart(path: Path) -> bool:
     """Whether `path` is a latency chart this command drew (its PNG text says so)."""
     from PIL import Image
@@ -566,6 +574,7 @@ __all__ = [
     "format_table",
     "is_bench_chart",
     "is_bench_json",
+    "is_complete_bench_json",
     "plot_latency",
     "run_bench",
 ]

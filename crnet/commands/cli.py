@@ -685,6 +685,7 @@ def bench_command(
         format_table,
         is_bench_chart,
         is_bench_json,
+        is_complete_bench_json,
         plot_latency,
         run_bench,
     )
@@ -737,6 +738,11 @@ def bench_command(
     result = run_bench(specs, settings, _bar(progress), notice=notice, stop_early=True)
     if seen and episodes:  # after the run, so that a user error stays one line
         typer.echo(f"warning: {seen}", err=True)
+    if result["interrupted"] and is_complete_bench_json(json_out):  # a whole result is not given up for part
+        kept = f"kept {json_out} and its chart: they hold a whole run; these rounds are not saved"
+        typer.echo(kept, err=True)
+        typer.echo(format_table(result))
+        raise typer.Exit(130)
     # the files first: a reader that quits early (`| head`) costs only the table
     write_json(result, json_out, replacing_only(is_bench_json, "bench JSON", "--json"))
     try:  # interrupted too: the chart of the rounds done, as the JSON has them (an earlier one stays else)

@@ -602,7 +602,8 @@ def test_a_file_written_to_the_json_path_during_eval_is_kept(
         return {"fold": 0, "shots": 1, "episodes": 1, "seed": 0, "miou": 1.0, "fbiou": 1.0, "per_class": {}}
 
     monkeypatch.setattr(evaluation, "evaluate", meanwhile)
-    args = ["eval", str(micro_checkpoint), "--data", str(bench_root), "--json", str(json_out), "--no-progress"]
+    args = ["eval", str(micro_checkpoint), "--data", str(bench_root), "--json", str(json_out)]
+    args.append("--no-progress")
     monkeypatch.setattr(sys, "argv", ["crnet", *args])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
