@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -313,6 +314,45 @@ def check_output_dir(
     if not (overwrite or replaces_own):
         raise OutputError(f"{out} already exists; pass --overwrite to replace it")
     return True
+
+
+_LOCKS: set[int] = set()  # the descriptors only_writer holds, which a forked child must not keep
+
+
+def _close_locks_in_child() -> None:
+    for handle in _LOCKS:  # the child's copies: the lock stays the parent's, and ends with it
+        with contextlib.suppress(OSError):
+            os.close(handle)
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+@contextlib.contextmanager
+def only_writer(folder: Path, command: str) -> Iterator[None]:
+    """While the block runs, this process is the only `command` writing `folder`: an exclusive flock on
+    the folder itself (no lock file to leave behind; released however the process ends, forked children
+    such as data loader workers do not keep it). A second one is refused at once."""
+    try:
+        handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise explain(error, folder) from None
+    _LOCKS.add(handle)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"{folder} is being written by another {command} now; wait for it to end, or choose another "
+                "--out"
+            ) from None
+        except OSError:  # a file system without locks: nothing to guard with
+            pass
+        yield
+    finally:
+        _LOCKS.discard(handle)
+        os.close(handle)
 
 
 @contextlib.contextmanager

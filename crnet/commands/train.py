@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from crnet.data.episodes import EpisodeDataset, SampleIndex, TrainingEpisodes, c
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
 from crnet.device import resolve_device
 from crnet.errors import CRNetError, InputError, TrainingDiverged
-from crnet.files import OutputError, check_not_input, explain, parse_json, write_text
+from crnet.files import OutputError, check_not_input, explain, only_writer, parse_json, write_text
 from crnet.model.crnet import build_model
 from crnet.model.loss import episode_loss
 
@@ -338,7 +338,38 @@ def train(
 ) -> Path:
     """Train; returns the path of the final model checkpoint. Ctrl-C or SIGTERM saves before exiting (and
     says `how_to_continue`); a run killed outright resumes from its last checkpoint exactly as if it had not
-    stopped."""
+    stopped. One run at a time writes a run directory: a second is refused while the first holds it."""
+    with ExitStack() as held:
+        return _train(
+            model_config,
+            config,
+            data_root,
+            out_dir,
+            held,
+            backbone_weights=backbone_weights,
+            resume=resume,
+            device=device,
+            progress=progress,
+            notice=notice,
+            how_to_continue=how_to_continue,
+        )
+
+
+def _train(
+    model_config: ModelConfig,
+    config: TrainConfig,
+    data_root: str | Path,
+    out_dir: str | Path,
+    held: ExitStack,
+    *,
+    backbone_weights: str | Path | None,
+    resume: bool,
+    device: str | None,
+    progress: bool,
+    notice: Callable[[str], None],
+    how_to_continue: str,
+) -> Path:
+    """train(), holding the run directory's lock in `held` from when the directory exists."""
     if not (isinstance(model_config, ModelConfig) and isinstance(config, TrainConfig)):
         raise InputError(
             "train(model_config, config, ...) takes a ModelConfig (crnet.preset('tiny')) and a TrainConfig, "
@@ -353,6 +384,11 @@ def train(
             f"--out {out_dir} is a symbolic link to {os.readlink(out_dir)}, which does not exist; create "
             "that folder or give another --out"
         )
+    # Under torchrun rank 0 writes the run directory. Locked before its state is read where it exists
+    # (another run may be writing it), else once made.
+    locked = os.environ.get("RANK", "0") == "0" and out_dir.is_dir()
+    if locked:
+        held.enter_context(only_writer(out_dir, "crnet train"))
     unsaved = unsaved_run(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / LAST).exists() and not unsaved:
         raise OutputError(f"--out {out_dir} holds other files and no run; choose a new or empty folder")
@@ -453,6 +489,8 @@ def train(
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise explain(error, out_dir) from None
+        if not locked:
+            held.enter_context(only_writer(out_dir, "crnet train"))
         if metrics is not None:
             write_text(out_dir / METRICS, metrics)
     # The loader gets its own generator: drawing worker seeds from the global one would shift dropout.

@@ -326,6 +326,32 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(bench_root, tmp_p
         train(MICRO, CONFIG, bench_root, tmp_path / "mine", progress=False, device="cpu")
 
 
+def test_a_second_run_into_a_folder_another_run_writes_is_refused(bench_root, tmp_path, monkeypatch):
+    """A second `crnet train` into the --out of a run that had logged but not yet saved took the folder as
+    an unsaved run: it reset the log, and the two overwrote each other's last.pt."""
+    import crnet.commands.train as training
+
+    out, refusals = tmp_path / "run", []
+    real_loss = training.episode_loss
+
+    def second_run(*args):  # the second run starts while the first is at its first step
+        if not refusals:
+            for resume in (False, True):
+                with pytest.raises(CRNetError, match="is being written by another crnet train now") as caught:
+                    train(MICRO, CONFIG, bench_root, out, resume=resume, progress=False, device="cpu")
+                refusals.append(str(caught.value))
+        return real_loss(*args)
+
+    monkeypatch.setattr(training, "episode_loss", second_run)
+    train(MICRO, CONFIG, bench_root, out, progress=False, device="cpu")
+    assert len(refusals) == 2
+    steps = [json.loads(line)["step"] for line in (out / METRICS).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the first run's log, whole
+    monkeypatch.setattr(training, "episode_loss", real_loss)  # ended: the folder is free again
+    with pytest.raises(CRNetError, match="already holds a run"):
+        train(MICRO, CONFIG, bench_root, out, progress=False, device="cpu")
+
+
 def test_a_resume_on_another_data_tree_is_said(bench_root, tmp_path):
     """A resume with --data naming another tree of as many image-class pairs went on in silence: one run
     trained on two datasets. The checkpoint keeps the tree it was trained on; the resume says so."""
