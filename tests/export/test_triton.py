@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -71,7 +72,12 @@ def test_layout(repository) -> None:
     for name in ("crnet_encoder", "crnet_prompt", "crnet_head"):
         assert (repository / name / "1" / "model.onnx").is_file()
     assert (repository / "crnet_episode" / "1").is_dir()
-    assert "crnet_prompt" in (repository / "README.md").read_text()
+    readme = (repository / "README.md").read_text()
+    assert "crnet_prompt" in readme
+    # what a client must do as crnet does; the bundle named wherever the repository is read from
+    assert "(nearest)" in readme and "corners aligned" in readme and "model.plan" not in readme
+    bundle = readme.split("from the bundle `")[1].split("`")[0]
+    assert Path(bundle).is_absolute()
 
 
 def test_model_configs_match_the_graphs(repository, micro_bundle) -> None:
