@@ -79,7 +79,18 @@ def choose_engine(path: Path, runtime: str | None, device: torch.device | None) 
         implied = {".onnx": "onnxruntime", ".plan": "tensorrt"}.get(path.suffix)
         if implied is None:
             raise CRNetError(f"{path} is neither a .pt checkpoint, an .onnx graph nor a .plan engine")
-        precision = path.stem.rsplit(".", 1)[-1]
+        section = "graphs" if implied == "onnxruntime" else "engines"
+        listed = {
+            entry["file"]: precision
+            for precision, entries in bundle.manifest[section].items()
+            for entry in entries.values()
+        }
+        if path.name not in listed:  # its name would have been read as a precision
+            raise CRNetError(
+                f"{path} is not one of the {section} bundle {bundle.root} lists; give the bundle's folder or "
+                f"one of {', '.join(sorted(listed)) or 'its files'}"
+            )
+        precision = listed[path.name]
         spec = RuntimeSpec.parse(runtime or implied, defaults={implied: precision})
         if (spec.name, spec.precision) != (implied, precision):
             raise CRNetError(f"{path} is a {precision} {implied} file; --runtime {runtime} asks for another")

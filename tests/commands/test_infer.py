@@ -255,7 +255,11 @@ def deploy_cases(p: Path, bundle: Path, checkpoint: Path, tmp: Path) -> dict:
     def run(engine, *extra):
         return ["infer", "--engine", str(engine), *support, "--query", str(p / "query.jpg"), *out, *extra]
 
+    extended = Path(shutil.copytree(bundle, tmp / "extended"))
+    shutil.copyfile(bundle / "head.fp32.onnx", extended / "model.onnx")  # a graph the manifest does not list
     return {
+        # its name was read as a precision: "onnxruntime precision ... must be one of fp32, fp16"
+        "infer-unlisted-graph": (run(extended / "model.onnx"), "is not one of the graphs bundle"),
         "infer-missing-engine": (run(tmp / "nothing"), "engine not found"),
         "infer-foreign-file": (run(p / "query.jpg"), "is neither a crnet checkpoint nor a graph"),
         "infer-foreign-dir": (run(p), "is not a crnet bundle"),
