@@ -512,6 +512,9 @@ class StagedDirectory:
             self.abort()
             if isinstance(error, OSError) and self._writing(error):
                 raise explain(error, self.out) from None
+            if isinstance(error, OutputError) and str(self.root) in str(error):  # a file's, explained
+                # named where the user asked for it, not in the hidden folder that is gone now
+                raise type(error)(str(error).replace(str(self.root), str(self.out))) from None
 
     def _writing(self, error: OSError) -> bool:
         """Whether `error` was met on the output (or names no file): another file's error (a cache folder's,

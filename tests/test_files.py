@@ -378,3 +378,13 @@ def test_a_file_that_came_during_the_run_is_checked_at_the_rename(tmp_path) -> N
     target.unlink()  # nothing there: written without a check
     write_bytes(target, b"new", only_ours)
     assert target.read_bytes() == b"new" and len(checked) == 2
+
+
+def test_a_file_that_fails_inside_a_staged_folder_is_named_in_the_output(tmp_path) -> None:
+    """infer on a full disk said "writing small/.o.partial-lxseeh50/b4_overlay.png", a folder that no
+    longer existed; the user asked for small/o."""
+    stage = staged(tmp_path / "o")
+    with pytest.raises(DiskFullError) as caught, stage, atomic_file(stage.root / "x.png") as temporary:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(temporary))
+    assert str(caught.value).startswith(f"no space left on the device writing {tmp_path / 'o' / 'x.png'};")
+    assert tree(tmp_path) == {}
