@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -339,20 +339,27 @@ def train(
     """Train; returns the path of the final model checkpoint. Ctrl-C or SIGTERM saves before exiting (and
     says `how_to_continue`); a run killed outright resumes from its last checkpoint exactly as if it had not
     stopped. One run at a time writes a run directory: a second is refused while the first holds it."""
-    with ExitStack() as held:
-        return _train(
-            model_config,
-            config,
-            data_root,
-            out_dir,
-            held,
-            backbone_weights=backbone_weights,
-            resume=resume,
-            device=device,
-            progress=progress,
-            notice=notice,
-            how_to_continue=how_to_continue,
-        )
+    made = [p for p in (*reversed(Path(out_dir).parents), Path(out_dir)) if not p.exists()]
+    try:
+        with ExitStack() as held:
+            return _train(
+                model_config,
+                config,
+                data_root,
+                out_dir,
+                held,
+                backbone_weights=backbone_weights,
+                resume=resume,
+                device=device,
+                progress=progress,
+                notice=notice,
+                how_to_continue=how_to_continue,
+            )
+    except BaseException:
+        for folder in reversed(made):  # the folders this run made, where it failed before writing in them
+            with suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _train(

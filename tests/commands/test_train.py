@@ -352,6 +352,20 @@ def test_a_second_run_into_a_folder_another_run_writes_is_refused(bench_root, tm
         train(MICRO, CONFIG, bench_root, out, progress=False, device="cpu")
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder(bench_root, tmp_path, monkeypatch):
+    """On a full disk the first write failed and the run's new, empty folder stayed behind."""
+    import crnet.commands.train as training
+    from crnet.files import DiskFullError
+
+    def full(path, text):
+        raise DiskFullError(f"no space left on the device writing {path}")
+
+    monkeypatch.setattr(training, "_append", full)  # the metrics log, its first write
+    with pytest.raises(DiskFullError):
+        train(MICRO, CONFIG, bench_root, tmp_path / "new" / "run", progress=False, device="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_resume_on_another_data_tree_is_said(bench_root, tmp_path):
     """A resume with --data naming another tree of as many image-class pairs went on in silence: one run
     trained on two datasets. The checkpoint keeps the tree it was trained on; the resume says so."""
