@@ -32,6 +32,10 @@ class OutputError(CRNetError):
     """An output cannot be written where it was asked for."""
 
 
+class FolderBusyError(OutputError):
+    """Another command is writing the output folder now (only_writer)."""
+
+
 class DiskFullError(OutputError):
     """The device or the user's quota ran out of space while writing an output."""
 
@@ -343,7 +347,7 @@ def only_writer(folder: Path, command: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputError(
+            raise FolderBusyError(
                 f"{folder} is being written by another {command} now; wait for it to end, or choose another "
                 "--out"
             ) from None

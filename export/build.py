@@ -24,11 +24,10 @@ from crnet.files import explain
 from crnet.metrics import output_errors
 from crnet.optional import MissingDependencyError, require
 
-# FP32 ONNX Runtime vs PyTorch on the same CPU: the graphs differ only in kernel order of summation, so
-# anything beyond a relative 1e-3 of the output's scale is an export bug, not rounding.
-# How far ONNX Runtime may be from PyTorch's FP32 model, relative to the output's scale (at least 1). FP16
-# graphs round every activation: the tiny model's FP16 logits were 0.045 off at most (docs/BENCHMARKS.md),
-# so their gate catches an overflow or a broken graph, not rounding.
+# How far ONNX Runtime may be from PyTorch's FP32 model, relative to the output's scale (at least 1). FP32
+# graphs differ from it only in the order of summation, so anything past 1e-3 is an export bug. FP16 graphs
+# round every activation (the tiny model's FP16 logits were 0.045 off at most, docs/BENCHMARKS.md): their
+# gate catches an overflow or a broken graph, not rounding.
 RELATIVE_TOLERANCE = {"fp32": 1e-3, "fp16": 0.1}
 VERIFY_BATCH = 3  # not the export example's 2: checks that the batch dimension really is dynamic
 

@@ -56,9 +56,10 @@ def _model_config(
             "output [",
             ",\n".join(_tensor(n, d) for n, d in outputs.items()),
             "]",
-            # No preferred sizes: the batcher sends the largest preferred size it can form, and with 1 among
-            # them a lone request never waited and 3 queued ones went one at a time. Without them it sends
-            # as many as are queued, up to max_batch_size, after waiting at most 100 us for more.
+            # No preferred sizes: Triton's batcher sends at once the largest preferred size it can form
+            # (GetDynamicBatch in triton-inference-server/core's src/dynamic_batch_scheduler.cc), so with 1
+            # among them a lone request never waited and 3 queued ones went one at a time. Without them it
+            # sends as many as are queued, up to max_batch_size, after waiting at most 100 us for more.
             "dynamic_batching {",
             "  max_queue_delay_microseconds: 100",
             "}",

@@ -31,7 +31,15 @@ from crnet.data.episodes import EpisodeDataset, SampleIndex, TrainingEpisodes, c
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
 from crnet.device import resolve_device
 from crnet.errors import CRNetError, InputError, TrainingDiverged
-from crnet.files import OutputError, check_not_input, explain, only_writer, parse_json, write_text
+from crnet.files import (
+    FolderBusyError,
+    OutputError,
+    check_not_input,
+    explain,
+    only_writer,
+    parse_json,
+    write_text,
+)
 from crnet.model.crnet import build_model
 from crnet.model.loss import episode_loss
 
@@ -355,6 +363,8 @@ def train(
                 notice=notice,
                 how_to_continue=how_to_continue,
             )
+    except FolderBusyError:  # the folder is the other run's, which may not have written in it yet
+        raise
     except BaseException:
         for folder in reversed(made):  # the folders this run made, where it failed before writing in them
             with suppress(OSError):
