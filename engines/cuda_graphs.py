@@ -3,8 +3,8 @@
 The first call with a new signature (shapes, dtypes, strides) copies its inputs into buffers of its own,
 runs the function a few times off the capture (compilation, cuDNN's and Triton's choices, lazy
 initialisation), then captures one call; every later call with that signature copies its inputs into those
-buffers and replays the graph: one launch from the host, whatever the function launches. The output is the
-graph's own tensor, overwritten by the next replay: callers that keep it must copy it.
+buffers and replays the graph: one launch from the host, whatever the function launches. The graph's output
+is overwritten by the next replay: each call hands back a copy of it.
 
 Host cost per call: the input copies and the replay. torch.compile's mode="reduce-overhead" adds to its
 replay dynamo's guard checks and, in CUDAGraphNode.run (torch/_inductor/cudagraph_trees.py), a check of
@@ -14,6 +14,8 @@ every static input's address and a rebuild of the output tensors.
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,16 +36,21 @@ Capture = Callable[[Callable[..., torch.Tensor], list[torch.Tensor]], tuple[Call
 
 
 def capture_cuda_graph(function, inputs: list[torch.Tensor], warmup: int = 3):
-    """The capture recipe of torch.cuda.graphs: warm up on a side stream, then record one call."""
-    side = torch.cuda.Stream(inputs[0].device)
-    side.wait_stream(torch.cuda.current_stream(inputs[0].device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            function(*inputs)
-    torch.cuda.current_stream(inputs[0].device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = function(*inputs)
+    """The capture recipe of torch.cuda.graphs: warm up on a side stream, then record one call, on a
+    stream of the inputs' device. torch.cuda.graph's own capture stream is made once, on the device current
+    then (cuda:0): capturing work for cuda:1 there recorded nothing, and every replay gave the first
+    call's output again."""
+    device = inputs[0].device
+    with torch.cuda.device(device):
+        caller, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+        side.wait_stream(caller)
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                function(*inputs)
+        caller.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            output = function(*inputs)
     return graph.replay, output
 
 
@@ -100,31 +107,52 @@ class _Captured:
 
 
 class CapturedCalls:
-    """`function` (tensors in, one tensor out, no host synchronisation) as replays of captured graphs."""
+    """`function` (tensors in, one tensor out, no host synchronisation) as replays of captured graphs; each
+    call returns `finish(output)`, a tensor of the caller's own (by default a copy of the graph's output,
+    which the next replay overwrites). Calls from several threads, or on several CUDA streams, take their
+    turns: each one's copies in, replay and copy out, before the next one's."""
+
+    GRAPHS = 16  # signatures kept per function: each a memory pool; the least recently used goes first
 
     def __init__(
-        self, function: Callable[..., torch.Tensor], device: torch.device, capture: Capture | None = None
+        self,
+        function: Callable[..., torch.Tensor],
+        device: torch.device,
+        capture: Capture | None = None,
+        finish: Callable[[torch.Tensor], torch.Tensor] = torch.clone,
     ):
-        self.function, self.device = function, torch.device(device)
+        self.function, self.device, self.finish = function, torch.device(device), finish
         self.capture = capture or capture_cuda_graph
-        self.graphs: dict[Signature, _Captured] = {}
+        self.graphs: OrderedDict[Signature, _Captured] = OrderedDict()
+        self.turn = threading.Lock()
+        self.stream = None  # the CUDA stream of the last call
 
     def release(self) -> None:
         """Drop every graph with its buffers and memory pool; a later call captures again."""
-        self.graphs.clear()
+        with self.turn:
+            self.graphs.clear()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         signature = signature_of(inputs)
-        captured = self.graphs.get(signature)
-        if captured is None:
-            # Buffers on the runtime's device whatever the inputs' device: a replay never reads host memory.
-            static = [torch.empty_like(t, device=self.device) for t in inputs]
-            for buffer, tensor in zip(static, inputs, strict=True):
-                buffer.copy_(tensor)
-            replay, output = self.capture(self.function, static)
-            captured = self.graphs[signature] = _Captured(static, replay, output)
-        else:
-            for buffer, tensor in zip(captured.inputs, inputs, strict=True):
-                buffer.copy_(tensor, non_blocking=True)
-        captured.replay()  # also after a capture: recording a call runs none of its kernels
-        return captured.output
+        with self.turn:
+            if self.device.type == "cuda":  # on another stream than the last call: after that call's work
+                stream = torch.cuda.current_stream(self.device)
+                if self.stream is not None and stream != self.stream:
+                    stream.wait_stream(self.stream)
+                self.stream = stream
+            captured = self.graphs.get(signature)
+            if captured is None:
+                # Buffers on the runtime's device whatever the inputs': a replay never reads host memory.
+                static = [torch.empty_like(t, device=self.device) for t in inputs]
+                for buffer, tensor in zip(static, inputs, strict=True):
+                    buffer.copy_(tensor)
+                replay, output = self.capture(self.function, static)
+                captured = self.graphs[signature] = _Captured(static, replay, output)
+                if len(self.graphs) > self.GRAPHS:
+                    self.graphs.popitem(last=False)
+            else:
+                self.graphs.move_to_end(signature)
+                for buffer, tensor in zip(captured.inputs, inputs, strict=True):
+                    buffer.copy_(tensor, non_blocking=tensor.is_cuda)  # a host tensor may change after
+            captured.replay()  # also after a capture: recording a call runs none of its kernels
+            return self.finish(captured.output)

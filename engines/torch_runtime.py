@@ -101,6 +101,8 @@ class TorchRuntime(Runtime):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeUnavailable("torch runtime on cuda: torch sees no CUDA GPU")
+        if self.device.type == "cuda" and self.device.index is None:  # the GPU current now, for good
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if anchor:
             fused, channels_last, compile = False, True, True
             cuda_graphs = self.device.type == "cuda"
@@ -207,8 +209,12 @@ class TorchRuntime(Runtime):
             functions = compiled
         # cuDNN's timed choices are made on a thread of this runtime's own, and kept there (cuda_graphs.py).
         self._capture_thread = CaptureOnOwnThread(_cudnn_benchmark) if cudnn_benchmark else None
-        if cuda_graphs and not anchor:
-            functions = [CapturedCalls(f, self.device, self._capture_thread) for f in functions]
+        if cuda_graphs and not anchor:  # each call's result a tensor of the caller's: FP32 features, logits
+            finishes = [_fp32_copy, torch.clone, torch.clone, torch.clone]
+            functions = [
+                CapturedCalls(f, self.device, self._capture_thread, finish)
+                for f, finish in zip(functions, finishes, strict=True)
+            ]
         if compile or cuda_graphs:
             self._encode, self._segment, self._episode, self._query = functions
         self.anchor, self.freeze = anchor, freeze or anchor
@@ -244,11 +250,14 @@ class TorchRuntime(Runtime):
         return torch._inductor.config.patch(freezing=True) if self.freeze else contextlib.nullcontext()
 
     def _encoder_forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(images.to(self.dtype).contiguous(memory_format=self.memory_format))
+        # on the runtime's device whatever the caller's: as the ONNX Runtime and TensorRT runtimes take them
+        images = images.to(self.device, self.dtype)
+        return self.model.encode(images.contiguous(memory_format=self.memory_format))
 
     def _head_forward(self, features: torch.Tensor, vector: torch.Tensor, prototype: torch.Tensor):
         size = (self.input_size, self.input_size)
-        prompt = SupportPrompt(vector=vector.to(self.dtype), prototype=prototype.to(self.dtype))
+        vector, prototype = vector.to(self.device, self.dtype), prototype.to(self.device, self.dtype)
+        prompt = SupportPrompt(vector=vector, prototype=prototype)
         return self.model.segment(features, prompt, self.iterations, output_size=size).float()
 
     def _episode_forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -256,7 +265,7 @@ class TorchRuntime(Runtime):
         batch, shots = masks.shape[:2]
         features = self._encoder_forward(images)
         support = features[: batch * shots].unflatten(0, (batch, shots))
-        prompt = SupportPrompt.of_shots(self.model.shot_prompts, support, masks)
+        prompt = SupportPrompt.of_shots(self.model.shot_prompts, support, masks.to(self.device))
         return self._head_forward(features[batch * shots :], prompt.vector, prompt.prototype)
 
     def _query_forward(self, images: torch.Tensor, vector: torch.Tensor, prototype: torch.Tensor):
@@ -293,18 +302,27 @@ class TorchRuntime(Runtime):
             self._capture_thread.close()
 
     def _owned(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.clone() if self.options["cuda_graphs"] else tensor
+        """The anchor's outputs are its CUDA graphs' own, overwritten by the next replay (CapturedCalls
+        hands back copies)."""
+        return tensor.clone() if self.anchor and self.options["cuda_graphs"] else tensor
 
     @torch.inference_mode()
     def prompt_per_shot(self, features: torch.Tensor, foreground: torch.Tensor):
-        vector, prototype = self.model.shot_prompts(features.to(self.dtype), foreground)
+        features, foreground = features.to(self.device, self.dtype), foreground.to(self.device)
+        vector, prototype = self.model.shot_prompts(features, foreground)
         return vector.float(), prototype.float()
 
     @torch.inference_mode()
     def segment(self, features: torch.Tensor, prompt: SupportPrompt) -> torch.Tensor:
         self.check_segment(features, prompt)
         with self._compiling():
-            return self._owned(self._segment(features.to(self.dtype), prompt.vector, prompt.prototype))
+            features = features.to(self.device, self.dtype)
+            return self._owned(self._segment(features, prompt.vector, prompt.prototype))
+
+
+def _fp32_copy(features: torch.Tensor) -> torch.Tensor:
+    """A captured encoder's result as the runtimes return features: FP32, and a copy either way."""
+    return features.float() if features.dtype != torch.float32 else features.clone()
 
 
 def _require_triton(option: str, device: torch.device) -> None:

@@ -187,6 +187,7 @@ def first_calls(
         runtime.episode(query, supports, masks)
         features = runtime.encode(supports.flatten(0, 1)).unflatten(0, supports.shape[:2])
         runtime.query(query, runtime.prompt(features, masks))
+        runtime.encode(query)  # timed too: of B images, not B K as the supports' with --shots > 1
 
     failed, seconds = {}, {}
     for spec, runtime in runtimes:
@@ -306,7 +307,7 @@ def machine(settings: BenchSettings) -> dict:
         "cpu": _cpu_name(),
         "threads": settings.threads,
         "device": settings.device,
-        "gpu": torch.cuda.get_device_name() if settings.device.startswith("cuda") else None,
+        "gpu": torch.cuda.get_device_name(settings.device) if settings.device.startswith("cuda") else None,
         "torch": torch.__version__,
         "platform": platform.platform(),
     }

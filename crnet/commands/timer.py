@@ -17,18 +17,21 @@ class Timer:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.device = device
+        # `device`'s, not the current device's: with cuda:1 those synchronised and timed an idle GPU
+        self.sync = (lambda: torch.cuda.synchronize(device)) if self.cuda else (lambda: None)
         if self.cuda:
-            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            with torch.cuda.device(device):
+                self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
 
     def __call__(self, work: Callable[[], object]) -> tuple[float, float | None]:
         self.sync()
         start = time.perf_counter()
         if self.cuda:
-            self.events[0].record()
+            self.events[0].record(torch.cuda.current_stream(self.device))
         work()
         if self.cuda:
-            self.events[1].record()
+            self.events[1].record(torch.cuda.current_stream(self.device))
         self.sync()
         wall = time.perf_counter() - start
         gpu = self.events[0].elapsed_time(self.events[1]) / 1000.0 if self.cuda else None

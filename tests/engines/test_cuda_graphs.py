@@ -51,15 +51,62 @@ def test_one_capture_per_signature_and_replays_see_new_inputs() -> None:
     assert not {a.data_ptr(), b.data_ptr()} & set(buffers)
 
 
-def test_the_output_is_the_graphs_own_tensor() -> None:
-    """Each replay overwrites the output of the last: callers that keep one must copy it."""
+def test_each_call_hands_back_a_tensor_of_its_own() -> None:
+    """Each replay overwrites the graph's output: a call returns a copy (or what `finish` makes of it)."""
     calls = CapturedCalls(scaled_sum, torch.device("cpu"), capture=recording_capture([]))
     first = calls(torch.ones(2), torch.zeros(2))
-    kept = first.clone()
     second = calls(torch.zeros(2), torch.ones(2))
-    assert second is first
-    torch.testing.assert_close(kept, torch.full((2,), 2.0))
-    torch.testing.assert_close(first, torch.ones(2))
+    (graph,) = calls.graphs.values()
+    assert second is not first and first.data_ptr() != graph.output.data_ptr()
+    torch.testing.assert_close(first, torch.full((2,), 2.0))
+    torch.testing.assert_close(second, torch.ones(2))
+    halves = CapturedCalls(scaled_sum, torch.device("cpu"), recording_capture([]), finish=lambda t: t.half())
+    assert halves(torch.ones(2), torch.zeros(2)).dtype == torch.float16
+
+
+def test_calls_from_two_threads_take_turns() -> None:
+    """Another thread's call between this call's copies in and its copy out gave this call that one's
+    result (the static buffers are shared): a call now waits for the one under way."""
+    other = {}
+
+    def capture(function, inputs):
+        output = function(*inputs)
+
+        def replay():
+            if "thread" not in other:  # the first replay: another thread calls meanwhile
+
+                def call():
+                    other["result"] = calls(torch.full((2,), 5.0), torch.zeros(2))
+
+                other["thread"] = threading.Thread(target=call)
+                other["thread"].start()
+                other["thread"].join(timeout=0.5)  # taking turns, it waits for this call to end
+            output.copy_(function(*inputs))
+
+        return replay, output
+
+    calls = CapturedCalls(scaled_sum, torch.device("cpu"), capture=capture)
+    first = calls(torch.ones(2), torch.zeros(2))
+    other["thread"].join()
+    torch.testing.assert_close(first, torch.full((2,), 2.0))
+    torch.testing.assert_close(other["result"], torch.full((2,), 10.0))
+
+
+def test_the_least_recently_used_graph_makes_way() -> None:
+    """Every new shape kept a graph and its memory pool until close(): now at most GRAPHS per function."""
+    captured = []
+    calls = CapturedCalls(scaled_sum, torch.device("cpu"), capture=recording_capture(captured))
+    shapes = [(n, 3) for n in range(1, CapturedCalls.GRAPHS + 1)]
+    for shape in shapes:
+        calls(torch.randn(shape), torch.randn(shape))
+    calls(torch.randn(1, 3), torch.randn(1, 3))  # used again: the (2, 3) graph is now the oldest
+    calls(torch.randn(99, 3), torch.randn(99, 3))
+    assert len(calls.graphs) == CapturedCalls.GRAPHS and len(captured) == CapturedCalls.GRAPHS + 1
+    kept = {signature[0][0] for signature in calls.graphs}
+    assert (2, 3) not in kept and (1, 3) in kept and (99, 3) in kept
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    torch.testing.assert_close(calls(a, b), scaled_sum(a, b))  # captured again
+    assert len(captured) == CapturedCalls.GRAPHS + 2
 
 
 def test_a_capture_thread_captures_on_one_thread_of_its_own() -> None:
