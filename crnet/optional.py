@@ -29,3 +29,14 @@ def require(module: str, purpose: str) -> ModuleType:
         raise MissingDependencyError(
             f"{purpose} needs {module}, which is not installed ({error.msg}): {how}"
         ) from None
+
+
+_TENSORRT_LOGGERS: dict = {}
+
+
+def tensorrt_logger(trt):
+    """One trt.Logger (warnings and errors) for every TensorRT builder and runtime of the process: TensorRT
+    keeps the first it is given and warns when another comes."""
+    if trt not in _TENSORRT_LOGGERS:
+        _TENSORRT_LOGGERS[trt] = trt.Logger(trt.Logger.WARNING)
+    return _TENSORRT_LOGGERS[trt]

@@ -10,9 +10,8 @@ import torch
 from crnet.bundle import GRAPHS, Bundle, BundleError
 from crnet.engines.base import Runtime, RuntimeUnavailable, per_query
 from crnet.errors import CRNetError
-from crnet.export.tensorrt import shared_logger
 from crnet.model.crnet import SupportPrompt
-from crnet.optional import require
+from crnet.optional import require, tensorrt_logger
 
 
 def check_engine_source(bundle: Bundle, precision: str, graph: str) -> None:
@@ -120,7 +119,7 @@ class TensorRTRuntime(Runtime):
         self.iterations = self.bundle.iterations
         with torch.cuda.device(self.device):
             self.stream = torch.cuda.Stream(self.device)
-            self.logger = shared_logger(trt)
+            self.logger = tensorrt_logger(trt)
             self.runtime = trt.Runtime(self.logger)
             self.engines = {}
             for graph in GRAPHS:

@@ -15,7 +15,7 @@ from crnet.bundle import BatchRange
 from crnet.errors import CRNetError
 from crnet.export.writer import file_entry
 from crnet.files import write_bytes
-from crnet.optional import require
+from crnet.optional import require, tensorrt_logger
 
 DEFAULT_TIMING_CACHE = Path.home() / ".cache" / "crnet" / "tensorrt"
 
@@ -36,17 +36,6 @@ def fp16_source(trt) -> str:
     """Which ONNX graph an FP16 engine is built from on this TensorRT: 'fp32' + flag, or 'fp16' typed."""
     weak_typing = major_version(trt) < 11 and hasattr(trt.BuilderFlag, "FP16")
     return "fp32" if weak_typing else "fp16"
-
-
-_LOGGERS: dict = {}
-
-
-def shared_logger(trt):
-    """One trt.Logger for every builder and runtime of the process: TensorRT keeps the first it is given
-    and warns when another comes."""
-    if trt not in _LOGGERS:
-        _LOGGERS[trt] = trt.Logger(trt.Logger.WARNING)
-    return _LOGGERS[trt]
 
 
 def builder_here(why: str = "--tensorrt"):
@@ -88,7 +77,7 @@ def check_timing_cache(path: Path) -> None:
     if not path.is_file():
         return
     trt, _ = builder_here()
-    builder = trt.Builder(shared_logger(trt))
+    builder = trt.Builder(tensorrt_logger(trt))
     load_timing_cache(trt, builder.create_builder_config(), path, given=True)
 
 
@@ -103,7 +92,7 @@ def build_engine(
     timing_cache: Path,
     cache_given: bool = True,
 ) -> None:
-    logger = shared_logger(trt)
+    logger = tensorrt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     if not fp16_flag and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
