@@ -287,26 +287,34 @@ def test_a_finished_bench_is_not_interrupted(result) -> None:
     assert "INTERRUPTED" not in format_table(result)
 
 
-def test_crnet_bench_interrupted_writes_its_rounds_and_exits_130(
-    micro_checkpoint, bench_root, monkeypatch, capsys, tmp_path
-) -> None:
+def interrupted_bench(checkpoint, data, out, monkeypatch) -> int:
+    """`crnet bench` of one torch row into `out`, interrupted after its first whole timed round of 4; its
+    exit code."""
     import sys
 
     import crnet.commands.bench as bench
     from crnet.commands import cli
 
     monkeypatch.setattr(bench, "Timer", InterruptingTimer(2 * CALLS_PER_ROUND + 1))  # one timed round whole
-    out = tmp_path / "bench.json"
-    chart = out.with_suffix(".png")
-    chart.write_bytes(b"an earlier run's chart")
-    monkeypatch.setattr(bench, "is_bench_chart", lambda path: path == chart)
-    argv = ["crnet", "bench", str(micro_checkpoint), "--data", str(bench_root), "--runtime"]
+    argv = ["crnet", "bench", str(checkpoint), "--data", str(data), "--runtime"]
     argv += ["torch:fp32+channels-last", "--episodes", "0", "--warmup", "1", "--repeats", "4"]
     argv += ["--device", "cpu", "--json", str(out), "--no-progress"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
-    assert exit_info.value.code == 130
+    return exit_info.value.code
+
+
+def test_crnet_bench_interrupted_writes_its_rounds_and_exits_130(
+    micro_checkpoint, bench_root, monkeypatch, capsys, tmp_path
+) -> None:
+    import crnet.commands.bench as bench
+
+    out = tmp_path / "bench.json"
+    chart = out.with_suffix(".png")
+    chart.write_bytes(b"an earlier run's chart")
+    monkeypatch.setattr(bench, "is_bench_chart", lambda path: path == chart)
+    assert interrupted_bench(micro_checkpoint, bench_root, out, monkeypatch) == 130
     stdout, stderr = capsys.readouterr()
     assert "INTERRUPTED after 1 of 4 timed rounds" in stdout and "| torch fp32 channels-last" in stdout
     lines = stderr.splitlines()
@@ -494,31 +502,19 @@ def test_an_interrupted_bench_keeps_an_earlier_whole_result(
     micro_checkpoint, bench_root, monkeypatch, capsys, tmp_path
 ) -> None:
     """An interrupt replaced a complete earlier bench.json and chart with two rounds of a new run."""
-    import sys
-
     import crnet.commands.bench as bench
-    from crnet.commands import cli
 
     out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
     earlier = {"schema": bench.SCHEMA, "interrupted": False, "runtimes": []}
     out.write_text(json.dumps(earlier))
     chart.write_bytes(b"the earlier run's chart")
     monkeypatch.setattr(bench, "is_bench_chart", lambda path: path == chart)
-    monkeypatch.setattr(bench, "Timer", InterruptingTimer(2 * CALLS_PER_ROUND + 1))
-    argv = ["crnet", "bench", str(micro_checkpoint), "--data", str(bench_root), "--runtime"]
-    argv += ["torch:fp32+channels-last", "--episodes", "0", "--warmup", "1", "--repeats", "4"]
-    argv += ["--device", "cpu", "--json", str(out), "--no-progress"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 130
+    assert interrupted_bench(micro_checkpoint, bench_root, out, monkeypatch) == 130
     stdout, stderr = capsys.readouterr()
     assert "INTERRUPTED after 1 of 4 timed rounds" in stdout  # the table of the rounds done, still
     assert f"kept {out} and its chart: they hold a whole run; these rounds are not saved" in stderr
     assert json.loads(out.read_text()) == earlier and chart.read_bytes() == b"the earlier run's chart"
     # an earlier interrupted result is replaced, as an absent one is written
     out.write_text(json.dumps(earlier | {"interrupted": True}))
-    monkeypatch.setattr(bench, "Timer", InterruptingTimer(2 * CALLS_PER_ROUND + 1))
-    with pytest.raises(SystemExit):
-        cli.main()
+    assert interrupted_bench(micro_checkpoint, bench_root, out, monkeypatch) == 130
     assert json.loads(out.read_text())["settings"]["repeats_done"] == 1
