@@ -403,7 +403,7 @@ def _train(
         )
     # Under torchrun rank 0 writes the run directory. Locked before its state is read where it exists
     # (another run may be writing it), else once made.
-    locked = os.environ.get("RANK", "0") == "0" and out_dir.is_dir()
+    locked = _environment_number("RANK", "0", 0, MAX_WORLD) == 0 and out_dir.is_dir()
     if locked:
         held.enter_context(only_writer(out_dir, "crnet train"))
     unsaved = unsaved_run(out_dir)
