@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,13 @@ from crnet.data.masks import read_binary_mask
 from crnet.data.pascal import read_image
 from crnet.engines import RuntimeSpec, deployed_gpu, open_runtime, runtime_device
 from crnet.engines.base import Runtime
-from crnet.errors import CheckpointError, CRNetError, EmptySupportMaskError, NoSupportError
+from crnet.errors import (
+    CheckpointError,
+    CRNetError,
+    CRNetWarning,
+    EmptySupportMaskError,
+    NoSupportError,
+)
 from crnet.files import (
     NAME_MAX,
     StagedDirectory,
@@ -163,6 +170,29 @@ def output_names(queries: list[Path]) -> list[str]:
     return names
 
 
+class QueryImages:
+    """Every query decoded once up front, so that an unreadable one is an error before anything is
+    computed; the decoded images are kept for the work while they fit in KEPT_BYTES, and the rest are read
+    again when their turn comes (a folder of phone photos is tens of MB each, decoded)."""
+
+    KEPT_BYTES = 1 << 30
+
+    def __init__(self, paths: list[Path]):
+        self.paths, self.kept, kept_bytes = paths, {}, 0
+        for index, path in enumerate(paths):
+            image = read_image(path, as_shown=True)
+            if kept_bytes + image.nbytes <= self.KEPT_BYTES:
+                self.kept[index], kept_bytes = image, kept_bytes + image.nbytes
+
+    def take(self, index: int) -> np.ndarray:
+        """The query's image, given up by this object (read again if it was not kept)."""
+        if index in self.kept:
+            return self.kept.pop(index)
+        with warnings.catch_warnings():  # its warnings (an animation's frames) were given at the first read
+            warnings.simplefilter("ignore", CRNetWarning)
+            return read_image(self.paths[index], as_shown=True)
+
+
 def infer(
     engine: Path,
     supports: list[Path],
@@ -227,7 +257,7 @@ def segment_into(
         size = runner.input_size
         # Every input is read and checked before anything is computed or written.
         loaded = [load_support(i, m, size) for i, m in zip(supports, support_masks, strict=True)]
-        query_images = [read_image(q, as_shown=True) for q in queries]
+        query_images = QueryImages(queries)
         runner.check_batch(len(loaded))
         progress(0)  # every input checked: a progress bar may show from here
         images = torch.stack([t for t, _ in loaded]).to(device)
@@ -238,7 +268,7 @@ def segment_into(
             batch_size = min(batch_size, runner.max_batch)
         records = []
         for start in range(0, len(queries), batch_size):
-            chunk = query_images[start : start + batch_size]
+            chunk = [query_images.take(i) for i in range(start, min(start + batch_size, len(queries)))]
             tensors = torch.stack([to_model_input(image, None, size)[0] for image in chunk]).to(device)
             logits = runner.query(tensors, prompt).float().cpu()  # one prompt serves every query
             for i, image in enumerate(chunk):

@@ -197,6 +197,41 @@ def test_a_run_stopped_partway_leaves_the_folder_as_it_was(
     assert [p.name for p in tmp_path.rglob("*") if ".partial-" in p.name or ".old-" in p.name] == []
 
 
+def test_queries_past_the_kept_bytes_are_read_again_with_the_same_masks(
+    pictures, micro_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """Decoded queries are kept for the work only up to QueryImages.KEPT_BYTES (a folder of photos would
+    otherwise all be in memory at once); the others are read a second time, with the same masks, and an
+    animation's warning is given once."""
+    import crnet.commands.infer as inferring
+
+    frames = [Image.open(pictures / "support.png").rotate(angle) for angle in (0, 90)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:])
+    queries = [pictures / "query.jpg", tmp_path / "clip.gif", pictures / "gray.png"]
+    support, mask = [pictures / "support.png"], [pictures / "mask.png"]
+    reads, real_read = [], inferring.read_image
+
+    def counted_read(path, **kwargs):
+        if Path(path) in queries:
+            reads.append(Path(path).name)
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(inferring, "read_image", counted_read)
+    infer(micro_checkpoint, support, mask, queries, tmp_path / "kept", batch_size=2)
+    assert reads == ["query.jpg", "clip.gif", "gray.png"]
+    reads.clear()
+    monkeypatch.setattr(inferring.QueryImages, "KEPT_BYTES", 64 * 48 * 3)  # the first query's bytes alone
+    with pytest.warns(CRNetWarning, match="clip.gif holds 2 frames") as caught:
+        infer(micro_checkpoint, support, mask, queries, tmp_path / "read_again", batch_size=2)
+    assert reads == ["query.jpg", "clip.gif", "gray.png", "clip.gif", "gray.png"]
+    assert len([w for w in caught if "frames" in str(w.message)]) == 1
+    names = sorted(p.name for p in (tmp_path / "kept").iterdir() if p.suffix == ".png")
+    assert names == sorted(p.name for p in (tmp_path / "read_again").iterdir() if p.suffix == ".png")
+    for name in names:
+        kept = np.asarray(Image.open(tmp_path / "kept" / name))
+        assert np.array_equal(kept, np.asarray(Image.open(tmp_path / "read_again" / name)))
+
+
 def test_a_checkpoint_under_another_name_is_a_checkpoint(pictures, micro_checkpoint, tmp_path) -> None:
     renamed = Path(shutil.copy(micro_checkpoint, tmp_path / "model.PTH"))
     support, mask = [pictures / "support.png"], [pictures / "mask.png"]
