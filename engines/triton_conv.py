@@ -27,6 +27,7 @@ check it on a machine without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable
@@ -276,6 +277,13 @@ def candidates(
     return [c for c in configs if c.split == 1 or branches * _tiles(c, pixels, out_channels) <= SLOT_TILES]
 
 
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The tensors' CUDA device made current: Triton launches a kernel on the current device's current
+    stream (JITFunction.run, python/triton/runtime/jit.py), whatever device its tensors are on, and the
+    candidates' timing synchronises and captures on the current device too."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _counters(device: torch.device, slot: int) -> torch.Tensor:
     with _LOCK:
         if device not in _COUNTERS:  # zero once; every call leaves its counters at zero again
@@ -405,21 +413,22 @@ def branches_nhwc(
         )  # fmt: skip
         return outputs
 
-    choice = config or _CHOSEN.get(key)
-    if pixels == 0:
-        return run(CONFIGS[0])  # empty outputs: nothing to launch or to time
-    if choice is None:
-        configs = candidates(pixels, channels, out_channels, count, x.device)
-        if column_sums:  # a tile may span two images, not three; smaller maps take the library's way
-            configs = [c for c in configs if c.bm <= height * width]
-        if not configs and library is None:
-            raise ValueError(f"column sums of {height}x{width} maps need the library's way")
-        choice = _choose(key, configs, run, library, x.device) if configs else LIBRARY
-    if column_sums and choice != LIBRARY and choice.bm > height * width:
-        raise ValueError(f"column sums with {choice.bm}-pixel tiles need maps of as many pixels")
-    if config is None:
-        remember_call_site(slot, x.shape, key, choice)
-    return library() if choice == LIBRARY else run(choice)
+    with on_device(x.device):  # each launch, and the timing of the candidates
+        choice = config or _CHOSEN.get(key)
+        if pixels == 0:
+            return run(CONFIGS[0])  # empty outputs: nothing to launch or to time
+        if choice is None:
+            configs = candidates(pixels, channels, out_channels, count, x.device)
+            if column_sums:  # a tile may span two images, not three; smaller maps take the library's way
+                configs = [c for c in configs if c.bm <= height * width]
+            if not configs and library is None:
+                raise ValueError(f"column sums of {height}x{width} maps need the library's way")
+            choice = _choose(key, configs, run, library, x.device) if configs else LIBRARY
+        if column_sums and choice != LIBRARY and choice.bm > height * width:
+            raise ValueError(f"column sums with {choice.bm}-pixel tiles need maps of as many pixels")
+        if config is None:
+            remember_call_site(slot, x.shape, key, choice)
+        return library() if choice == LIBRARY else run(choice)
 
 
 # Each candidate is timed as the deployed path runs it: many calls captured in one CUDA graph and replayed,

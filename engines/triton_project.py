@@ -34,6 +34,7 @@ from crnet.engines.triton_conv import (
     Library,
     _choose,
     _counters,
+    on_device,
     remember_call_site,
     split_sum,
 )
@@ -193,14 +194,15 @@ def project_classify(
         )  # fmt: skip
         return [logits, probs]
 
-    choice = config or _CHOSEN.get(key)
-    if pixels == 0:
-        return run(CONFIGS[0])
-    if choice is None:
-        choice = _choose(key, candidates(pixels, x.device), run, library, x.device)
-    if config is None:
-        remember_call_site(slot, x.shape, key, choice)
-    return library() if choice == LIBRARY else run(choice)
+    with on_device(x.device):  # each launch, and the timing of the candidates
+        choice = config or _CHOSEN.get(key)
+        if pixels == 0:
+            return run(CONFIGS[0])
+        if choice is None:
+            choice = _choose(key, candidates(pixels, x.device), run, library, x.device)
+        if config is None:
+            remember_call_site(slot, x.shape, key, choice)
+        return library() if choice == LIBRARY else run(choice)
 
 
 def candidates(pixels: int, device: torch.device) -> list[ProjectConfig]:
@@ -297,7 +299,8 @@ def pooling_term(
                 )  # fmt: skip
         return out
 
-    choice = config or _CHOSEN.get(key)
-    if choice is None:
-        choice = _choose(key, POOLING_CONFIGS, run, library, sums.device)  # off CUDA: the first
-    return library() if choice == LIBRARY else run(choice)
+    with on_device(sums.device):  # each launch, and the timing of the candidates
+        choice = config or _CHOSEN.get(key)
+        if choice is None:
+            choice = _choose(key, POOLING_CONFIGS, run, library, sums.device)  # off CUDA: the first
+        return library() if choice == LIBRARY else run(choice)

@@ -2,6 +2,7 @@
 interpreter on a CPU, compiled on a GPU), the split counters left at zero, the custom op's fake, and on
 CUDA the runtime with its graphs captured (what the head options share: test_head_options.py)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -420,6 +421,60 @@ def test_each_shape_runs_the_faster_of_the_kernel_and_the_library(monkeypatch) -
         x, torch.randn(72, 8), None, None, (3, 3), (1, 1), (1, 1), False, library=lambda: marker
     )
     assert got is marker
+
+
+def test_each_launch_and_timing_runs_on_its_tensors_device(monkeypatch) -> None:
+    """Triton launches on the current CUDA device: with the tensors on cuda:1 and cuda:0 current, the
+    kernels went to cuda:0's stream. Every launch, and the timing of the candidates, happens inside
+    on_device(the tensors' device). Kernels and timing faked, the calls real."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    from crnet.engines import triton_conv as tc
+    from crnet.engines import triton_project as tp
+
+    second = tc.on_device(torch.device("cuda", 1))
+    assert isinstance(second, torch.cuda.device) and second.idx == 1
+    assert isinstance(tc.on_device(torch.device("cpu")), contextlib.nullcontext)
+    current, seen = [], []
+
+    @contextlib.contextmanager
+    def recorded(device):
+        current.append(device)
+        yield
+        current.pop()
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append((self.name, list(current)))
+
+    def choose(key, configs, run, library, device):
+        seen.append(("choose", list(current)))
+        return configs[0]
+
+    for module in (tc, tp):
+        monkeypatch.setattr(module, "on_device", recorded)
+        monkeypatch.setattr(module, "_choose", choose)
+    monkeypatch.setattr(tc, "_CHOSEN", {})
+    monkeypatch.setattr(tp, "_CHOSEN", {})
+    for name in ("_conv_kernel", "_project_classify_kernel", "_pooling_step_kernel"):
+        monkeypatch.setattr(tc if name == "_conv_kernel" else tp, name, Kernel(name))
+    monkeypatch.setattr(tc, "candidates", lambda *args: tc.CONFIGS[:1])
+    monkeypatch.setattr(tp, "candidates", lambda *args: tp.CONFIGS[:1])
+    x, cpu = torch.randn(1, 8, 5, 5), torch.device("cpu")
+    tc.conv2d_nhwc(x, torch.randn(72, 8), None, None, (3, 3), (1, 1), (1, 1), False)
+    tp.project_classify(
+        x, torch.randn(8, 4), torch.randn(1, 4), torch.randn(4, 16), torch.randn(2), torch.channels_last
+    )
+    tp.pooling_term(
+        torch.randn(1, 2, 4), 25, torch.randn(4, 4), torch.randn(4), torch.randn(4, 4), torch.randn(4)
+    )
+    pooling = "_pooling_step_kernel"  # two steps: the pooling convolution, then its share of the projection
+    assert [name for name, _ in seen] == [
+        "choose", "_conv_kernel", "choose", "_project_classify_kernel", "choose", pooling, pooling
+    ]  # fmt: skip
+    assert all(devices == [cpu] for _, devices in seen), seen
 
 
 def test_the_bench_json_says_what_each_shape_ran(monkeypatch) -> None:
