@@ -52,17 +52,27 @@ class Runtime(ABC):
         logits at input size, channel 1 the object (implementations call check_segment)."""
 
     def check_images(self, images: torch.Tensor, name: str = "images") -> None:
+        self.check_open()
         check_images(images, name, self.input_size)
 
     def check_segment(self, features: torch.Tensor, prompt: SupportPrompt) -> None:
+        self.check_open()
         check_features(features, "B, C, s, s", "query features")
         check_prompt(prompt, *features.shape[:2])
 
-    def close(self) -> None:  # noqa: B027 - runtimes without resources keep the default
-        """Release sessions, engines and device memory."""
+    closed = False
+
+    def close(self) -> None:
+        """Release sessions, engines, weights and device memory; every later call is refused."""
+        self.closed = True
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"this {self.label} runtime is closed: open another")
 
     def prompt(self, features: torch.Tensor, masks: torch.Tensor) -> SupportPrompt:
         """(B, K, C, s, s) support features and (B, K, S, S) masks of 0/1/255 -> the k-shot prompt."""
+        self.check_open()
         check_features(features, "B, K, C, s, s", "support features")
         check_support_masks(features, masks, self.input_size, side=features.shape[-1])
         return SupportPrompt.of_shots(self.prompt_per_shot, features, masks)
@@ -71,6 +81,7 @@ class Runtime(ABC):
         """Query (B, 3, S, S), supports (B, K, 3, S, S), masks (B, K, S, S) -> logits (B, 2, S, S).
         Supports and queries are encoded in one call (one launch sequence instead of two) where the
         runtime's batch limit allows."""
+        self.check_open()
         check_episode(query, supports, masks, self.input_size)
         return self._run_episode(query, supports, masks)
 

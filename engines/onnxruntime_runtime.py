@@ -125,6 +125,7 @@ class OnnxRuntime(Runtime):
         return features
 
     def prompt_per_shot(self, features: torch.Tensor, foreground: torch.Tensor):
+        self.check_open()
         vector, prototype = self._run("prompt", {"features": features, "foreground": foreground})
         return vector, prototype
 
@@ -136,3 +137,4 @@ class OnnxRuntime(Runtime):
 
     def close(self) -> None:
         self.sessions.clear()
+        super().close()

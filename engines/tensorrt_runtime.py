@@ -135,6 +135,7 @@ class TensorRTRuntime(Runtime):
         return self.engines["encoder"]({"images": images}, self.stream)["features"]
 
     def prompt_per_shot(self, features: torch.Tensor, foreground: torch.Tensor):
+        self.check_open()
         self.check_batch(features.shape[0])
         outputs = self.engines["prompt"]({"features": features, "foreground": foreground}, self.stream)
         return outputs["vector"], outputs["prototype"]
@@ -148,3 +149,4 @@ class TensorRTRuntime(Runtime):
 
     def close(self) -> None:
         self.engines.clear()
+        super().close()

@@ -300,6 +300,9 @@ class TorchRuntime(Runtime):
                 function.release()
         if self._capture_thread is not None:
             self._capture_thread.close()
+        # the weights too: a closed runtime that the caller still holds keeps no device memory of its own
+        self.model = self._encode = self._segment = self._episode = self._query = None
+        super().close()
 
     def _owned(self, tensor: torch.Tensor) -> torch.Tensor:
         """The anchor's outputs are its CUDA graphs' own, overwritten by the next replay (CapturedCalls
@@ -308,6 +311,7 @@ class TorchRuntime(Runtime):
 
     @torch.inference_mode()
     def prompt_per_shot(self, features: torch.Tensor, foreground: torch.Tensor):
+        self.check_open()
         features, foreground = features.to(self.device, self.dtype), foreground.to(self.device)
         vector, prototype = self.model.shot_prompts(features, foreground)
         return vector.float(), prototype.float()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from unittest.mock import patch
 
 import pytest
@@ -82,6 +84,37 @@ def test_every_output_is_fp32_whatever_the_precision(runtime) -> None:
     outputs = {"features": features, "vector": prompt.vector, "prototype": prompt.prototype}
     outputs["logits"] = runtime.segment(features, prompt)
     assert {name: x.dtype for name, x in outputs.items()} == dict.fromkeys(outputs, torch.float32)
+
+
+@pytest.mark.parametrize("text", SPECS)
+def test_a_closed_runtime_refuses_every_call_and_lets_its_weights_go(
+    text, micro_checkpoint, micro_bundle
+) -> None:
+    """close() released the CUDA graphs but not the torch runtime's weights, and a later call on any
+    runtime captured again or failed with a KeyError of its own."""
+    query, supports, masks = episode(1)
+    opened = open_runtime(
+        RuntimeSpec.parse(text), checkpoint=micro_checkpoint, bundle=load_bundle(micro_bundle), threads=1
+    )
+    features = opened.encode(supports.flatten(0, 1))
+    prompt = opened.prompt(features.unflatten(0, (2, 1)), masks)
+    weights = weakref.ref(opened.model) if isinstance(opened, TorchRuntime) else None
+    opened.close()
+    opened.close()  # twice is once
+    calls = [
+        lambda: opened.encode(query),
+        lambda: opened.prompt(features.unflatten(0, (2, 1)), masks),
+        lambda: opened.prompt_per_shot(features, masks[:, 0, None].float()),
+        lambda: opened.segment(features, prompt),
+        lambda: opened.episode(query, supports, masks),
+        lambda: opened.query(query, prompt),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=f"this {opened.label} runtime is closed"):
+            call()
+    if weights is not None:
+        gc.collect()
+        assert weights() is None
 
 
 def test_zero_shots_is_refused(runtime) -> None:
