@@ -22,17 +22,20 @@
 # 4. then the GPU to itself, one after the other: `crnet bench` of r50 at batch 1 and at batch 64 (all rows
 #    side by side, the anchor among them; a row whose warm-up ran out of time stays out, as it would compile
 #    inside the bench, past its cap); a batch-64 kernel profile of the deployed row and the candidates; if
-#    time is left, which module and op launched each kernel, run eagerly, of the deployed row at batch 1 and
+#    time is left, the neck alone in each form from 2 to 128 images (benchmarks/neck_shapes.py); which
+#    module and op launched each kernel, run eagerly, of the deployed row at batch 1 and
 #    of the candidate at batch 64 (benchmarks/kernel_owners.py), a batch-1 profile of the deployed and
 #    Triton rows, and the native op against the compiled loop under graph replay (bench_ops).
-# The rows (since 2026-11-27, thirteenth session): the deployed row, the anchor, and three candidates on the
+# The rows (since 2026-11-27, fifteenth session): the deployed row, the anchor, and two candidates on the
 # deployed row: `+split-neck`, the encoder's neck as bare convolutions over pieces of at most 512 channels
 # (the sixth run's kernels' owners: the layer3 half's 1024-channel convolution, with cuDNN's add-ReLU
 # epilogue, took 2.45 ms of the batch-64 episode on an sm80 kernel, the layer2 half's 512-channel one 0.63
-# ms on an sm90 one), each layer3 piece a copy of its channel slice; `+grouped-neck`, the same pieces as
-# one grouped convolution over the whole map, no copies; and `+triton-head` (faster than the deployed row
-# at batch 1 in the sixth run, slower in the fifth, slower at batch 64 in every run: the best batch-1 row
-# to know, never one to deploy). `+bare-neck` made way after the sixth run (level with the deployed row at
+# ms on an sm90 one), each layer3 piece a copy of its channel slice: in the seventh run 0.9% faster at
+# batch 64, 1.5% slower at batch 1; and `+triton-head` (faster than the deployed row at batch 1 in the
+# sixth and seventh runs, slower in the fifth, slower at batch 64 in every run: the best batch-1 row to
+# know, never one to deploy). `+grouped-neck` (the split's pieces as one grouped convolution, which cuDNN
+# ran by slicing the groups itself: 1.6% slower at batch 64, 1.4% at batch 1) made way after the seventh
+# run. `+bare-neck` made way after the sixth run (level with the deployed row at
 # batch 64, 25.65 against 25.61 ms, 0.03 ms slower at batch 1), and so did `+cudnn-benchmark` (0.6% faster
 # at batch 64, 1.8% slower at batch 1; its captures time cuDNN's algorithms for every convolution, the
 # longest warm-up). The Triton shapes' table (benchmarks/triton_shapes.py) made way for the kernels' owners
@@ -43,7 +46,9 @@
 # size beside the other rows' compiles, which spent 90 s of the run on nothing; CHECK_ROWS can bring them
 # back for a run of their own. The suite gets 120 s (SUITE_CAP), beside the tiny accuracy (done at t=199 s in
 # the sixth run), with its GPU-only tests first; benchmarks/unreached_tests.py runs the rest on the
-# still-warm machine, the slow ones first (four compiling tests have no outcome in any GPU log yet).
+# still-warm machine, the slow ones first (the +max-autotune row of test_gpu_runtimes_match_the_model has
+# no outcome in any GPU log yet: the seventh run's rerun stopped at its deadline with it and the
+# +concurrent-aspp row still compiling).
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
 # profile.txt (the kernels' owners too), profile.json.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
@@ -79,8 +84,7 @@ WORK=$(mktemp -d)
 # native op (bench_ops measures it against the compiled loop); the rehearsal's CPU refuses cuDNN's epilogues.
 if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
-  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+split-neck+compile+torch-loop
-    torch:fp32+grouped-neck+compile+torch-loop)
+  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+split-neck+compile+torch-loop)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
 else
   # The tests that only a GPU exercises first (Triton's kernels, the options, the graphs), so that a suite cut
@@ -93,7 +97,7 @@ else
   # The deployed row on 400 episodes: a check that its FP16 masks still agree (the 1000-episode figures of
   # 2026-11-26 stand); 1000 made this the step that the compiles waited for (t=266 s against the suite's 200).
   TINY=("$DEPLOYED" 400)
-  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+split-neck" "$DEPLOYED+grouped-neck" "$DEPLOYED+triton-head")
+  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+split-neck" "$DEPLOYED+triton-head")
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
@@ -215,6 +219,15 @@ step "where the GPU time goes at batch $LARGE: the deployed row and ${PROFILED[*
 within 80 python3 benchmarks/gpu_profile.py "$MODEL" --batch "$LARGE" --calls 3 --json "$OUT/profile.json" \
   "${DEVICE[@]}" "--spec=${ROWS[0]}" "${PROFILED[@]/#/--spec=}" >"$OUT/profile.txt" 2>&1
 grep -E "^(==|episode|query|    )" "$OUT/profile.txt" | grep "batch $LARGE" -A12 | tee -a "$LOG"
+
+# Where between 2 and 128 images the neck's layer3 half leaves cuDNN's sm90 kernels, and which form of the
+# neck (fused, bare, split, the fused one on chunks of the batch) is the faster at each count: a deployed
+# row that splits only where it pays needs the crossover (eager and captured; about 30 s).
+step "the neck alone in each form, 2 to 128 images, with its convolution kernels"
+within 60 python3 benchmarks/neck_shapes.py --preset "$PRESET" "${DEVICE[@]}" --no-compile --kernels \
+  --repeats 20 --images 2 --images 8 --images 32 --images 64 --images 128 >"$WORK/necks.log" 2>&1
+cat "$WORK/necks.log" >>"$OUT/profile.txt"
+grep -E "^\|" "$WORK/necks.log" | tee -a "$LOG"
 
 # What is left of the budget goes to the decisions that matter less.
 # Batch 1 first: the sixth run named batch 64's owners and ran out of budget before batch 1's (its 204 kernels,

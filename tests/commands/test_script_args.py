@@ -164,3 +164,23 @@ def test_scripts_say_torch_cannot_start_in_one_line(command) -> None:
     assert lines[0].startswith(
         "error: PyTorch cannot start in this environment: Invalid log settings: garbage"
     )
+
+
+def test_neck_shapes_times_every_form_of_the_neck_on_a_cpu() -> None:
+    """benchmarks/neck_shapes.py, for the GPU run's question (where the layer3 half leaves cuDNN's sm90
+    kernels), checked on a CPU: every form of the neck is the concatenating neck's function."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/neck_shapes.py", "--preset", "tiny", "--images", "2", "--images", "40"]
+        + ["--device", "cpu", "--no-compile", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith(("| 2 |", "| 40 |"))]
+    forms = {(row[0].strip("| "), row[1]) for row in rows}
+    chunked = {("40", "fused, chunks of 16 images"), ("40", "fused, chunks of 32 images")}
+    assert {("2", "fused (deployed)"), ("40", "split, pieces of 512")} | chunked <= forms
+    assert ("2", "fused, chunks of 16 images") not in forms  # no chunk of fewer images than the batch
+    assert all(float(row[5].strip(" |")) < 1e-4 for row in rows)
