@@ -6,7 +6,8 @@ own: under torchrun (DDP with gloo), or alone to be killed with SIGKILL.
 With HOLD_AFTER_FIRST_CHECKPOINT=1 in its environment the run waits after its first checkpoint, to be
 killed there: on a loaded machine the killer may otherwise see that checkpoint only after the last one.
 With SIGTERM_RANK_1_AT_LOSS=N, rank 1 alone sends itself SIGTERM at its Nth loss (two a step): a signal
-that reaches one process of a DDP run. With CLI=1 it runs `crnet train` on the micro model (as the
+that reaches one process of a DDP run. With DATA_FAILS_ON_RANK_1_AT_ITEM=N, rank 1's Nth episode cannot be
+read (two a step). With SEED=N, the run's --seed. With CLI=1 it runs `crnet train` on the micro model (as the
 tiny preset) with the same settings, as a user's torchrun would.
 """
 
@@ -23,7 +24,12 @@ MICRO = TINY.replace(input_size=33, width=8, blocks=(1, 1, 1), channels=16)
 
 def config(steps: int, checkpoint_every: int = 2, workers: int = 0) -> TrainConfig:
     return TrainConfig(
-        steps=steps, batch_size=2, checkpoint_every=checkpoint_every, log_every=1, workers=workers
+        steps=steps,
+        batch_size=2,
+        checkpoint_every=checkpoint_every,
+        log_every=1,
+        workers=workers,
+        seed=int(os.environ.get("SEED", "0")),
     )
 
 
@@ -55,11 +61,28 @@ def sigterm_at_loss(n: int) -> None:
     training.episode_loss = loss
 
 
+def data_fails_at_item(n: int) -> None:
+    from crnet.data.episodes import EpisodeDataset
+    from crnet.errors import ImageReadError
+
+    calls, real_item = [0], EpisodeDataset.__getitem__
+
+    def item(self, index):
+        calls[0] += 1
+        if calls[0] == n:
+            raise ImageReadError("cannot read image syn_train_000008.jpg: Truncated File Read")
+        return real_item(self, index)
+
+    EpisodeDataset.__getitem__ = item
+
+
 if __name__ == "__main__":
     if os.environ.get("HOLD_AFTER_FIRST_CHECKPOINT") == "1":
         hold_after_first_checkpoint()
     if "SIGTERM_RANK_1_AT_LOSS" in os.environ and os.environ.get("RANK") == "1":
         sigterm_at_loss(int(os.environ["SIGTERM_RANK_1_AT_LOSS"]))
+    if "DATA_FAILS_ON_RANK_1_AT_ITEM" in os.environ and os.environ.get("RANK") == "1":
+        data_fails_at_item(int(os.environ["DATA_FAILS_ON_RANK_1_AT_ITEM"]))
     root, out, *numbers = sys.argv[1:]
     settings = config(*map(int, numbers))
     if os.environ.get("CLI") == "1":
@@ -68,7 +91,7 @@ if __name__ == "__main__":
 
         crnet.config.preset = lambda name: MICRO
         options = {"steps": settings.steps, "batch-size": settings.batch_size, "workers": settings.workers}
-        options["checkpoint-every"] = settings.checkpoint_every
+        options |= {"checkpoint-every": settings.checkpoint_every, "seed": settings.seed}
         sys.argv = ["crnet", "train", "--data", root, "--out", out, "--preset", "tiny", "--device", "cpu"]
         sys.argv += ["--no-progress"] + [f"--{name}={value}" for name, value in options.items()]
         main()

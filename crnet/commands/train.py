@@ -141,6 +141,18 @@ class Distributed:
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = resolve_device(str(device))  # "cuda" without a GPU: one line, not torch's assertion
+        if self.world > 1 and self.device.type == "cuda":
+            # One GPU a process, the one torchrun numbers on its machine: "cuda" put every rank on cuda:0
+            # (NCCL does not take one device as several ranks), and the object collectives of the
+            # checkpoints run on the current device, which torch.distributed leaves to torch.cuda.set_device.
+            if self.device.index is None:
+                self.device = resolve_device(f"cuda:{local_rank}")
+            elif self.device.index != local_rank:
+                raise CRNetError(
+                    f"--device {self.device} under torchrun: each process takes the GPU of its LOCAL_RANK "
+                    f"(cuda:{local_rank} for this one); pass --device cuda"
+                )
+            torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
             _rendezvous("nccl" if self.device.type == "cuda" else "gloo", self.world, notice)
         self.active = self.world > 1
@@ -466,7 +478,8 @@ def _train(
         if group.main:
             notice(f"resuming {out_dir} at step {start} of {config.steps}")
     else:
-        torch.manual_seed(config.seed + 1000 * group.rank)  # dropout differs across processes
+        # dropout differs across processes (modulo: --seed takes any 64-bit number)
+        torch.manual_seed((config.seed + 1000 * group.rank) % 2**64)
     network = model
     if group.active:
         network = torch.nn.parallel.DistributedDataParallel(
@@ -526,8 +539,18 @@ def _train(
     model.train()
     bar = _progress(progress and group.main, start, config.steps)
     step_start = None  # (rng, buffers) while a step is under way: an interrupted step is redone from it
+    batches = iter(loader)
     try:
-        for batch in loader:
+        for _ in range(start, config.steps):
+            batch, failure = _fetch(batches)
+            # Every rank's fetch shared before the step's collectives: a rank whose data failed (an image it
+            # cannot read, a loader worker that died) stops every rank here, after the last whole step; alone,
+            # it waited in the checkpoint's collective while the others waited in the step's all-reduce.
+            votes = group.gather(
+                torch.tensor([float(failure is not None), float(stop.requested)], device=group.device)
+            )
+            if votes[0::2].any():
+                raise _DataFailed(failure, int(votes[0::2].nonzero()[0]), bool(votes[1::2].any()))
             step_start = (_rng_state(group.device), {k: b.clone() for k, b in model.named_buffers()})
             indices = episode_indices(step, config.batch_size, group.rank, group.world)
             reset = reset_flags(config, indices, config.shots)
@@ -592,13 +615,12 @@ def _train(
                     bar.set_postfix(loss=f"{mean[0]:.3f}", eps=f"{record['episodes_per_s']:.1f}")
                 window_start, window_episodes, losses = time.perf_counter(), 0, []
             step_start = None
-            if stopping:
+            if stopping and step < config.steps:  # a stop asked for in the last step: the run is done
                 raise KeyboardInterrupt
             if step % config.checkpoint_every == 0 and step < config.steps:
                 save(step)
-    except (KeyboardInterrupt, RuntimeError) as error:
-        # Ctrl-C and SIGTERM also stop the loader workers, which can surface as a RuntimeError from the
-        # loader: either way the state after the last completed step is saved before leaving.
+    except (KeyboardInterrupt, RuntimeError, _DataFailed) as error:
+        # The state after the last completed step is saved before leaving, whatever stopped the run.
         rng = None
         if step_start is not None:  # a step was cut short: undo its BatchNorm statistics and RNG draws
             rng, buffers = step_start
@@ -606,10 +628,23 @@ def _train(
                 buffer.copy_(buffers[name])
         save(step, rng)
         bar.close()
-        if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
+        saved = f"saved {out_dir / LAST}, {how_to_continue}"
+        # Ctrl-C and SIGTERM also stop the loader workers: a fetch that failed while a stop was asked for
+        # is that interrupt.
+        if isinstance(error, _DataFailed) and not error.interrupted:
+            if error.failure is None:
+                raise CRNetError(
+                    f"training process {error.rank} could not load its data at step {step}: stopped; {saved}"
+                ) from None
+            notice(f"stopped at step {step}/{config.steps} by the error below; {saved}")
+            if isinstance(error.failure, CRNetError):
+                raise error.failure from None
+            first = str(error.failure).strip().splitlines()[0]
+            raise CRNetError(f"the data loader failed: {first} (fewer --workers if memory ran out)") from None
+        if isinstance(error, RuntimeError):
             raise
         # Said, then the interrupt goes on: the CLI's "interrupted" and exit code 130, as for any command.
-        notice(f"interrupted at step {step}/{config.steps}; saved {out_dir / LAST}, {how_to_continue}")
+        notice(f"interrupted at step {step}/{config.steps}; {saved}")
         raise KeyboardInterrupt from None
     else:  # the last step's saves under the same shield: Ctrl-C during them lost the run since its last save
         bar.close()
@@ -633,7 +668,28 @@ def unsaved_run(out_dir: Path) -> bool:
         records = [parse_json(line) for line in (out_dir / METRICS).read_text().splitlines() if line]
     except (OSError, ValueError):
         return False
-    return bool(records) and all(isinstance(r, dict) and "step" in r and "loss" in r for r in records)
+    return bool(records) and all(isinstance(r, dict) and r.keys() >= RECORD_KEYS for r in records)
+
+
+# What every record of crnet's metrics log holds: another tool's log of steps and losses is not crnet's.
+RECORD_KEYS = {"step", "loss", "query_loss", "support_loss", "lr", "episodes_per_s", "time"}
+
+
+class _DataFailed(Exception):
+    """A step's data could not be loaded on some rank: `failure`, this rank's error or None (another rank's,
+    the first such `rank`); `interrupted`, whether a stop was asked for on any rank."""
+
+    def __init__(self, failure: Exception | None, rank: int, interrupted: bool):
+        super().__init__(str(failure))
+        self.failure, self.rank, self.interrupted = failure, rank, interrupted
+
+
+def _fetch(batches) -> tuple[dict | None, Exception | None]:
+    """The next batch, or the error that loading it raised."""
+    try:
+        return next(batches), None
+    except Exception as error:  # noqa: BLE001 - every failure is shared with the other ranks first
+        return None, error
 
 
 def diverged(step: int, what: str) -> TrainingDiverged:

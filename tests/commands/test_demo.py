@@ -208,7 +208,9 @@ def test_a_demo_killed_before_its_first_checkpoint_is_its_own_output(tmp_path) -
     from crnet.commands.demo import is_demo_output
 
     (tmp_path / "demo" / "train").mkdir(parents=True)
-    (tmp_path / "demo" / "train" / "metrics.jsonl").write_text('{"step": 50, "loss": 0.7}\n')
+    record = {"step": 50, "loss": 0.7, "query_loss": 0.4, "support_loss": 0.3, "lr": 0.001}
+    record |= {"episodes_per_s": 9.0, "time": 1.0}  # crnet's whole record: a few keys are not enough
+    (tmp_path / "demo" / "train" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
     assert is_demo_output(tmp_path / "demo")
     (tmp_path / "demo" / "train" / "metrics.jsonl").write_text("a user's notes\n")
     assert not is_demo_output(tmp_path / "demo")

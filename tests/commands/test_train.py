@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from crnet import checkpoint
-from crnet.commands.train import LAST, METRICS, PredictionCache, episode_indices, train
+from crnet.commands.train import (
+    LAST,
+    METRICS,
+    RECORD_KEYS,
+    PredictionCache,
+    episode_indices,
+    train,
+)
 from crnet.config import TrainConfig
 from crnet.data.episodes import SampleIndex, TrainingEpisodes
 from crnet.data.pascal import VOCTree, base_classes, fold_classes
@@ -291,6 +298,89 @@ def test_a_signal_to_one_ddp_process_stops_every_process_at_one_step(bench_root,
     assert state["step"] == 3 and len(state["rng"]) == 2
 
 
+def test_a_data_failure_on_one_ddp_process_stops_every_process_and_saves(bench_root, tmp_path):
+    """Rank 1 could not read its 5th episode (step 3): it saved alone, in a collective that rank 0, inside
+    the step's all-reduce, never joined, and both waited until gloo's timeout with nothing saved. The ranks
+    now share each step's fetch before the step. --seed 2**64 - 1: rank 1's seed (seed + 1000) overflowed
+    torch.manual_seed with a traceback."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2]), "CLI": "1"}
+    env |= {"DATA_FAILS_ON_RANK_1_AT_ITEM": "5", "SEED": str(2**64 - 1)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "tests.ddp_worker", str(bench_root), str(out), "8", "100"]
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[2]
+    )
+    assert result.returncode != 0
+    ours = result.stderr.split("distributed/elastic")[0]  # torchrun's own report and traceback follow
+    assert "Traceback" not in ours, result.stderr
+    lines = ours.splitlines()
+    saved = f"saved {out / LAST}, continue with --resume"
+    assert f"error: training process 1 could not load its data at step 2: stopped; {saved}" in lines
+    assert "error: cannot read image syn_train_000008.jpg: Truncated File Read" in lines  # rank 1's own
+    state = checkpoint.load(out / LAST)
+    assert state["step"] == 2 and len(state["rng"]) == 2
+
+
+@pytest.mark.parametrize("failure", ["unreadable image", "worker killed", "worker killed by ctrl-c"])
+def test_a_data_failure_saves_the_steps_before_it(bench_root, tmp_path, monkeypatch, failure):
+    """An image the loader cannot read left without saving (every step since the last checkpoint lost); a
+    loader worker killed outright (out of memory) was said to be an interrupt. Both now save the state
+    after the last whole step and say what stopped the run; a worker that died of a Ctrl-C is the
+    interrupt it was."""
+    import crnet.commands.train as training
+    from crnet.data.episodes import EpisodeDataset
+    from crnet.errors import ImageReadError
+
+    calls, real_item = [0], EpisodeDataset.__getitem__
+
+    def item(self, index):
+        calls[0] += 1
+        if calls[0] == 9:  # the first episode of step 5
+            if failure == "unreadable image":
+                raise ImageReadError("cannot read image x.jpg: Truncated File Read")
+            if failure == "worker killed by ctrl-c":
+                os.kill(os.getpid(), signal.SIGINT)
+            raise RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed. ")
+        return real_item(self, index)
+
+    monkeypatch.setattr(training.EpisodeDataset, "__getitem__", item)
+    said, out = [], tmp_path / "run"
+    expected = {
+        "unreadable image": (CRNetError, "cannot read image x.jpg: Truncated File Read"),
+        "worker killed": (CRNetError, r"the data loader failed: DataLoader worker \(pid 7\) is killed"),
+        "worker killed by ctrl-c": (KeyboardInterrupt, None),
+    }[failure]
+    with pytest.raises(expected[0], match=expected[1]):
+        train(MICRO, CONFIG, bench_root, out, progress=False, device="cpu", notice=said.append)
+    how = "interrupted" if failure.endswith("ctrl-c") else "stopped"
+    how += " at step 4/6" + ("" if failure.endswith("ctrl-c") else " by the error below")
+    assert said == [f"{how}; saved {out / LAST}, continue with --resume"]
+    assert checkpoint.load(out / LAST)["step"] == 4
+    monkeypatch.setattr(training.EpisodeDataset, "__getitem__", real_item)
+    train(MICRO, CONFIG, bench_root, out, resume=True, progress=False, device="cpu")
+    assert checkpoint.load(out / LAST)["step"] == 6
+
+
+def test_a_stop_asked_for_in_the_last_step_finishes_the_run(bench_root, tmp_path, monkeypatch):
+    """Ctrl-C in the last step said "interrupted" and left no model.pt, though every step was done."""
+    import crnet.commands.train as training
+
+    calls, real_loss = [0], training.episode_loss
+
+    def loss(*args):
+        calls[0] += 1
+        if calls[0] == 2 * CONFIG.steps - 1:  # in the last step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args)
+
+    monkeypatch.setattr(training, "episode_loss", loss)
+    said = []
+    out = tmp_path / "run"
+    final = train(MICRO, CONFIG, bench_root, out, progress=False, device="cpu", notice=said.append)
+    assert checkpoint.load(final)["step"] == CONFIG.steps and said == []
+
+
 def test_ctrl_c_during_the_last_saves_keeps_them(bench_root, tmp_path, monkeypatch):
     """A Ctrl-C while the last step's last.pt was written lost the run since its previous save (the default
     handlers were back by then): no last.pt at all before the first periodic one."""
@@ -314,16 +404,20 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(bench_root, tmp_p
     --resume accepted the folder ("holds other files and no run"), nor did the demo's rerun."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / METRICS).write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
+    record = {"query_loss": 0.3, "support_loss": 0.2, "lr": 0.001, "episodes_per_s": 9.0, "time": 1.0}
+    (out / METRICS).write_text("".join(json.dumps({"step": i, "loss": 0.5} | record) + "\n" for i in (1, 2)))
     with pytest.raises(CRNetError, match="stopped before its first checkpoint: start it again without"):
         train(MICRO, CONFIG, bench_root, out, resume=True, progress=False, device="cpu")
     train(MICRO, CONFIG, bench_root, out, progress=False, device="cpu")
-    steps = [json.loads(line)["step"] for line in (out / METRICS).read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]  # the stale log replaced, not appended to
+    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # the stale log replaced, not appended to
+    assert all(r.keys() == RECORD_KEYS for r in records)  # what tells crnet's log from another's
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / METRICS).write_text("my notes\n")  # not crnet's log: still refused
-    with pytest.raises(CRNetError, match="holds other files and no run"):
-        train(MICRO, CONFIG, bench_root, tmp_path / "mine", progress=False, device="cpu")
+    for notes in ("my notes\n", '{"step": 1000, "loss": 0.12, "run": "my resnet"}\n'):  # not crnet's logs
+        (tmp_path / "mine" / METRICS).write_text(notes)
+        with pytest.raises(CRNetError, match="holds other files and no run"):
+            train(MICRO, CONFIG, bench_root, tmp_path / "mine", progress=False, device="cpu")
+        assert (tmp_path / "mine" / METRICS).read_text() == notes
 
 
 def test_a_second_run_into_a_folder_another_run_writes_is_refused(bench_root, tmp_path, monkeypatch):
@@ -498,3 +592,24 @@ def test_a_bad_backbone_weight_file_is_said_before_the_data_is_read(tmp_path):
     (tmp_path / "resnet.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CRNetError, match="cannot read"):
         train(MICRO, CONFIG, tmp_path / "no-data", tmp_path / "run", backbone_weights=tmp_path / "resnet.pth")
+
+
+def test_each_ddp_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """`--device cuda` under torchrun put every rank on cuda:0, and nothing called torch.cuda.set_device,
+    on whose device the checkpoints' object collectives run. The GPU and the process group stubbed."""
+    import crnet.commands.train as training
+
+    torchrun = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "localhost"}
+    for name, value in (torchrun | {"MASTER_PORT": "29500"}).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(training, "resolve_device", torch.device)  # as if the machine had two GPUs
+    monkeypatch.setattr(training, "_rendezvous", lambda *args: None)
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: False)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    for asked in ("cuda", "cuda:1"):
+        assert training.Distributed(asked).device == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)] * 2
+    with pytest.raises(CRNetError, match=r"each process takes the GPU of its LOCAL_RANK \(cuda:1 for this"):
+        training.Distributed("cuda:0")
+    assert training.Distributed("cpu").device == torch.device("cpu") and len(current) == 2
