@@ -639,7 +639,7 @@ def _train(
             notice(f"stopped at step {step}/{config.steps} by the error below; {saved}")
             if isinstance(error.failure, CRNetError):
                 raise error.failure from None
-            first = str(error.failure).strip().splitlines()[0]
+            first = (str(error.failure).strip().splitlines() or [type(error.failure).__name__])[0]
             raise CRNetError(f"the data loader failed: {first} (fewer --workers if memory ran out)") from None
         if isinstance(error, RuntimeError):
             raise
