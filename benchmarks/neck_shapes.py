@@ -20,6 +20,8 @@ the concatenating neck in float64.
 
 from __future__ import annotations
 
+import copy
+
 from crnet.commands.script_args import count, run, starting_torch
 
 with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's traceback
@@ -95,6 +97,9 @@ def main() -> None:
     neck = Neck(
         nn.Conv2d(sum(trunk), config.channels, 3, padding=2, dilation=2), nn.ReLU(), nn.Identity()
     ).eval()
+    # The weights rounded once to the timed dtype, and the reference computed from those in float64.
+    neck = neck.to(device, dtype).to(memory_format=torch.channels_last)
+    double = copy.deepcopy(neck).to(torch.float64)
     side = config.feature_size
     timer = Timer(device)
     cuda = device.type == "cuda"
@@ -103,13 +108,11 @@ def main() -> None:
     print("| images | form | ms per call | TFLOP/s | vs fused (deployed) | max abs difference |")
     print("|---|---|---|---|---|---|")
     for images in args.images or [2, 8, 32, 64, 128]:
-        levels = [torch.randn(images, c, side, side, device=device) for c in trunk]
+        levels = [torch.randn(images, c, side, side, device=device, dtype=dtype) for c in trunk]
+        levels = [x.contiguous(memory_format=torch.channels_last) for x in levels]
         with torch.no_grad():
-            double = neck.to(device, torch.float64)
             reference = double(*(x.double() for x in levels))
-        levels = [x.to(dtype).contiguous(memory_format=torch.channels_last) for x in levels]
-        like = neck.to(dtype).to(memory_format=torch.channels_last)
-        table = {name: m.eval() for name, m in forms(like, trunk[0], images).items()}
+        table = {name: m.eval() for name, m in forms(neck, trunk[0], images).items()}
         with torch.inference_mode():
             calls, outputs, kernels = {}, {}, {}
             for name, module in table.items():
