@@ -31,7 +31,7 @@
 # (the sixth run's kernels' owners: the layer3 half's 1024-channel convolution, with cuDNN's add-ReLU
 # epilogue, took 2.45 ms of the batch-64 episode on an sm80 kernel, the layer2 half's 512-channel one 0.63
 # ms on an sm90 one), each layer3 piece a copy of its channel slice: in the seventh run 0.9% faster at
-# batch 64, 1.5% slower at batch 1; and `+triton-head` (faster than the deployed row at batch 1 in the
+# batch 64, 1.9% slower at batch 1; and `+triton-head` (faster than the deployed row at batch 1 in the
 # sixth and seventh runs, slower in the fifth, slower at batch 64 in every run: the best batch-1 row to
 # know, never one to deploy). `+grouped-neck` (the split's pieces as one grouped convolution, which cuDNN
 # ran by slicing the groups itself: 1.6% slower at batch 64, 1.4% at batch 1) made way after the seventh

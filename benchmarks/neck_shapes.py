@@ -6,7 +6,7 @@ kernels for the layer3 half, and which form is the faster on each side of that p
 On the H200 (2026-11-27, docs/BENCHMARKS.md) the deployed row's neck ran its layer3 half, a 3x3 convolution
 over 1024 channels (dilation 2), on cuDNN's sm80 kernel with 128 images (a batch-64 episode), 2.5 ms, and on
 an sm90 one with 2 (batch 1). `+split-neck` (two 512-channel pieces, each a copy of its channel slice) was
-0.9% faster an episode at batch 64 and 1.5% slower at batch 1. Forms, on random FP16 channels-last levels
+0.9% faster an episode at batch 64 and 1.9% slower at batch 1. Forms, on random FP16 channels-last levels
 (FP32 on a CPU, a check of the script):
 - fused (deployed): the layer2 half bare, the layer3 half with cuDNN's add-ReLU epilogue (FusedNeck);
 - bare: both halves bare, their sum, bias and ReLU in one pass (`+bare-neck`);
