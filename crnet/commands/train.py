@@ -109,9 +109,14 @@ def poly_lr(config: TrainConfig, step: int) -> float:
     return config.lr * (1 - step / config.steps) ** config.poly_power
 
 
+def forward_precision(precision: str, device: torch.device) -> str:
+    """What --precision makes of the forward pass on this device: "bf16" or "fp32" (auto: bf16 on CUDA)."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
 def training_autocast(precision: str, device: torch.device):
     """The forward pass's autocast context; the loss, gradients and weights stay FP32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if forward_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -472,6 +477,12 @@ def _train(
                 f"warning: {out_dir / LAST} was trained on {saved_on}, and this resume reads {data_root}: "
                 "the run goes on with the data given (its image-class pairs are as many)"
             )
+        forward, now = stored.get("forward"), forward_precision(config.precision, group.device)
+        if group.main and forward is not None and forward != now:  # --precision auto on another device
+            notice(
+                f"warning: {out_dir / LAST} was trained with its forward pass in {forward}, and this resume "
+                f"runs it in {now} (--precision {config.precision} on {group.device.type}): the run goes on"
+            )
         cache.load_state_dict(stored["cache"])
         _set_rng_state(stored["rng"][group.rank], group.device)
         start = stored["step"]
@@ -509,6 +520,7 @@ def _train(
                     # The losses since the last metrics record: the next record averages its whole window.
                     "window_losses": losses,
                     "data": os.path.realpath(data_root),  # a resume on another tree is said
+                    "forward": forward_precision(config.precision, group.device),  # and another precision
                 },
                 out_dir / LAST,
             )

@@ -477,6 +477,22 @@ def test_a_resume_on_another_data_tree_is_said(bench_root, tmp_path):
     ]
 
 
+def test_a_resume_in_another_precision_is_said(bench_root, tmp_path):
+    """--precision auto is bf16 on CUDA and fp32 on a CPU: a run resumed on the other kind of device
+    changed its forward pass's precision in silence."""
+    out = tmp_path / "run"
+    train(MICRO, CONFIG, bench_root, out, progress=False, device="cpu")
+    state = checkpoint.load(out / LAST)
+    assert state["forward"] == "fp32"
+    checkpoint.save_atomic({**state, "forward": "bf16"}, out / LAST)  # as a run on a GPU saves it
+    said = []
+    train(MICRO, CONFIG, bench_root, out, resume=True, progress=False, device="cpu", notice=said.append)
+    assert [line for line in said if line.startswith("warning")] == [
+        f"warning: {out / LAST} was trained with its forward pass in bf16, and this resume runs it in fp32 "
+        "(--precision auto on cpu): the run goes on"
+    ]
+
+
 def test_ctrl_c_stops_a_rendezvous_that_waits_for_a_missing_process(bench_root, tmp_path):
     """A stray WORLD_SIZE=2 in the shell: rank 0 waits for a rank 1 that never comes. It waited in torch's
     C++ for 30 minutes, deaf to Ctrl-C and SIGTERM; now it says what it waits for, and Ctrl-C stops it."""
