@@ -114,11 +114,10 @@ def forward_precision(precision: str, device: torch.device) -> str:
     return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
 
 
-def training_autocast(precision: str, device: torch.device):
-    """The forward pass's autocast context; the loss, gradients and weights stay FP32."""
-    if forward_precision(precision, device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+def training_autocast(forward: str, device: torch.device):
+    """The forward pass's autocast context for its precision (forward_precision); the loss, gradients and
+    weights stay FP32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if forward == "bf16" else nullcontext()
 
 
 def reset_flags(config: TrainConfig, indices: list[int], shots: int) -> torch.Tensor:
@@ -441,6 +440,7 @@ def _train(
         window = _window_losses(stored, out_dir / LAST, config)
 
     group = Distributed(device, notice)
+    forward = forward_precision(config.precision, group.device)  # "bf16" or "fp32"
     saved_by = len(stored["rng"]) if stored is not None and isinstance(stored["rng"], list) else None
     if stored is not None and saved_by != group.world:  # each process resumes its own random state
         raise CRNetError(
@@ -477,11 +477,12 @@ def _train(
                 f"warning: {out_dir / LAST} was trained on {saved_on}, and this resume reads {data_root}: "
                 "the run goes on with the data given (its image-class pairs are as many)"
             )
-        forward, now = stored.get("forward"), forward_precision(config.precision, group.device)
-        if group.main and forward is not None and forward != now:  # --precision auto on another device
+        saved_forward = stored.get("forward")
+        if group.main and saved_forward not in (None, forward):  # --precision auto on another device
             notice(
-                f"warning: {out_dir / LAST} was trained with its forward pass in {forward}, and this resume "
-                f"runs it in {now} (--precision {config.precision} on {group.device.type}): the run goes on"
+                f"warning: {out_dir / LAST} was trained with its forward pass in {saved_forward}, and this "
+                f"resume runs it in {forward} (--precision {config.precision} on {group.device.type}): the "
+                "run goes on"
             )
         cache.load_state_dict(stored["cache"])
         _set_rng_state(stored["rng"][group.rank], group.device)
@@ -520,7 +521,7 @@ def _train(
                     # The losses since the last metrics record: the next record averages its whole window.
                     "window_losses": losses,
                     "data": os.path.realpath(data_root),  # a resume on another tree is said
-                    "forward": forward_precision(config.precision, group.device),  # and another precision
+                    "forward": forward,  # a resume in another precision is said
                 },
                 out_dir / LAST,
             )
@@ -545,7 +546,7 @@ def _train(
         persistent_workers=False,
         prefetch_factor=4 if config.workers else None,
     )
-    autocast = training_autocast(config.precision, group.device)
+    autocast = training_autocast(forward, group.device)
     stop = _StopRequest()
     step, window_start, window_episodes, losses = start, time.perf_counter(), 0, window
     model.train()
