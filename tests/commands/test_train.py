@@ -238,15 +238,19 @@ def test_prediction_cache_round_trip_with_flips():
     torch.testing.assert_close(unflipped, expected[1].flip(-1), atol=1e-3, rtol=0)
 
 
-def test_ddp_two_gloo_processes(bench_root, tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+def two_ddp_workers(args: list, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """tests/ddp_worker.py ARGS under torchrun, 2 gloo processes, with `env` added to the environment."""
+    repo = Path(__file__).parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), **env}
     # --standalone: torchrun picks a free rendezvous port itself, so no other process can take it first.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "tests.ddp_worker", str(bench_root), str(out), "4"]
-    result = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2]
-    )
+    command += ["-m", "tests.ddp_worker", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=repo)
+
+
+def test_ddp_two_gloo_processes(bench_root, tmp_path):
+    out = tmp_path / "ddp"
+    result = two_ddp_workers([bench_root, out, 4], {}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     state = checkpoint.load(out / LAST)
     assert state["step"] == 4 and len(state["rng"]) == 2
@@ -281,13 +285,8 @@ def test_a_signal_to_one_ddp_process_stops_every_process_at_one_step(bench_root,
     the next step's, until gloo's timeout (30 minutes). The ranks now share the stop with the loss. Through
     `crnet train`: rank 0 says each line once (every rank printed the same lines)."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2]), "CLI": "1"}
-    env["SIGTERM_RANK_1_AT_LOSS"] = "5"  # in step 3
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "tests.ddp_worker", str(bench_root), str(out), "8", "100"]
-    result = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[2]
-    )
+    env = {"CLI": "1", "SIGTERM_RANK_1_AT_LOSS": "5"}  # in step 3
+    result = two_ddp_workers([bench_root, out, 8, 100], env, timeout=240)
     assert result.returncode != 0  # interrupted
     lines = result.stderr.splitlines()
     assert lines.count(f"interrupted at step 3/8; saved {out / LAST}, continue with --resume") == 1
@@ -304,13 +303,8 @@ def test_a_data_failure_on_one_ddp_process_stops_every_process_and_saves(bench_r
     now share each step's fetch before the step. --seed 2**64 - 1: rank 1's seed (seed + 1000) overflowed
     torch.manual_seed with a traceback."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2]), "CLI": "1"}
-    env |= {"DATA_FAILS_ON_RANK_1_AT_ITEM": "5", "SEED": str(2**64 - 1)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "tests.ddp_worker", str(bench_root), str(out), "8", "100"]
-    result = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[2]
-    )
+    env = {"CLI": "1", "DATA_FAILS_ON_RANK_1_AT_ITEM": "5", "SEED": str(2**64 - 1)}
+    result = two_ddp_workers([bench_root, out, 8, 100], env, timeout=240)
     assert result.returncode != 0
     ours = result.stderr.split("distributed/elastic")[0]  # torchrun's own report and traceback follow
     assert "Traceback" not in ours, result.stderr
