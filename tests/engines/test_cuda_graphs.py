@@ -191,5 +191,7 @@ def test_a_runtime_captures_each_episode_shape_once(text, micro_checkpoint) -> N
                 torch.testing.assert_close(logits, again)  # a kept result is the caller's, not the graph's
                 expected = eager.episode(query.cuda(), supports.cuda(), masks.cuda())
                 torch.testing.assert_close(logits, expected, atol=2e-2, rtol=2e-2)
-        assert len(graphs._episode.graphs) == 2
-    assert not graphs._episode.graphs  # closing released them
+        captured = graphs._episode
+        assert len(captured.graphs) == 2
+    assert not captured.graphs  # closing released them
+    assert graphs._episode is None and graphs.model is None  # and the runtime holds no weights
