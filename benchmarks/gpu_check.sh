@@ -26,8 +26,13 @@
 #    module and op launched each kernel, run eagerly, of the deployed row at batch 1 and
 #    of the candidate at batch 64 (benchmarks/kernel_owners.py), a batch-1 profile of the deployed and
 #    Triton rows, and the native op against the compiled loop under graph replay (bench_ops).
-# The rows (since 2026-11-27, fifteenth session): the deployed row, the anchor, and two candidates on the
-# deployed row: `+split-neck`, the encoder's neck as bare convolutions over pieces of at most 512 channels
+# The rows (since 2026-11-27, sixteenth session): the deployed row, the anchor, and two candidates on the
+# deployed row: `+chunked-neck`, the neck on chunks of at most 16 images (in the eighth run's neck table,
+# eager and captured, 1.27x the one call at 128 images, 1.24x at 64; at batch 1 the neck sees 2 images and
+# runs as it is), and `+triton-head` (below). `+split-neck` made way after the eighth run (0.7% faster than
+# the deployed row at batch 64, 2.2% slower at batch 1; chunks of 16 beat it in the neck table at 32 to 128
+# images). It was, from the fifteenth session:
+# `+split-neck`, the encoder's neck as bare convolutions over pieces of at most 512 channels
 # (the sixth run's kernels' owners: the layer3 half's 1024-channel convolution, with cuDNN's add-ReLU
 # epilogue, took 2.45 ms of the batch-64 episode on an sm80 kernel, the layer2 half's 512-channel one 0.63
 # ms on an sm90 one), each layer3 piece a copy of its channel slice: in the seventh run 0.9% faster at
@@ -97,7 +102,7 @@ else
   # The deployed row on 400 episodes: a check that its FP16 masks still agree (the 1000-episode figures of
   # 2026-11-26 stand); 1000 made this the step that the compiles waited for (t=266 s against the suite's 200).
   TINY=("$DEPLOYED" 400)
-  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+split-neck" "$DEPLOYED+triton-head")
+  ROWS=("$DEPLOYED" torch:fp16+anchor "$DEPLOYED+chunked-neck" "$DEPLOYED+triton-head")
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv,noheader | tee -a "$LOG"
 fi
@@ -139,6 +144,9 @@ pids+=($!)
 python3 benchmarks/untrained_checkpoint.py --preset "$PRESET" --out "$MODEL" >/dev/null
 wait "${pids[@]}"  # these jobs only: a bare `wait` would also wait on tee
 cp "$OUT/pytest.log" /tmp/crnet_gpu_check_pytest.log  # for benchmarks/unreached_tests.py on the warm machine
+# A suite killed at its deadline may leave a compile's output cut short in inductor's cache (the eighth run's):
+# the rows below would load it.
+python3 benchmarks/cut_short_objects.py | tee -a "$LOG"
 say "tests: $(grep -c " PASSED" "$OUT/pytest.log") passed, $(grep -c " SKIPPED" "$OUT/pytest.log") skipped"
 grep -E " (FAILED|ERROR) |node down|crashed|[0-9]+ passed" "$OUT/pytest.log" | sort -u | tail -20 | tee -a "$LOG"
 grep -A12 "slowest .*durations" "$OUT/pytest.log" | tee -a "$LOG"
@@ -160,6 +168,7 @@ for batch in "${BATCHES[@]}"; do
   done
 done
 wait "${pids[@]}"
+python3 benchmarks/cut_short_objects.py | tee -a "$LOG"  # a warm-up stopped at its cap, mid-compile
 
 # No bench row runs the native op; a failing op only skips its own bench.
 NO_OP=0

@@ -11,8 +11,8 @@ an sm90 one with 2 (batch 1). `+split-neck` (two 512-channel pieces, each a copy
 - fused (deployed): the layer2 half bare, the layer3 half with cuDNN's add-ReLU epilogue (FusedNeck);
 - bare: both halves bare, their sum, bias and ReLU in one pass (`+bare-neck`);
 - split: the bare form over pieces of at most 512 input channels (`+split-neck`);
-- in chunks of at most C images: the fused form on each chunk of the batch (a batch slice of a
-  channels-last map is dense: no copy in), the chunks' outputs written into one map (one copy out).
+- in chunks of at most C images: the fused form on each chunk of the batch (`+chunked-neck`, 16 images;
+  a batch slice of a channels-last map is dense: no copy in), the chunks' outputs joined (one copy out).
 Each form is captured as a CUDA graph and timed in GPU time per replay, in turns; `--kernels` lists, per
 form and image count, the convolution kernels one replay ran (sm80 or sm90). The max difference is against
 the concatenating neck in float64.
@@ -34,25 +34,11 @@ with starting_torch():  # a bad TORCH_LOGS or PYTORCH_JIT: one line, not torch's
     from crnet.device import resolve_device
     from crnet.engines.cuda_graphs import CapturedCalls
     from crnet.model.backbone import Neck
+    from crnet.model.chunked_neck import ChunkedNeck
     from crnet.model.conv_epilogues import BareNeck, FusedNeck
 
-CHUNKS = (16, 32, 64)  # images per chunk
+CHUNKS = (8, 16, 32, 64)  # images per chunk
 DEPLOYED = "fused (deployed)"
-
-
-class Chunked(nn.Module):
-    """`neck` on chunks of at most `images` images, into one output."""
-
-    def __init__(self, neck: nn.Module, images: int):
-        super().__init__()
-        self.neck, self.images = neck, images
-
-    def forward(self, layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
-        parts = [
-            self.neck(layer2[i : i + self.images], layer3[i : i + self.images])
-            for i in range(0, len(layer2), self.images)
-        ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def forms(neck: Neck, layer2_channels: int, images: int) -> dict[str, nn.Module]:
@@ -64,7 +50,7 @@ def forms(neck: Neck, layer2_channels: int, images: int) -> dict[str, nn.Module]
     }
     for chunk in CHUNKS:
         if chunk < images:
-            table[f"fused, chunks of {chunk} images"] = Chunked(fused, chunk)
+            table[f"fused, chunks of {chunk} images"] = ChunkedNeck(fused, chunk)
     return table
 
 

@@ -9,7 +9,8 @@ A spec is NAME[:PRECISION][+OPTION...]: `torch:fp16+channels-last+compile`, `tor
 `+space-to-depth` (the stem's strided 7x7 convolution as a 4x4 one over 2x2 pixel blocks), `+bare-neck`
 (the encoder's neck as two bare convolutions, their sum, bias and ReLU one pass), `+split-neck` (the
 same with each convolution in pieces of at most 512 input channels), `+grouped-neck` (layer3's pieces as
-one grouped convolution, no slice copies), `+banded-aspp`
+one grouped convolution, no slice copies), `+chunked-neck` (the neck on chunks of at most 16 images),
+`+banded-aspp`
 (the dilated ASPP branches without the taps that read only padding), `+concurrent-aspp` (the ASPP's
 branches on CUDA streams of their own, side by side), `+triton-head` (the head's 3x3
 convolutions and the ASPP's branches as Triton kernels of ours, ReLUs and residual adds inside, and each
@@ -60,6 +61,7 @@ OPTIONS = {
         "bare-neck",
         "split-neck",
         "grouped-neck",
+        "chunked-neck",
         "banded-aspp",
         "concurrent-aspp",
         "triton-head",
@@ -164,6 +166,7 @@ def torch_options(spec: RuntimeSpec, fused: bool | None = None) -> dict:
         "bare_neck": "bare-neck" in spec.options,
         "split_neck": "split-neck" in spec.options,
         "grouped_neck": "grouped-neck" in spec.options,
+        "chunked_neck": "chunked-neck" in spec.options,
         "banded_aspp": "banded-aspp" in spec.options,
         "concurrent_aspp": "concurrent-aspp" in spec.options,
         "triton_head": "triton-head" in spec.options,

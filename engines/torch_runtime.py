@@ -12,7 +12,9 @@ level, and leaves their sum, bias and ReLU to one pass (inductor's, compiled) wh
 gives them to cuDNN's add-ReLU epilogue (crnet/model/conv_epilogues.py); `+split-neck` the same with each
 convolution in pieces of at most 512 input channels (cuDNN's kernels for the 1024-channel layer3 half ran at
 half the rate of the 512-channel layer2 half's on the H200), `+grouped-neck` with layer3's two pieces as one
-grouped convolution over the whole map (no copies of its channel slices). `+banded-aspp` computes the
+grouped convolution over the whole map (no copies of its channel slices). `+chunked-neck` runs the neck,
+in whichever form, on chunks of at most 16 images (cuDNN picked a slower kernel for its layer3 half at 128
+images than at 16 on the H200; crnet/model/chunked_neck.py). `+banded-aspp` computes the
 ASPP's dilated branches in blocks of output pixels that read the map with the same taps, skipping the taps
 that read zero padding
 (crnet/model/banded_conv.py). `+concurrent-aspp` (CUDA, PyTorch's loop) runs the ASPP's independent
@@ -48,6 +50,7 @@ from crnet import checkpoint, ops
 from crnet.engines.base import Runtime, RuntimeUnavailable
 from crnet.engines.cuda_graphs import CapturedCalls, CaptureOnOwnThread
 from crnet.model.banded_conv import band_aspp
+from crnet.model.chunked_neck import chunked_neck as chunked_neck_of
 from crnet.model.concurrent_aspp import concurrent_aspp as concurrent_aspp_of
 from crnet.model.conv_epilogues import BareNeck, fuse_conv_epilogues
 from crnet.model.conv_epilogues import bare_neck as bare_neck_of
@@ -91,6 +94,7 @@ class TorchRuntime(Runtime):
         bare_neck: bool = False,
         split_neck: bool = False,
         grouped_neck: bool = False,
+        chunked_neck: bool = False,
         banded_aspp: bool = False,
         concurrent_aspp: bool = False,
         triton_head: bool = False,
@@ -123,7 +127,13 @@ class TorchRuntime(Runtime):
             name for name, on in (("bare", bare_neck), ("split", split_neck), ("grouped", grouped_neck)) if on
         ]
         if (
-            space_to_depth or necks or banded_aspp or concurrent_aspp or triton_head or triton_encoder
+            space_to_depth
+            or necks
+            or chunked_neck
+            or banded_aspp
+            or concurrent_aspp
+            or triton_head
+            or triton_encoder
         ) and anchor:
             raise RuntimeUnavailable(
                 "the anchor is plain PyTorch: no rewrite of ours (stem, encoder, ASPP or head)"
@@ -180,6 +190,8 @@ class TorchRuntime(Runtime):
             from crnet.engines.triton_head import triton_encoder as triton_encoder_of
 
             model = triton_encoder_of(model)
+        if chunked_neck:  # last: it wraps the neck in whichever form the options above left it
+            model = chunked_neck_of(model)
         self.model = model.to(self.dtype)
         # The native refinement op by default where it has a kernel for this device and dtype (CPU: FP32).
         try:
@@ -227,6 +239,7 @@ class TorchRuntime(Runtime):
             "bare_neck": bare_neck,
             "split_neck": split_neck,
             "grouped_neck": grouped_neck,
+            "chunked_neck": chunked_neck,
             "banded_aspp": banded_aspp,
             "concurrent_aspp": concurrent_aspp,
             "triton_head": triton_head,

@@ -461,10 +461,21 @@ def test_a_resume_on_another_data_tree_is_said(bench_root, tmp_path):
 
     train(MICRO, CONFIG, bench_root, tmp_path / "run", progress=False, device="cpu")
     said = []
-    train(MICRO, CONFIG, bench_root, tmp_path / "run", resume=True, progress=False, notice=said.append, device="cpu")
+    train(
+        MICRO,
+        CONFIG,
+        bench_root,
+        tmp_path / "run",
+        resume=True,
+        progress=False,
+        notice=said.append,
+        device="cpu",
+    )
     assert not [line for line in said if "warning" in line]
     other = shutil.copytree(bench_root, tmp_path / "other")
-    train(MICRO, CONFIG, other, tmp_path / "run", resume=True, progress=False, notice=said.append, device="cpu")
+    train(
+        MICRO, CONFIG, other, tmp_path / "run", resume=True, progress=False, notice=said.append, device="cpu"
+    )
     assert [line for line in said if line.startswith("warning")] == [
         f"warning: {tmp_path / 'run' / LAST} was trained on {os.path.realpath(bench_root)}, and this resume "
         f"reads {other}: the run goes on with the data given (its image-class pairs are as many)"

@@ -15,6 +15,7 @@ from crnet.bundle import load_bundle
 from crnet.engines import DEPLOYED_GPU, RuntimeSpec, RuntimeUnavailable, open_runtime
 from crnet.engines.torch_runtime import TorchRuntime
 from crnet.errors import CRNetError, NoSupportError
+from crnet.model import chunked_neck as chunking
 from crnet.model.conv_epilogues import BareNeck
 from crnet.model.crnet import upsample
 
@@ -259,6 +260,7 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
         DEPLOYED_GPU + "+bare-neck",  # the neck's sum, bias and ReLU inductor's, not cuDNN's epilogue
         DEPLOYED_GPU + "+split-neck",  # and its convolutions over channel slices (pieces of 48 here)
         DEPLOYED_GPU + "+grouped-neck",  # and layer3's pieces as one grouped convolution (2 groups here)
+        DEPLOYED_GPU + "+chunked-neck",  # the neck on chunks of the batch (of 1 image here)
         DEPLOYED_GPU + "+concurrent-aspp",  # the ASPP's branches on streams of their own, inside the graph
         DEPLOYED_GPU + "+triton-head",  # the head's 3x3 convolutions as our Triton kernels
         DEPLOYED_GPU + "+triton-head+triton-encoder",  # and the encoder's
@@ -271,6 +273,7 @@ def test_a_foreign_onnx_graph_is_refused(micro_bundle, tmp_path) -> None:
 def test_gpu_runtimes_match_the_model(text, micro_checkpoint, micro_bundle, monkeypatch) -> None:
     spec = RuntimeSpec.parse(text)
     monkeypatch.setattr(BareNeck, "SPLIT_CHANNELS", 48 if "split" in text else 64)  # micro's (64, 128)
+    monkeypatch.setattr(chunking, "CHUNK_IMAGES", 1)  # an episode of batch 2 encodes 4 images
     if spec.name == "onnxruntime":
         ort = pytest.importorskip("onnxruntime")
         if "CUDAExecutionProvider" not in ort.get_available_providers():
