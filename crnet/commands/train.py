@@ -559,11 +559,7 @@ def _train(
             # Every rank's fetch shared before the step's collectives: a rank whose data failed (an image it
             # cannot read, a loader worker that died) stops every rank here, after the last whole step; alone,
             # it waited in the checkpoint's collective while the others waited in the step's all-reduce.
-            votes = group.gather(
-                torch.tensor([float(failure is not None), float(stop.requested)], device=group.device)
-            )
-            if votes[0::2].any():
-                raise _DataFailed(failure, int(votes[0::2].nonzero()[0]), bool(votes[1::2].any()))
+            _share_failure(group, failure, stop.requested)
             step_start = (_rng_state(group.device), {k: b.clone() for k, b in model.named_buffers()})
             indices = episode_indices(step, config.batch_size, group.rank, group.world)
             reset = reset_flags(config, indices, config.shots)
@@ -695,6 +691,19 @@ class _DataFailed(Exception):
     def __init__(self, failure: Exception | None, rank: int, interrupted: bool):
         super().__init__(str(failure))
         self.failure, self.rank, self.interrupted = failure, rank, interrupted
+
+
+def _share_failure(group, failure: Exception | None, stop_requested: bool) -> None:
+    """Raise _DataFailed on every rank if some rank's fetch failed. Alone, no tensor and no device sync."""
+    if not group.active:
+        if failure is not None:
+            raise _DataFailed(failure, group.rank, stop_requested)
+        return
+    votes = group.gather(
+        torch.tensor([float(failure is not None), float(stop_requested)], device=group.device)
+    )
+    if votes[0::2].any():
+        raise _DataFailed(failure, int(votes[0::2].nonzero()[0]), bool(votes[1::2].any()))
 
 
 def _fetch(batches) -> tuple[dict | None, Exception | None]:
