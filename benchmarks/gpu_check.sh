@@ -52,8 +52,8 @@
 # back for a run of their own. The suite gets 120 s (SUITE_CAP), beside the tiny accuracy (done at t=199 s in
 # the sixth run), with its GPU-only tests first; benchmarks/unreached_tests.py runs the rest on the
 # still-warm machine, the slow ones first (the +max-autotune row of test_gpu_runtimes_match_the_model has
-# no outcome in any GPU log yet: the seventh run's rerun stopped at its deadline with it and the
-# +concurrent-aspp row still compiling).
+# no outcome in any GPU log yet: the seventh and eighth runs' reruns stopped at their deadlines with it
+# still compiling).
 # Files (8 come back): run.log, pytest.log, bench_b1.json, bench_b64.json, bench_tiny.json, ops.log,
 # profile.txt (the kernels' owners too), profile.json.
 # The rehearsal runs every step on a CPU (tiny preset, CPU rows, two test files): it catches a broken script
@@ -89,7 +89,7 @@ WORK=$(mktemp -d)
 # native op (bench_ops measures it against the compiled loop); the rehearsal's CPU refuses cuDNN's epilogues.
 if ((REHEARSE)); then
   PRESET=tiny P=fp32 DEVICE=(--device cpu) TESTS=(tests/commands/test_bench.py tests/test_layers.py)
-  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+split-neck+compile+torch-loop)
+  ROWS=(torch:fp32+compile+torch-loop torch:fp32+anchor torch:fp32+chunked-neck+compile+torch-loop)
   SYNTH=(--train-per-class 2 --val-per-class 12) BATCHES=(1 4) PYTEST=() TINY=(torch:fp32+compile 50)
 else
   # The tests that only a GPU exercises first (Triton's kernels, the options, the graphs), so that a suite cut

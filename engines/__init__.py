@@ -47,7 +47,8 @@ NAMES = ("torch", "onnxruntime", "tensorrt")
 # 2x2 pixel blocks: the fastest row at batch 64 in every H200 run of 2026-11-26, and at batch 1 in all but
 # the third (where `+concurrent-aspp` was 0.03 ms faster, inside the spread, and 9% slower at batch 64); in
 # the fifth, 1.29 ms (1.43x the anchor) and 2507 episodes/s (1.26x); in the sixth (2026-11-27), 1.38 ms
-# (1.54x) and 2499/s (1.28x), where no candidate won at both batch sizes (docs/BENCHMARKS.md).
+# (1.54x) and 2499/s (1.28x), where no candidate won at both batch sizes; in the eighth, 1.36 ms (1.47x) and
+# 2503/s (1.26x), the same (docs/BENCHMARKS.md).
 DEPLOYED_GPU = "torch:fp16+channels-last+cudnn-epilogues+space-to-depth+compile+cuda-graphs+torch-loop"
 # Options that run kernels of a package crnet does not require: the default must run without it.
 OPTIONAL_PACKAGES = {"triton-head": "triton", "triton-encoder": "triton"}

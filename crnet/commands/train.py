@@ -590,13 +590,15 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            # The update is applied: from here the step counts as done, so that an error below (a failed
+            # gather) saves these weights as this step's, not the last's (a resume would apply it twice).
+            step, step_start = step + 1, None
 
             # Every process applies every process's updates in rank order: the caches stay identical.
             written = torch.cat([batch["query_index"], support_index]).to(group.device)
             flips = torch.cat([batch["query_flip"], support_flips]).to(group.device, torch.uint8)
             logits = torch.cat([prediction.query, prediction.support.flatten(0, 1)]).detach().float()
             cache.write(group.gather(written).cpu(), group.gather(flips).cpu().bool(), group.gather(logits))
-            step += 1
             losses.append((loss.item(), query_loss.item(), support_loss.item()))
             # With each rank's loss, whether a signal asked it to stop: every rank stops at the same step
             # (a rank stopping alone would wait in a collective the others never join), or none does.
@@ -623,7 +625,6 @@ def _train(
                     _append(out_dir / METRICS, json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{mean[0]:.3f}", eps=f"{record['episodes_per_s']:.1f}")
                 window_start, window_episodes, losses = time.perf_counter(), 0, []
-            step_start = None
             if stopping and step < config.steps:  # a stop asked for in the last step: the run is done
                 raise KeyboardInterrupt
             if step % config.checkpoint_every == 0 and step < config.steps:

@@ -90,6 +90,44 @@ def test_resume_after_interruption_continues_the_same_run(
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_an_error_after_the_update_saves_it_as_its_steps(bench_root, tmp_path, monkeypatch):
+    """A RuntimeError after optimizer.step() (the caches' gather failing, say) saved the updated weights with
+    the step before: a resume applied that update twice. They are saved as the step's own, as a stop after
+    that step saves them."""
+    import crnet.commands.train as training
+
+    calls, real_loss = {"n": 0}, training.episode_loss
+
+    def stop_in_step_3(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # two losses per step: the 5th is in step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args)
+
+    monkeypatch.setattr(training, "episode_loss", stop_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(MICRO, CONFIG, bench_root, tmp_path / "stopped", progress=False, device="cpu")
+    monkeypatch.setattr(training, "episode_loss", real_loss)
+    writes, real_write = {"n": 0}, PredictionCache.write
+
+    def fail_in_step_3(self, *args):
+        writes["n"] += 1
+        if writes["n"] == 3:
+            raise RuntimeError("the gather failed")
+        return real_write(self, *args)
+
+    monkeypatch.setattr(PredictionCache, "write", fail_in_step_3)
+    with pytest.raises(RuntimeError, match="the gather failed"):
+        train(MICRO, CONFIG, bench_root, tmp_path / "failed", progress=False, device="cpu")
+    a, b = checkpoint.load(tmp_path / "stopped" / LAST), checkpoint.load(tmp_path / "failed" / LAST)
+    assert a["step"] == b["step"] == 3
+    for key in ("model", "optimizer", "rng"):  # the cache lacks the failed step's predictions
+        assert same_state(a[key], b[key]), key
+    monkeypatch.setattr(PredictionCache, "write", real_write)
+    train(MICRO, CONFIG, bench_root, tmp_path / "failed", resume=True, progress=False, device="cpu")
+    assert checkpoint.load(tmp_path / "failed" / LAST)["step"] == 6
+
+
 def test_a_resumed_run_logs_the_same_losses(bench_root, tmp_path, monkeypatch):
     """Records every 3 steps, stopped at step 4: the resumed run's record at step 6 averages steps 4 to 6,
     as the straight run's does, not only the steps since the resume."""
