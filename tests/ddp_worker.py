@@ -7,7 +7,8 @@ With HOLD_AFTER_FIRST_CHECKPOINT=1 in its environment the run waits after its fi
 killed there: on a loaded machine the killer may otherwise see that checkpoint only after the last one.
 With SIGTERM_RANK_1_AT_LOSS=N, rank 1 alone sends itself SIGTERM at its Nth loss (two a step): a signal
 that reaches one process of a DDP run. With DATA_FAILS_ON_RANK_1_AT_ITEM=N, rank 1's Nth episode cannot be
-read (two a step). With SEED=N, the run's --seed. With CLI=1 it runs `crnet train` on the micro model (as the
+read (two a step). With LOSSES_TO=PATH, each rank writes the losses it computed, in order, to PATH.RANK (a
+JSON list). With SEED=N, the run's --seed. With CLI=1 it runs `crnet train` on the micro model (as the
 tiny preset) with the same settings, as a user's torchrun would.
 """
 
@@ -76,7 +77,22 @@ def data_fails_at_item(n: int) -> None:
     EpisodeDataset.__getitem__ = item
 
 
+def record_losses() -> list:
+    import crnet.commands.train as training
+
+    computed, real_loss = [], training.episode_loss
+
+    def loss(*args):
+        value = real_loss(*args)
+        computed.append(value.item())
+        return value
+
+    training.episode_loss = loss
+    return computed
+
+
 if __name__ == "__main__":
+    computed = record_losses() if "LOSSES_TO" in os.environ else None
     if os.environ.get("HOLD_AFTER_FIRST_CHECKPOINT") == "1":
         hold_after_first_checkpoint()
     if "SIGTERM_RANK_1_AT_LOSS" in os.environ and os.environ.get("RANK") == "1":
@@ -97,3 +113,8 @@ if __name__ == "__main__":
         main()
     else:
         train(MICRO, settings, root, out, device="cpu", progress=False)
+    if computed is not None:
+        import json
+
+        with open(f"{os.environ['LOSSES_TO']}.{os.environ.get('RANK', '0')}", "w") as file:
+            json.dump(computed, file)

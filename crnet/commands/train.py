@@ -599,11 +599,16 @@ def _train(
             flips = torch.cat([batch["query_flip"], support_flips]).to(group.device, torch.uint8)
             logits = torch.cat([prediction.query, prediction.support.flatten(0, 1)]).detach().float()
             cache.write(group.gather(written).cpu(), group.gather(flips).cpu().bool(), group.gather(logits))
-            losses.append((loss.item(), query_loss.item(), support_loss.item()))
-            # With each rank's loss, whether a signal asked it to stop: every rank stops at the same step
-            # (a rank stopping alone would wait in a collective the others never join), or none does.
-            shared = group.gather(torch.tensor([losses[-1][0], float(stop.requested)], device=group.device))
-            every_loss, stopping = shared[0::2], bool(shared[1::2].any())
+            # Each rank's losses and whether a signal asked it to stop, in one gather: the log records the
+            # mean over ranks (it recorded rank 0's own), and every rank stops at the same step (a rank
+            # stopping alone would wait in a collective the others never join), or none does.
+            asked = torch.tensor(float(stop.requested), device=group.device)
+            mine = torch.stack(
+                [loss.detach().float(), query_loss.detach().float(), support_loss.detach().float()]
+            )
+            shared = group.gather(torch.cat([mine, asked[None]])).view(-1, 4).cpu()
+            every_loss, stopping = shared[:, 0], bool(shared[:, 3].any())
+            losses.append(tuple(shared[:, :3].mean(0).tolist()))
             if not torch.isfinite(every_loss).all():
                 bar.close()
                 raise diverged(step, f"the loss is {every_loss.tolist()}")

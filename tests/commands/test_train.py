@@ -288,10 +288,20 @@ def two_ddp_workers(args: list, env: dict, timeout: int) -> subprocess.Completed
 
 def test_ddp_two_gloo_processes(bench_root, tmp_path):
     out = tmp_path / "ddp"
-    result = two_ddp_workers([bench_root, out, 4], {}, timeout=300)
+    result = two_ddp_workers([bench_root, out, 4], {"LOSSES_TO": str(tmp_path / "losses")}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     state = checkpoint.load(out / LAST)
     assert state["step"] == 4 and len(state["rng"]) == 2
+    # The log's losses are both processes' mean (it held rank 0's own): query and support loss, each step.
+    computed = [json.loads((tmp_path / f"losses.{rank}").read_text()) for rank in (0, 1)]
+    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for step, record in enumerate(records):
+        (q0, s0), (q1, s1) = (losses[2 * step : 2 * step + 2] for losses in computed)
+        assert record["query_loss"] == pytest.approx((q0 + q1) / 2, abs=2e-5)
+        assert record["support_loss"] == pytest.approx((s0 + s1) / 2, abs=2e-5)
+        assert record["loss"] == pytest.approx((q0 + s0 + q1 + s1) / 2, abs=2e-5)
+    assert any(abs(c0 - c1) > 1e-3 for c0, c1 in zip(*computed, strict=True))  # the ranks' losses differ
 
     # Rank 1's cache updates reached rank 0's checkpoint: every pair either rank drew is marked seen.
     tree = VOCTree(bench_root)
