@@ -490,8 +490,7 @@ def _train(
         if group.main:
             notice(f"resuming {out_dir} at step {start} of {config.steps}")
     else:
-        # dropout differs across processes (modulo: --seed takes any 64-bit number)
-        torch.manual_seed((config.seed + 1000 * group.rank) % 2**64)
+        torch.manual_seed(dropout_seed(config.seed, group.rank))
     network = model
     if group.active:
         network = torch.nn.parallel.DistributedDataParallel(
@@ -697,6 +696,15 @@ class _DataFailed(Exception):
     def __init__(self, failure: Exception | None, rank: int, interrupted: bool):
         super().__init__(str(failure))
         self.failure, self.rank, self.interrupted = failure, rank, interrupted
+
+
+def dropout_seed(seed: int, rank: int) -> int:
+    """The seed of a process's own draws (dropout), which differ across processes: rank 0 keeps --seed, the
+    others a 64-bit hash of (seed, rank). seed + 1000 * rank gave seed 0's rank 1 the draws of seed 1000's
+    rank 0."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
 
 
 def _share_failure(group, failure: Exception | None, stop_requested: bool) -> None:

@@ -17,6 +17,7 @@ from crnet.commands.train import (
     METRICS,
     RECORD_KEYS,
     PredictionCache,
+    dropout_seed,
     episode_indices,
     train,
 )
@@ -343,6 +344,17 @@ def test_a_signal_to_one_ddp_process_stops_every_process_at_one_step(bench_root,
     assert "Traceback" not in ours and ours.count("interrupted") == 2, result.stderr
     state = checkpoint.load(out / LAST)
     assert state["step"] == 3 and len(state["rng"]) == 2
+
+
+def test_each_process_draws_its_own_dropout_for_every_seed() -> None:
+    """Rank 0 keeps --seed; the others' seeds are no other run's (seed + 1000 * rank gave seed 0's rank 1
+    seed 1000's rank 0) and fit torch.manual_seed for every 64-bit --seed."""
+    assert dropout_seed(7, 0) == 7
+    seeds = {(seed, rank): dropout_seed(seed, rank) for seed in (0, 1, 1000, 2**64 - 1) for rank in range(4)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 <= value < 2**64 for value in seeds.values())
+    assert dropout_seed(0, 1) == dropout_seed(0, 1)  # a function of (seed, rank) alone
+    torch.Generator().manual_seed(dropout_seed(2**64 - 1, 3))
 
 
 def test_a_data_failure_on_one_ddp_process_stops_every_process_and_saves(bench_root, tmp_path):
