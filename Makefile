@@ -21,8 +21,11 @@ $(STAMP): $(PYTHON) pyproject.toml constraints.txt CMakeLists.txt $(wildcard cpp
 demo: install
 	$(PYTHON) -m crnet demo --checkpoint checkpoints/tiny_fold0.pt --out runs/demo
 
+# Test files on parallel worker processes, one per core up to 8 (each builds the suite's shared fixtures):
+# 11 min instead of 13 on 2 cores (docs/BENCHMARKS.md). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 8 ? n : 8 )))
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(PYTHON) -m ruff check .
