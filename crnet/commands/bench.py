@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from crnet.bundle import Bundle, load_bundle
-from crnet.commands.contention import OTHERS_WARN, OtherProcesses
+from crnet.commands.contention import OTHERS_WARN, OtherGPUProcesses, OtherProcesses
 from crnet.commands.floor import checkpoint_flops, floor_ms, matmul_rate
 from crnet.commands.timer import Timer
 from crnet.data.episodes import fixed_episode_loader
@@ -59,7 +59,8 @@ REFERENCE = RuntimeSpec("torch", "fp32")
 #   schema            "crnet-bench-2"
 #   machine           {cpu, threads, device, gpu, torch, onnxruntime, tensorrt, platform,
 #                      other_processes_cpu_share: of the CPUs bench may run on, while the rounds were
-#                      timed (None: unknown)}
+#                      timed (None: unknown), other_gpu_processes: how many other processes held a
+#                      context on the GPU at the start or end of those rounds (None: unknown or no GPU)}
 #   settings          {checkpoint, bundle, data, fold, trained_fold, shots, episodes, batch, warmup, repeats,
 #                      repeats_done, iterations, input_size}
 #   interrupted       true when an interrupt ended the timed rounds early (repeats_done < repeats)
@@ -243,10 +244,11 @@ def measure_accuracy(
 
 def measure_latency(
     runtimes: list[tuple[RuntimeSpec, Runtime]], data: dict, settings: BenchSettings, bar, stop_early=False
-) -> tuple[dict, int, float | None]:
+) -> tuple[dict, int, float | None, int | None]:
     """Every runtime timed in turns: each round times one call of each kind on each runtime, so a slow
     spell of the machine lands on all runtimes alike and the ratios stay fair. Returns the results, the
-    number of timed rounds and the share of the CPUs other processes took meanwhile; with `stop_early`, an
+    number of timed rounds, the share of the CPUs other processes took meanwhile and, on a GPU, how many
+    other processes held a context on it (None: unknown); with `stop_early`, an
     interrupt (Ctrl-C, `timeout -s INT`) after at least one timed round ends the rounds there, and the
     whole rounds done so far are the result."""
     device = torch.device(settings.device)
@@ -264,7 +266,7 @@ def measure_latency(
             "encoder": lambda r=runtime: r.encode(query),
         }
     rounds = []  # the timed rounds, each {spec: {kind: (seconds, gpu seconds)}}, whole rounds only
-    others = OtherProcesses()
+    others, gpu_others = OtherProcesses(), OtherGPUProcesses(device)
     try:
         for round_ in range(settings.warmup + settings.repeats):
             timed = {
@@ -276,7 +278,7 @@ def measure_latency(
     except KeyboardInterrupt:
         if not (stop_early and rounds):
             raise
-    sharing = others.share()
+    sharing, gpu_sharing = others.share(), gpu_others.count()
     results = {}
     for spec, kinds in work.items():
         walls = {kind: [r[spec][kind][0] for r in rounds] for kind in kinds}
@@ -293,7 +295,7 @@ def measure_latency(
         if timer.cuda:
             gpu = {kind: float(np.median([r[spec][kind][1] for r in rounds])) * 1000.0 for kind in kinds}
             results[spec]["gpu_ms"] = gpu
-    return results, len(rounds), sharing
+    return results, len(rounds), sharing, gpu_sharing
 
 
 def latency_batch(settings: BenchSettings, input_size: int) -> dict:
@@ -382,7 +384,7 @@ def _bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice, 
         # Before the timed rounds, so that an interrupt there leaves only the writing to do.
         floor = measure_floor(settings, runtimes[0][1].iterations)
         with progress(settings.warmup + settings.repeats, "latency") as bar:
-            latency, timed, sharing = measure_latency(measured, data, settings, bar, stop_early)
+            latency, timed, sharing, gpu_sharing = measure_latency(measured, data, settings, bar, stop_early)
     finally:
         for _, runtime in runtimes:
             runtime.close()
@@ -392,6 +394,11 @@ def _bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice, 
         notice(
             f"warning: other processes used {sharing:.0%} of the CPUs while the rounds were timed: these "
             "latencies include the sharing; time on a quiet machine"
+        )
+    if gpu_sharing:
+        notice(
+            f"warning: {gpu_sharing} other process{'es' if gpu_sharing > 1 else ''} held the GPU while the "
+            "rounds were timed: work they ran there is in these latencies; time on a GPU of its own"
         )
     reference_ms = latency[REFERENCE]["latency_ms"]["episode"]["median"]
     anchor = next((spec for spec, _ in measured if "anchor" in spec.options), None)
@@ -417,7 +424,8 @@ def _bench(specs: list[RuntimeSpec], settings: BenchSettings, progress, notice, 
     ]
     result = {
         "schema": SCHEMA,
-        "machine": machine(settings) | {"other_processes_cpu_share": sharing},
+        "machine": machine(settings)
+        | {"other_processes_cpu_share": sharing, "other_gpu_processes": gpu_sharing},
         "settings": {
             "checkpoint": str(settings.checkpoint),
             "bundle": None if settings.bundle is None else str(settings.bundle),

@@ -4,12 +4,14 @@ ms alone (docs/BENCHMARKS.md, CPU-2c).
 
 The busy time of the CPUs this process may run on (/proc/stat, hypervisor steal included) less this
 process's own CPU time (all its threads: torch's, ONNX Runtime's) over the same wall time. Linux only; None
-elsewhere.
+elsewhere. On a GPU: the other processes that hold a compute context on the same GPU (nvidia-smi), which
+may run work beside the timed calls; None where that cannot be told.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 OTHERS_WARN = 0.10  # of the CPUs this process may use: more than background noise (a shell, kernel threads)
@@ -63,3 +65,49 @@ class OtherProcesses:
             return None
         others = (busy - self.start[0]) - (own - self.start[1])
         return min(1.0, max(0.0, others / elapsed))
+
+
+def _gpu_uuid(device) -> str | None:
+    """The GPU's UUID as nvidia-smi prints it without its "GPU-" prefix, lower case; None off CUDA."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        return str(torch.cuda.get_device_properties(device).uuid).lower().removeprefix("gpu-")
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _compute_processes(uuid: str) -> int | None:
+    """How many processes hold a compute context on the GPU `uuid` (this one included), by nvidia-smi;
+    None without it, or where it lists none on this GPU (a container that hides processes: this one holds
+    a context while it times, so it would be listed)."""
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=gpu_uuid,pid", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    here = [line for line in listed.splitlines() if line.split(",")[0].strip().lower().endswith(uuid)]
+    return len(here) or None
+
+
+class OtherGPUProcesses:
+    """Started before the timed work, `count()` after: the most processes besides this one that held a
+    compute context on `device`'s GPU at either end, or None where it cannot be told (not a CUDA device,
+    no nvidia-smi, processes hidden)."""
+
+    def __init__(self, device):
+        self.uuid = _gpu_uuid(device)
+        self.start = None if self.uuid is None else _compute_processes(self.uuid)
+
+    def count(self) -> int | None:
+        if self.uuid is None:
+            return None
+        counts = [n for n in (self.start, _compute_processes(self.uuid)) if n is not None]
+        return max(counts) - 1 if counts else None

@@ -492,10 +492,32 @@ def test_a_bench_that_shared_its_cpus_says_so(micro_checkpoint, bench_root, tmp_
     argv += ["--warmup", "0", "--repeats", "1", "--device", "cpu", "--json", str(out), "--no-progress"]
     monkeypatch.setattr(sys, "argv", argv)
     cli.main()
-    assert json.loads(out.read_text())["machine"]["other_processes_cpu_share"] == 0.45
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["other_processes_cpu_share"] == 0.45 and machine["other_gpu_processes"] is None  # a CPU's
     assert (
         "warning: other processes used 45% of the CPUs while the rounds were timed" in capsys.readouterr().err
     )
+
+
+def test_a_bench_that_shared_its_gpu_says_so(micro_checkpoint, bench_root, tmp_path, monkeypatch, capsys):
+    """The GPU check's tiny bench ran beside the test suite on the same GPU, and said nothing of it."""
+    import sys
+
+    from crnet.commands import bench, cli
+
+    monkeypatch.setattr(bench.OtherGPUProcesses, "count", lambda self: 2)
+    monkeypatch.setattr(bench.OtherProcesses, "share", lambda self: 0.0)
+    out = tmp_path / "bench.json"
+    argv = ["crnet", "bench", str(micro_checkpoint), "--data", str(bench_root), "--episodes", "0"]
+    argv += ["--warmup", "0", "--repeats", "1", "--device", "cpu", "--json", str(out), "--no-progress"]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.main()
+    assert json.loads(out.read_text())["machine"]["other_gpu_processes"] == 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings == [
+        "warning: 2 other processes held the GPU while the rounds were timed: work they ran there is in "
+        "these latencies; time on a GPU of its own"
+    ]
 
 
 def test_an_interrupted_bench_keeps_an_earlier_whole_result(
