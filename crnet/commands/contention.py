@@ -74,9 +74,10 @@ def _gpu_uuid(device) -> str | None:
     if torch.device(device).type != "cuda":
         return None
     try:
-        return str(torch.cuda.get_device_properties(device).uuid).lower().removeprefix("gpu-")
+        uuid = str(torch.cuda.get_device_properties(device).uuid).lower().removeprefix("gpu-")
     except (AttributeError, RuntimeError):
         return None
+    return uuid or None  # an empty one would match every GPU's processes
 
 
 def _compute_processes(uuid: str) -> int | None:
