@@ -465,34 +465,32 @@ def test_bench_tests_the_fold_its_checkpoint_was_trained_on(
     assert len([line for line in lines if "got no episode in 2: they count 0" in line]) == 1
 
 
-def test_a_plain_bench_without_a_bundle_benches_torch(micro_checkpoint, bench_root, tmp_path, monkeypatch):
-    """`crnet bench model.pt` failed: its default rows included ONNX Runtime's, which need --bundle."""
+def bench_on_cpu(monkeypatch, checkpoint, data, out, episodes: int) -> dict:
+    """`crnet bench CHECKPOINT` with its default rows on the CPU, one timed round: the JSON it writes."""
     import sys
 
     from crnet.commands import cli
 
-    out = tmp_path / "bench.json"
-    argv = ["crnet", "bench", str(micro_checkpoint), "--data", str(bench_root), "--episodes", "2"]
+    argv = ["crnet", "bench", str(checkpoint), "--data", str(data), "--episodes", str(episodes)]
     argv += ["--warmup", "0", "--repeats", "1", "--device", "cpu", "--json", str(out), "--no-progress"]
     monkeypatch.setattr(sys, "argv", argv)
     cli.main()
-    assert [row["spec"] for row in json.loads(out.read_text())["runtimes"]] == ["torch:fp32"]
+    return json.loads(out.read_text())
+
+
+def test_a_plain_bench_without_a_bundle_benches_torch(micro_checkpoint, bench_root, tmp_path, monkeypatch):
+    """`crnet bench model.pt` failed: its default rows included ONNX Runtime's, which need --bundle."""
+    result = bench_on_cpu(monkeypatch, micro_checkpoint, bench_root, tmp_path / "bench.json", episodes=2)
+    assert [row["spec"] for row in result["runtimes"]] == ["torch:fp32"]
 
 
 def test_a_bench_that_shared_its_cpus_says_so(micro_checkpoint, bench_root, tmp_path, monkeypatch, capsys):
     """Two benches at once on 2 cores timed torch fp32 at ~2500 ms an episode against 21 ms alone, with no
     word: the share of the CPUs other processes took during the timed rounds is in the JSON, and said."""
-    import sys
-
-    from crnet.commands import bench, cli
+    from crnet.commands import bench
 
     monkeypatch.setattr(bench.OtherProcesses, "share", lambda self: 0.45)
-    out = tmp_path / "bench.json"
-    argv = ["crnet", "bench", str(micro_checkpoint), "--data", str(bench_root), "--episodes", "0"]
-    argv += ["--warmup", "0", "--repeats", "1", "--device", "cpu", "--json", str(out), "--no-progress"]
-    monkeypatch.setattr(sys, "argv", argv)
-    cli.main()
-    machine = json.loads(out.read_text())["machine"]
+    machine = bench_on_cpu(monkeypatch, micro_checkpoint, bench_root, tmp_path / "bench.json", 0)["machine"]
     assert machine["other_processes_cpu_share"] == 0.45 and machine["other_gpu_processes"] is None  # a CPU's
     assert (
         "warning: other processes used 45% of the CPUs while the rounds were timed" in capsys.readouterr().err
@@ -501,18 +499,12 @@ def test_a_bench_that_shared_its_cpus_says_so(micro_checkpoint, bench_root, tmp_
 
 def test_a_bench_that_shared_its_gpu_says_so(micro_checkpoint, bench_root, tmp_path, monkeypatch, capsys):
     """The GPU check's tiny bench ran beside the test suite on the same GPU, and said nothing of it."""
-    import sys
-
-    from crnet.commands import bench, cli
+    from crnet.commands import bench
 
     monkeypatch.setattr(bench.OtherGPUProcesses, "count", lambda self: 2)
     monkeypatch.setattr(bench.OtherProcesses, "share", lambda self: 0.0)
-    out = tmp_path / "bench.json"
-    argv = ["crnet", "bench", str(micro_checkpoint), "--data", str(bench_root), "--episodes", "0"]
-    argv += ["--warmup", "0", "--repeats", "1", "--device", "cpu", "--json", str(out), "--no-progress"]
-    monkeypatch.setattr(sys, "argv", argv)
-    cli.main()
-    assert json.loads(out.read_text())["machine"]["other_gpu_processes"] == 2
+    machine = bench_on_cpu(monkeypatch, micro_checkpoint, bench_root, tmp_path / "bench.json", 0)["machine"]
+    assert machine["other_gpu_processes"] == 2
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert warnings == [
         "warning: 2 other processes held the GPU while the rounds were timed: work they ran there is in "

@@ -4,7 +4,6 @@ is found and removed (the loader refused it: "file too short"), a whole one is k
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -12,16 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.commands.test_unreached_tests import benchmark_script
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "cut_short_objects.py"
 
 
 @pytest.fixture
 def script():
-    spec = importlib.util.spec_from_file_location("cut_short_objects", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script(SCRIPT)
 
 
 @pytest.fixture

@@ -43,6 +43,23 @@ def same_state(a, b) -> bool:
     return a == b
 
 
+def sigint_at_loss(monkeypatch, n: int):
+    """SIGINT to this process at training's `n`th loss (two a step: query and support); returns the real
+    loss function."""
+    import crnet.commands.train as training
+
+    calls, real_loss = {"n": 0}, training.episode_loss
+
+    def interrupt(*args):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args)
+
+    monkeypatch.setattr(training, "episode_loss", interrupt)
+    return real_loss
+
+
 @pytest.fixture(scope="module")
 def straight_run(bench_root, tmp_path_factory):
     return train(MICRO, CONFIG, bench_root, tmp_path_factory.mktemp("straight"), progress=False, device="cpu")
@@ -97,15 +114,7 @@ def test_an_error_after_the_update_saves_it_as_its_steps(bench_root, tmp_path, m
     that step saves them."""
     import crnet.commands.train as training
 
-    calls, real_loss = {"n": 0}, training.episode_loss
-
-    def stop_in_step_3(*args):
-        calls["n"] += 1
-        if calls["n"] == 5:  # two losses per step: the 5th is in step 3
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(*args)
-
-    monkeypatch.setattr(training, "episode_loss", stop_in_step_3)
+    real_loss = sigint_at_loss(monkeypatch, 5)  # the 5th loss is in step 3
     with pytest.raises(KeyboardInterrupt):
         train(MICRO, CONFIG, bench_root, tmp_path / "stopped", progress=False, device="cpu")
     monkeypatch.setattr(training, "episode_loss", real_loss)
@@ -136,15 +145,7 @@ def test_a_resumed_run_logs_the_same_losses(bench_root, tmp_path, monkeypatch):
 
     config = CONFIG.replace(log_every=3)
     train(MICRO, config, bench_root, tmp_path / "straight", progress=False, device="cpu")
-    calls, real_loss = {"n": 0}, training.episode_loss
-
-    def interrupt(*args):
-        calls["n"] += 1
-        if calls["n"] == 7:  # two losses per step: the 7th is in step 4
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(*args)
-
-    monkeypatch.setattr(training, "episode_loss", interrupt)
+    real_loss = sigint_at_loss(monkeypatch, 7)  # the 7th loss is in step 4
     with pytest.raises(KeyboardInterrupt):
         train(MICRO, config, bench_root, tmp_path / "resumed", progress=False, device="cpu", notice=print)
     assert len(checkpoint.load(tmp_path / "resumed" / LAST)["window_losses"]) == 1  # step 4's

@@ -11,12 +11,17 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "unreached_tests.py"
 
 
-@pytest.fixture
-def unreached():
-    spec = importlib.util.spec_from_file_location("unreached_tests", SCRIPT)
+def benchmark_script(path: Path):
+    """A script of benchmarks/ as a module (the folder is no package), run anew."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def unreached():
+    return benchmark_script(SCRIPT)
 
 
 LOG = """\
